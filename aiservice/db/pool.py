@@ -1,0 +1,54 @@
+"""Connection pool creation, with the JSON codecs every aiservice connection uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+Pool = asyncpg.Pool
+
+
+async def init_connection(conn: asyncpg.Connection[Any]) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection[Any]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **kwargs)
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    max_size: int = 10,
+    application_name: str = "aiservice",
+    wait: float = 30.0,
+) -> Pool:
+    """Open a pool, retrying for up to ``wait`` seconds while PostgreSQL starts."""
+    delay = 0.2
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                init=init_connection,
+                server_settings={"application_name": application_name},
+            )
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("PostgreSQL not reachable yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,96 @@
+"""The error tree. SQL raises custom SQLSTATEs; each maps to one error here and one HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to callers."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class JobNotFound(ServiceError):
+    """SQLSTATE AS404."""
+
+    status = 404
+    code = "not_found"
+
+
+class InvalidState(ServiceError):
+    """SQLSTATE AS409: the job's status does not allow the operation."""
+
+    status = 409
+    code = "invalid_state"
+
+
+class LeaseLost(ServiceError):
+    """SQLSTATE AS410: the job is no longer this worker's running job (fencing)."""
+
+    status = 409
+    code = "lease_lost"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class InvalidArgument(ServiceError):
+    """SQLSTATE AS422, a constraint violation, or a request that fails validation."""
+
+    status = 422
+    code = "invalid_argument"
+
+
+class DatabaseUnavailable(ServiceError):
+    status = 503
+    code = "database_unavailable"
+
+
+SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
+    "AS404": JobNotFound,
+    "AS409": InvalidState,
+    "AS410": LeaseLost,
+    "AS422": InvalidArgument,
+    "23514": InvalidArgument,  # check_violation
+    "23502": InvalidArgument,  # not_null_violation
+    "22P02": InvalidArgument,  # invalid_text_representation
+    "22P05": InvalidArgument,  # untranslatable_character (\u0000 in jsonb)
+    "22021": InvalidArgument,  # character_not_in_repertoire
+    "22003": InvalidArgument,  # numeric_value_out_of_range
+    "22008": InvalidArgument,  # datetime_field_overflow
+    "22007": InvalidArgument,  # invalid_datetime_format
+    "22023": InvalidArgument,  # invalid_parameter_value
+    "2201E": InvalidArgument,  # invalid_argument_for_logarithm (huge backoff inputs)
+    "54000": InvalidArgument,  # program_limit_exceeded (jsonb too deep or too large)
+    "54001": InvalidArgument,  # statement_too_complex (deep nesting)
+}

@@ -1,0 +1,216 @@
+"""Request and response shapes, shared by the HTTP API, the repository and the worker."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+
+class JobStatus(StrEnum):
+    """Kept equal to the SQL enum aiservice.job_status by a test."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it here with a clear message.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_no_nul)]
+Category = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Priority = Annotated[int, Field(ge=-1000, le=1000)]
+MaxAttempts = Annotated[int, Field(ge=1, le=100)]
+# Job ids are bigint in SQL.
+JobId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Job(BaseModel):
+    id: int
+    owner_service: str
+    owner_ref: str
+    task_type: str
+    model_profile: str
+    input: dict[str, Any]
+    result: dict[str, Any] | None
+    status: JobStatus
+    priority: int
+    run_at: datetime
+    attempts: int
+    max_attempts: int
+    error_category: str | None
+    error_message: str | None
+    worker_id: str | None
+    lease_token: UUID | None
+    lease_expires_at: datetime | None
+    idempotency_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobDefaults(Strict):
+    """Fields a batch applies to every job that does not set them."""
+
+    owner_service: Name | None = None
+    owner_ref: Ref | None = None
+    task_type: Name | None = None
+    model_profile: Name | None = None
+    input: dict[str, Any] | None = None
+    priority: Priority | None = None
+    run_at: datetime | None = None
+    max_attempts: MaxAttempts | None = None
+
+
+class BatchJob(JobDefaults):
+    idempotency_key: Ref | None = None
+
+
+class JobCreate(Strict):
+    owner_service: Name
+    owner_ref: Ref
+    task_type: Name
+    model_profile: Name
+    input: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = 0
+    run_at: datetime | None = None
+    max_attempts: MaxAttempts = 3
+    idempotency_key: Ref | None = None
+
+
+class BatchCreate(Strict):
+    defaults: JobDefaults = Field(default_factory=JobDefaults)
+    jobs: list[BatchJob] = Field(min_length=1, max_length=50_000)
+
+    def merged(self) -> list[JobCreate]:
+        """Each job with the defaults applied, validated as a single create."""
+        base = self.defaults.model_dump(exclude_none=True)
+        return [JobCreate.model_validate(base | job.model_dump(exclude_none=True)) for job in self.jobs]
+
+
+class JobFilter(Strict):
+    owner_service: Name | None = None
+    owner_ref: Ref | None = None
+    task_type: Name | None = None
+    model_profile: Name | None = None
+    status: list[JobStatus] | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class ListQuery(JobFilter):
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class Jobs(BaseModel):
+    jobs: list[Job]
+
+
+class FilterAction(JobFilter):
+    """Retry or cancel by filter. An empty filter is refused unless all is true."""
+
+    ids: list[JobId] | None = Field(default=None, max_length=50_000)
+    all: bool = False
+
+
+class Affected(BaseModel):
+    count: int
+    ids: list[int]
+
+
+class ClaimRequest(Strict):
+    worker_id: Name
+    limit: int = Field(default=1, ge=1, le=1000)
+    task_types: list[Name] | None = None
+    model_profiles: list[Name] | None = None
+    lease_timeout: float | None = Field(
+        default=None, gt=0, le=7 * 24 * 3600, description="seconds; WORKER_LEASE_TIMEOUT when omitted"
+    )
+
+
+class CompleteRequest(Strict):
+    worker_id: Name
+    result: dict[str, Any]
+    lease_token: UUID | None = None
+
+
+class FailRequest(Strict):
+    worker_id: Name
+    error_category: Category
+    error_message: str | None = Field(default=None, max_length=4000)
+    retryable: bool | None = None
+    retry_after: float | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds")
+    lease_token: UUID | None = None
+
+    @field_validator("error_message")
+    @classmethod
+    def _message_text(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value)
+
+    def retry_delay(self) -> timedelta | None:
+        return None if self.retry_after is None else timedelta(seconds=self.retry_after)
+
+
+class HeartbeatRequest(Strict):
+    worker_id: Name
+    lease_timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
+    lease_token: UUID | None = None
+
+
+class Lease(BaseModel):
+    id: int
+    lease_expires_at: datetime
+
+
+class StatusCount(BaseModel):
+    status: JobStatus
+    task_type: str
+    model_profile: str
+    count: int
+
+
+class ErrorCount(BaseModel):
+    error_category: str | None
+    count: int
+
+
+class Stats(BaseModel):
+    by_status: list[StatusCount]
+    errors: list[ErrorCount]
+    oldest_pending_age_seconds: float | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

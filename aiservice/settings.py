@@ -1,0 +1,184 @@
+"""The one settings object, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Go-style duration such as ``500ms``, ``2s``, ``5m`` or ``1h30m``."""
+    value = text.strip()
+    if value == "0":
+        return timedelta(0)
+    pos = 0
+    seconds = 0.0
+    for match in _DURATION_PART.finditer(value):
+        if match.start() != pos:
+            break
+        seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(value):
+        raise ValueError(f"{text!r} is not a duration like 500ms, 2s, 5m or 1h30m")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{int(hours)}h" if hours else "", f"{int(minutes)}m" if minutes else "", f"{secs:g}s" if secs else ""]
+    return "".join(parts) or "0s"
+
+
+def mask_url(url: str | None) -> str | None:
+    """Drop the password (and any query string, which may carry keys) from a URL."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+        query = "***" if parts.query else ""
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "***"
+
+
+def default_worker_id() -> str:
+    # Hostname alone would collide when several workers run on one host.
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    database_url: str | None = field(default=None, repr=False)
+    migrate_on_start: bool = True
+    service_token: str | None = field(default=None, repr=False)
+    llm_base_url: str | None = None
+    llm_api_key: str | None = field(default=None, repr=False)
+    llm_model: str = "qwen2.5-14b"
+    llm_timeout: timedelta = timedelta(minutes=5)
+    whisperx_url: str | None = None
+    worker_id: str = field(default_factory=default_worker_id)
+    worker_http_host: str = "0.0.0.0"
+    worker_http_port: int = 8081
+    worker_poll_interval: timedelta = timedelta(seconds=2)
+    worker_claim_limit: int = 4
+    worker_lease_timeout: timedelta = timedelta(minutes=15)
+    # Beyond the spec: operational knobs with safe defaults.
+    http_max_body_bytes: int = 16 * 1024 * 1024
+    maintenance_interval: timedelta = timedelta(seconds=5)
+    db_pool_max_size: int = 10
+    log_level: str = "INFO"
+    dev_data_dir: Path = Path(".aiservice")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = _ENV_NAMES.get(f.name, f.name.upper())
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _convert(f.name, raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from exc
+        return cls(**values)  # type: ignore[arg-type]
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SettingsError("DATABASE_URL is required (for example postgresql://user:password@host:5432/db)")
+        return self.database_url
+
+    def public(self) -> dict[str, object]:
+        """The effective settings with every secret masked, safe to print or serve."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            name = _ENV_NAMES.get(f.name, f.name.upper())
+            if f.name in _SECRETS:
+                out[name] = "***" if value else None
+            elif f.name in _URLS:
+                out[name] = mask_url(value)
+            elif isinstance(value, timedelta):
+                out[name] = format_duration(value)
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+
+_ENV_NAMES = {
+    "service_token": "AI_SERVICE_TOKEN",
+    "dev_data_dir": "AISERVICE_DEV_DIR",
+    "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
+}
+_SECRETS = {"service_token", "llm_api_key"}
+_URLS = {"database_url", "llm_base_url", "whisperx_url"}
+_POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
+_PORTS = {"http_port", "worker_http_port"}
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _convert(name: str, raw: str) -> object:
+    default = next(f for f in fields(Settings) if f.name == name)
+    kind = default.type
+    if name in _PORTS or name in _POSITIVE_INTS:
+        try:
+            number = int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not an integer") from None
+        if name in _PORTS and not 0 <= number <= 65535:
+            raise ValueError(f"{number} is not a port number (0-65535)")
+        if name in _POSITIVE_INTS and number < 1:
+            raise ValueError(f"{number} must be at least 1")
+        return number
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (true/false)")
+    if kind == "timedelta":
+        value = parse_duration(raw)
+        if value <= timedelta(0):
+            raise ValueError(f"{raw!r} must be longer than zero")
+        return value
+    if kind == "Path":
+        return Path(raw)
+    if name == "log_level":
+        level = raw.strip().upper()
+        if level not in _LEVELS:
+            raise ValueError(f"{raw!r} is not one of {', '.join(sorted(_LEVELS))}")
+        return level
+    if name in _URLS:
+        parts = urlsplit(raw)
+        if not parts.scheme or not (parts.netloc or parts.query):
+            raise ValueError("is not a URL")
+    return raw
