@@ -76,11 +76,11 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     migrate_on_start: bool = True
     service_token: str | None = field(default=None, repr=False)
-    llm_base_url: str | None = None
+    llm_base_url: str | None = field(default=None, repr=False)
     llm_api_key: str | None = field(default=None, repr=False)
     llm_model: str = "qwen2.5-14b"
     llm_timeout: timedelta = timedelta(minutes=5)
-    whisperx_url: str | None = None
+    whisperx_url: str | None = field(default=None, repr=False)
     worker_id: str = field(default_factory=default_worker_id)
     worker_http_host: str = "0.0.0.0"
     worker_http_port: int = 8081

@@ -60,7 +60,11 @@ def defined_types(migrations: list[Migration]) -> dict[str, str]:
     that libpg_query's PL/pgSQL parser accepts (it resolves only pg_catalog and public types)."""
     types: dict[str, str] = {}
     for migration in migrations:
-        for raw in pglast.parse_sql(migration.sql):
+        for text in migration.statements():
+            try:
+                (raw,) = pglast.parse_sql(text)
+            except parser.ParseError:
+                continue  # reported by check() with its place
             stmt: Any = raw.stmt
             kind = type(stmt).__name__
             if kind == "CreateStmt":
@@ -180,7 +184,7 @@ SELECT section, definition FROM (
   UNION ALL
     SELECT 3, format('CONSTRAINT %s ON %s %s;', con.conname, con.conrelid::regclass, pg_get_constraintdef(con.oid)),
            con.conname
-    FROM pg_constraint con WHERE con.connamespace = 'aiservice'::regnamespace
+    FROM pg_constraint con WHERE con.connamespace = 'aiservice'::regnamespace AND con.contype <> 'n'
   UNION ALL
     SELECT 4, pg_get_indexdef(i.indexrelid) || ';', ic.relname
     FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from aiservice.settings import Settings, SettingsError, format_duration, mask_url, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("2s", 2), ("5m", 300), ("15m", 900), ("1h30m", 5400), ("1.5s", 1.5), ("0", 0), ("250us", 0.00025)],
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "m", "5 m", "1x", "-2s", "2s3", "s2"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_round_trips() -> None:
+    for text in ["500ms", "2s", "5m", "1h30m", "15m"]:
+        assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+
+
+def test_spec_defaults() -> None:
+    s = Settings.from_env({})
+    assert (s.http_host, s.http_port, s.migrate_on_start) == ("0.0.0.0", 8080, True)
+    assert (s.llm_model, s.llm_timeout) == ("qwen2.5-14b", timedelta(minutes=5))
+    assert (s.worker_http_host, s.worker_http_port) == ("0.0.0.0", 8081)
+    assert s.worker_poll_interval == timedelta(seconds=2)
+    assert s.worker_claim_limit == 4
+    assert s.worker_lease_timeout == timedelta(minutes=15)
+    assert s.service_token is None and s.database_url is None
+    assert s.worker_id
+
+
+def test_environment_is_read() -> None:
+    s = Settings.from_env(
+        {"HTTP_PORT": "9000", "AI_SERVICE_TOKEN": "t0k", "MIGRATE_ON_START": "false", "WORKER_POLL_INTERVAL": "250ms"}
+    )
+    assert (s.http_port, s.service_token, s.migrate_on_start) == (9000, "t0k", False)
+    assert s.worker_poll_interval == timedelta(milliseconds=250)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HTTP_PORT", "eighty"),
+        ("HTTP_PORT", "70000"),
+        ("WORKER_CLAIM_LIMIT", "0"),
+        ("LLM_TIMEOUT", "5 minutes"),
+        ("WORKER_LEASE_TIMEOUT", "0"),
+        ("MIGRATE_ON_START", "maybe"),
+        ("LLM_BASE_URL", "not a url"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{name}: "):
+        Settings.from_env({name: value})
+
+
+def test_database_url_is_required_when_asked() -> None:
+    with pytest.raises(SettingsError, match="DATABASE_URL"):
+        Settings.from_env({}).require_database()
+
+
+def test_public_view_masks_secrets() -> None:
+    s = Settings.from_env(
+        {
+            "AI_SERVICE_TOKEN": "service-secret",
+            "LLM_API_KEY": "sk-very-secret",
+            "DATABASE_URL": "postgresql://app:dbpass@db:5432/ai",
+            "LLM_BASE_URL": "http://user:llmpass@llm:8000/v1?key=querysecret",
+        }
+    )
+    text = repr(s.public()) + repr(s)
+    for secret in ["service-secret", "sk-very-secret", "dbpass", "llmpass", "querysecret"]:
+        assert secret not in text
+    assert s.public()["AI_SERVICE_TOKEN"] == "***"
+    assert s.public()["DATABASE_URL"] == "postgresql://app:***@db:5432/ai"
+
+
+def test_mask_url_keeps_harmless_parts() -> None:
+    assert mask_url("http://llm:8000/v1") == "http://llm:8000/v1"
+    assert mask_url(None) is None
