@@ -1,0 +1,58 @@
+"""No Docker engine runs in CI, so the compose file's structure is checked instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aiservice.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_services_and_commands() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "api", "worker"}
+    assert services["api"]["command"] == ["aiservice", "serve"]
+    assert services["worker"]["command"] == ["aiservice", "worker"]
+    assert services["api"]["build"] == services["worker"]["build"] == "."
+
+
+def test_every_service_has_a_healthcheck_and_waits_for_its_dependency() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        assert service["healthcheck"]["test"], name
+    assert "readyz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "8081/readyz" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert services["api"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_database_url_points_at_the_compose_postgres() -> None:
+    services = compose()["services"]
+    pg = services["postgres"]["environment"]
+    expected = f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    assert services["api"]["environment"]["DATABASE_URL"] == expected
+    assert services["worker"]["environment"]["DATABASE_URL"] == expected
+
+
+def test_the_commands_exist_in_the_cli(capsys: Any) -> None:
+    for command in ("serve", "worker"):
+        try:
+            main([command, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+        assert command in capsys.readouterr().out
+
+
+def test_dockerfile_installs_the_schema_beside_the_package() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    for part in ("COPY schema ./schema", "COPY aiservice ./aiservice", "COPY worker ./worker", "pip install"):
+        assert part in text
