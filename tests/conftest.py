@@ -39,6 +39,15 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
+async def admin(server_dsn: str, sql: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the server's maintenance database."""
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(autouse=True)
 def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the service's variables from the outer environment."""
@@ -73,61 +82,34 @@ def template_db(pg_server: str) -> Iterator[str]:
     name = f"aiservice_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
     async def setup() -> None:
-        admin = await asyncpg.connect(pg_server)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
+        await admin(pg_server, f'CREATE DATABASE "{name}"')
         conn = await connect(with_database(pg_server, name))
         try:
             await migrate(conn)
         finally:
             await conn.close()
 
-    async def teardown() -> None:
-        admin = await asyncpg.connect(pg_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
     asyncio.run(setup())
     yield name
-    asyncio.run(teardown())
+    asyncio.run(admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
 async def database_url(pg_server: str, template_db: str) -> AsyncIterator[str]:
     """A fresh, fully migrated database for this test alone."""
     name = f"aiservice_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
+    await admin(pg_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield with_database(pg_server, name)
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def empty_database_url(pg_server: str) -> AsyncIterator[str]:
     """A database with nothing in it, for migration tests."""
     name = f"aiservice_e_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await admin(pg_server, f'CREATE DATABASE "{name}"')
     yield with_database(pg_server, name)
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

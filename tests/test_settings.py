@@ -9,7 +9,16 @@ from aiservice.settings import Settings, SettingsError, format_duration, mask_ur
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("2s", 2), ("5m", 300), ("15m", 900), ("1h30m", 5400), ("1.5s", 1.5), ("0", 0), ("250us", 0.00025)],
+    [
+        ("500ms", 0.5),
+        ("2s", 2),
+        ("5m", 300),
+        ("15m", 900),
+        ("1h30m", 5400),
+        ("1.5s", 1.5),
+        ("0", 0),
+        ("250us", 0.00025),
+    ],
 )
 def test_go_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)
