@@ -87,9 +87,15 @@ class Settings:
     worker_poll_interval: timedelta = timedelta(seconds=2)
     worker_claim_limit: int = 4
     worker_lease_timeout: timedelta = timedelta(minutes=15)
+    # The AI-server sidecar (`aiservice sidecar` on the GPU host) behind /api/v1/infra/status.
+    infra_sidecar_url: str | None = field(default=None, repr=False)
+    infra_sidecar_token: str | None = field(default=None, repr=False)
     # Beyond the spec: operational knobs with safe defaults.
     http_max_body_bytes: int = 16 * 1024 * 1024
     maintenance_interval: timedelta = timedelta(seconds=5)
+    # Kubernetes sends SIGKILL 30 s after SIGTERM by default; jobs still running are handed back before.
+    worker_shutdown_grace: timedelta = timedelta(seconds=25)
+    whisperx_timeout: timedelta = timedelta(minutes=30)
     db_pool_max_size: int = 10
     log_level: str = "INFO"
     dev_data_dir: Path = Path(".aiservice")
@@ -138,8 +144,8 @@ _ENV_NAMES = {
     "dev_data_dir": "AISERVICE_DEV_DIR",
     "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
 }
-_SECRETS = {"service_token", "llm_api_key"}
-_URLS = {"database_url", "llm_base_url", "whisperx_url"}
+_SECRETS = {"service_token", "llm_api_key", "infra_sidecar_token"}
+_URLS = {"database_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
 _PORTS = {"http_port", "worker_http_port"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
