@@ -93,4 +93,18 @@ SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
     "2201E": InvalidArgument,  # invalid_argument_for_logarithm (huge backoff inputs)
     "54000": InvalidArgument,  # program_limit_exceeded (jsonb too deep or too large)
     "54001": InvalidArgument,  # statement_too_complex (deep nesting)
+    "2201W": InvalidArgument,  # invalid_row_count_in_limit_clause (negative limit via SQL)
+    # PostgreSQL cannot serve us at all: readiness answers 503, requests 503, never 500.
+    "08000": DatabaseUnavailable,  # connection_exception
+    "08001": DatabaseUnavailable,  # sqlclient_unable_to_establish_sqlconnection
+    "08003": DatabaseUnavailable,  # connection_does_not_exist (closed mid-query)
+    "08004": DatabaseUnavailable,  # sqlserver_rejected_establishment_of_sqlconnection
+    "08006": DatabaseUnavailable,  # connection_failure
+    "28000": DatabaseUnavailable,  # invalid_authorization_specification
+    "28P01": DatabaseUnavailable,  # invalid_password
+    "3D000": DatabaseUnavailable,  # invalid_catalog_name (the database was dropped)
+    "53300": DatabaseUnavailable,  # too_many_connections
+    "57P01": DatabaseUnavailable,  # admin_shutdown
+    "57P02": DatabaseUnavailable,  # crash_shutdown
+    "57P03": DatabaseUnavailable,  # cannot_connect_now (starting up or shutting down)
 }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
@@ -27,6 +28,33 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _utc(value: datetime) -> datetime:
+    # Naive times are UTC; a time that cannot be expressed in UTC would only fail later, in the driver.
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+
+
+# The response serializer stops near 255 levels; refuse what could be stored but not read back.
+MAX_JSON_DEPTH = 100
+
+
+def _children(value: Any) -> Iterable[Any]:
+    if isinstance(value, dict):
+        return value.values()
+    return value if isinstance(value, list) else ()
+
+
+def _not_too_deep(value: dict[str, Any]) -> dict[str, Any]:
+    level: list[Any] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [child for item in level for child in _children(item) if isinstance(child, dict | list)]
+        if not level:
+            return value
+    raise ValueError(f"must not nest objects and arrays more than {MAX_JSON_DEPTH} levels deep")
+
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_no_nul)]
 Category = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -34,6 +62,8 @@ Priority = Annotated[int, Field(ge=-1000, le=1000)]
 MaxAttempts = Annotated[int, Field(ge=1, le=100)]
 # Job ids are bigint in SQL.
 JobId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+Payload = Annotated[dict[str, Any], AfterValidator(_not_too_deep)]
 
 
 class Strict(BaseModel):
@@ -72,9 +102,9 @@ class JobDefaults(Strict):
     owner_ref: Ref | None = None
     task_type: Name | None = None
     model_profile: Name | None = None
-    input: dict[str, Any] | None = None
+    input: Payload | None = None
     priority: Priority | None = None
-    run_at: datetime | None = None
+    run_at: Timestamp | None = None
     max_attempts: MaxAttempts | None = None
 
 
@@ -87,9 +117,9 @@ class JobCreate(Strict):
     owner_ref: Ref
     task_type: Name
     model_profile: Name
-    input: dict[str, Any] = Field(default_factory=dict)
+    input: Payload = Field(default_factory=dict)
     priority: Priority = 0
-    run_at: datetime | None = None
+    run_at: Timestamp | None = None
     max_attempts: MaxAttempts = 3
     idempotency_key: Ref | None = None
 
@@ -110,8 +140,8 @@ class JobFilter(Strict):
     task_type: Name | None = None
     model_profile: Name | None = None
     status: list[JobStatus] | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
 
 
 class ListQuery(JobFilter):
@@ -152,7 +182,7 @@ class ClaimRequest(Strict):
 
 class CompleteRequest(Strict):
     worker_id: Name
-    result: dict[str, Any]
+    result: Payload
     lease_token: UUID | None = None
 
 

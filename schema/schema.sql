@@ -68,7 +68,7 @@ CREATE OR REPLACE FUNCTION aiservice.backoff(p_attempts integer)
  RETURNS interval
  LANGUAGE sql
 AS $function$
-    SELECT least(interval '1 hour', interval '10 seconds' * power(2, greatest(p_attempts - 1, 0)))
+    SELECT least(interval '1 hour', interval '10 seconds' * power(2, least(greatest(p_attempts - 1, 0), 20)))
            * (0.75 + random() * 0.5);
 $function$;
 
@@ -150,19 +150,22 @@ BEGIN
         ORDER BY priority DESC, id
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
+    ),
+    claimed AS (
+        UPDATE aiservice.jobs j
+        SET status = 'running',
+            attempts = j.attempts + 1,
+            worker_id = p_worker_id,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + p_lease_timeout,
+            started_at = now(),
+            finished_at = NULL,
+            updated_at = now()
+        FROM picked
+        WHERE j.id = picked.id
+        RETURNING j.*
     )
-    UPDATE aiservice.jobs j
-    SET status = 'running',
-        attempts = j.attempts + 1,
-        worker_id = p_worker_id,
-        lease_token = gen_random_uuid(),
-        lease_expires_at = now() + p_lease_timeout,
-        started_at = now(),
-        finished_at = NULL,
-        updated_at = now()
-    FROM picked
-    WHERE j.id = picked.id
-    RETURNING j.*;
+    SELECT * FROM claimed ORDER BY priority DESC, id;
 END;
 $function$;
 
@@ -255,7 +258,8 @@ BEGIN
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key
         FROM spec
-        ORDER BY ord
+        -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
+        ORDER BY owner_service, idempotency_key, ord
         ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING j.id
     )
@@ -399,8 +403,10 @@ BEGIN
     PERFORM pg_notify('aiservice_jobs', json_build_object(
         'event', 'abort', 'id', n.id, 'worker_id', o.worker_id, 'status', n.status)::text)
     FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running' AND n.status IN ('pending', 'cancelled')
-      AND n.error_category IS DISTINCT FROM 'worker_shutdown';
+    WHERE o.status = 'running'
+      AND (n.status = 'cancelled'
+           OR (n.status = 'pending' AND n.error_category IS NULL)
+           OR n.error_category = 'lease_expired');
     RETURN NULL;
 END;
 $function$;

@@ -25,7 +25,10 @@ PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
 
 
 def error_response(error: errors.ServiceError) -> web.Response:
-    return reply(ErrorBody.model_validate(error.body()), error.status)
+    response = reply(ErrorBody.model_validate(error.body()), error.status)
+    if isinstance(error, errors.Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="aiservice"'
+    return response
 
 
 @web.middleware

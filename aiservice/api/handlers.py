@@ -54,10 +54,11 @@ async def body(request: web.Request, model: type[M]) -> M:
         raise errors.UnsupportedMediaType("send the body as application/json")
     raw = await request.read()
     try:
-        data = json.loads(raw)
+        # Strict UTF-8 (RFC 8259): json.loads(bytes) would also let encoded surrogates through.
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise errors.BadRequest("body is not valid UTF-8") from exc
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an integer over 4300 digits
         raise errors.BadRequest(f"body is not valid JSON: {exc}") from exc
     try:
         return model.model_validate(data)
@@ -80,10 +81,10 @@ def query(request: web.Request, model: type[M]) -> M:
 
 def job_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise errors.InvalidArgument(f"job id must be an integer, got {raw[:40]!r}") from None
+    # ASCII digits only: int() alone also takes " 1", "+1", "1_0" and digits of other scripts.
+    if not (raw.isascii() and raw.isdigit()):
+        raise errors.InvalidArgument(f"job id must be a positive integer, got {raw[:40]!r}")
+    value = int(raw) if len(raw) <= 19 else 0
     if not 1 <= value < 2**63:
         raise errors.InvalidArgument("job id is out of range")
     return value

@@ -67,7 +67,9 @@ def openapi_document() -> dict[str, Any]:
         }
         for status in route.also:
             responses[str(status)] = responses[str(route.status)]
-        codes = set(route.errors) | (set() if route.public else {401})
+        # Every bearer-protected route may answer 401, every route with a body 413.
+        # Every API route reads PostgreSQL, so every one may answer 503 while it is down.
+        codes = set(route.errors) | (set() if route.public else {401, 503}) | ({413} if route.body else set())
         for code in sorted(codes):
             responses[str(code)] = {
                 "description": _ERROR_TEXT[code],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,9 +16,15 @@ import asyncpg
 from aiservice import errors
 from aiservice.models import FilterAction, Job, JobCreate, JobFilter, JobStatus, Stats
 
+log = logging.getLogger(__name__)
+
+# The NOTIFY channel of the SQL API (payloads are described in README.md).
+CHANNEL = "aiservice_jobs"
+
 # Whole-row columns of aiservice.jobs, for functions that return (job, created).
 _JOB_AND_CREATED = "(r.job).*, r.created"
 
+UNAVAILABLE = "PostgreSQL is unavailable; retry later"
 _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
@@ -37,13 +45,14 @@ async def translate_errors() -> AsyncIterator[None]:
     except asyncpg.PostgresError as exc:
         kind = errors.SQLSTATE_ERRORS.get(exc.sqlstate or "")
         if kind is None:
-            if isinstance(exc, asyncpg.ConnectionFailureError | asyncpg.AdminShutdownError):
-                raise errors.DatabaseUnavailable("PostgreSQL is unavailable; retry later") from exc
             raise
+        if kind is errors.DatabaseUnavailable:
+            # PostgreSQL's own text would name databases and users: keep it in the logs only.
+            raise errors.DatabaseUnavailable(UNAVAILABLE) from exc
         message = str(getattr(exc, "message", None) or exc)
         raise kind(message) from exc
     except _CONNECTION_ERRORS as exc:
-        raise errors.DatabaseUnavailable("PostgreSQL is unavailable; retry later") from exc
+        raise errors.DatabaseUnavailable(UNAVAILABLE) from exc
 
 
 def _job(record: asyncpg.Record) -> Job:
@@ -209,4 +218,56 @@ class JobStore:
             await self.pool.fetchval("SELECT 1", timeout=2.0)
 
 
-__all__ = ["JobStatus", "JobStore", "translate_errors"]
+class JobEvents:
+    """A dedicated connection LISTENing on the job channel; each payload is handed on as parsed JSON.
+
+    A pooled connection cannot listen: the pool would hand it to other callers and reset it."""
+
+    def __init__(self, conn: asyncpg.Connection[Any]) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        on_event: Callable[[dict[str, Any]], None],
+        on_lost: Callable[[], None],
+        *,
+        application_name: str = "aiservice-listener",
+        connect_timeout: float = 10.0,
+    ) -> JobEvents:
+        def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            try:
+                event = json.loads(str(payload))
+            except ValueError:
+                log.warning("ignoring a notification that is not JSON: %.200s", payload)
+                return
+            if isinstance(event, dict):
+                on_event(event)
+
+        async with translate_errors():
+            conn: asyncpg.Connection[Any] = await asyncpg.connect(
+                dsn, timeout=connect_timeout, server_settings={"application_name": application_name}
+            )
+        try:
+            conn.add_termination_listener(lambda _conn: on_lost())
+            async with translate_errors():
+                await conn.add_listener(CHANNEL, notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        return cls(conn)
+
+    async def check(self, within: float) -> None:
+        """Round-trip to the server, to find a connection that died without telling us."""
+        async with translate_errors():
+            await self._conn.fetchval("SELECT 1", timeout=within)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._conn.close(), timeout=2.0)
+        except Exception:
+            self._conn.terminate()
+
+
+__all__ = ["CHANNEL", "JobEvents", "JobStatus", "JobStore", "translate_errors"]

@@ -1,0 +1,200 @@
+"""The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+
+from aiservice.db.pool import connect
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+Connections = Callable[[int], Awaitable[list[Conn]]]
+
+JOB: dict[str, Any] = {
+    "owner_service": "telephony",
+    "owner_ref": "beeline/1",
+    "task_type": "llm_chat",
+    "model_profile": "qwen2.5-14b",
+}
+CREATE_JOB = """
+    SELECT (r.job).id, r.created
+    FROM aiservice.create_job($1, $2, $3, $4, p_idempotency_key => $5) r
+"""
+CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
+
+
+@pytest.fixture
+async def connections(database_url: str) -> AsyncIterator[Connections]:
+    """Open n more connections to the test database; all are closed after the test."""
+    opened: list[Conn] = []
+
+    async def open_n(n: int) -> list[Conn]:
+        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
+        opened.extend(conns)
+        return list(conns)
+
+    yield open_n
+    await asyncio.gather(*(c.close() for c in opened))
+
+
+async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run the calls concurrently, released at once so that they really overlap."""
+    start = asyncio.Event()
+
+    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+        await start.wait()
+        return await fn()
+
+    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
+    await asyncio.sleep(0)
+    start.set()
+    async with asyncio.timeout(30):
+        return await asyncio.gather(*tasks)
+
+
+async def test_eight_claimers_never_receive_the_same_job_twice(conn: Conn, connections: Connections) -> None:
+    jobs = [{"owner_ref": f"call/{i}", "priority": i % 7} for i in range(2_000)]
+    created = {r["id"] for r in await conn.fetch(CREATE_JOBS, jobs, JOB)}
+    assert len(created) == 2_000
+    claimers = await connections(8)
+
+    async def claim_until_empty(c: Conn, worker: str) -> list[tuple[int, str, int]]:
+        got: list[tuple[int, str, int]] = []
+        while rows := await c.fetch("SELECT * FROM aiservice.claim_jobs($1, 25)", worker):
+            got.extend((r["id"], r["worker_id"], r["attempts"]) for r in rows)
+        return got
+
+    results = await together([lambda c=c, i=i: claim_until_empty(c, f"w{i}") for i, c in enumerate(claimers)])
+
+    claimed = [job_id for got in results for job_id, _, _ in got]
+    duplicates = [job_id for job_id, n in Counter(claimed).items() if n > 1]
+    assert duplicates == []
+    assert set(claimed) == created
+    for i, got in enumerate(results):
+        assert all(worker == f"w{i}" and attempts == 1 for _, worker, attempts in got)
+    assert sum(1 for got in results if got) > 1, "the claimers did not overlap at all"
+    rows = await conn.fetch("SELECT id, worker_id, attempts, status FROM aiservice.jobs")
+    owner = {job_id: f"w{i}" for i, got in enumerate(results) for job_id, _, _ in got}
+    assert all(r["status"] == "running" and r["attempts"] == 1 and r["worker_id"] == owner[r["id"]] for r in rows)
+
+
+async def test_concurrent_claimers_and_completers_finish_every_job_once(conn: Conn, connections: Connections) -> None:
+    await conn.fetch(CREATE_JOBS, [{"owner_ref": str(i)} for i in range(400)], JOB)
+    workers = await connections(6)
+
+    async def work(c: Conn, worker: str) -> int:
+        done = 0
+        while rows := await c.fetch("SELECT id, lease_token FROM aiservice.claim_jobs($1, 5)", worker):
+            for r in rows:
+                await c.execute(
+                    "SELECT id FROM aiservice.complete_job($1, $2, $3, $4)",
+                    r["id"],
+                    worker,
+                    {"by": worker},
+                    r["lease_token"],
+                )
+                done += 1
+        return done
+
+    done = await together([lambda c=c, i=i: work(c, f"w{i}") for i, c in enumerate(workers)])
+    assert sum(done) == 400
+    rows = await conn.fetch("SELECT status, worker_id, result, attempts FROM aiservice.jobs")
+    assert all(r["status"] == "completed" and r["result"] == {"by": r["worker_id"]} for r in rows)
+    assert all(r["attempts"] == 1 for r in rows)
+
+
+async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Conn, connections: Connections) -> None:
+    callers = await connections(8)
+    for round_ in range(5):
+        key = f"call-{round_}"
+        values = [[JOB["owner_service"], f"ref/{i}", JOB["task_type"], JOB["model_profile"], key] for i in range(8)]
+        rows = await together(
+            [lambda c=c, v=v: c.fetchrow(CREATE_JOB, *v) for c, v in zip(callers, values, strict=True)]
+        )
+        assert len({r["id"] for r in rows}) == 1
+        assert sorted(r["created"] for r in rows) == [False] * 7 + [True]
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE idempotency_key = $1", key) == 1
+
+
+async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(
+    conn: Conn, connections: Connections
+) -> None:
+    # Retried batches overlap, in whatever order the caller rebuilt them.
+    callers = await connections(8)
+    keys = [f"k{i}" for i in range(300)]
+    batches = []
+    for i in range(8):
+        order = keys if i % 2 == 0 else keys[::-1]
+        batches.append([{"owner_ref": k, "idempotency_key": k} for k in order[i * 10 :]])
+    results = await together(
+        [lambda c=c, b=b: c.fetch(CREATE_JOBS, b, JOB) for c, b in zip(callers, batches, strict=True)]
+    )
+
+    ids_by_key: dict[str, set[int]] = {}
+    created = 0
+    for batch, rows in zip(batches, results, strict=True):
+        assert len(rows) == len(batch)
+        for job, row in zip(batch, rows, strict=True):
+            ids_by_key.setdefault(job["idempotency_key"], set()).add(row["id"])
+            created += row["created"]
+    assert all(len(ids) == 1 for ids in ids_by_key.values())
+    assert created == len(keys)
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == len(keys)
+    stored = dict(await conn.fetch("SELECT idempotency_key, id FROM aiservice.jobs"))
+    assert {k: ids.pop() for k, ids in ids_by_key.items()} == stored
+
+
+async def test_concurrent_lease_expiry_returns_each_job_once(conn: Conn, connections: Connections) -> None:
+    await conn.fetch(CREATE_JOBS, [{"owner_ref": str(i)} for i in range(500)], JOB)
+    await conn.fetch("SELECT * FROM aiservice.claim_jobs('dead', 500)")
+    await conn.execute("UPDATE aiservice.jobs SET lease_expires_at = now() - interval '1 second'")
+    sweepers = await connections(4)
+    results = await together([lambda c=c: c.fetch("SELECT id FROM aiservice.expire_leases()") for c in sweepers])
+    expired = [r["id"] for rows in results for r in rows]
+    assert len(expired) == len(set(expired)) == 500
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'pending' AND attempts = 1") == 500
+
+
+async def complete(c: Conn, job_id: int, worker: str, token: Any = None) -> str:
+    try:
+        await c.execute("SELECT id FROM aiservice.complete_job($1, $2, $3, $4)", job_id, worker, {"by": worker}, token)
+    except asyncpg.PostgresError as exc:
+        return str(exc.sqlstate)
+    return "ok"
+
+
+async def test_stale_worker_racing_a_reclaim_never_overwrites_the_new_result(
+    conn: Conn, connections: Connections
+) -> None:
+    # The old worker completes just as its expired lease is taken over: either it wins and nobody
+    # claims the job again, or the new worker wins and the old one is refused. Never both.
+    stale, fresh = await connections(2)
+    winners = Counter[str]()
+    for i in range(30):
+        job_id = await conn.fetchval("SELECT (r.job).id FROM aiservice.create_job('s', $1, 't', 'm') r", str(i))
+        await conn.fetch("SELECT id FROM aiservice.claim_jobs('old', 1)")
+        await conn.execute("UPDATE aiservice.jobs SET lease_expires_at = now() - interval '1 second'")
+        old_outcome, claimed = await together(
+            [
+                lambda job_id=job_id: complete(stale, job_id, "old"),
+                lambda: fresh.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('new', 1)"),
+            ]
+        )
+        if claimed:
+            assert old_outcome == "AS410"
+            assert claimed[0]["id"] == job_id
+            assert await complete(fresh, job_id, "new", claimed[0]["lease_token"]) == "ok"
+            assert await complete(stale, job_id, "old") == "AS410"
+            winners["new"] += 1
+        else:
+            assert old_outcome == "ok"
+            winners["old"] += 1
+        row = await conn.fetchrow("SELECT status, result FROM aiservice.jobs WHERE id = $1", job_id)
+        assert row["status"] == "completed"
+        assert row["result"] == {"by": "new" if claimed else "old"}
+    assert sum(winners.values()) == 30
