@@ -226,10 +226,46 @@ class ErrorCount(BaseModel):
     count: int
 
 
+class PendingAge(BaseModel):
+    task_type: str
+    age_seconds: float
+
+
+class Throughput(BaseModel):
+    last_5m: float
+    last_60m: float
+
+
+class Latency(BaseModel):
+    """Percentiles over the newest jobs (at most 20,000) finished within the window."""
+
+    task_type: str
+    count: int
+    wait_p50_ms: float
+    wait_p95_ms: float
+    run_p50_ms: float
+    run_p95_ms: float
+
+
+class WorkerLoad(BaseModel):
+    worker_id: str
+    count: int
+
+
 class Stats(BaseModel):
+    window_seconds: float
     by_status: list[StatusCount]
-    errors: list[ErrorCount]
+    errors: list[ErrorCount] = Field(description="terminal failures by category over the last day")
+    errors_last_hour: list[ErrorCount]
     oldest_pending_age_seconds: float | None
+    oldest_pending: list[PendingAge]
+    completed_per_minute: Throughput
+    latency: list[Latency]
+    running_by_worker: list[WorkerLoad]
+
+
+class StatsQuery(Strict):
+    window: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds, for latency percentiles")] = 3600
 
 
 class Health(BaseModel):

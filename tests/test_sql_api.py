@@ -990,9 +990,15 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
 
 async def test_stats(conn: Conn) -> None:
     assert await conn.fetchval("SELECT aiservice.stats()") == {
+        "window_seconds": 3600,
         "by_status": [],
         "errors": [],
+        "errors_last_hour": [],
         "oldest_pending_age_seconds": None,
+        "oldest_pending": [],
+        "completed_per_minute": {"last_5m": 0, "last_60m": 0},
+        "latency": [],
+        "running_by_worker": [],
     }
     await _fleet(conn)
     await create(conn, owner_ref="old", run_at=datetime.now(UTC) - timedelta(hours=1))

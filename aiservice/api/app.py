@@ -107,7 +107,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _maintenance(app: web.Application) -> AsyncIterator[None]:
-    """Expire leases even when no worker is claiming, so no job stays running forever."""
+    """Expire leases even when no worker is claiming, so no job stays running forever,
+    and fold the statistics counters."""
     interval = app[SETTINGS].maintenance_interval.total_seconds()
     store = app[STORE]
 
@@ -118,6 +119,7 @@ async def _maintenance(app: web.Application) -> AsyncIterator[None]:
                 expired = await store.expire_leases()
                 if expired:
                     log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
+                await store.compact_counts()
             except errors.DatabaseUnavailable:
                 log.warning("lease expiry skipped: PostgreSQL unavailable")
             except Exception:

@@ -29,6 +29,7 @@ from aiservice.models import (
     Lease,
     ListQuery,
     Stats,
+    StatsQuery,
 )
 from aiservice.settings import Settings
 
@@ -184,7 +185,8 @@ async def cancel_jobs(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return reply(await store(request).stats())
+    q = query(request, StatsQuery)
+    return reply(await store(request).stats(_seconds(q.window)))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -314,7 +316,15 @@ ROUTES: tuple[Route, ...] = (
         errors=(404, 409, 422),
     ),
     Route("POST", f"{API}/jobs/{{id}}/cancel", cancel_job, "Cancel a pending/running job", Job, errors=(404, 409, 422)),
-    Route("GET", f"{API}/stats", stats, "Queue and error counters", Stats),
+    Route(
+        "GET",
+        f"{API}/stats",
+        stats,
+        "Queue, error, throughput and latency statistics",
+        Stats,
+        query=StatsQuery,
+        errors=(422,),
+    ),
     Route("GET", "/healthz", healthz, "Process health", Health, public=True),
     Route("GET", "/readyz", readyz, "PostgreSQL readiness (503 when unreachable)", Health, public=True, errors=(503,)),
 )

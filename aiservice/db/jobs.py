@@ -203,9 +203,13 @@ class JobStore:
     async def expire_leases(self) -> list[Job]:
         return [_job(r) for r in await self._fetch("expire_leases", {})]
 
-    async def stats(self) -> Stats:
-        (row,) = await self._fetch("stats", {})
+    async def stats(self, window: timedelta = timedelta(hours=1)) -> Stats:
+        (row,) = await self._fetch("stats", {"p_window": window})
         return Stats.model_validate(row[0])
+
+    async def compact_counts(self) -> int:
+        (row,) = await self._fetch("compact_counts", {})
+        return int(row[0])
 
     async def statuses(self) -> list[str]:
         """The labels of the SQL enum, for the test that keeps JobStatus equal to it."""
