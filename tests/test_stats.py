@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
 from aiservice.db.jobs import JobStore
 from aiservice.models import JobCreate
 
-Conn = "asyncpg.Connection[Any]"
+Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 RECOUNT = """
 SELECT status::text, task_type, model_profile, count(*)
