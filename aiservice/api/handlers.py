@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from aiservice import errors
+from aiservice import errors, metrics
 from aiservice.db.jobs import JobStore
+from aiservice.infra import InfraStatus
 from aiservice.models import (
     Affected,
     BatchCreate,
@@ -22,19 +23,24 @@ from aiservice.models import (
     FilterAction,
     Health,
     HeartbeatRequest,
+    InfraReport,
     Job,
     JobCreate,
     JobPage,
     Jobs,
     Lease,
     ListQuery,
+    ProvidersStatus,
     Stats,
     StatsQuery,
 )
+from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)
+PROVIDERS = web.AppKey("providers", ProviderStatus)
+INFRA = web.AppKey("infra", InfraStatus)
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -102,6 +108,8 @@ def store(request: web.Request) -> JobStore:
 async def create_job(request: web.Request) -> web.Response:
     spec = await body(request, JobCreate)
     job, created = await store(request).create(spec)
+    if created:
+        metrics.JOBS_CREATED.labels(job.task_type, job.model_profile).inc()
     return reply(job, 201 if created else 200)
 
 
@@ -112,6 +120,7 @@ async def create_batch(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise validation_error(exc) from exc
     created = await store(request).create_many(specs)
+    metrics.count_created(job for job, new in created if new)
     return reply(Jobs(jobs=[job for job, _ in created]), 201)
 
 
@@ -187,6 +196,14 @@ async def cancel_jobs(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     q = query(request, StatsQuery)
     return reply(await store(request).stats(_seconds(q.window)))
+
+
+async def providers_status(request: web.Request) -> web.Response:
+    return reply(ProvidersStatus.model_validate(await request.app[PROVIDERS].status()))
+
+
+async def infra_status(request: web.Request) -> web.Response:
+    return reply(InfraReport.model_validate(await request.app[INFRA].status()))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -324,6 +341,20 @@ ROUTES: tuple[Route, ...] = (
         Stats,
         query=StatsQuery,
         errors=(422,),
+    ),
+    Route(
+        "GET",
+        f"{API}/providers/status",
+        providers_status,
+        "Reachability of the configured AI providers (cached briefly; no secrets)",
+        ProvidersStatus,
+    ),
+    Route(
+        "GET",
+        f"{API}/infra/status",
+        infra_status,
+        "AI-server sidecar telemetry: GPU, containers, vLLM, WhisperX",
+        InfraReport,
     ),
     Route("GET", "/healthz", healthz, "Process health", Health, public=True),
     Route("GET", "/readyz", readyz, "PostgreSQL readiness (503 when unreachable)", Health, public=True, errors=(503,)),

@@ -1,0 +1,68 @@
+"""/metrics on the API: open like the probes, parseable, bounded labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from aiservice import metrics
+from aiservice.db.jobs import JobStore
+
+TOKEN = "metrics-test-token"
+
+
+def samples(text: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def value(found: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for s in found.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_metrics_are_open_and_parse(api_factory: Any) -> None:
+    api = await api_factory(service_token=TOKEN)
+    response = await api.get("/metrics")
+    assert response.status == 200
+    families = {f.name for f in text_string_to_metric_families(await response.text())}
+    for name in ("aiservice_http_requests", "aiservice_jobs_created", "aiservice_queue_jobs", "process_cpu_seconds"):
+        assert name in families
+
+
+async def test_requests_and_creations_are_counted_by_route_template(api: Any) -> None:
+    before = samples(await (await api.get("/metrics")).text())
+    body = {"owner_service": "t", "owner_ref": "r1", "task_type": "metric_task", "model_profile": "m"}
+    created = await (await api.post("/api/v1/jobs", json=body)).json()
+    await api.post("/api/v1/jobs", json=body | {"owner_ref": "r2"})
+    await api.get(f"/api/v1/jobs/{created['id']}")
+    await api.get("/api/v1/jobs/999999")
+    after = samples(await (await api.get("/metrics")).text())
+
+    created_total = "aiservice_jobs_created_total"
+    assert (
+        value(after, created_total, task_type="metric_task") - value(before, created_total, task_type="metric_task")
+        == 2
+    )
+    requests = "aiservice_http_requests_total"
+    route = "/api/v1/jobs/{id}"
+    assert value(after, requests, route=route, status="200") - value(before, requests, route=route, status="200") == 1
+    assert value(after, requests, route=route, status="404") - value(before, requests, route=route, status="404") == 1
+    await api.get("/no/such/path/123")
+    after = samples(await (await api.get("/metrics")).text())
+    templates = {r.canonical for r in api.server.app.router.resources()} | {"unmatched"}
+    routes = {s.labels["route"] for s in after[requests]}
+    assert routes <= templates, "raw paths (with ids) must never be labels"
+    assert "unmatched" in routes
+
+
+async def test_queue_gauges_follow_sql(store: JobStore, job_factory: Any) -> None:
+    await job_factory(task_type="gauge_task", model_profile="gm")
+    await job_factory(task_type="gauge_task", model_profile="gm")
+    metrics.refresh_queue(await store.stats())
+    gauge = metrics.QUEUE_JOBS.labels("gauge_task", "gm", "pending")
+    assert gauge._value.get() == 2
+    assert metrics.OLDEST_PENDING.labels("gauge_task")._value.get() >= 0

@@ -1,0 +1,141 @@
+"""The WhisperX worker against a stub whisper-asr-webservice over real HTTP, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+from typing import Any
+
+import stubs
+from aiohttp import web
+from conftest import JobFactory
+from stubs import (
+    AsrStub,
+    WorkerFactory,
+    wait_for_outcome,
+    wait_for_status,
+)
+
+from aiservice.db.jobs import JobStore
+from worker.whisperx import WhisperXHandler
+
+AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt fake audio"
+
+# Fixtures shared by the worker tests.
+openai_stub = stubs.openai_stub
+asr_stub = stubs.asr_stub
+worker_factory = stubs.worker_factory
+
+
+def transcribe_job(**job_input: Any) -> dict[str, Any]:
+    return {"task_type": "transcribe", "model_profile": "whisperx", "input": job_input}
+
+
+async def test_base64_audio_with_diarization(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    await worker_factory()
+    job = await job_factory(
+        **transcribe_job(
+            audio_base64=base64.b64encode(AUDIO).decode(),
+            language="en",
+            diarize=True,
+            min_speakers=2,
+            max_speakers=3,
+            call_id="beeline/7",
+        )
+    )
+
+    done = await wait_for_status(store, job.id, "completed", "failed")
+
+    assert done.status == "completed", done.error_message
+    result = done.result or {}
+    assert result["text"] == "Hello there. General Kenobi."
+    assert result["language"] == "en"
+    assert result["segments"] == [
+        {"start": 0.0, "end": 1.5, "text": "Hello there.", "speaker": "SPEAKER_00"},
+        {"start": 1.5, "end": 3.0, "text": "General Kenobi.", "speaker": "SPEAKER_01"},
+    ]
+    assert result["diarization_applied"] is True
+    assert isinstance(result["duration_ms"], int)
+    (sent,) = asr_stub.requests
+    assert sent["query"] == {
+        "output": "json",
+        "task": "transcribe",
+        "word_timestamps": "false",
+        "diarize": "true",
+        "language": "en",
+        "min_speakers": "2",
+        "max_speakers": "3",
+    }
+    assert (sent["fields"], sent["audio"]) == (["audio_file"], AUDIO)
+
+
+async def test_audio_url_is_downloaded_and_diarize_is_sent_explicitly(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    asr_stub.files["call.wav"] = AUDIO
+    await worker_factory()
+    job = await job_factory(**transcribe_job(audio_url=f"{asr_stub.url}/files/call.wav?sig=abc", word_timestamps=True))
+
+    done = await wait_for_status(store, job.id, "completed", "failed")
+
+    assert done.status == "completed", done.error_message
+    result = done.result or {}
+    assert result["diarization_applied"] is False
+    assert all("speaker" not in s for s in result["segments"])
+    assert result["segments"][0]["words"] == [{"word": "Hello", "start": 0.0, "end": 0.5}]
+    (sent,) = asr_stub.requests
+    assert sent["query"]["diarize"] == "false" and sent["query"]["word_timestamps"] == "true"
+    assert "language" not in sent["query"]
+    assert (sent["audio"], sent["filename"]) == (AUDIO, "call.wav")
+
+
+def status(code: int, text: str, headers: dict[str, str] | None = None) -> Any:
+    async def reply(request: web.Request, query: dict[str, str], audio: bytes) -> web.StreamResponse:
+        return web.Response(status=code, text=text, headers=headers)
+
+    return reply
+
+
+async def test_errors_and_bad_input_become_categories(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    asr_stub.on(b"busy", status(503, "model loading", {"Retry-After": "30"}))
+    asr_stub.on(b"crash", status(500, "Traceback ..."))
+    asr_stub.on(b"garbage", status(200, "<html>not json</html>"))
+    asr_stub.on(b"huge", status(413, "file too large"))
+    asr_stub.files["big.wav"] = b"x" * 2048
+    handler = WhisperXHandler(url=asr_stub.url, timeout=timedelta(seconds=5), max_audio_bytes=1024)
+    cases = {
+        "busy": ({"audio_base64": base64.b64encode(b"busy").decode()}, "provider_unavailable", True),
+        "crash": ({"audio_base64": base64.b64encode(b"crash").decode()}, "provider_error", True),
+        "garbage": ({"audio_base64": base64.b64encode(b"garbage").decode()}, "output_invalid", False),
+        "rejected": ({"audio_base64": base64.b64encode(b"huge").decode()}, "invalid_request", False),
+        "missing": ({"audio_url": f"{asr_stub.url}/files/none.wav"}, "invalid_input", False),
+        "too big": ({"audio_url": f"{asr_stub.url}/files/big.wav"}, "invalid_input", False),
+        "no audio": ({"language": "en"}, "invalid_input", False),
+        "two sources": ({"audio_url": f"{asr_stub.url}/files/x", "audio_base64": "eA=="}, "invalid_input", False),
+        "bad base64": ({"audio_base64": "not base64!"}, "invalid_input", False),
+        "bad scheme": ({"audio_url": "file:///etc/passwd"}, "invalid_input", False),
+        "wrong type": ({"audio_base64": "eA==", "diarize": "yes"}, "invalid_input", False),
+    }
+    jobs = {name: await job_factory(**transcribe_job(**job_input)) for name, (job_input, _, _) in cases.items()}
+    await worker_factory(handlers=[handler], worker_claim_limit=len(jobs))
+
+    for name, (_, category, retried) in cases.items():
+        job = await wait_for_outcome(store, jobs[name].id)
+        assert (job.error_category, job.status == "pending", job.attempts) == (category, retried, 1), name
+    busy = await store.get(jobs["busy"].id)
+    assert 29 <= (busy.run_at - busy.updated_at).total_seconds() <= 31
+
+
+async def test_transcribe_jobs_wait_when_whisperx_is_not_configured(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory
+) -> None:
+    job = await job_factory(**transcribe_job(audio_base64="eA=="))
+    llm = await job_factory()
+    await worker_factory(whisperx_url=None)
+
+    await wait_for_status(store, llm.id, "completed")
+    assert (await store.get(job.id)).status == "pending"

@@ -1,0 +1,186 @@
+"""The worker process: one pool, the built-in handlers, the runner, the listener and the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from aiservice import errors
+from aiservice.db.jobs import JobStore
+from aiservice.db.migrate import migrate
+from aiservice.db.pool import Pool, create_pool
+from aiservice.settings import Settings, SettingsError
+from worker import http
+from worker.handler import Handler
+from worker.listener import Listener
+from worker.llm import LLMHandler
+from worker.runner import Runner
+from worker.whisperx import WhisperXHandler
+
+log = logging.getLogger(__name__)
+
+
+def build_handlers(settings: Settings) -> list[Handler]:
+    """The built-in workers whose provider is configured."""
+    handlers: list[Handler] = []
+    if settings.llm_base_url:
+        handlers.append(
+            LLMHandler(
+                base_url=settings.llm_base_url,
+                api_key=settings.llm_api_key,
+                model=settings.llm_model,
+                timeout=settings.llm_timeout,
+            )
+        )
+    if settings.whisperx_url:
+        handlers.append(WhisperXHandler(url=settings.whisperx_url, timeout=settings.whisperx_timeout))
+    return handlers
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        handlers: Sequence[Handler] | None = None,
+        *,
+        listener_backoff: float = 0.5,
+        listener_check_interval: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.dsn = settings.require_database()
+        self.handlers = list(build_handlers(settings) if handlers is None else handlers)
+        if not self.handlers:
+            raise SettingsError("no built-in worker is configured: set LLM_BASE_URL and/or WHISPERX_URL")
+        self.started_at = datetime.now(UTC)
+        self.http_port: int | None = None
+        self._listener_backoff = listener_backoff
+        self._listener_check_interval = listener_check_interval
+        self._pool: Pool | None = None
+        self._store: JobStore | None = None
+        self._runner: Runner | None = None
+        self._listener: Listener | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._http: web.AppRunner | None = None
+        self._started = time.monotonic()
+        self._stopped = False
+
+    @property
+    def runner(self) -> Runner:
+        assert self._runner is not None, "Worker.start() first"
+        return self._runner
+
+    @property
+    def listener(self) -> Listener:
+        assert self._listener is not None, "Worker.start() first"
+        return self._listener
+
+    async def start(self) -> None:
+        settings = self.settings
+        self._pool = await create_pool(
+            self.dsn, max_size=settings.db_pool_max_size, application_name=_app_name("aiservice-worker", settings)
+        )
+        try:
+            if settings.migrate_on_start:
+                async with self._pool.acquire() as conn:
+                    await migrate(conn)
+            self._store = JobStore(self._pool)
+            self._runner = Runner(
+                self._store,
+                self.handlers,
+                worker_id=settings.worker_id,
+                claim_limit=settings.worker_claim_limit,
+                lease_timeout=settings.worker_lease_timeout,
+                poll_interval=settings.worker_poll_interval,
+            )
+            self._listener = Listener(
+                self.dsn,
+                self._runner.on_event,
+                self._runner.wake,
+                application_name=_app_name("aiservice-listener", settings),
+                min_backoff=self._listener_backoff,
+                check_interval=self._listener_check_interval,
+            )
+            self._listener_task = asyncio.create_task(self._listener.run(), name="aiservice-listener")
+            self._runner.start()
+            self._http = web.AppRunner(http.create_app(self), access_log=None)
+            await self._http.setup()
+            await web.TCPSite(self._http, settings.worker_http_host, settings.worker_http_port).start()
+            self.http_port = int(self._http.addresses[0][1])
+        except BaseException:
+            await self._close()
+            raise
+        log.info(
+            "worker %s serving %s; HTTP on %s:%s",
+            settings.worker_id,
+            ", ".join(f"{'/'.join(h.task_types)} @ {'/'.join(h.model_profiles)}" for h in self.handlers),
+            settings.worker_http_host,
+            self.http_port,
+        )
+
+    def hurry(self) -> None:
+        """Skip what is left of the shutdown grace period."""
+        if self._runner is not None:
+            self._runner.hurry()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming, let jobs in flight finish for ``grace`` seconds, hand back the rest, close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if grace is None:
+            grace = self.settings.worker_shutdown_grace.total_seconds()
+        if self._runner is not None:
+            await self._runner.shutdown(grace)
+        await self._close()
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    async def _close(self) -> None:
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            await asyncio.gather(self._listener_task, return_exceptions=True)
+        for handler in self.handlers:
+            try:
+                await handler.close()
+            except Exception:
+                log.exception("closing the %s worker failed", handler.name)
+        if self._http is not None:
+            await self._http.cleanup()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), timeout=5.0)
+
+    async def readiness(self) -> dict[str, Any]:
+        database = "unavailable"
+        if self._store is not None:
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await self._store.ping()
+                database = "ok"
+        listener = self._listener.state if self._listener is not None else "stopped"
+        return {"ready": database == "ok" and listener == "connected", "database": database, "listener": listener}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.settings.worker_id,
+            "started_at": self.started_at,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "serves": [
+                {"worker": h.name, "task_types": list(h.task_types), "model_profiles": list(h.model_profiles)}
+                for h in self.handlers
+            ],
+            "claim_limit": self.settings.worker_claim_limit,
+            **(self._runner.status() if self._runner is not None else {}),
+            "listener": self._listener.status() if self._listener is not None else {"state": "stopped"},
+            "settings": self.settings.public(),
+        }
+
+
+def _app_name(prefix: str, settings: Settings) -> str:
+    # PostgreSQL keeps 63 bytes; the worker id lets an operator find this worker in pg_stat_activity.
+    return f"{prefix} {settings.worker_id}"[:63]

@@ -1,0 +1,168 @@
+"""The LLM worker: chat jobs sent to an OpenAI-compatible server (vLLM, OpenAI, ...) with the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from datetime import timedelta
+from typing import Any, Literal, cast
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aiservice.models import Job
+from aiservice.settings import mask_url
+from worker import failure
+from worker.failure import JobFailure
+
+TASK_TYPES = ("llm_chat", "chat_completion", "call_analysis")
+# Models often fence JSON in Markdown even when asked for JSON; one surrounding fence is tolerated.
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+
+
+class Message(BaseModel):
+    # Extra keys (name, tool_calls, tool_call_id) pass through to the provider unchanged.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatInput(BaseModel):
+    """The chat fields of a job's input. Everything else in it is the caller's metadata and is ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    system: str | None = None
+    user: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> ChatInput:
+        if self.messages is None and self.user is None:
+            raise ValueError("input needs messages, or user (with an optional system)")
+        return self
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        # Explicit messages win; system/user are the compact form of the same thing.
+        if self.messages is not None:
+            return [m.model_dump(exclude_none=True) for m in self.messages]
+        compact = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return [*compact, {"role": "user", "content": self.user}]
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"messages", "system", "user"})
+
+    def wants_json(self) -> bool:
+        return (self.response_format or {}).get("type") in ("json_object", "json_schema")
+
+
+def parse_input(job: Job) -> ChatInput:
+    try:
+        return ChatInput.model_validate(job.input)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "input"
+        raise failure.invalid_input(f"{where}: {first['msg']}") from exc
+
+
+def parse_json(content: str) -> Any:
+    text = content.strip()
+    fenced = _FENCE.match(text)
+    return json.loads(fenced.group(1) if fenced else text)
+
+
+class LLMHandler:
+    name = "llm"
+    task_types: tuple[str, ...] = TASK_TYPES
+
+    def __init__(self, *, base_url: str, api_key: str | None, model: str, timeout: timedelta) -> None:
+        self.model = model
+        self.model_profiles: tuple[str, ...] = (model,)
+        self._where = mask_url(base_url) or "the LLM server"
+        self._secrets = (api_key,)
+        self._timeout = timeout.total_seconds()
+        # The service owns retries (backoff in SQL, Retry-After as a rescheduled run_at): none in the SDK.
+        # Servers such as vLLM need no key, but the client insists on one.
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "unused", timeout=self._timeout, max_retries=0
+        )
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        chat = parse_input(job)
+        started = time.monotonic()
+        try:
+            # The client's timeout bounds each read; this bounds the whole request.
+            async with asyncio.timeout(self._timeout):
+                completion = await self._client.chat.completions.create(
+                    model=self.model,
+                    messages=cast(list[ChatCompletionMessageParam], chat.chat_messages()),
+                    **chat.options(),
+                )
+        except (openai.APITimeoutError, TimeoutError) as exc:
+            raise failure.timeout(f"no answer from {self._where} within {self._timeout:g}s") from exc
+        except openai.APIConnectionError as exc:
+            raise failure.unavailable(f"cannot reach {self._where}: {self._text(exc)}") from exc
+        except openai.APIStatusError as exc:
+            raise self._status_failure(exc) from exc
+        except openai.OpenAIError as exc:
+            raise JobFailure("provider_error", self._text(exc), retryable=True) from exc
+        duration_ms = round((time.monotonic() - started) * 1000)
+
+        if not completion.choices:
+            raise JobFailure("provider_error", f"{self._where} returned no choices", retryable=True)
+        choice = completion.choices[0]
+        content = choice.message.content
+        usage = completion.usage
+        result: dict[str, Any] = {
+            "content": content,
+            "model": completion.model,
+            "usage": None
+            if usage is None
+            else {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+            "duration_ms": duration_ms,
+            "finish_reason": choice.finish_reason,
+        }
+        if chat.wants_json():
+            try:
+                result["parsed"] = parse_json(content or "")
+            except ValueError as exc:
+                snippet = (content or "")[:200]
+                raise failure.output_invalid(
+                    f"response_format asks for JSON but the content does not parse ({exc}): {snippet!r}"
+                ) from exc
+        return result
+
+    def _status_failure(self, exc: openai.APIStatusError) -> JobFailure:
+        body = exc.body
+        detail = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(detail, str):
+            detail = body if isinstance(body, str) else exc.message
+        return failure.for_status(
+            exc.status_code,
+            self._text(detail),
+            exc.response.headers,
+            provider=self._where,
+            context_code=exc.code,
+        )
+
+    def _text(self, value: object) -> str:
+        return failure.redact(str(value), self._secrets)
+
+    async def close(self) -> None:
+        await self._client.close()
