@@ -16,7 +16,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 
 def ensure_venv(extras: str = "") -> Path:
     """Install the project (editable, with ``extras``) unless pyproject.toml is unchanged since last time."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script runs before anything checks the version
         sys.exit(f"aiservice needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     target = f".[{extras}]" if extras else "."
     stamp = VENV / ".aiservice-installed"

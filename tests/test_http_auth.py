@@ -229,7 +229,7 @@ async def test_every_api_route_requires_the_bearer_token(api_factory: ClientFact
 
 async def test_unknown_api_paths_need_the_token_too(api_factory: ClientFactory) -> None:
     api = await api_factory(service_token=TOKEN)
-    for path in (f"{API}/nope", f"{API}/jobs/1/explode", f"{API}/providers/status", "/api/v2/jobs", "/"):
+    for path in (f"{API}/nope", f"{API}/jobs/1/explode", f"{API}/providers/nope", "/api/v2/jobs", "/"):
         await assert_unauthorized(await api.get(path), "GET")
         response = await api.get(path, headers=RIGHT)
         assert response.status == 404

@@ -39,7 +39,7 @@ def test_check_rejects_broken_plpgsql() -> None:
 
 
 def test_check_rejects_syntax_errors_and_transaction_control() -> None:
-    with pytest.raises(MigrationError, match="0001_bad.sql"):
+    with pytest.raises(MigrationError, match=r"0001_bad\.sql"):
         check([Migration("0001_bad.sql", "CREATE TABLE x (id int;")])
     with pytest.raises(MigrationError, match="TransactionStmt"):
         check([Migration("0001_tx.sql", "BEGIN; CREATE TABLE x (id int); COMMIT;")])

@@ -33,7 +33,7 @@ def registered_routes(app: web.Application) -> set[tuple[str, str]]:
         info = route.resource.get_info()
         path = info.get("path") or info.get("formatter")
         assert isinstance(path, str), info
-        if path != OPENAPI_PATH:
+        if path not in (OPENAPI_PATH, "/metrics"):  # the document itself; Prometheus text, not JSON
             found.add((route.method.lower(), path))
     return found
 
