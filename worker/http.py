@@ -1,4 +1,4 @@
-"""The worker's own HTTP server for Kubernetes probes and operators; open, with no token."""
+"""The worker's own HTTP server for Kubernetes probes, operators and Prometheus; open, with no token."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_async.aio.web import server_stats
 
 
 class Probe(Protocol):
@@ -51,4 +52,5 @@ def create_app(probe: Probe) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/worker/status", worker_status)
+    app.router.add_get("/metrics", server_stats)
     return app

@@ -13,6 +13,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aiservice import metrics
 from aiservice.models import Job
 from aiservice.settings import mask_url
 from worker import failure
@@ -102,6 +103,7 @@ class LLMHandler:
     async def run(self, job: Job) -> dict[str, Any]:
         chat = parse_input(job)
         started = time.monotonic()
+        outcome = "error"
         try:
             # The client's timeout bounds each read; this bounds the whole request.
             async with asyncio.timeout(self._timeout):
@@ -118,6 +120,10 @@ class LLMHandler:
             raise self._status_failure(exc) from exc
         except openai.OpenAIError as exc:
             raise JobFailure("provider_error", self._text(exc), retryable=True) from exc
+        else:
+            outcome = "ok"
+        finally:
+            metrics.PROVIDER_SECONDS.labels("llm", outcome).observe(time.monotonic() - started)
         duration_ms = round((time.monotonic() - started) * 1000)
 
         if not completion.choices:
@@ -125,6 +131,10 @@ class LLMHandler:
         choice = completion.choices[0]
         content = choice.message.content
         usage = completion.usage
+        if usage is not None:
+            # The configured model, not the provider's echo: label values stay bounded.
+            metrics.LLM_TOKENS.labels(self.model, "prompt").inc(usage.prompt_tokens)
+            metrics.LLM_TOKENS.labels(self.model, "completion").inc(usage.completion_tokens)
         result: dict[str, Any] = {
             "content": content,
             "model": completion.model,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from aiservice import errors
+from aiservice import errors, metrics
 from aiservice.db.jobs import JobStore
 from aiservice.models import Job, JobStatus
 from worker.failure import JobFailure
@@ -70,6 +70,7 @@ class Runner:
         self.handlers = list(handlers)
         self.worker_id = worker_id
         self.claim_limit = claim_limit
+        metrics.WORKER_SLOTS.labels("total").set(claim_limit)
         self.lease_timeout = lease_timeout
         self.poll_interval = poll_interval.total_seconds()
         # A third of the lease: two heartbeats may fail before the lease runs out.
@@ -174,10 +175,20 @@ class Runner:
         self._backlog = free <= 0
 
     def _start(self, job: Job, handler: Handler) -> None:
-        log.info("job %d (%s/%s) attempt %d started", job.id, job.task_type, job.model_profile, job.attempts)
+        log.info(
+            "job %d (%s/%s) attempt %d started",
+            job.id,
+            job.task_type,
+            job.model_profile,
+            job.attempts,
+            extra=self._context(job),
+        )
+        if job.started_at is not None:
+            metrics.WAIT_SECONDS.labels(job.task_type).observe((job.started_at - job.created_at).total_seconds())
         work = asyncio.create_task(handler.run(job), name=f"aiservice-job-{job.id}")
         flight = InFlight(job=job, handler=handler, work=work)
         self._inflight[job.id] = flight
+        metrics.WORKER_SLOTS.labels("busy").set(len(self._inflight))
         supervisor = asyncio.create_task(self._supervise(flight), name=f"aiservice-supervise-{job.id}")
         self._supervisors.add(supervisor)
         supervisor.add_done_callback(self._supervisors.discard)
@@ -198,6 +209,7 @@ class Runner:
         finally:
             heartbeat.cancel()
             self._inflight.pop(flight.job.id, None)
+            metrics.WORKER_SLOTS.labels("busy").set(len(self._inflight))
             if self._backlog:
                 self.wake()
 
@@ -263,7 +275,8 @@ class Runner:
             await self._record_failure(job, JobFailure("output_invalid", exc.message, retryable=False))
             return
         self.counts.completed += 1
-        log.info("job %d completed", job.id)
+        elapsed = self._observe(job, "completed", "")
+        log.info("job %d completed", job.id, extra=self._context(job) | {"status": "completed", "duration_ms": elapsed})
 
     async def _fail(self, flight: InFlight, exc: BaseException) -> None:
         if not isinstance(exc, JobFailure):
@@ -288,12 +301,37 @@ class Runner:
                 lease_token=job.lease_token,
             )
         )
-        if updated.status == JobStatus.PENDING:
+        status = "retried" if updated.status == JobStatus.PENDING else "failed"
+        elapsed = self._observe(job, status, fail.category)
+        context = self._context(job) | {"status": status, "error_category": fail.category, "duration_ms": elapsed}
+        if status == "retried":
             self.counts.retried += 1
-            log.info("job %d: %s; retry due at %s", job.id, fail.category, updated.run_at.isoformat())
+            log.info("job %d: %s; retry due at %s", job.id, fail.category, updated.run_at.isoformat(), extra=context)
         else:
             self.counts.failed += 1
-            log.info("job %d failed: %s", job.id, fail.category)
+            log.info("job %d failed: %s", job.id, fail.category, extra=context)
+
+    def _context(self, job: Job) -> dict[str, Any]:
+        """Log fields of a job (never its input or result)."""
+        return {
+            "job_id": job.id,
+            "task_type": job.task_type,
+            "model_profile": job.model_profile,
+            "worker_id": self.worker_id,
+            "attempt": job.attempts,
+        }
+
+    def _observe(self, job: Job, status: str, category: str) -> float | None:
+        """Count an attempt's outcome; returns its run time in ms while the job is in flight."""
+        metrics.JOBS_FINISHED.labels(job.task_type, job.model_profile, status, category).inc()
+        flight = self._inflight.get(job.id)
+        if flight is None:
+            return None
+        if category:
+            metrics.PROVIDER_ERRORS.labels(flight.handler.name, category).inc()
+        elapsed = time.monotonic() - flight.started
+        metrics.RUN_SECONDS.labels(job.task_type, status).observe(elapsed)
+        return round(elapsed * 1000, 1)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Ride out a short PostgreSQL outage when storing an outcome; give up after one lease."""
