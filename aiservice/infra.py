@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from aiservice.providers import redact, under, url_secrets
-from aiservice.settings import Settings, mask_url
+from aiservice.providers import under
+from aiservice.settings import Settings, mask_url, redact, url_secrets
 
 CACHE_SECONDS = 5.0
 TIMEOUT = 5.0

@@ -10,36 +10,17 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from aiservice.settings import Settings, mask_url
+from aiservice.settings import Settings, mask_url, redact, url_secrets
 
 # A dashboard polling every second must not turn into a request per poll per provider.
 CACHE_SECONDS = 10.0
 CHECK_TIMEOUT = 5.0
 
 
-def url_secrets(url: str | None) -> list[str]:
-    """The parts of a URL that may carry credentials: the URL itself, its password and query values."""
-    if not url:
-        return []
-    parsed = URL(url)
-    found = [url, *parsed.query.values()]
-    if parsed.password:
-        found.append(parsed.password)
-    return [f for f in found if f]
-
-
 def under(base: str, path: str) -> URL:
     """``path`` below ``base``, keeping the base's query string (some gateways take keys there)."""
     parsed = URL(base)
     return parsed.with_path(parsed.path.rstrip("/") + path).with_query(parsed.query)
-
-
-def redact(text: str, secrets: list[str | None]) -> str:
-    """Remove every secret, and any URL that carries one, from an error message."""
-    for secret in sorted((s for s in secrets if s and len(s) >= 3), key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 class ProviderStatus:

@@ -6,11 +6,11 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -62,6 +62,26 @@ def mask_url(url: str | None) -> str | None:
         return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     except ValueError:
         return "***"
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """What in a URL may be a credential: the whole URL, its password and its query values."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        found = [url, parts.password or "", *(value for _, value in parse_qsl(parts.query))]
+    except ValueError:
+        found = [url]
+    return [f for f in found if f]
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Blank out every secret (longest first, so a URL goes before the password inside it)."""
+    # Very short values (a one-letter query value) would garble the message without protecting anything.
+    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def default_worker_id() -> str:

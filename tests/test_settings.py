@@ -4,7 +4,15 @@ from datetime import timedelta
 
 import pytest
 
-from aiservice.settings import Settings, SettingsError, format_duration, mask_url, parse_duration
+from aiservice.settings import (
+    Settings,
+    SettingsError,
+    format_duration,
+    mask_url,
+    parse_duration,
+    redact,
+    url_secrets,
+)
 
 
 @pytest.mark.parametrize(
@@ -97,3 +105,14 @@ def test_public_view_masks_secrets() -> None:
 def test_mask_url_keeps_harmless_parts() -> None:
     assert mask_url("http://llm:8000/v1") == "http://llm:8000/v1"
     assert mask_url(None) is None
+
+
+def test_url_secrets_and_redact() -> None:
+    url = "http://svc:p4ssw0rd@llm:8000/v1?api_key=k3y-value&x=1"
+    found = url_secrets(url)
+    assert {url, "p4ssw0rd", "k3y-value"} <= set(found)
+    message = f"cannot reach {url}: refused (p4ssw0rd, k3y-value)"
+    cleaned = redact(message, [*found, None, "sk-secret"])
+    assert "p4ssw0rd" not in cleaned and "k3y-value" not in cleaned and "llm:8000" not in cleaned
+    assert cleaned.startswith("cannot reach ***: refused")
+    assert url_secrets(None) == [] and redact("x=1", ["1"]) == "x=1"  # too short to blank out

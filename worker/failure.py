@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
+from aiservice import settings
+
 # The SQL function fail_job refuses longer delays.
 MAX_RETRY_AFTER = timedelta(days=7)
 # Enough of a provider's message to diagnose; the column holds 4000 characters.
@@ -95,9 +97,7 @@ def _seconds(raw: str | None, unit: float) -> timedelta | None:
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """Cut a message to size and blank out every secret it repeats (keys echoed back in errors)."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+    text = settings.redact(text, secrets)
     if len(text) > MESSAGE_LIMIT:
         text = text[:MESSAGE_LIMIT] + "…"
     return text

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aiservice import metrics
 from aiservice.models import Job
-from aiservice.settings import mask_url
+from aiservice.settings import mask_url, url_secrets
 from worker import failure
 from worker.failure import JobFailure
 
@@ -92,7 +92,7 @@ class LLMHandler:
         self.model = model
         self.model_profiles: tuple[str, ...] = (model,)
         self._where = mask_url(base_url) or "the LLM server"
-        self._secrets = (api_key,)
+        self._secrets = (api_key, *url_secrets(base_url))
         self._timeout = timeout.total_seconds()
         # The service owns retries (backoff in SQL, Retry-After as a rescheduled run_at): none in the SDK.
         # Servers such as vLLM need no key, but the client insists on one.

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import aiohttp
 
-from aiservice.settings import format_duration
+from aiservice.settings import format_duration, redact
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +22,6 @@ def available(**data: object) -> Report:
 
 def unavailable(reason: str, **data: object) -> Report:
     return {"available": False, "reason": reason, **data}
-
-
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def describe(exc: BaseException, secrets: Sequence[str] = ()) -> str:
@@ -44,7 +38,7 @@ def describe(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc)
-    return scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, secrets)
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, secrets)
 
 
 async def guarded(

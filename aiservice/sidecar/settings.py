@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from aiservice.settings import SettingsError, format_duration, mask_url, parse_duration
+from aiservice.settings import SettingsError, format_duration, mask_url, parse_duration, url_secrets
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,7 @@ class SidecarSettings:
         """Strings that must never reach a response or a log: the token and URL passwords and queries."""
         found = [self.token] if self.token else []
         for url in (self.vllm_url, self.whisperx_url):
-            if not url:
-                continue
-            parts = urlsplit(url)
-            found.extend(s for s in (parts.password, parts.query) if s)
+            found.extend(url_secrets(url))
         return found
 
 
