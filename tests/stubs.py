@@ -130,6 +130,18 @@ def hang(stub: StubServer, label: str) -> Reply:
     return reply
 
 
+def first_then(first: Reply, then: Reply = echo) -> Reply:
+    """Answer the first request with ``first`` and every later one with ``then``."""
+    calls = 0
+
+    async def reply(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        return await (first if calls == 1 else then)(request, body)
+
+    return reply
+
+
 def drop_connection() -> Reply:
     async def reply(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         assert request.transport is not None

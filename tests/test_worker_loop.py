@@ -7,19 +7,17 @@ import asyncio
 import json
 import time
 from datetime import timedelta
-from typing import Any
 
 import aiohttp
 import asyncpg
 import stubs
-from aiohttp import web
 from conftest import JobFactory
 from prometheus_client.parser import text_string_to_metric_families
 from stubs import (
     API_KEY,
     OpenAIStub,
     WorkerFactory,
-    echo,
+    first_then,
     hang,
     slow,
     wait_for,
@@ -139,15 +137,7 @@ async def test_cancelling_a_running_job_aborts_the_provider_call(
 async def test_a_running_job_reset_elsewhere_is_stopped_and_run_again(
     store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, openai_stub: OpenAIStub
 ) -> None:
-    calls = 0
-    hang_first = hang(openai_stub, "first try")
-
-    async def first_hangs(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        nonlocal calls
-        calls += 1
-        return await (hang_first if calls == 1 else echo)(request, body)
-
-    openai_stub.on("again", first_hangs)
+    openai_stub.on("again", first_then(hang(openai_stub, "first try")))
     worker = await worker_factory(worker_poll_interval=timedelta(seconds=30))
     job = await job_factory(input={"user": "again"})
     await wait_for_status(store, job.id, "running")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_async.aio.web import server_stats
 
 from aiservice import errors, metrics
 from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, Handler, reply
 from aiservice.api.openapi import openapi_document
+from aiservice.auth import bearer_middleware
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
@@ -77,29 +79,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(errors.ServiceError("internal error"))
 
 
-def auth_middleware(token: str) -> web.middleware:  # type: ignore[valid-type]
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise errors.Unauthorized("missing or wrong bearer token")
-        return await handler(request)
-
-    return check_token
-
-
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
 def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
     """Build the API. Without ``store`` it opens its own pool (and migrates) on startup."""
-    middlewares = [metrics_middleware, error_middleware]
+    middlewares: list[Middleware] = [metrics_middleware, error_middleware]
     if settings.service_token:
-        middlewares.append(auth_middleware(settings.service_token))
+        refuse = partial(error_response, errors.Unauthorized("missing or wrong bearer token"))
+        middlewares.append(bearer_middleware(settings.service_token, PUBLIC_PATHS, refuse))
     app = web.Application(middlewares=middlewares, client_max_size=settings.http_max_body_bytes)
     app[SETTINGS] = settings
     for route in ROUTES:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
+from aiservice.auth import bearer_middleware
 from aiservice.sidecar.collector import Collector
 from aiservice.sidecar.settings import SidecarSettings
 
@@ -21,22 +20,12 @@ COLLECTOR = web.AppKey("sidecar_collector", Collector)
 PUBLIC_PATHS = frozenset({"/healthz"})
 
 
-def auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": {"code": "unauthorized", "message": "missing or wrong bearer token"}},
-                    status=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await handler(request)
-
-    return check_token
+def refuse() -> web.Response:
+    return web.json_response(
+        {"error": {"code": "unauthorized", "message": "missing or wrong bearer token"}},
+        status=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -51,7 +40,7 @@ async def status(request: web.Request) -> web.Response:
 
 def create_app(settings: SidecarSettings, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
     """Build the sidecar. ``clock`` times the scrapes behind token rates (tests pass their own)."""
-    middlewares = [auth_middleware(settings.token)] if settings.token else []
+    middlewares = [bearer_middleware(settings.token, PUBLIC_PATHS, refuse)] if settings.token else []
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app.router.add_get("/healthz", healthz)
