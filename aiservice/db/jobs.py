@@ -159,6 +159,23 @@ class JobStore:
         args = {"p_id": job_id, "p_worker_id": worker_id, "p_result": result, "p_lease_token": lease_token}
         return await self._one("complete_job", args)
 
+    async def complete_many(
+        self, outcomes: Iterable[tuple[int, UUID | None, dict[str, Any]]], worker_id: str
+    ) -> dict[int, str]:
+        """Complete many running jobs of ``worker_id`` in one transaction (aiservice.complete_jobs).
+
+        ``outcomes`` holds (job id, lease token or None, result). Returns each id's outcome:
+        "completed", "lease_lost" or "not_found"; fencing is per job, as in ``complete``."""
+        ids: list[int] = []
+        tokens: list[UUID | None] = []
+        results: list[dict[str, Any]] = []
+        for job_id, token, result in outcomes:
+            ids.append(job_id)
+            tokens.append(token)
+            results.append(result)
+        args = {"p_worker_id": worker_id, "p_ids": ids, "p_results": results, "p_lease_tokens": tokens}
+        return {int(r["id"]): str(r["outcome"]) for r in await self._fetch("complete_jobs", args)}
+
     async def fail(
         self,
         job_id: int,

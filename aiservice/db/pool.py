@@ -19,6 +19,14 @@ async def init_connection(conn: asyncpg.Connection[Any]) -> None:
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """Pool release without asyncpg's reset query (a whole round trip per call otherwise).
+
+    Pooled connections carry no session state to clear: each call is one statement of the SQL
+    API, nothing on them LISTENs or SETs, and migrate() releases its advisory lock in a finally.
+    asyncpg still rolls back a transaction left open before this runs."""
+
+
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection[Any]:
     conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **kwargs)
     await init_connection(conn)
@@ -42,6 +50,7 @@ async def create_pool(
                 min_size=1,
                 max_size=max_size,
                 init=init_connection,
+                reset=keep_session,
                 server_settings={"application_name": application_name},
             )
             assert pool is not None
