@@ -237,7 +237,7 @@ class Throughput(BaseModel):
 
 
 class Latency(BaseModel):
-    """Percentiles over the newest jobs (at most 20,000) finished within the window."""
+    """Percentiles over the newest jobs (at most 5,000) finished within the window."""
 
     task_type: str
     count: int

@@ -61,6 +61,8 @@ CONSTRAINT jobs_idempotency_key_check ON aiservice.jobs CHECK (((length(idempote
 
 CONSTRAINT jobs_lease_check ON aiservice.jobs CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL))));
 
+CONSTRAINT jobs_lease_finite_check ON aiservice.jobs CHECK (isfinite(lease_expires_at));
+
 CONSTRAINT jobs_max_attempts_check ON aiservice.jobs CHECK (((max_attempts >= 1) AND (max_attempts <= 100)));
 
 CONSTRAINT jobs_model_profile_check ON aiservice.jobs CHECK (((length(model_profile) >= 1) AND (length(model_profile) <= 200)));
@@ -72,6 +74,8 @@ CONSTRAINT jobs_owner_service_check ON aiservice.jobs CHECK (((length(owner_serv
 CONSTRAINT jobs_pkey ON aiservice.jobs PRIMARY KEY (id);
 
 CONSTRAINT jobs_priority_check ON aiservice.jobs CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
+
+CONSTRAINT jobs_run_at_finite_check ON aiservice.jobs CHECK (isfinite(run_at));
 
 CONSTRAINT jobs_task_type_check ON aiservice.jobs CHECK (((length(task_type) >= 1) AND (length(task_type) <= 200)));
 
@@ -96,6 +100,8 @@ CREATE INDEX jobs_owner_idx ON aiservice.jobs USING btree (owner_service, owner_
 CREATE UNIQUE INDEX jobs_pkey ON aiservice.jobs USING btree (id);
 
 CREATE INDEX jobs_task_idx ON aiservice.jobs USING btree (task_type, model_profile, id);
+
+CREATE INDEX jobs_unhappy_idx ON aiservice.jobs USING btree (status, id) WHERE (status = ANY (ARRAY['failed'::aiservice.job_status, 'cancelled'::aiservice.job_status]));
 
 CREATE UNIQUE INDEX migrations_pkey ON aiservice.migrations USING btree (name);
 
@@ -248,6 +254,66 @@ BEGIN
     WHERE id = p_id
     RETURNING * INTO v_job;
     RETURN v_job;
+END;
+$function$;
+
+CREATE OR REPLACE FUNCTION aiservice.complete_jobs(p_worker_id text, p_ids bigint[], p_results jsonb[], p_lease_tokens uuid[] DEFAULT NULL::uuid[])
+ RETURNS TABLE(id bigint, outcome text)
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_n integer := cardinality(p_ids);
+BEGIN
+    IF p_worker_id IS NULL THEN
+        RAISE EXCEPTION 'worker_id is required' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_ids IS NULL OR p_results IS NULL OR cardinality(p_results) <> v_n
+       OR (p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) <> v_n) THEN
+        RAISE EXCEPTION 'ids, results and lease_tokens must be arrays of one length' USING ERRCODE = 'AS422';
+    END IF;
+    IF v_n > 1000 THEN
+        RAISE EXCEPTION 'at most 1000 jobs per call' USING ERRCODE = 'AS422';
+    END IF;
+    IF array_position(p_ids, NULL) IS NOT NULL
+       OR (SELECT count(DISTINCT u) FROM unnest(p_ids) u) <> v_n THEN
+        RAISE EXCEPTION 'ids must be distinct and not null' USING ERRCODE = 'AS422';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_results) r WHERE r IS NULL OR jsonb_typeof(r) <> 'object') THEN
+        RAISE EXCEPTION 'every result must be a JSON object' USING ERRCODE = 'AS422';
+    END IF;
+
+    -- Rows locked in id order, like every other multi-row writer: no deadlocks between batches.
+    PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE;
+
+    RETURN QUERY
+    WITH input AS (
+        SELECT u.id, u.result, u.lease_token, u.ord
+        FROM unnest(p_ids, p_results, coalesce(p_lease_tokens, array_fill(NULL::uuid, ARRAY[v_n])))
+             WITH ORDINALITY AS u(id, result, lease_token, ord)
+    ),
+    done AS (
+        UPDATE aiservice.jobs j
+        SET status = 'completed',
+            result = i.result,
+            error_category = NULL,
+            error_message = NULL,
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            finished_at = now(),
+            updated_at = now()
+        FROM input i
+        WHERE j.id = i.id
+          AND j.status = 'running'
+          AND j.worker_id = p_worker_id
+          AND (i.lease_token IS NULL OR j.lease_token = i.lease_token)
+        RETURNING j.id
+    )
+    SELECT i.id,
+           CASE WHEN d.id IS NOT NULL THEN 'completed'
+                WHEN EXISTS (SELECT 1 FROM aiservice.jobs x WHERE x.id = i.id) THEN 'lease_lost'
+                ELSE 'not_found' END
+    FROM input i LEFT JOIN done d ON d.id = i.id
+    ORDER BY i.ord;
 END;
 $function$;
 
@@ -513,22 +579,30 @@ $function$;
 
 CREATE OR REPLACE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_ids bigint[] DEFAULT NULL::bigint[], p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50)
  RETURNS SETOF aiservice.jobs
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
 AS $function$
-    SELECT *
-    FROM aiservice.jobs
-    WHERE (p_owner_service IS NULL OR owner_service = p_owner_service)
-      AND (p_owner_ref IS NULL OR owner_ref = p_owner_ref)
-      AND (p_task_type IS NULL OR task_type = p_task_type)
-      AND (p_model_profile IS NULL OR model_profile = p_model_profile)
-      AND (p_statuses IS NULL OR status = ANY (p_statuses))
-      AND (p_created_after IS NULL OR created_at >= p_created_after)
-      AND (p_created_before IS NULL OR created_at < p_created_before)
-      AND (p_ids IS NULL OR id = ANY (p_ids))
-      AND (p_before_id IS NULL OR id < p_before_id)
-    ORDER BY id DESC
-    LIMIT p_limit;
+DECLARE
+    v_sql text := 'SELECT * FROM aiservice.jobs WHERE true';
+BEGIN
+    IF p_limit < 0 THEN
+        RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
+    END IF;
+    -- Only the filters given become predicates; values stay parameters ($1..$10).
+    IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
+    IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
+    IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
+    IF p_model_profile IS NOT NULL THEN v_sql := v_sql || ' AND model_profile = $4'; END IF;
+    IF p_statuses IS NOT NULL THEN v_sql := v_sql || ' AND status = ANY ($5)'; END IF;
+    IF p_created_after IS NOT NULL THEN v_sql := v_sql || ' AND created_at >= $6'; END IF;
+    IF p_created_before IS NOT NULL THEN v_sql := v_sql || ' AND created_at < $7'; END IF;
+    IF p_ids IS NOT NULL THEN v_sql := v_sql || ' AND id = ANY ($8)'; END IF;
+    IF p_before_id IS NOT NULL THEN v_sql := v_sql || ' AND id < $9'; END IF;
+    v_sql := v_sql || ' ORDER BY id DESC LIMIT $10';
+    RETURN QUERY EXECUTE v_sql
+        USING p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_statuses,
+              p_created_after, p_created_before, p_ids, p_before_id, p_limit;
+END;
 $function$;
 
 CREATE OR REPLACE FUNCTION aiservice.lock_running(p_id bigint, p_worker_id text, p_lease_token uuid)
@@ -689,12 +763,12 @@ AS $function$
               WHERE minute >= now() - interval '1 day') f
     ),
     recent AS (
-        -- Percentiles from the newest finished jobs in the window (at most 20,000).
+        -- Percentiles from the newest finished jobs in the window (at most 5,000).
         SELECT task_type, started_at - created_at AS wait, finished_at - started_at AS run
         FROM aiservice.jobs
         WHERE finished_at >= now() - p_window AND finished_at IS NOT NULL AND started_at IS NOT NULL
         ORDER BY finished_at DESC
-        LIMIT 20000
+        LIMIT 5000
     ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age

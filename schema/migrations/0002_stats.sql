@@ -153,12 +153,12 @@ AS $$
               WHERE minute >= now() - interval '1 day') f
     ),
     recent AS (
-        -- Percentiles from the newest finished jobs in the window (at most 20,000).
+        -- Percentiles from the newest finished jobs in the window (at most 5,000).
         SELECT task_type, started_at - created_at AS wait, finished_at - started_at AS run
         FROM aiservice.jobs
         WHERE finished_at >= now() - p_window AND finished_at IS NOT NULL AND started_at IS NOT NULL
         ORDER BY finished_at DESC
-        LIMIT 20000
+        LIMIT 5000
     ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age
