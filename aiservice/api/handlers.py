@@ -46,9 +46,9 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def validation_error(exc: ValidationError) -> errors.InvalidArgument:
+def validation_error(exc: ValidationError, within: tuple[str, ...] = ()) -> errors.InvalidArgument:
     details = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        {"loc": [*within, *e["loc"]], "msg": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -118,7 +118,7 @@ async def create_batch(request: web.Request) -> web.Response:
     try:
         specs = batch.merged()
     except ValidationError as exc:
-        raise validation_error(exc) from exc
+        raise validation_error(exc, within=("jobs",)) from exc
     created = await store(request).create_many(specs)
     metrics.count_created(job for job, new in created if new)
     return reply(Jobs(jobs=[job for job, _ in created]), 201)

@@ -14,7 +14,7 @@ from uuid import UUID
 import asyncpg
 
 from aiservice import errors
-from aiservice.models import FilterAction, Job, JobCreate, JobFilter, JobStatus, Stats
+from aiservice.models import JOB_CREATES, JOB_LIST, FilterAction, Job, JobCreate, JobFilter, JobStatus, Stats
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ async def translate_errors() -> AsyncIterator[None]:
 
 def _job(record: asyncpg.Record) -> Job:
     return Job.model_validate(dict(record.items()))
+
+
+def _jobs(records: list[asyncpg.Record]) -> list[Job]:
+    return JOB_LIST.validate_python([dict(r.items()) for r in records])
 
 
 def _filter_args(f: JobFilter) -> dict[str, Any]:
@@ -111,16 +115,16 @@ class JobStore:
         return _job(row), bool(created)
 
     async def create_many(self, specs: Iterable[JobCreate]) -> list[tuple[Job, bool]]:
-        docs = [s.model_dump(mode="json", exclude_none=True) for s in specs]
+        docs = JOB_CREATES.dump_python(list(specs), mode="json", exclude_none=True)
         rows = await self._fetch("create_jobs", {"p_jobs": docs}, _JOB_AND_CREATED)
-        return [(_job(r), bool(r["created"])) for r in rows]
+        return list(zip(_jobs(rows), (bool(r["created"]) for r in rows), strict=True))
 
     async def get(self, job_id: int) -> Job:
         return await self._one("get_job", {"p_id": job_id})
 
     async def find(self, f: JobFilter, *, before_id: int | None, limit: int) -> list[Job]:
         args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit}
-        return [_job(r) for r in await self._fetch("list_jobs", args)]
+        return _jobs(await self._fetch("list_jobs", args))
 
     async def claim(
         self,
@@ -138,7 +142,7 @@ class JobStore:
             "p_model_profiles": model_profiles,
             "p_lease_timeout": lease_timeout,
         }
-        return [_job(r) for r in await self._fetch("claim_jobs", args)]
+        return _jobs(await self._fetch("claim_jobs", args))
 
     async def heartbeat(
         self, job_id: int, worker_id: str, *, lease_timeout: timedelta, lease_token: UUID | None = None
@@ -218,7 +222,7 @@ class JobStore:
         return sorted(int(r[0]) for r in await self._fetch(function, args))
 
     async def expire_leases(self) -> list[Job]:
-        return [_job(r) for r in await self._fetch("expire_leases", {})]
+        return _jobs(await self._fetch("expire_leases", {}))
 
     async def stats(self, window: timedelta = timedelta(hours=1)) -> Stats:
         (row,) = await self._fetch("stats", {"p_window": window})
