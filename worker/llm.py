@@ -120,6 +120,12 @@ class LLMHandler:
             raise self._status_failure(exc) from exc
         except openai.OpenAIError as exc:
             raise JobFailure("provider_error", self._text(exc), retryable=True) from exc
+        except ValueError as exc:
+            # A success status with a body that is not JSON (a proxy page, bytes): the SDK lets the
+            # decoder's JSONDecodeError or UnicodeDecodeError through. The provider is at fault, not us.
+            raise JobFailure(
+                "provider_error", f"{self._where} answered with a body that is not JSON", retryable=True
+            ) from exc
         else:
             outcome = "ok"
         finally:

@@ -1,0 +1,220 @@
+"""A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+
+Each function is called with what a careless or hostile caller might pass: NULLs, negative or
+infinite values, bad categories, wrong or missing lease tokens, fields that are not arguments.
+Every call is refused with a documented SQLSTATE (AS404/AS409/AS410/AS422, or a check violation,
+which the API answers 422 as well), and afterwards every job is exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from aiservice.db.pool import connect
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+CHECK = "23514"
+NOT_NULL = "23502"
+
+
+@pytest.fixture
+async def conn(database_url: str) -> Any:
+    c = await connect(database_url)
+    yield c
+    await c.close()
+
+
+async def snapshot(conn: Conn) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch("SELECT * FROM aiservice.jobs ORDER BY id")]
+
+
+async def running_job(conn: Conn) -> asyncpg.Record:
+    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'running', 'guard_t', 'm')"))
+    rows = await conn.fetch("SELECT * FROM aiservice.claim_jobs('w1', 1, ARRAY['guard_t'])")
+    job: asyncpg.Record = rows[0]
+    return job
+
+
+def q(sql: str) -> str:
+    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
+    if sql.startswith("SELECT * FROM aiservice.create_job"):
+        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
+    return sql
+
+
+async def refused(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await conn.fetch(q(sql), *args)
+    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
+
+
+async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_nothing(conn: Conn) -> None:
+    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'done', 'other', 'm')"))
+    (finished,) = await conn.fetch("SELECT * FROM aiservice.claim_jobs('w0', 1, ARRAY['other'])")
+    await conn.fetch(
+        "SELECT * FROM aiservice.complete_job($1, 'w0', '{}'::jsonb, $2)", finished["id"], finished["lease_token"]
+    )
+    job = await running_job(conn)
+    jid, token = job["id"], job["lease_token"]
+    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'pending', 'guard_p', 'm')"))
+    before = await snapshot(conn)
+
+    cases: list[tuple[str, str, tuple[Any, ...]]] = [
+        # create_job: required fields, bounds, input shape, times.
+        (NOT_NULL, "SELECT * FROM aiservice.create_job(NULL, 'r', 't', 'm')", ()),
+        (NOT_NULL, "SELECT * FROM aiservice.create_job('s', NULL, 't', 'm')", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('', 'r', 't', 'm')", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', repeat('t', 201), 'm')", ()),
+        ("AS422", "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '[1]')", ()),
+        ("AS422", "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '\"text\"')", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', -1001)", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 1001)", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, NULL, 0)", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, NULL, -3)", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, NULL, 101)", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, 'infinity')", ()),
+        (CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, NULL, 3, '')", ()),
+        # create_jobs: shapes, and all-or-nothing when one job is bad.
+        ("AS422", "SELECT * FROM aiservice.create_jobs(NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.create_jobs('{}')", ()),
+        ("AS422", "SELECT * FROM aiservice.create_jobs('[1]')", ()),
+        ("AS422", "SELECT * FROM aiservice.create_jobs('[]', NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.create_jobs('[{\"input\": [1]}]')", ()),
+        (
+            CHECK,
+            'SELECT * FROM aiservice.create_jobs(\'[{"owner_ref": "a"}, {"owner_ref": "b", "priority": 5000}]\','
+            ' \'{"owner_service": "s", "task_type": "t", "model_profile": "m"}\')',
+            (),
+        ),
+        (
+            CHECK,
+            'SELECT * FROM aiservice.create_jobs(\'[{"run_at": "-infinity"}]\','
+            ' \'{"owner_service": "s", "owner_ref": "r", "task_type": "t", "model_profile": "m"}\')',
+            (),
+        ),
+        (NOT_NULL, 'SELECT * FROM aiservice.create_jobs(\'[{"owner_ref": "a"}]\')', ()),
+        # claim_jobs: worker id, limit, lease.
+        ("AS422", "SELECT * FROM aiservice.claim_jobs(NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('')", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs(repeat('w', 201))", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', 0)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', -5)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1001)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, interval '-1 second')", ()),
+        ("AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, interval '0')", ()),
+        # The running job: wrong worker, wrong or made-up token, NULLs.
+        ("AS410", "SELECT * FROM aiservice.complete_job($1, 'intruder', '{}')", (jid,)),
+        ("AS410", "SELECT * FROM aiservice.complete_job($1, NULL, '{}')", (jid,)),
+        ("AS410", "SELECT * FROM aiservice.complete_job($1, 'w1', '{}', $2)", (jid, uuid4())),
+        ("AS422", "SELECT * FROM aiservice.complete_job($1, 'w1', NULL, $2)", (jid, token)),
+        ("AS422", "SELECT * FROM aiservice.complete_job($1, 'w1', '[]', $2)", (jid, token)),
+        ("AS422", "SELECT * FROM aiservice.complete_job($1, 'w1', '\"done\"', $2)", (jid, token)),
+        ("AS404", "SELECT * FROM aiservice.complete_job(NULL, 'w1', '{}')", ()),
+        ("AS404", "SELECT * FROM aiservice.complete_job(-1, 'w1', '{}')", ()),
+        (
+            "AS410",
+            "SELECT * FROM aiservice.complete_job($1, 'w0', '{\"again\": 1}', $2)",
+            (finished["id"], finished["lease_token"]),
+        ),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', NULL)", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', '')", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'Timeout')", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'x''; DROP TABLE aiservice.jobs; --')", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', repeat('a', 65))", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, interval '-1 second')", (jid,)),
+        ("AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, interval '8 days')", (jid,)),
+        ("AS410", "SELECT * FROM aiservice.fail_job($1, 'intruder', 'timeout')", (jid,)),
+        ("AS410", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, NULL, $2)", (jid, uuid4())),
+        ("AS422", "SELECT aiservice.heartbeat_job($1, 'w1', NULL)", (jid,)),
+        ("AS422", "SELECT aiservice.heartbeat_job($1, 'w1', interval '-1 minute')", (jid,)),
+        ("AS410", "SELECT aiservice.heartbeat_job($1, 'intruder')", (jid,)),
+        ("AS410", "SELECT aiservice.heartbeat_job($1, 'w1', interval '1 minute', $2)", (jid, uuid4())),
+        ("AS410", "SELECT * FROM aiservice.release_job($1, 'intruder')", (jid,)),
+        ("AS410", "SELECT * FROM aiservice.release_job($1, 'w1', $2)", (jid, uuid4())),
+        ("AS404", "SELECT * FROM aiservice.release_job(NULL, 'w1')", ()),
+        # Bulk actions need a filter; the status narrowing is checked.
+        ("AS422", "SELECT * FROM aiservice.cancel_jobs()", ()),
+        ("AS422", "SELECT * FROM aiservice.cancel_jobs(p_all => NULL)", ()),
+        ("AS422", "SELECT * FROM aiservice.cancel_jobs(p_statuses => '{completed}')", ()),
+        ("AS422", "SELECT * FROM aiservice.retry_jobs()", ()),
+        ("AS422", "SELECT * FROM aiservice.retry_jobs(p_statuses => '{pending,completed}')", ()),
+        ("AS409", "SELECT * FROM aiservice.cancel_job($1)", (finished["id"],)),
+        ("AS409", "SELECT * FROM aiservice.retry_job($1)", (finished["id"],)),
+        ("AS404", "SELECT * FROM aiservice.cancel_job(NULL)", ()),
+        ("AS404", "SELECT * FROM aiservice.retry_job(9223372036854775807)", ()),
+        ("AS404", "SELECT * FROM aiservice.get_job(NULL)", ()),
+        # Reading with a negative limit is refused (never "no limit").
+        ("AS422", "SELECT * FROM aiservice.list_jobs(p_limit => -1)", ()),
+        # Enum and type checks on the way in.
+        ("22P02", "SELECT * FROM aiservice.list_jobs(p_statuses => '{bogus}')", ()),
+        ("22P02", "SELECT * FROM aiservice.cancel_jobs(p_statuses => '{bogus}')", ()),
+    ]
+    for sqlstate, sql, args in cases:
+        await refused(conn, sqlstate, sql, *args)
+    assert await snapshot(conn) == before
+    # What is refused inside a batch leaves no row behind.
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == len(before)
+
+
+async def test_infinite_leases_are_refused(conn: Conn) -> None:
+    """PostgreSQL 17+ has infinite intervals: a lease that never expires would hold a job forever."""
+    if await conn.fetchval("SHOW server_version_num") < "170000":
+        # Older servers reject 'infinity' as an interval before any function runs.
+        await refused(conn, "22007", "SELECT interval 'infinity'")
+        return
+    job = await running_job(conn)
+    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'next', 'guard_t', 'm')"))
+    before = await snapshot(conn)
+    await refused(conn, CHECK, "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
+    await refused(conn, CHECK, "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
+    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
+    await refused(
+        conn, "AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, 'infinity')", job["id"]
+    )
+    assert await snapshot(conn) == before
+
+
+async def test_fields_that_are_not_arguments_cannot_be_smuggled_in(conn: Conn) -> None:
+    """create_jobs reads only its documented fields: status, attempts, leases and results are the lifecycle's."""
+    doc = {
+        "owner_service": "s",
+        "owner_ref": "r",
+        "task_type": "t",
+        "model_profile": "m",
+        "status": "completed",
+        "attempts": 99,
+        "worker_id": "intruder",
+        "lease_token": str(uuid4()),
+        "lease_expires_at": "2999-01-01T00:00:00Z",
+        "result": {"forged": True},
+        "id": 1,
+        "created_at": "2000-01-01T00:00:00Z",
+    }
+    (row,) = await conn.fetch("SELECT (r.job).* FROM aiservice.create_jobs($1::jsonb) r", [doc])
+    assert (row["status"], row["attempts"], row["worker_id"], row["lease_token"], row["result"]) == (
+        "pending",
+        0,
+        None,
+        None,
+        None,
+    )
+    assert row["created_at"].year > 2000
+    # And the stats still work with every job there is.
+    assert await conn.fetchval("SELECT aiservice.stats() IS NOT NULL")
+
+
+async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
+    """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
+    await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
+    await conn.fetch(q("SELECT * FROM aiservice.create_job('s', 'r', 't', 'm')"))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute("UPDATE aiservice.jobs SET run_at = '-infinity'")  # even a direct UPDATE
+    stats = await conn.fetchval("SELECT aiservice.stats()")
+    assert stats["oldest_pending_age_seconds"] is not None
