@@ -113,6 +113,8 @@ class Settings:
     # Beyond the spec: operational knobs with safe defaults.
     http_max_body_bytes: int = 16 * 1024 * 1024
     maintenance_interval: timedelta = timedelta(seconds=5)
+    # Finished jobs older than this are deleted by the API's maintenance loop; "0" keeps them forever.
+    job_retention: timedelta | None = timedelta(days=30)
     # Kubernetes sends SIGKILL 30 s after SIGTERM by default; jobs still running are handed back before.
     worker_shutdown_grace: timedelta = timedelta(seconds=25)
     whisperx_timeout: timedelta = timedelta(minutes=30)
@@ -191,7 +193,9 @@ def _convert(name: str, raw: str) -> object:
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError(f"{raw!r} is not a boolean (true/false)")
-    if kind == "timedelta":
+    if name == "job_retention" and raw.strip() == "0":
+        return None
+    if kind in ("timedelta", "timedelta | None"):
         value = parse_duration(raw)
         if value <= timedelta(0):
             raise ValueError(f"{raw!r} must be longer than zero")

@@ -9,7 +9,7 @@ recovered after the long transaction ended.
 The DSN names a server where the script may create (and at the end drop, unless --keep) its own
 database, aiservice_soak. Load goes only where the DSN points: use 127.0.0.1. With --embedded the
 script starts its own embedded PostgreSQL in a temporary directory instead (stock settings,
-autovacuum on), which is what the figures in the closing notes were taken on.
+autovacuum on).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from aiservice.db.pool import create_pool
 from aiservice.infra import InfraStatus
 from aiservice.models import ErrorBody
 from aiservice.providers import ProviderStatus
-from aiservice.settings import Settings
+from aiservice.settings import Settings, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _maintenance(app: web.Application) -> AsyncIterator[None]:
-    """Expire leases even when no worker is claiming, so no job stays running forever,
-    and fold the statistics counters."""
+    """Expire leases even when no worker is claiming, so no job stays running forever; delete
+    jobs past JOB_RETENTION; fold the statistics counters."""
     interval = app[SETTINGS].maintenance_interval.total_seconds()
+    retention = app[SETTINGS].job_retention
     store = app[STORE]
 
     async def loop() -> None:
@@ -134,6 +135,8 @@ async def _maintenance(app: web.Application) -> AsyncIterator[None]:
                 expired = await store.expire_leases()
                 if expired:
                     log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
+                if retention is not None and (purged := await store.purge(retention)):
+                    log.info("deleted %d jobs finished more than %s ago", purged, format_duration(retention))
                 await store.compact_counts()
                 metrics.refresh_queue(await store.stats())
             except errors.DatabaseUnavailable:

@@ -228,6 +228,10 @@ class JobStore:
         (row,) = await self._fetch("stats", {"p_window": window})
         return Stats.model_validate(row[0])
 
+    async def purge(self, older_than: timedelta, limit: int = 10_000) -> int:
+        (row,) = await self._fetch("purge_jobs", {"p_older_than": older_than, "p_limit": limit})
+        return int(row[0])
+
     async def compact_counts(self) -> int:
         (row,) = await self._fetch("compact_counts", {})
         return int(row[0])

@@ -1,0 +1,93 @@
+"""Retention: finished jobs past JOB_RETENTION are deleted, nothing else is."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+from conftest import ClientFactory, JobFactory
+from stubs import wait_for
+
+from aiservice import errors
+from aiservice.db.jobs import JobStore
+from aiservice.settings import Settings
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+
+
+async def finished_days_ago(conn: Conn, job_id: int, days: int) -> None:
+    await conn.execute(
+        "UPDATE aiservice.jobs SET finished_at = now() - make_interval(days => $2) WHERE id = $1", job_id, days
+    )
+
+
+async def fleet(store: JobStore, job_factory: JobFactory, conn: Conn) -> dict[str, int]:
+    """One job in each state that matters, the finished ones 40 days old unless named recent."""
+    ids = {
+        name: (await job_factory(owner_ref=name)).id
+        for name in ("done", "failed", "cancelled", "recent", "pending", "running")
+    }
+    claimed = {j.id for j in await store.claim("w", 10, lease_timeout=timedelta(minutes=5))}
+    assert claimed == set(ids.values())
+    await store.complete(ids["done"], "w", {"ok": True})
+    await store.complete(ids["recent"], "w", {"ok": True})
+    await store.fail(ids["failed"], "w", "invalid_input", "bad", retryable=False)
+    await store.cancel(ids["cancelled"])
+    await store.release(ids["pending"], "w")
+    for name in ("done", "failed", "cancelled"):
+        await finished_days_ago(conn, ids[name], 40)
+    await finished_days_ago(conn, ids["recent"], 2)
+    return ids
+
+
+async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory: JobFactory, conn: Conn) -> None:
+    ids = await fleet(store, job_factory, conn)
+    assert await store.purge(timedelta(days=30), limit=2) == 2  # oldest first, bounded per call
+    assert await store.purge(timedelta(days=30)) == 1
+    assert await store.purge(timedelta(days=30)) == 0
+    left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.jobs")}
+    assert left == {"recent", "pending", "running"}
+    for name in ("done", "failed", "cancelled"):
+        with pytest.raises(errors.JobNotFound):
+            await store.get(ids[name])
+    stats = await store.stats()
+    assert {(s.status.value, s.count) for s in stats.by_status} == {("completed", 1), ("pending", 1), ("running", 1)}
+
+
+@pytest.mark.parametrize(
+    ("older_than", "limit"), [(timedelta(0), 10), (timedelta(days=-1), 10), (timedelta(days=1), 0)]
+)
+async def test_purge_refuses_bad_arguments(store: JobStore, older_than: timedelta, limit: int) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        await store.purge(older_than, limit=limit)
+
+
+def test_retention_setting() -> None:
+    assert Settings.from_env({}).job_retention == timedelta(days=30)
+    assert Settings.from_env({"JOB_RETENTION": "168h"}).job_retention == timedelta(days=7)
+    assert Settings.from_env({"JOB_RETENTION": "0"}).job_retention is None
+
+
+async def test_the_api_maintenance_loop_applies_retention(
+    api_factory: ClientFactory, store: JobStore, job_factory: JobFactory, conn: Conn
+) -> None:
+    ids = await fleet(store, job_factory, conn)
+    await api_factory(maintenance_interval=timedelta(milliseconds=50), job_retention=timedelta(days=30))
+
+    async def purged() -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 3)
+
+    await wait_for(purged, what="the maintenance loop to delete the old jobs")
+    assert (await store.get(ids["recent"])).status == "completed"
+
+
+async def test_retention_off_keeps_everything(
+    api_factory: ClientFactory, store: JobStore, job_factory: JobFactory, conn: Conn
+) -> None:
+    await fleet(store, job_factory, conn)
+    await api_factory(maintenance_interval=timedelta(milliseconds=50), job_retention=None)
+    await asyncio.sleep(0.5)  # ten maintenance rounds
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 6
