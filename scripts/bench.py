@@ -4,7 +4,7 @@ Run from a fresh clone (it installs the ``bench`` extra, which holds pgqueuer, i
 
     python3 scripts/bench.py                 # default: a few minutes on a 2-core machine
     python3 scripts/bench.py --quick         # smaller sizes, one measured run each (smoke test)
-    python3 scripts/bench.py --full          # the sizes everywhere, 5 measured runs
+    python3 scripts/bench.py --full          # full sizes everywhere, 5 measured runs
     python3 scripts/bench.py --dsn postgresql://postgres@127.0.0.1/postgres   # or AISERVICE_BENCH_DATABASE_URL
     python3 scripts/bench.py --only drain,pickup --out my-results.json
 
