@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,12 +22,11 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from stubs import start_worker_process
 
 from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect
 from aiservice.models import JobCreate, JobStatus
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A row trigger that records every change of a job (test databases only).
 AUDIT_SQL = """
@@ -169,14 +167,7 @@ def spawn_workers() -> Iterator[Callable[..., WorkerProcess]]:
                 "LOG_LEVEL": "INFO",
                 **env,
             }
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "aiservice.cli", "worker"],
-                    cwd=ROOT,
-                    env=environment,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            proc = start_worker_process(environment, log)
             worker = WorkerProcess(worker_id, proc, log)
             started.append(worker)
             return worker

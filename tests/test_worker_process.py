@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -23,14 +22,13 @@ from stubs import (
     echo,
     hang,
     slow,
+    start_worker_process,
     wait_for,
     wait_for_status,
 )
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Fixtures shared by the worker tests.
 openai_stub = stubs.openai_stub
@@ -77,14 +75,7 @@ def spawn_worker(database_url: str, openai_stub: OpenAIStub) -> Iterator[Spawn]:
                 "WORKER_POLL_INTERVAL": "200ms",
                 **env,
             }
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "aiservice.cli", "worker"],
-                    cwd=ROOT,
-                    env=environment,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            proc = start_worker_process(environment, log)
             worker = WorkerProcess(proc, log)
             started.append(worker)
             return worker
