@@ -9,6 +9,7 @@ from typing import Any
 import stubs
 from aiohttp import web
 from conftest import JobFactory
+from prometheus_client import REGISTRY
 from stubs import (
     AsrStub,
     WorkerFactory,
@@ -139,3 +140,22 @@ async def test_transcribe_jobs_wait_when_whisperx_is_not_configured(
 
     await wait_for_status(store, llm.id, "completed")
     assert (await store.get(job.id)).status == "pending"
+
+
+async def test_an_unreachable_server_is_retried_without_its_credentials_and_timed(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory
+) -> None:
+    # Port 9 on loopback: nothing listens there.
+    handler = WhisperXHandler(url="http://asr:wx-secret-pass@127.0.0.1:9", timeout=timedelta(seconds=5))
+    before = REGISTRY.get_sample_value(
+        "aiservice_provider_request_seconds_count", {"provider": "whisperx", "outcome": "error"}
+    )
+    job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(AUDIO).decode()))
+    await worker_factory(handlers=[handler])
+    done = await wait_for_outcome(store, job.id)
+    assert (done.status, done.error_category) == ("pending", "provider_unavailable")
+    assert done.error_message and "wx-secret-pass" not in done.error_message
+    after = REGISTRY.get_sample_value(
+        "aiservice_provider_request_seconds_count", {"provider": "whisperx", "outcome": "error"}
+    )
+    assert (after or 0) - (before or 0) == 1

@@ -6,8 +6,14 @@ import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from aiservice import settings
+from aiservice.models import Job
+
+M = TypeVar("M", bound=BaseModel)
 
 # The SQL function fail_job refuses longer delays.
 MAX_RETRY_AFTER = timedelta(days=7)
@@ -32,6 +38,16 @@ class JobFailure(Exception):
 
 def invalid_input(message: str) -> JobFailure:
     return JobFailure("invalid_input", message, retryable=False)
+
+
+def parse_input(model: type[M], job: Job) -> M:
+    """The job's input as ``model``; input the worker cannot use fails with invalid_input (not retried)."""
+    try:
+        return model.model_validate(job.input)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "input"
+        raise invalid_input(f"{where}: {first['msg']}") from exc
 
 
 def timeout(message: str) -> JobFailure:

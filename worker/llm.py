@@ -11,7 +11,7 @@ from typing import Any, Literal, cast
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aiservice import metrics
 from aiservice.models import Job
@@ -70,12 +70,7 @@ class ChatInput(BaseModel):
 
 
 def parse_input(job: Job) -> ChatInput:
-    try:
-        return ChatInput.model_validate(job.input)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        raise failure.invalid_input(f"{where}: {first['msg']}") from exc
+    return failure.parse_input(ChatInput, job)
 
 
 def parse_json(content: str) -> Any:

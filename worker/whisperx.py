@@ -16,10 +16,11 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from aiservice import metrics
 from aiservice.models import Job
-from aiservice.settings import mask_url
+from aiservice.settings import mask_url, url_secrets
 from worker import failure
 
 TASK_TYPE = "transcribe"
@@ -74,12 +75,7 @@ def _flag(value: bool) -> str:
 
 
 def parse_input(job: Job) -> TranscribeInput:
-    try:
-        return TranscribeInput.model_validate(job.input)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        raise failure.invalid_input(f"{where}: {first['msg']}") from exc
+    return failure.parse_input(TranscribeInput, job)
 
 
 def transcript(body: Any, spec: TranscribeInput) -> dict[str, Any]:
@@ -126,6 +122,7 @@ class WhisperXHandler:
     ) -> None:
         self._url = url.rstrip("/")
         self._where = mask_url(self._url) or "the WhisperX server"
+        self._secrets = url_secrets(self._url)
         self._timeout = timeout.total_seconds()
         self._download_timeout = download_timeout.total_seconds()
         self._max_audio_bytes = max_audio_bytes
@@ -140,13 +137,16 @@ class WhisperXHandler:
     async def run(self, job: Job) -> dict[str, Any]:
         spec = parse_input(job)
         audio, filename = await self._audio(spec)
+        started = time.monotonic()
+        outcome = "error"
         try:
-            started = time.monotonic()
             body = await self._transcribe(spec, audio, filename)
-            duration_ms = round((time.monotonic() - started) * 1000)
+            outcome = "ok"
         finally:
+            metrics.PROVIDER_SECONDS.labels("whisperx", outcome).observe(time.monotonic() - started)
             if not isinstance(audio, bytes):
                 audio.close()
+        duration_ms = round((time.monotonic() - started) * 1000)
         return transcript(body, spec) | {"duration_ms": duration_ms}
 
     async def _audio(self, spec: TranscribeInput) -> tuple[bytes | IO[bytes], str]:
@@ -206,11 +206,14 @@ class WhisperXHandler:
             ):
                 text = await resp.text(errors="replace")
                 if resp.status >= 400:
-                    raise failure.for_status(resp.status, failure.redact(text, ()), resp.headers, provider=self._where)
+                    raise failure.for_status(
+                        resp.status, failure.redact(text, self._secrets), resp.headers, provider=self._where
+                    )
         except TimeoutError as exc:
             raise failure.timeout(f"no answer from {self._where} within {self._timeout:g}s") from exc
         except aiohttp.ClientError as exc:
-            raise failure.unavailable(f"cannot reach {self._where}: {type(exc).__name__}: {exc}") from exc
+            detail = failure.redact(f"{type(exc).__name__}: {exc}", self._secrets)
+            raise failure.unavailable(f"cannot reach {self._where}: {detail}") from exc
         # whisper-asr-webservice labels its JSON text/plain; the body is parsed whatever the type.
         try:
             return json.loads(text)
