@@ -9,6 +9,7 @@ PostgreSQL comes from, in order:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import tempfile
@@ -138,22 +139,25 @@ def settings(database_url: str) -> Settings:
 
 
 JobFactory = Callable[..., Awaitable[Job]]
+_unique = itertools.count(1)
+
+
+def job_spec(**overrides: Any) -> dict[str, Any]:
+    """A valid create body with a fresh owner_ref; keyword arguments replace fields."""
+    n = next(_unique)
+    return {
+        "owner_service": "telephony",
+        "owner_ref": f"beeline/{n}",
+        "task_type": "llm_chat",
+        "model_profile": "qwen2.5-14b",
+        "input": {"user": f"hello {n}"},
+    } | overrides
 
 
 @pytest.fixture
 def job_factory(store: JobStore) -> JobFactory:
-    counter = iter(range(1, 10**9))
-
     async def make(**overrides: Any) -> Job:
-        n = next(counter)
-        spec: dict[str, Any] = {
-            "owner_service": "telephony",
-            "owner_ref": f"beeline/{n}",
-            "task_type": "llm_chat",
-            "model_profile": "qwen2.5-14b",
-            "input": {"user": f"hello {n}"},
-        } | overrides
-        job, _ = await store.create(JobCreate.model_validate(spec))
+        job, _ = await store.create(JobCreate.model_validate(job_spec(**overrides)))
         return job
 
     return make

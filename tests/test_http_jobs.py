@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import job_spec
 
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
@@ -50,17 +51,6 @@ JOB_COLUMNS = {
 _unique = itertools.count(1)
 
 
-def spec(**overrides: Any) -> dict[str, Any]:
-    n = next(_unique)
-    return {
-        "owner_service": "telephony",
-        "owner_ref": f"beeline/{n}",
-        "task_type": "llm_chat",
-        "model_profile": "qwen2.5-14b",
-        "input": {"user": f"hello {n}"},
-    } | overrides
-
-
 def ts(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     assert parsed.tzinfo is not None, f"timestamp without offset: {value}"
@@ -90,7 +80,7 @@ async def refused(response: ClientResponse, status: int, code: str | None = None
 
 
 async def create(api: Client, **overrides: Any) -> dict[str, Any]:
-    job: dict[str, Any] = await ok(await api.post(f"{API}/jobs", json=spec(**overrides)), 201)
+    job: dict[str, Any] = await ok(await api.post(f"{API}/jobs", json=job_spec(**overrides)), 201)
     return job
 
 
@@ -143,7 +133,7 @@ async def count_jobs(api: Client) -> int:
 
 
 async def test_create_returns_201_and_the_job_with_every_column(api: Client) -> None:
-    body = spec(input={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    body = job_spec(input={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
     response = await api.post(f"{API}/jobs", json=body)
     job = await ok(response, 201)
 
@@ -177,9 +167,9 @@ async def test_create_takes_priority_run_at_max_attempts_and_idempotency_key(api
 
 
 async def test_repeated_idempotency_key_returns_the_existing_job_and_creates_nothing(api: Client) -> None:
-    first = await ok(await api.post(f"{API}/jobs", json=spec(idempotency_key="call-42")), 201)
+    first = await ok(await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42")), 201)
 
-    again = await api.post(f"{API}/jobs", json=spec(idempotency_key="call-42", input={"other": True}))
+    again = await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42", input={"other": True}))
     assert await ok(again, 200) == first
     assert await count_jobs(api) == 1
 
@@ -190,7 +180,7 @@ async def test_repeated_idempotency_key_returns_the_existing_job_and_creates_not
 
     # The existing job is returned whatever became of it.
     await api.post(f"{API}/jobs/{first['id']}/cancel")
-    repeat = await ok(await api.post(f"{API}/jobs", json=spec(idempotency_key="call-42")), 200)
+    repeat = await ok(await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42")), 200)
     assert repeat["id"] == first["id"]
     assert repeat["status"] == "cancelled"
     assert await count_jobs(api) == 2
@@ -268,7 +258,7 @@ async def test_list_filters_by_creation_time(api: Client, store: JobStore) -> No
 
 
 async def test_list_limit_defaults_to_50_and_is_capped(api: Client) -> None:
-    batch = {"defaults": spec(), "jobs": [{"owner_ref": f"r/{i}"} for i in range(60)]}
+    batch = {"defaults": job_spec(), "jobs": [{"owner_ref": f"r/{i}"} for i in range(60)]}
     created = (await ok(await api.post(f"{API}/jobs/batch", json=batch), 201))["jobs"]
     newest_first = sorted((j["id"] for j in created), reverse=True)
 
@@ -303,7 +293,7 @@ async def walk(api: Client, **params: Any) -> tuple[list[int], int]:
 
 
 async def test_keyset_pagination_walks_every_job_once(api: Client) -> None:
-    batch = {"defaults": spec(), "jobs": [{"owner_ref": f"r/{i}"} for i in range(25)]}
+    batch = {"defaults": job_spec(), "jobs": [{"owner_ref": f"r/{i}"} for i in range(25)]}
     created = (await ok(await api.post(f"{API}/jobs/batch", json=batch), 201))["jobs"]
     newest_first = sorted((j["id"] for j in created), reverse=True)
 
@@ -372,9 +362,9 @@ async def test_batch_merges_defaults_and_returns_201_with_the_jobs_in_order(api:
 async def test_batch_without_defaults_and_with_idempotency_keys(api: Client) -> None:
     existing = await create(api, owner_service="telephony", idempotency_key="k1")
     jobs = [
-        spec(owner_service="telephony", idempotency_key="k1"),
-        spec(owner_service="telephony", idempotency_key="k2"),
-        spec(owner_service="telephony", idempotency_key="k2"),
+        job_spec(owner_service="telephony", idempotency_key="k1"),
+        job_spec(owner_service="telephony", idempotency_key="k2"),
+        job_spec(owner_service="telephony", idempotency_key="k2"),
     ]
     reply = await ok(await api.post(f"{API}/jobs/batch", json={"jobs": jobs}), 201)
     first, second, third = reply["jobs"]
@@ -384,7 +374,7 @@ async def test_batch_without_defaults_and_with_idempotency_keys(api: Client) -> 
 
 
 async def test_batch_refuses_a_job_missing_a_field_after_defaults_and_creates_nothing(api: Client) -> None:
-    batch = {"defaults": {"owner_service": "telephony"}, "jobs": [spec(), {"owner_ref": "x", "task_type": "t"}]}
+    batch = {"defaults": {"owner_service": "telephony"}, "jobs": [job_spec(), {"owner_ref": "x", "task_type": "t"}]}
     error = await refused(await api.post(f"{API}/jobs/batch", json=batch), 422, "invalid_argument")
     assert "model_profile" in error["message"]
     await refused(await api.post(f"{API}/jobs/batch", json={"jobs": []}), 422, "invalid_argument")
@@ -875,7 +865,7 @@ async def test_readyz_is_503_when_the_database_was_dropped(
         for _ in range(2):  # the first call finds the dead connection, the second a fresh one refused
             assert await ok(await client.get("/readyz"), 503) == {"status": "database unavailable"}
             await refused(await client.get(f"{API}/jobs"), 503, "database_unavailable")
-            await refused(await client.post(f"{API}/jobs", json=spec()), 503, "database_unavailable")
+            await refused(await client.post(f"{API}/jobs", json=job_spec()), 503, "database_unavailable")
         assert await ok(await client.get("/healthz")) == {"status": "ok"}
     finally:
         await client.close()
