@@ -242,6 +242,16 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
             await poll(holds, within=10, what=f"{wid} to hold jobs", every=0.005)
             workers[wid].proc.kill()
             assert workers[wid].proc.wait(timeout=5) == -signal.SIGKILL
+
+            # A statement the worker sent just before dying still runs (and may complete a job):
+            # wait until PostgreSQL has ended every session of the dead worker.
+            async def sessions_gone(wid: str = wid) -> bool:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1", f"% {wid}"
+                )
+                return bool(n == 0)
+
+            await poll(sessions_gone, within=10, what=f"{wid}'s sessions to end")
         # Their leases are still held now: what they held is what the dead workers took with them.
         orphaned = set(await running_by("doomed-1")) | set(await running_by("doomed-2"))
         assert orphaned, "the killed workers held no job: the test proves nothing"
