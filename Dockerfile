@@ -1,13 +1,17 @@
-FROM python:3.11-slim
-
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-WORKDIR /app
+FROM python:3.11-slim AS build
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY aiservice ./aiservice
 COPY worker ./worker
 COPY schema ./schema
-# Editable install: the migrator reads schema/ next to the package.
-RUN pip install --no-cache-dir -e . \
+RUN pip wheel --no-cache-dir --no-deps -w /dist .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# The wheel carries the SQL (aiservice/schema): nothing from the source tree is needed at run time.
+COPY --from=build /dist /dist
+RUN pip install --no-cache-dir /dist/*.whl \
+    && rm -rf /dist \
     && useradd --system --uid 10001 aiservice
 USER aiservice
 

@@ -7,14 +7,16 @@ import asyncio
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
 from aiservice import embedded, logs
 from aiservice.api.app import create_app
-from aiservice.db.migrate import MigrationError, describe_schema, migrate
+from aiservice.db.migrate import MigrationError, dump_schema, migrate
 from aiservice.db.pool import connect
 from aiservice.settings import Settings, SettingsError, format_duration
 from aiservice.sidecar import SidecarSettings
@@ -33,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "dev", help="run the API and the built-in workers on an embedded PostgreSQL kept in AISERVICE_DEV_DIR"
     )
-    commands.add_parser("schema-dump", help="print the migrated schema, as committed in schema/schema.sql")
+    commands.add_parser(
+        "schema-dump",
+        help="print pg_dump of a freshly migrated database (throwaway embedded PostgreSQL), as in schema/schema.sql",
+    )
     commands.add_parser("sidecar", help="serve GPU, container, vLLM and WhisperX telemetry (SIDECAR_* variables)")
     args = parser.parse_args(argv)
 
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(_migrate(settings.require_database()))
             print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
         elif args.command == "schema-dump":
-            print(asyncio.run(_dump(settings.require_database())), end="")
+            print(_dump(), end="")
         elif args.command == "dev":
             return _dev(settings)
     except SettingsError as exc:
@@ -80,13 +85,15 @@ async def _migrate(dsn: str) -> list[str]:
         await conn.close()
 
 
-async def _dump(dsn: str) -> str:
-    conn = await connect(dsn)
-    try:
-        await migrate(conn)
-        return await describe_schema(conn)
-    finally:
-        await conn.close()
+def _dump() -> str:
+    with tempfile.TemporaryDirectory(prefix="aiservice-dump-") as tmp:
+        server = embedded.start(Path(tmp) / "pgdata", keep=False)
+        try:
+            dsn = embedded.database_url(server, "aiservice")
+            asyncio.run(_migrate(dsn))
+            return dump_schema(dsn)
+        finally:
+            server.cleanup()
 
 
 def _on_signals(stop: asyncio.Event, hurry: Callable[[], None]) -> None:

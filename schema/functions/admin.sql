@@ -1,0 +1,130 @@
+-- schema/functions/admin.sql: Operators' actions: retry and cancel, one job or every job matching a filter.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+
+-- Reset failed and running jobs that match the filters to pending, with their
+-- attempts starting over. Returns the ids reset. p_statuses may narrow the
+-- statuses to failed or running.
+CREATE OR REPLACE FUNCTION aiservice.retry_jobs(
+    p_ids bigint[] DEFAULT NULL,
+    p_owner_service text DEFAULT NULL,
+    p_owner_ref text DEFAULT NULL,
+    p_task_type text DEFAULT NULL,
+    p_model_profile text DEFAULT NULL,
+    p_statuses aiservice.job_status[] DEFAULT NULL,
+    p_created_after timestamptz DEFAULT NULL,
+    p_created_before timestamptz DEFAULT NULL,
+    p_all boolean DEFAULT false
+)
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM aiservice.require_filter('retry',
+        num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+                     p_statuses, p_created_after, p_created_before) > 0,
+        p_all);
+    IF NOT coalesce(p_statuses, '{failed,running}') <@ '{failed,running}'::aiservice.job_status[] THEN
+        RAISE EXCEPTION 'only failed and running jobs can be retried' USING ERRCODE = 'AS422';
+    END IF;
+    RETURN QUERY
+    UPDATE aiservice.jobs j
+    SET status = 'pending',
+        attempts = 0,
+        result = NULL,
+        error_category = NULL,
+        error_message = NULL,
+        worker_id = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        started_at = NULL,
+        finished_at = NULL,
+        run_at = now(),
+        updated_at = now()
+    FROM aiservice.list_jobs(
+        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{failed,running}'),
+        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
+        p_limit => NULL) m
+    WHERE j.id = m.id AND j.status IN ('failed', 'running')
+    RETURNING j.id;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aiservice.retry_job(p_id bigint) RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM aiservice.raise_not_found(p_id);
+    END IF;
+    IF v_job.status NOT IN ('failed', 'running') THEN
+        RAISE EXCEPTION 'job % is %; only failed and running jobs can be retried', p_id, v_job.status
+            USING ERRCODE = 'AS409';
+    END IF;
+    PERFORM aiservice.retry_jobs(p_ids => ARRAY[p_id]);
+    RETURN aiservice.get_job(p_id);
+END;
+$$;
+
+-- Cancel pending and running jobs that match the filters; returns the ids cancelled.
+-- The worker of a cancelled running job is told through an 'abort' notification.
+CREATE OR REPLACE FUNCTION aiservice.cancel_jobs(
+    p_ids bigint[] DEFAULT NULL,
+    p_owner_service text DEFAULT NULL,
+    p_owner_ref text DEFAULT NULL,
+    p_task_type text DEFAULT NULL,
+    p_model_profile text DEFAULT NULL,
+    p_statuses aiservice.job_status[] DEFAULT NULL,
+    p_created_after timestamptz DEFAULT NULL,
+    p_created_before timestamptz DEFAULT NULL,
+    p_all boolean DEFAULT false
+)
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM aiservice.require_filter('cancel',
+        num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+                     p_statuses, p_created_after, p_created_before) > 0,
+        p_all);
+    IF NOT coalesce(p_statuses, '{pending,running}') <@ '{pending,running}'::aiservice.job_status[] THEN
+        RAISE EXCEPTION 'only pending and running jobs can be cancelled' USING ERRCODE = 'AS422';
+    END IF;
+    RETURN QUERY
+    UPDATE aiservice.jobs j
+    SET status = 'cancelled',
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        finished_at = now(),
+        updated_at = now()
+    FROM aiservice.list_jobs(
+        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{pending,running}'),
+        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
+        p_limit => NULL) m
+    WHERE j.id = m.id AND j.status IN ('pending', 'running')
+    RETURNING j.id;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aiservice.cancel_job(p_id bigint) RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM aiservice.raise_not_found(p_id);
+    END IF;
+    IF v_job.status NOT IN ('pending', 'running') THEN
+        RAISE EXCEPTION 'job % is %; only pending and running jobs can be cancelled', p_id, v_job.status
+            USING ERRCODE = 'AS409';
+    END IF;
+    PERFORM aiservice.cancel_jobs(p_ids => ARRAY[p_id]);
+    RETURN aiservice.get_job(p_id);
+END;
+$$;

@@ -1,0 +1,44 @@
+-- schema/functions/common.sql: Helpers shared by the lifecycle functions.
+--
+-- Every aiservice.* function is public: other services may call them directly.
+-- Domain errors are raised with these SQLSTATEs (documented in README.md):
+--   AS404  job not found
+--   AS409  job is in the wrong state for the operation
+--   AS410  lease lost: the job is no longer this worker's running job (fencing)
+--   AS422  invalid argument
+-- Current definitions, re-applied by the migrator whenever this file changes.
+
+CREATE OR REPLACE FUNCTION aiservice.raise_not_found(p_id bigint) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'job % not found', p_id USING ERRCODE = 'AS404';
+END;
+$$;
+
+-- The delay before retry number p_attempts + 1: 10 s doubling per attempt,
+-- capped at one hour, with +/-25 % jitter so failed batches do not return in step.
+CREATE OR REPLACE FUNCTION aiservice.backoff(p_attempts integer) RETURNS interval
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT least(interval '1 hour', interval '10 seconds' * power(2, least(greatest(p_attempts - 1, 0), 20)))
+           * (0.75 + random() * 0.5);
+$$;
+
+-- Failure categories that are retried by default (a caller may override per call).
+CREATE OR REPLACE FUNCTION aiservice.is_retryable(p_category text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT p_category IN ('timeout', 'rate_limited', 'provider_unavailable', 'provider_error', 'lease_expired', 'worker_shutdown');
+$$;
+
+CREATE OR REPLACE FUNCTION aiservice.require_filter(p_action text, p_given boolean, p_all boolean) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF NOT p_given AND NOT coalesce(p_all, false) THEN
+        RAISE EXCEPTION 'refusing to % every job: give a filter, or p_all => true', p_action
+            USING ERRCODE = 'AS422';
+    END IF;
+END;
+$$;

@@ -1,0 +1,175 @@
+-- schema/functions/finish.sql: A worker's outcome for a job it runs: complete, fail (maybe retry later) or release.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+
+CREATE OR REPLACE FUNCTION aiservice.complete_job(
+    p_id bigint,
+    p_worker_id text,
+    p_result jsonb,
+    p_lease_token uuid DEFAULT NULL
+)
+RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    IF p_result IS NULL OR jsonb_typeof(p_result) <> 'object' THEN
+        RAISE EXCEPTION 'result must be a JSON object' USING ERRCODE = 'AS422';
+    END IF;
+    PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
+    UPDATE aiservice.jobs
+    SET status = 'completed',
+        result = p_result,
+        error_category = NULL,
+        error_message = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        finished_at = now(),
+        updated_at = now()
+    WHERE id = p_id
+    RETURNING * INTO v_job;
+    RETURN v_job;
+END;
+$$;
+
+-- p_ids, p_results and p_lease_tokens (optional; a NULL element skips the token
+-- check for that job) are parallel arrays of at most 1000 elements, ids distinct.
+-- Returns one row per input element, in input order, with outcome
+--   'completed'   the job is now completed with its result,
+--   'not_found'   no such job,
+--   'lease_lost'  the job is not running for p_worker_id with that lease (AS410 for complete_job).
+CREATE OR REPLACE FUNCTION aiservice.complete_jobs(
+    p_worker_id text,
+    p_ids bigint[],
+    p_results jsonb[],
+    p_lease_tokens uuid[] DEFAULT NULL
+)
+RETURNS TABLE (id bigint, outcome text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_n integer := cardinality(p_ids);
+BEGIN
+    IF p_worker_id IS NULL THEN
+        RAISE EXCEPTION 'worker_id is required' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_ids IS NULL OR p_results IS NULL OR cardinality(p_results) <> v_n
+       OR (p_lease_tokens IS NOT NULL AND cardinality(p_lease_tokens) <> v_n) THEN
+        RAISE EXCEPTION 'ids, results and lease_tokens must be arrays of one length' USING ERRCODE = 'AS422';
+    END IF;
+    IF v_n > 1000 THEN
+        RAISE EXCEPTION 'at most 1000 jobs per call' USING ERRCODE = 'AS422';
+    END IF;
+    IF array_position(p_ids, NULL) IS NOT NULL
+       OR (SELECT count(DISTINCT u) FROM unnest(p_ids) u) <> v_n THEN
+        RAISE EXCEPTION 'ids must be distinct and not null' USING ERRCODE = 'AS422';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_results) r WHERE r IS NULL OR jsonb_typeof(r) <> 'object') THEN
+        RAISE EXCEPTION 'every result must be a JSON object' USING ERRCODE = 'AS422';
+    END IF;
+
+    -- Rows locked in id order, like every other multi-row writer: no deadlocks between batches.
+    PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE;
+
+    RETURN QUERY
+    WITH input AS (
+        SELECT u.id, u.result, u.lease_token, u.ord
+        FROM unnest(p_ids, p_results, coalesce(p_lease_tokens, array_fill(NULL::uuid, ARRAY[v_n])))
+             WITH ORDINALITY AS u(id, result, lease_token, ord)
+    ),
+    done AS (
+        UPDATE aiservice.jobs j
+        SET status = 'completed',
+            result = i.result,
+            error_category = NULL,
+            error_message = NULL,
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            finished_at = now(),
+            updated_at = now()
+        FROM input i
+        WHERE j.id = i.id
+          AND j.status = 'running'
+          AND j.worker_id = p_worker_id
+          AND (i.lease_token IS NULL OR j.lease_token = i.lease_token)
+        RETURNING j.id
+    )
+    SELECT i.id,
+           CASE WHEN d.id IS NOT NULL THEN 'completed'
+                WHEN EXISTS (SELECT 1 FROM aiservice.jobs x WHERE x.id = i.id) THEN 'lease_lost'
+                ELSE 'not_found' END
+    FROM input i LEFT JOIN done d ON d.id = i.id
+    ORDER BY i.ord;
+END;
+$$;
+
+-- Record a failed attempt. A retryable failure (p_retryable, or by default
+-- aiservice.is_retryable(category)) with attempts left goes back to pending,
+-- due after p_retry_after or aiservice.backoff(attempts); otherwise the job fails.
+CREATE OR REPLACE FUNCTION aiservice.fail_job(
+    p_id bigint,
+    p_worker_id text,
+    p_error_category text,
+    p_error_message text DEFAULT NULL,
+    p_retryable boolean DEFAULT NULL,
+    p_retry_after interval DEFAULT NULL,
+    p_lease_token uuid DEFAULT NULL
+)
+RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+    v_retry boolean;
+BEGIN
+    IF p_error_category IS NULL OR p_error_category !~ '^[a-z][a-z0-9_]{0,63}$' THEN
+        RAISE EXCEPTION 'error_category must match ^[a-z][a-z0-9_]{0,63}$' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_retry_after < interval '0' OR p_retry_after > interval '7 days' THEN
+        RAISE EXCEPTION 'retry_after must be between 0 and 7 days' USING ERRCODE = 'AS422';
+    END IF;
+    v_job := aiservice.lock_running(p_id, p_worker_id, p_lease_token);
+    v_retry := coalesce(p_retryable, aiservice.is_retryable(p_error_category))
+               AND v_job.attempts < v_job.max_attempts;
+    UPDATE aiservice.jobs
+    SET status = CASE WHEN v_retry THEN 'pending' ELSE 'failed' END::aiservice.job_status,
+        error_category = p_error_category,
+        error_message = left(p_error_message, 4000),
+        worker_id = CASE WHEN v_retry THEN NULL ELSE worker_id END,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        run_at = CASE WHEN v_retry THEN now() + coalesce(p_retry_after, aiservice.backoff(attempts)) ELSE run_at END,
+        finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
+        updated_at = now()
+    WHERE id = p_id
+    RETURNING * INTO v_job;
+    RETURN v_job;
+END;
+$$;
+
+-- Hand a running job back to the queue without using up an attempt
+-- (a worker shutting down before it could finish).
+CREATE OR REPLACE FUNCTION aiservice.release_job(p_id bigint, p_worker_id text, p_lease_token uuid DEFAULT NULL)
+RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
+    UPDATE aiservice.jobs
+    SET status = 'pending',
+        attempts = attempts - 1,
+        error_category = 'worker_shutdown',
+        error_message = format('released by worker %s', p_worker_id),
+        worker_id = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        started_at = NULL,
+        run_at = now(),
+        updated_at = now()
+    WHERE id = p_id
+    RETURNING * INTO v_job;
+    RETURN v_job;
+END;
+$$;

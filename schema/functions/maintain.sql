@@ -1,0 +1,80 @@
+-- schema/functions/maintain.sql: Maintenance any process may run: retention and the periodic maintain() pass.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+
+-- Delete at most p_limit completed, failed or cancelled jobs that finished
+-- before now() - p_older_than, oldest first; returns how many were deleted.
+CREATE OR REPLACE FUNCTION aiservice.purge_jobs(p_older_than interval, p_limit integer DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_deleted bigint;
+BEGIN
+    IF p_older_than IS NULL OR p_older_than <= interval '0' OR NOT isfinite(p_older_than) THEN
+        RAISE EXCEPTION 'older_than must be a positive, finite interval' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
+    END IF;
+    WITH doomed AS (
+        SELECT id FROM aiservice.jobs
+        WHERE finished_at < now() - p_older_than
+          AND finished_at IS NOT NULL
+          AND status IN ('completed', 'failed', 'cancelled')
+        ORDER BY finished_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    RETURN v_deleted;
+END;
+$$;
+
+-- One maintenance pass: expire leases nobody renewed, delete finished jobs older than
+-- p_retention (NULL keeps them), fold the statistics counters. Any process may call it
+-- on a timer: a call that finds another pass running, or one that started less than
+-- p_every ago, does nothing and answers {"ran": false}. Each step runs in its own
+-- subtransaction, so one failing step does not undo the others; its error is returned
+-- under the step's name in "errors". Example answer:
+--   {"ran": true, "expire_leases": 0, "purge_jobs": 120, "compact_counts": 35, "errors": {}}
+CREATE OR REPLACE FUNCTION aiservice.maintain(p_retention interval DEFAULT NULL, p_every interval DEFAULT interval '0')
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_out jsonb := jsonb_build_object('ran', true);
+    v_errors jsonb := '{}'::jsonb;
+    v_n bigint;
+BEGIN
+    -- Any fixed number shared by every caller ("aimaint").
+    IF NOT pg_try_advisory_xact_lock(107109701105110) THEN
+        RETURN jsonb_build_object('ran', false);
+    END IF;
+    UPDATE aiservice.maintenance SET last_run_at = now()
+    WHERE last_run_at IS NULL OR last_run_at <= now() - coalesce(p_every, interval '0');
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('ran', false);
+    END IF;
+
+    BEGIN
+        SELECT count(*) INTO v_n FROM aiservice.expire_leases();
+        v_out := v_out || jsonb_build_object('expire_leases', v_n);
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('expire_leases', SQLERRM);
+    END;
+    IF p_retention IS NOT NULL THEN
+        BEGIN
+            v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
+        END;
+    END IF;
+    BEGIN
+        v_out := v_out || jsonb_build_object('compact_counts', aiservice.compact_counts());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('compact_counts', SQLERRM);
+    END;
+    RETURN v_out || jsonb_build_object('errors', v_errors);
+END;
+$$;

@@ -1,0 +1,54 @@
+-- schema/functions/read.sql: Reading jobs: one by id, or a filtered, keyset-paged list.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+
+CREATE OR REPLACE FUNCTION aiservice.get_job(p_id bigint) RETURNS aiservice.jobs
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id;
+    IF NOT FOUND THEN
+        PERFORM aiservice.raise_not_found(p_id);
+    END IF;
+    RETURN v_job;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aiservice.list_jobs(
+    p_owner_service text DEFAULT NULL,
+    p_owner_ref text DEFAULT NULL,
+    p_task_type text DEFAULT NULL,
+    p_model_profile text DEFAULT NULL,
+    p_statuses aiservice.job_status[] DEFAULT NULL,
+    p_created_after timestamptz DEFAULT NULL,
+    p_created_before timestamptz DEFAULT NULL,
+    p_ids bigint[] DEFAULT NULL,
+    p_before_id bigint DEFAULT NULL,
+    p_limit integer DEFAULT 50
+)
+RETURNS SETOF aiservice.jobs
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_sql text := 'SELECT * FROM aiservice.jobs WHERE true';
+BEGIN
+    IF p_limit < 0 THEN
+        RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
+    END IF;
+    -- Only the filters given become predicates; values stay parameters ($1..$10).
+    IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
+    IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
+    IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
+    IF p_model_profile IS NOT NULL THEN v_sql := v_sql || ' AND model_profile = $4'; END IF;
+    IF p_statuses IS NOT NULL THEN v_sql := v_sql || ' AND status = ANY ($5)'; END IF;
+    IF p_created_after IS NOT NULL THEN v_sql := v_sql || ' AND created_at >= $6'; END IF;
+    IF p_created_before IS NOT NULL THEN v_sql := v_sql || ' AND created_at < $7'; END IF;
+    IF p_ids IS NOT NULL THEN v_sql := v_sql || ' AND id = ANY ($8)'; END IF;
+    IF p_before_id IS NOT NULL THEN v_sql := v_sql || ' AND id < $9'; END IF;
+    v_sql := v_sql || ' ORDER BY id DESC LIMIT $10';
+    RETURN QUERY EXECUTE v_sql
+        USING p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_statuses,
+              p_created_after, p_created_before, p_ids, p_before_id, p_limit;
+END;
+$$;
