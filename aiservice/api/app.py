@@ -15,12 +15,12 @@ from prometheus_async.aio.web import server_stats
 from aiservice import errors, metrics
 from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, Handler, reply
 from aiservice.api.openapi import openapi_document
+from aiservice.api.schemas import ErrorBody
 from aiservice.auth import bearer_middleware
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
 from aiservice.infra import InfraStatus
-from aiservice.models import ErrorBody
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings, format_duration
 
@@ -135,7 +135,7 @@ async def _maintenance(app: web.Application) -> AsyncIterator[None]:
                 expired = await store.expire_leases()
                 if expired:
                     log.warning("expired %d leases: %s", len(expired), [j.id for j in expired])
-                if retention is not None and (purged := await store.purge(retention)):
+                if retention is not None and (purged := await store.purge_jobs(retention)):
                     log.info("deleted %d jobs finished more than %s ago", purged, format_duration(retention))
                 await store.compact_counts()
                 metrics.refresh_queue(await store.stats())
