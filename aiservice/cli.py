@@ -22,6 +22,7 @@ from aiservice.settings import Settings, SettingsError, format_duration
 from aiservice.sidecar import SidecarSettings
 from aiservice.sidecar import run as run_sidecar
 from worker.app import Worker
+from worker.kinds import describe
 
 log = logging.getLogger("aiservice")
 
@@ -161,7 +162,7 @@ async def _serve_dev(settings: Settings) -> None:
             started = Worker(replace(settings, migrate_on_start=False))
             await started.start()
             worker = started
-            served = ", ".join(f"{'/'.join(h.task_types)} @ {'/'.join(h.model_profiles)}" for h in worker.handlers)
+            served = describe(worker.kinds)
             print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
         else:
             print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)

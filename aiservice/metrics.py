@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from aiservice.models import Job, Stats
+    from aiservice.jobs import Job, Stats
 
 # The process-wide default registry: prometheus_async's aiohttp handler serves it (with the
 # process and platform collectors), on the API's and on the worker's /metrics.

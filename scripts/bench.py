@@ -296,11 +296,11 @@ async def _pool(dsn: str, size: int = 4) -> Any:
 
 
 async def enqueue_sql(store: Any, n: int, *, task_type: str = "noop", model_profile: str = "m") -> None:
-    from aiservice.models import JobCreate
+    from aiservice.jobs import JobCreate
 
     spec = JobCreate(owner_service="bench", owner_ref="r", task_type=task_type, model_profile=model_profile)
     for start in range(0, n, 10_000):
-        await store.create_many([spec] * min(10_000, n - start))
+        await store.create_jobs([spec] * min(10_000, n - start))
 
 
 async def drain_aiservice(store: Any, batch: int, batched_complete: bool) -> int:
@@ -312,22 +312,22 @@ async def drain_aiservice(store: Any, batch: int, batched_complete: bool) -> int
         # A worker with free slots claims again while the batch before is being stored.
         storing: asyncio.Task[dict[int, str]] | None = None
         while True:
-            jobs = await store.claim("bench-worker", batch, lease_timeout=lease)
+            jobs = await store.claim_jobs("bench-worker", batch, lease_timeout=lease)
             if storing is not None:
                 await storing
             if not jobs:
                 return done
             storing = asyncio.ensure_future(
-                store.complete_many([(j.id, j.lease_token, result) for j in jobs], "bench-worker")
+                store.complete_jobs("bench-worker", [(j.id, j.lease_token, result) for j in jobs])
             )
             done += len(jobs)
     while True:
-        jobs = await store.claim("bench-worker", batch, lease_timeout=lease)
+        jobs = await store.claim_jobs("bench-worker", batch, lease_timeout=lease)
         if not jobs:
             return done
         else:
             await asyncio.gather(
-                *(store.complete(j.id, "bench-worker", result, lease_token=j.lease_token) for j in jobs)
+                *(store.complete_job(j.id, "bench-worker", result, lease_token=j.lease_token) for j in jobs)
             )
         done += len(jobs)
 
@@ -389,7 +389,7 @@ async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
     # Interleaved runs: machine noise hits all three alike.
     variants: dict[str, Callable[[], Awaitable[float]]] = {"pgqueuer": pgqueuer_once}
     variants["aiservice per-job complete"] = lambda: aiservice_once(False)
-    if hasattr(JobStore, "complete_many"):
+    if hasattr(JobStore, "complete_jobs"):
         variants["aiservice batched complete"] = lambda: aiservice_once(True)
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for once in variants.values():  # warm-up
@@ -414,7 +414,7 @@ async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
     return out
 
 
-class NoopHandler:
+class NoopKind:
     name = "noop"
     task_types: tuple[str, ...] = ("noop",)
     model_profiles: tuple[str, ...] = ("m",)
@@ -434,7 +434,7 @@ class NoopHandler:
 
 async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
     from aiservice.db.jobs import JobStore
-    from aiservice.models import JobCreate
+    from aiservice.jobs import JobCreate
     from worker.listener import Listener
     from worker.runner import Runner
 
@@ -444,11 +444,11 @@ async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
         dsn = await db.fresh("ai")
         pool = await _pool(dsn)
         creator = await _pool(dsn, 1)
-        handler = NoopHandler()
+        kind = NoopKind()
         store = JobStore(pool)
         runner = Runner(
             store,
-            [handler],
+            [kind],
             worker_id="bench-worker",
             claim_limit=4,
             lease_timeout=timedelta(minutes=5),
@@ -466,13 +466,13 @@ async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
             creator_store = JobStore(creator)
             latencies: list[float] = []
             for i in range(samples + 5):
-                handler.arrived.clear()
-                job, _ = await creator_store.create(spec)
+                kind.arrived.clear()
+                job, _ = await creator_store.create_job(spec)
                 committed = time.perf_counter()
-                await asyncio.wait_for(handler.arrived.wait(), 10)
+                await asyncio.wait_for(kind.arrived.wait(), 10)
                 # The claim may beat the create's reply to the client: that is zero latency.
                 if i >= 5:  # warm-up
-                    latencies.append(max(0.0, handler.claimed[job.id] - committed) * 1000)
+                    latencies.append(max(0.0, kind.claimed[job.id] - committed) * 1000)
                 # A random phase against the poll timer (polling), a quiet gap (NOTIFY).
                 await asyncio.sleep(0.005 if mode == "notify" else random.uniform(0, 0.1))
         finally:
@@ -502,7 +502,7 @@ async def scenario_enqueue(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
     from aiservice.db.jobs import JobStore
-    from aiservice.models import JobCreate
+    from aiservice.jobs import JobCreate
 
     out: list[Result] = []
     dsn = await db.fresh("ai")
@@ -552,7 +552,7 @@ async def scenario_enqueue(db: Databases, sz: Sizes) -> list[Result]:
 
         async def sql_batch() -> float:
             started = time.perf_counter()
-            await store.create_many([spec] * sz.batch_jobs)
+            await store.create_jobs([spec] * sz.batch_jobs)
             return sz.batch_jobs / (time.perf_counter() - started)
 
         value, values = await median_of(sz.runs, sql_batch)
@@ -645,7 +645,7 @@ async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
     dsn = await db.fresh("ai")
     pool = await _pool(dsn)
     store = JobStore(pool)
-    batched = hasattr(JobStore, "complete_many")
+    batched = hasattr(JobStore, "complete_jobs")
 
     async def fill(upto: int, have: int) -> None:
         started = time.perf_counter()

@@ -33,7 +33,7 @@ import asyncpg
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import connect, create_pool
-from aiservice.models import JobCreate
+from aiservice.jobs import JobCreate
 
 DATABASE = "aiservice_soak"
 TABLES = ("jobs", "job_count_deltas", "job_counts", "job_finishes")
@@ -68,18 +68,18 @@ async def producer(store: JobStore, counters: Counters, stop: asyncio.Event, bat
             for i in range(batch)
         ]
         n += batch
-        await store.create_many(specs)
+        await store.create_jobs(specs)
         counters.created += batch
 
 
 async def consumer(store: JobStore, counters: Counters, stop: asyncio.Event, worker: str, limit: int) -> None:
     while not stop.is_set():
-        jobs = await store.claim(worker, limit, lease_timeout=timedelta(minutes=5), task_types=["soak"])
+        jobs = await store.claim_jobs(worker, limit, lease_timeout=timedelta(minutes=5), task_types=["soak"])
         if not jobs:
             await asyncio.sleep(0.02)
             continue
         for job in jobs:
-            await store.complete(job.id, worker, {"content": "ok"}, lease_token=job.lease_token)
+            await store.complete_job(job.id, worker, {"content": "ok"}, lease_token=job.lease_token)
             counters.completed += 1
 
 

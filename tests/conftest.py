@@ -29,7 +29,7 @@ from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import connect, create_pool
-from aiservice.models import Job, JobCreate
+from aiservice.jobs import Job, JobCreate
 from aiservice.settings import _ENV_NAMES, Settings
 
 SERVICE_VARIABLES = [_ENV_NAMES.get(f.name, f.name.upper()) for f in fields(Settings)]
@@ -157,7 +157,7 @@ def job_spec(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def job_factory(store: JobStore) -> JobFactory:
     async def make(**overrides: Any) -> Job:
-        job, _ = await store.create(JobCreate.model_validate(job_spec(**overrides)))
+        job, _ = await store.create_job(JobCreate.model_validate(job_spec(**overrides)))
         return job
 
     return make

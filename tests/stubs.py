@@ -21,10 +21,10 @@ import pytest
 from aiohttp import BodyPartReader, web
 
 from aiservice.db.jobs import JobStore
-from aiservice.models import Job
+from aiservice.jobs import Job
 from aiservice.settings import Settings
 from worker.app import Worker
-from worker.handler import Handler
+from worker.kinds import Kind
 
 Reply = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
@@ -296,10 +296,10 @@ async def worker_factory(
     """Start a real worker against the stubs; keyword arguments override its settings."""
     workers: list[Worker] = []
 
-    async def make(*, handlers: list[Handler] | None = None, listener_backoff: float = 0.1, **overrides: Any) -> Worker:
+    async def make(*, kinds: list[Kind] | None = None, listener_backoff: float = 0.1, **overrides: Any) -> Worker:
         worker = Worker(
             worker_settings(settings, openai_stub, asr_stub, **overrides),
-            handlers,
+            kinds,
             listener_backoff=listener_backoff,
         )
         await worker.start()
@@ -321,11 +321,11 @@ async def wait_for(check: Callable[[], Awaitable[bool]], *, within: float = 10.0
 
 async def wait_for_status(store: JobStore, job_id: int, *statuses: str, within: float = 10.0) -> Job:
     """Wait until the job is in one of ``statuses``; return it."""
-    job = await store.get(job_id)
+    job = await store.get_job(job_id)
 
     async def reached() -> bool:
         nonlocal job
-        job = await store.get(job_id)
+        job = await store.get_job(job_id)
         return job.status in statuses
 
     await wait_for(reached, within=within, what=f"job {job_id} to be {'/'.join(statuses)} (is {job.status})")
@@ -341,11 +341,11 @@ async def wait_until_listening(worker: Worker) -> None:
 
 async def wait_for_outcome(store: JobStore, job_id: int, *, within: float = 10.0) -> Job:
     """Wait until an attempt has ended: the job finished, or went back to pending with an error."""
-    job = await store.get(job_id)
+    job = await store.get_job(job_id)
 
     async def ended() -> bool:
         nonlocal job
-        job = await store.get(job_id)
+        job = await store.get_job(job_id)
         return job.status in ("completed", "failed", "cancelled") or (
             job.status == "pending" and job.error_category is not None
         )

@@ -19,7 +19,7 @@ from stubs import OpenAIStub, WorkerFactory, drop_connection, error, hang, wait_
 
 from aiservice import logs
 from aiservice.db.jobs import JobStore
-from aiservice.models import JobFilter
+from aiservice.jobs import JobFilter
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub
@@ -44,7 +44,7 @@ async def test_sql_looking_filter_values_match_nothing_and_change_nothing(
 ) -> None:
     api = await api_factory()
     jobs = [await job_factory() for _ in range(3)]
-    before = await store.find(JobFilter(), before_id=None, limit=100)
+    before = await store.list_jobs(JobFilter(), before_id=None, limit=100)
     for value, field in ((v, f) for v in SQLISH for f in FILTERS):
         listed = await api.get(f"{API}/jobs", params={field: value, "limit": "500"})
         assert listed.status == 200, await listed.text()
@@ -55,7 +55,7 @@ async def test_sql_looking_filter_values_match_nothing_and_change_nothing(
             assert await done.json() == {"count": 0, "ids": []}, (action, field, value)
         claimed = await api.post(f"{API}/jobs/claim", json={"worker_id": value, "task_types": [value], "limit": 1000})
         assert (claimed.status, (await claimed.json())["jobs"]) == (200, []), value
-    assert await store.find(JobFilter(), before_id=None, limit=100) == before
+    assert await store.list_jobs(JobFilter(), before_id=None, limit=100) == before
     assert len(before) == len(jobs)
 
     # Stored as plain text, read back verbatim, and found only by the exact value.
@@ -68,7 +68,7 @@ async def test_sql_looking_filter_values_match_nothing_and_change_nothing(
         assert (await created.json())["owner_service"] == value
         found = await (await api.get(f"{API}/jobs", params={"owner_service": value})).json()
         assert [j["owner_ref"] for j in found["jobs"]] == [value], value
-        assert len(await store.find(JobFilter(), before_id=None, limit=100)) == len(jobs) + n + 1
+        assert len(await store.list_jobs(JobFilter(), before_id=None, limit=100)) == len(jobs) + n + 1
 
 
 async def test_a_body_far_past_the_default_limit_without_a_length_is_413(
@@ -85,7 +85,7 @@ async def test_a_body_far_past_the_default_limit_without_a_length_is_413(
     response = await api.post(f"{API}/jobs", data=chunks(), headers={"Content-Type": "application/json"})
     assert response.status == 413, await response.text()
     assert (await response.json())["error"]["code"] == "payload_too_large"
-    assert await store.find(JobFilter(), before_id=None, limit=10) == []
+    assert await store.list_jobs(JobFilter(), before_id=None, limit=10) == []
     assert (await api.get("/healthz")).status == 200
 
 
@@ -188,14 +188,14 @@ async def _session(
         for path in ("/worker/status", "/readyz", "/healthz", "/metrics"):
             async with http.get(f"http://127.0.0.1:{worker.http_port}{path}") as response:
                 texts.append(await response.text())
-    texts += [str((await store.get(job_id)).model_dump()) for job_id in jobs]
+    texts += [str((await store.get_job(job_id)).model_dump()) for job_id in jobs]
     await wait_for(lambda: _has(openai_stub.disconnects, "hangs"), what="the hung call to be closed")
     await asyncio.sleep(0.1)
 
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
     lines = [formatter.format(record) for record in caplog.records]
     # The session really met the failures the secrets could leak through.
-    categories = {(await store.get(j)).error_category for j in jobs}
+    categories = {(await store.get_job(j)).error_category for j in jobs}
     assert {"auth_error", "provider_error", "provider_unavailable", "timeout"} <= categories, categories
     # Credentials did reach the provider (URL userinfo becomes Basic auth in the HTTP client).
     assert openai_stub.authorizations and all(openai_stub.authorizations)

@@ -26,7 +26,7 @@ from stubs import start_worker_process
 
 from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect
-from aiservice.models import JobCreate, JobStatus
+from aiservice.jobs import JobCreate, JobStatus
 
 # A row trigger that records every change of a job (test databases only).
 AUDIT_SQL = """
@@ -201,7 +201,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
     database_url: str, store: JobStore, signing_stub: SigningStub, spawn_workers: Spawn
 ) -> None:
     await install_audit(database_url)
-    created = await store.create_many(
+    created = await store.create_jobs(
         JobCreate(
             owner_service="fault",
             owner_ref=f"kill/{n}",

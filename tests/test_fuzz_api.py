@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from aiservice.api.openapi import openapi_document
 from aiservice.db.jobs import JobStore
-from aiservice.models import JobFilter
+from aiservice.jobs import JobFilter
 
 TOKEN = "fuzz-token-7f3a9c1e5b"
 EXAMPLES = 25
@@ -99,14 +99,14 @@ async def test_fuzz_with_the_token(api_factory: ClientFactory, job_factory: JobF
     assert negative[422] + negative[400] > 50, negative
     # The service still works after the onslaught.
     assert (await api.get("/readyz")).status == 200
-    assert await store.find(JobFilter(), before_id=None, limit=1)
+    assert await store.list_jobs(JobFilter(), before_id=None, limit=1)
 
 
 async def test_fuzz_without_the_token_is_refused_everywhere_but_the_probes(
     api_factory: ClientFactory, job_factory: JobFactory, store: JobStore
 ) -> None:
     await _seed(job_factory, store)
-    before = await store.find(JobFilter(), before_id=None, limit=500)
+    before = await store.list_jobs(JobFilter(), before_id=None, limit=500)
     api = await api_factory(service_token=TOKEN)
     base_url = str(api.make_url("")).rstrip("/")
 
@@ -118,4 +118,4 @@ async def test_fuzz_without_the_token_is_refused_everywhere_but_the_probes(
     assert set(statuses) <= {200, 401}, statuses
     assert statuses[401] > 10 * statuses[200], statuses
     # Nothing a stranger sent changed anything.
-    assert await store.find(JobFilter(), before_id=None, limit=500) == before
+    assert await store.list_jobs(JobFilter(), before_id=None, limit=500) == before

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
-from aiservice.models import Job
+from aiservice.jobs import Job
 from aiservice.settings import Settings
 
 Client = TestClient[Any, Any]
@@ -43,13 +43,13 @@ class Jobs:
 
     async def running(self) -> Job:
         job = await self.pending()
-        (claimed,) = await self.store.claim(
+        (claimed,) = await self.store.claim_jobs(
             "auth-worker", 1, lease_timeout=timedelta(minutes=5), task_types=[job.task_type]
         )
         return claimed
 
     async def status(self, job_id: int) -> str:
-        return str((await self.store.get(job_id)).status)
+        return str((await self.store.get_job(job_id)).status)
 
 
 def _job_body() -> dict[str, Any]:
@@ -268,4 +268,4 @@ async def test_a_refused_call_changes_nothing(api_factory: ClientFactory, jobs: 
     await assert_unauthorized(await api.post(f"{API}/jobs/claim", json={"worker_id": "thief", "limit": 10}), "POST")
     assert await jobs.status(job.id) == "running"
     assert await jobs.status(waiting.id) == "pending"
-    assert (await jobs.store.get(job.id)).result is None
+    assert (await jobs.store.get_job(job.id)).result is None

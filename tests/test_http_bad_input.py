@@ -13,7 +13,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from aiservice.db.jobs import JobStore
-from aiservice.models import MAX_JSON_DEPTH, Job, JobFilter
+from aiservice.jobs import MAX_JSON_DEPTH, Job, JobFilter
 
 Client = TestClient[Any, Any]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -103,14 +103,14 @@ class Target:
         return await self.post_raw(route, json.dumps(body).encode())
 
     async def unchanged(self) -> None:
-        jobs = await self.store.find(JobFilter(), before_id=None, limit=100)
+        jobs = await self.store.list_jobs(JobFilter(), before_id=None, limit=100)
         assert [j.id for j in jobs] == [self.job.id], "bad input created a job"
-        assert await self.store.get(self.job.id) == self.job, "bad input changed a job"
+        assert await self.store.get_job(self.job.id) == self.job, "bad input changed a job"
 
 
 async def make_target(api: Client, store: JobStore, job_factory: JobFactory) -> Target:
     created = await job_factory(task_type="bad_input")
-    (job,) = await store.claim("w1", 1, lease_timeout=timedelta(minutes=10), task_types=["bad_input"])
+    (job,) = await store.claim_jobs("w1", 1, lease_timeout=timedelta(minutes=10), task_types=["bad_input"])
     assert job.id == created.id
     return Target(api, store, job)
 

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 from aiservice.api.app import create_app
 from aiservice.api.handlers import ROUTES
 from aiservice.api.openapi import openapi_document
-from aiservice.models import JobStatus, ListQuery
+from aiservice.api.schemas import ListQuery
+from aiservice.jobs import JobStatus
 from aiservice.settings import Settings
 
 Client = TestClient[Any, Any]

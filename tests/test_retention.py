@@ -30,13 +30,13 @@ async def fleet(store: JobStore, job_factory: JobFactory, conn: Conn) -> dict[st
         name: (await job_factory(owner_ref=name)).id
         for name in ("done", "failed", "cancelled", "recent", "pending", "running")
     }
-    claimed = {j.id for j in await store.claim("w", 10, lease_timeout=timedelta(minutes=5))}
+    claimed = {j.id for j in await store.claim_jobs("w", 10, lease_timeout=timedelta(minutes=5))}
     assert claimed == set(ids.values())
-    await store.complete(ids["done"], "w", {"ok": True})
-    await store.complete(ids["recent"], "w", {"ok": True})
-    await store.fail(ids["failed"], "w", "invalid_input", "bad", retryable=False)
-    await store.cancel(ids["cancelled"])
-    await store.release(ids["pending"], "w")
+    await store.complete_job(ids["done"], "w", {"ok": True})
+    await store.complete_job(ids["recent"], "w", {"ok": True})
+    await store.fail_job(ids["failed"], "w", "invalid_input", "bad", retryable=False)
+    await store.cancel_job(ids["cancelled"])
+    await store.release_job(ids["pending"], "w")
     for name in ("done", "failed", "cancelled"):
         await finished_days_ago(conn, ids[name], 40)
     await finished_days_ago(conn, ids["recent"], 2)
@@ -45,14 +45,14 @@ async def fleet(store: JobStore, job_factory: JobFactory, conn: Conn) -> dict[st
 
 async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory: JobFactory, conn: Conn) -> None:
     ids = await fleet(store, job_factory, conn)
-    assert await store.purge(timedelta(days=30), limit=2) == 2  # oldest first, bounded per call
-    assert await store.purge(timedelta(days=30)) == 1
-    assert await store.purge(timedelta(days=30)) == 0
+    assert await store.purge_jobs(timedelta(days=30), limit=2) == 2  # oldest first, bounded per call
+    assert await store.purge_jobs(timedelta(days=30)) == 1
+    assert await store.purge_jobs(timedelta(days=30)) == 0
     left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.jobs")}
     assert left == {"recent", "pending", "running"}
     for name in ("done", "failed", "cancelled"):
         with pytest.raises(errors.JobNotFound):
-            await store.get(ids[name])
+            await store.get_job(ids[name])
     stats = await store.stats()
     assert {(s.status.value, s.count) for s in stats.by_status} == {("completed", 1), ("pending", 1), ("running", 1)}
 
@@ -62,7 +62,7 @@ async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory
 )
 async def test_purge_refuses_bad_arguments(store: JobStore, older_than: timedelta, limit: int) -> None:
     with pytest.raises(errors.InvalidArgument):
-        await store.purge(older_than, limit=limit)
+        await store.purge_jobs(older_than, limit=limit)
 
 
 def test_retention_setting() -> None:
@@ -81,7 +81,7 @@ async def test_the_api_maintenance_loop_applies_retention(
         return bool(await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 3)
 
     await wait_for(purged, what="the maintenance loop to delete the old jobs")
-    assert (await store.get(ids["recent"])).status == "completed"
+    assert (await store.get_job(ids["recent"])).status == "completed"
 
 
 async def test_retention_off_keeps_everything(

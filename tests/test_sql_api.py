@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from aiservice.db.jobs import JobStore
-from aiservice.models import JobStatus
+from aiservice.jobs import JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 

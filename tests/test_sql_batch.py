@@ -13,7 +13,7 @@ from conftest import JobFactory
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
-from aiservice.models import Job, JobStatus
+from aiservice.jobs import Job, JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 LEASE = timedelta(minutes=15)
@@ -22,7 +22,7 @@ LEASE = timedelta(minutes=15)
 async def claimed(store: JobStore, job_factory: JobFactory, n: int, worker: str = "w1") -> list[Job]:
     for _ in range(n):
         await job_factory()
-    jobs = await store.claim(worker, n, lease_timeout=LEASE)
+    jobs = await store.claim_jobs(worker, n, lease_timeout=LEASE)
     assert len(jobs) == n
     return jobs
 
@@ -35,10 +35,10 @@ async def complete_jobs(conn: Conn, worker: str, ids: list[int], results: list[A
 
 async def test_completes_every_job_with_its_own_result(store: JobStore, job_factory: JobFactory) -> None:
     jobs = await claimed(store, job_factory, 3)
-    outcomes = await store.complete_many([(j.id, j.lease_token, {"n": i}) for i, j in enumerate(jobs)], "w1")
+    outcomes = await store.complete_jobs("w1", [(j.id, j.lease_token, {"n": i}) for i, j in enumerate(jobs)])
     assert outcomes == {j.id: "completed" for j in jobs}
     for i, j in enumerate(jobs):
-        done = await store.get(j.id)
+        done = await store.get_job(j.id)
         assert done.status == JobStatus.COMPLETED
         assert done.result == {"n": i}
         assert done.lease_token is None and done.lease_expires_at is None
@@ -62,21 +62,21 @@ async def test_fencing_is_per_job(store: JobStore, job_factory: JobFactory) -> N
     mine = await claimed(store, job_factory, 2, "w1")
     theirs = await claimed(store, job_factory, 1, "w2")
     cancelled = mine[1]
-    await store.cancel(cancelled.id)
-    outcomes = await store.complete_many(
+    await store.cancel_job(cancelled.id)
+    outcomes = await store.complete_jobs(
+        "w1",
         [
             (mine[0].id, uuid.uuid4(), {"stale": True}),  # a token from an older claim
             (cancelled.id, cancelled.lease_token, {}),
             (theirs[0].id, theirs[0].lease_token, {}),
         ],
-        "w1",
     )
     assert outcomes == {mine[0].id: "lease_lost", cancelled.id: "lease_lost", theirs[0].id: "lease_lost"}
-    assert (await store.get(mine[0].id)).status == JobStatus.RUNNING
-    assert (await store.get(cancelled.id)).status == JobStatus.CANCELLED
-    assert (await store.get(theirs[0].id)).status == JobStatus.RUNNING
+    assert (await store.get_job(mine[0].id)).status == JobStatus.RUNNING
+    assert (await store.get_job(cancelled.id)).status == JobStatus.CANCELLED
+    assert (await store.get_job(theirs[0].id)).status == JobStatus.RUNNING
     # The lost ones do not stop the others in the same call.
-    outcomes = await store.complete_many([(mine[0].id, mine[0].lease_token, {}), (cancelled.id, None, {})], "w1")
+    outcomes = await store.complete_jobs("w1", [(mine[0].id, mine[0].lease_token, {}), (cancelled.id, None, {})])
     assert outcomes == {mine[0].id: "completed", cancelled.id: "lease_lost"}
 
 
@@ -86,7 +86,7 @@ async def test_a_null_token_skips_only_the_token_check(conn: Conn, store: JobSto
     assert [r["outcome"] for r in await complete_jobs(conn, "w1", [job.id], [{}])] == ["completed"]
     # Completed already: a repeat is refused, the first result stays.
     assert [r["outcome"] for r in await complete_jobs(conn, "w1", [job.id], [{"again": 1}])] == ["lease_lost"]
-    assert (await store.get(job.id)).result == {}
+    assert (await store.get_job(job.id)).result == {}
 
 
 @pytest.mark.parametrize(
@@ -109,17 +109,17 @@ async def test_bad_arguments_raise_as422_and_change_nothing(
     with pytest.raises(asyncpg.PostgresError) as caught:
         await complete_jobs(conn, "w1", ids, results, tokens)
     assert caught.value.sqlstate == "AS422"
-    assert (await store.get(job.id)).status == JobStatus.RUNNING
+    assert (await store.get_job(job.id)).status == JobStatus.RUNNING
 
 
 async def test_store_maps_bad_arguments_to_invalid_argument(store: JobStore, job_factory: JobFactory) -> None:
     (job,) = await claimed(store, job_factory, 1)
     with pytest.raises(errors.InvalidArgument):
-        await store.complete_many([(job.id, job.lease_token, {}), (job.id, job.lease_token, {})], "w1")
+        await store.complete_jobs("w1", [(job.id, job.lease_token, {}), (job.id, job.lease_token, {})])
 
 
 async def test_empty_call_is_a_no_op(store: JobStore) -> None:
-    assert await store.complete_many([], "w1") == {}
+    assert await store.complete_jobs("w1", []) == {}
 
 
 async def test_one_notification_per_call_and_counts_follow(
@@ -130,7 +130,7 @@ async def test_one_notification_per_call_and_counts_follow(
     got: list[str] = []
     try:
         await listener.add_listener("aiservice_jobs", lambda *a: got.append(str(a[3])))
-        await store.complete_many([(j.id, j.lease_token, {}) for j in jobs], "w1")
+        await store.complete_jobs("w1", [(j.id, j.lease_token, {}) for j in jobs])
         await asyncio.sleep(0.2)
     finally:
         await listener.close()
@@ -149,8 +149,8 @@ async def test_concurrent_batches_over_the_same_jobs_complete_each_once(
     jobs = await claimed(store, job_factory, 20)
     forward = [(j.id, j.lease_token, {"by": "a"}) for j in jobs]
     backward = [(j.id, j.lease_token, {"by": "b"}) for j in reversed(jobs)]
-    a, b = await asyncio.gather(store.complete_many(forward, "w1"), store.complete_many(backward, "w1"))
+    a, b = await asyncio.gather(store.complete_jobs("w1", forward), store.complete_jobs("w1", backward))
     for j in jobs:
         assert sorted([a[j.id], b[j.id]]) == ["completed", "lease_lost"]
         winner = "a" if a[j.id] == "completed" else "b"
-        assert (await store.get(j.id)).result == {"by": winner}
+        assert (await store.get_job(j.id)).result == {"by": winner}

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from aiservice.db.jobs import JobStore
-from aiservice.models import JobCreate
+from aiservice.jobs import JobCreate
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -25,16 +25,16 @@ async def fleet(store: JobStore) -> None:
         for i in range(60)
         for t, m in [("llm_chat", "qwen"), ("transcribe", "whisperx")][i % 2 : i % 2 + 1]
     ]
-    await store.create_many(specs)
-    claimed = await store.claim("w1", 30, lease_timeout=timedelta(minutes=5))
+    await store.create_jobs(specs)
+    claimed = await store.claim_jobs("w1", 30, lease_timeout=timedelta(minutes=5))
     for job in claimed[:10]:
-        await store.complete(job.id, "w1", {"ok": True})
+        await store.complete_job(job.id, "w1", {"ok": True})
     for job in claimed[10:15]:
-        await store.fail(job.id, "w1", "invalid_input", "bad", retryable=False)
+        await store.fail_job(job.id, "w1", "invalid_input", "bad", retryable=False)
     for job in claimed[15:20]:
-        await store.fail(job.id, "w1", "timeout", "slow")  # back to pending
-    await store.cancel(claimed[20].id)
-    await store.retry(claimed[10].id)
+        await store.fail_job(job.id, "w1", "timeout", "slow")  # back to pending
+    await store.cancel_job(claimed[20].id)
+    await store.retry_job(claimed[10].id)
 
 
 def as_counts(stats: Any) -> dict[tuple[str, str, str], int]:

@@ -199,7 +199,7 @@ async def test_jobs_of_another_profile_or_type_are_not_claimed(
     await wait_for_status(store, mine.id, "completed")
 
     for job in (other_profile, other_type, wrong_pair):
-        again = await store.get(job.id)
+        again = await store.get_job(job.id)
         assert (again.status, again.attempts, again.worker_id) == ("pending", 0, None)
 
 

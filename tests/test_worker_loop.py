@@ -26,8 +26,8 @@ from stubs import (
 )
 
 from aiservice.db.jobs import JobStore
-from aiservice.models import JobFilter, JobStatus
-from worker.llm import LLMHandler
+from aiservice.jobs import JobFilter, JobStatus
+from worker.kinds.llm import LLMKind
 from worker.runner import Runner
 
 # Fixtures shared by the worker tests.
@@ -117,7 +117,7 @@ async def test_cancelling_a_running_job_aborts_the_provider_call(
     job = await job_factory(input={"user": "think forever"})
     await wait_for_status(store, job.id, "running")
 
-    cancelled = await store.cancel(job.id)
+    cancelled = await store.cancel_job(job.id)
     assert cancelled.status == "cancelled"
 
     # The worker hears the abort, finds its lease gone and closes the request.
@@ -128,7 +128,7 @@ async def test_cancelling_a_running_job_aborts_the_provider_call(
         return worker.runner.in_flight == 0
 
     await wait_for(idle, what="the worker to drop the job")
-    after = await store.get(job.id)
+    after = await store.get_job(job.id)
     assert (after.status, after.result, after.error_category) == ("cancelled", None, None)
     assert worker.runner.counts.aborted == 1
     assert worker.runner.counts.completed == worker.runner.counts.failed == 0
@@ -142,7 +142,7 @@ async def test_a_running_job_reset_elsewhere_is_stopped_and_run_again(
     job = await job_factory(input={"user": "again"})
     await wait_for_status(store, job.id, "running")
 
-    await store.retry(job.id)
+    await store.retry_job(job.id)
 
     done = await wait_for_status(store, job.id, "completed", within=5)
     assert (done.result or {})["content"] == "echo: again"
@@ -181,14 +181,14 @@ async def test_claims_only_into_free_slots(
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         # One statement, so the count is a consistent snapshot.
-        running = await store.find(JobFilter(status=[JobStatus.RUNNING]), before_id=None, limit=100)
+        running = await store.list_jobs(JobFilter(status=[JobStatus.RUNNING]), before_id=None, limit=100)
         peak = max(peak, len(running))
         assert worker.runner.in_flight <= 2
-        if not running and [(await store.get(j.id)).status for j in jobs] == ["completed"] * 5:
+        if not running and [(await store.get_job(j.id)).status for j in jobs] == ["completed"] * 5:
             break
         await asyncio.sleep(0.02)
 
-    assert [(await store.get(j.id)).status for j in jobs] == ["completed"] * 5
+    assert [(await store.get_job(j.id)).status for j in jobs] == ["completed"] * 5
     assert peak <= 2
     assert worker.runner.counts.claimed == 5
 
@@ -207,10 +207,10 @@ async def test_shutdown_finishes_jobs_in_grace_and_hands_back_the_rest(
 
     await worker.stop(grace=1.5)
 
-    assert (await store.get(quick.id)).status == "completed"
-    released = await store.get(endless.id)
+    assert (await store.get_job(quick.id)).status == "completed"
+    released = await store.get_job(endless.id)
     assert (released.status, released.attempts, released.error_category) == ("pending", 0, "worker_shutdown")
-    assert (await store.get(waiting.id)).status == "pending"
+    assert (await store.get_job(waiting.id)).status == "pending"
     assert openai_stub.disconnects == ["endless"]
     assert worker.runner.counts.released == 1
 
@@ -282,7 +282,7 @@ async def test_a_result_after_the_lease_was_taken_over_is_discarded(
     # No listener and heartbeats far apart: nothing tells this runner that its lease was lost
     # until it tries to store the result.
     openai_stub.on("late", slow(1.5))
-    llm = LLMHandler(base_url=openai_stub.base_url, api_key=None, model="qwen2.5-14b", timeout=timedelta(seconds=30))
+    llm = LLMKind(base_url=openai_stub.base_url, api_key=None, model="qwen2.5-14b", timeout=timedelta(seconds=30))
     runner = Runner(
         store,
         [llm],
@@ -298,7 +298,7 @@ async def test_a_result_after_the_lease_was_taken_over_is_discarded(
         first = await wait_for_status(store, job.id, "running")
         assert first.worker_id == "slowpoke"
         await asyncio.sleep(0.4)
-        (taken,) = await store.claim("other", 1, lease_timeout=timedelta(minutes=5))
+        (taken,) = await store.claim_jobs("other", 1, lease_timeout=timedelta(minutes=5))
         assert taken.id == job.id
 
         async def settled() -> bool:
@@ -306,7 +306,7 @@ async def test_a_result_after_the_lease_was_taken_over_is_discarded(
 
         await wait_for(settled, what="the slow runner to finish")
         assert runner.counts.discarded == 1 and runner.counts.completed == 0
-        after = await store.get(job.id)
+        after = await store.get_job(job.id)
         assert (after.status, after.worker_id, after.result) == ("running", "other", None)
     finally:
         await runner.shutdown(grace=0)

@@ -104,10 +104,10 @@ async def test_sigterm_with_jobs_in_flight_loses_none(
     worker.proc.send_signal(signal.SIGTERM)
 
     assert await worker.wait(within=15) == 0, worker.output()
-    done = await store.get(finishing.id)
+    done = await store.get_job(finishing.id)
     assert (done.status, (done.result or {}).get("content")) == ("completed", "echo: finishes in grace")
     # Handed back without using up an attempt; its provider call was closed.
-    back = await store.get(endless.id)
+    back = await store.get_job(endless.id)
     assert (back.status, back.attempts, back.lease_token, back.error_category) == (
         "pending",
         0,
@@ -116,7 +116,7 @@ async def test_sigterm_with_jobs_in_flight_loses_none(
     )
     assert openai_stub.disconnects == ["never finishes"]
     for job in queued:
-        again = await store.get(job.id)
+        again = await store.get_job(job.id)
         assert (again.status, again.attempts) == ("pending", 0)
     assert "released" in worker.output()
 
@@ -157,7 +157,7 @@ async def test_sigkill_mid_job_completes_elsewhere_and_the_late_result_is_refuse
     # Whatever the dead worker would have sent, fencing refuses it.
     assert running.lease_token is not None
     with pytest.raises(errors.LeaseLost):
-        await store.complete(job.id, "doomed", {"content": "late"}, lease_token=running.lease_token)
+        await store.complete_job(job.id, "doomed", {"content": "late"}, lease_token=running.lease_token)
     with pytest.raises(errors.LeaseLost):
-        await store.fail(job.id, "doomed", "timeout", "late", lease_token=running.lease_token)
-    assert (await store.get(job.id)).result == done.result
+        await store.fail_job(job.id, "doomed", "timeout", "late", lease_token=running.lease_token)
+    assert (await store.get_job(job.id)).result == done.result

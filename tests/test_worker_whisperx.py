@@ -18,7 +18,7 @@ from stubs import (
 )
 
 from aiservice.db.jobs import JobStore
-from worker.whisperx import WhisperXHandler
+from worker.kinds.whisperx import WhisperXKind
 
 AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt fake audio"
 
@@ -107,7 +107,7 @@ async def test_errors_and_bad_input_become_categories(
     asr_stub.on(b"garbage", status(200, "<html>not json</html>"))
     asr_stub.on(b"huge", status(413, "file too large"))
     asr_stub.files["big.wav"] = b"x" * 2048
-    handler = WhisperXHandler(url=asr_stub.url, timeout=timedelta(seconds=5), max_audio_bytes=1024)
+    kind = WhisperXKind(url=asr_stub.url, timeout=timedelta(seconds=5), max_audio_bytes=1024)
     cases = {
         "busy": ({"audio_base64": base64.b64encode(b"busy").decode()}, "provider_unavailable", True),
         "crash": ({"audio_base64": base64.b64encode(b"crash").decode()}, "provider_error", True),
@@ -122,12 +122,12 @@ async def test_errors_and_bad_input_become_categories(
         "wrong type": ({"audio_base64": "eA==", "diarize": "yes"}, "invalid_input", False),
     }
     jobs = {name: await job_factory(**transcribe_job(**job_input)) for name, (job_input, _, _) in cases.items()}
-    await worker_factory(handlers=[handler], worker_claim_limit=len(jobs))
+    await worker_factory(kinds=[kind], worker_claim_limit=len(jobs))
 
     for name, (_, category, retried) in cases.items():
         job = await wait_for_outcome(store, jobs[name].id)
         assert (job.error_category, job.status == "pending", job.attempts) == (category, retried, 1), name
-    busy = await store.get(jobs["busy"].id)
+    busy = await store.get_job(jobs["busy"].id)
     assert 29 <= (busy.run_at - busy.updated_at).total_seconds() <= 31
 
 
@@ -139,19 +139,19 @@ async def test_transcribe_jobs_wait_when_whisperx_is_not_configured(
     await worker_factory(whisperx_url=None)
 
     await wait_for_status(store, llm.id, "completed")
-    assert (await store.get(job.id)).status == "pending"
+    assert (await store.get_job(job.id)).status == "pending"
 
 
 async def test_an_unreachable_server_is_retried_without_its_credentials_and_timed(
     store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory
 ) -> None:
     # Port 9 on loopback: nothing listens there.
-    handler = WhisperXHandler(url="http://asr:wx-secret-pass@127.0.0.1:9", timeout=timedelta(seconds=5))
+    kind = WhisperXKind(url="http://asr:wx-secret-pass@127.0.0.1:9", timeout=timedelta(seconds=5))
     before = REGISTRY.get_sample_value(
         "aiservice_provider_request_seconds_count", {"provider": "whisperx", "outcome": "error"}
     )
     job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(AUDIO).decode()))
-    await worker_factory(handlers=[handler])
+    await worker_factory(kinds=[kind])
     done = await wait_for_outcome(store, job.id)
     assert (done.status, done.error_category) == ("pending", "provider_unavailable")
     assert done.error_message and "wx-secret-pass" not in done.error_message

@@ -1,4 +1,4 @@
-"""The worker process: one pool, the built-in handlers, the runner, the listener and the HTTP server."""
+"""The worker process: one pool, the built-in kinds, the runner, the listener and the HTTP server."""
 
 from __future__ import annotations
 
@@ -18,21 +18,21 @@ from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
 from aiservice.settings import Settings, SettingsError
 from worker import http
-from worker.handler import Handler
+from worker.kinds import Kind, describe
+from worker.kinds.llm import LLMKind
+from worker.kinds.whisperx import WhisperXKind
 from worker.listener import Listener
-from worker.llm import LLMHandler
 from worker.runner import Runner
-from worker.whisperx import WhisperXHandler
 
 log = logging.getLogger(__name__)
 
 
-def build_handlers(settings: Settings) -> list[Handler]:
+def build_kinds(settings: Settings) -> list[Kind]:
     """The built-in workers whose provider is configured."""
-    handlers: list[Handler] = []
+    kinds: list[Kind] = []
     if settings.llm_base_url:
-        handlers.append(
-            LLMHandler(
+        kinds.append(
+            LLMKind(
                 base_url=settings.llm_base_url,
                 api_key=settings.llm_api_key,
                 model=settings.llm_model,
@@ -40,23 +40,23 @@ def build_handlers(settings: Settings) -> list[Handler]:
             )
         )
     if settings.whisperx_url:
-        handlers.append(WhisperXHandler(url=settings.whisperx_url, timeout=settings.whisperx_timeout))
-    return handlers
+        kinds.append(WhisperXKind(url=settings.whisperx_url, timeout=settings.whisperx_timeout))
+    return kinds
 
 
 class Worker:
     def __init__(
         self,
         settings: Settings,
-        handlers: Sequence[Handler] | None = None,
+        kinds: Sequence[Kind] | None = None,
         *,
         listener_backoff: float = 0.5,
         listener_check_interval: float = 10.0,
     ) -> None:
         self.settings = settings
         self.dsn = settings.require_database()
-        self.handlers = list(build_handlers(settings) if handlers is None else handlers)
-        if not self.handlers:
+        self.kinds = list(build_kinds(settings) if kinds is None else kinds)
+        if not self.kinds:
             raise SettingsError("no built-in worker is configured: set LLM_BASE_URL and/or WHISPERX_URL")
         self.started_at = datetime.now(UTC)
         self.http_port: int | None = None
@@ -93,7 +93,7 @@ class Worker:
             self._store = JobStore(self._pool)
             self._runner = Runner(
                 self._store,
-                self.handlers,
+                self.kinds,
                 worker_id=settings.worker_id,
                 claim_limit=settings.worker_claim_limit,
                 lease_timeout=settings.worker_lease_timeout,
@@ -119,7 +119,7 @@ class Worker:
         log.info(
             "worker %s serving %s; HTTP on %s:%s",
             settings.worker_id,
-            ", ".join(f"{'/'.join(h.task_types)} @ {'/'.join(h.model_profiles)}" for h in self.handlers),
+            describe(self.kinds),
             settings.worker_http_host,
             self.http_port,
         )
@@ -145,11 +145,11 @@ class Worker:
         if self._listener_task is not None:
             self._listener_task.cancel()
             await asyncio.gather(self._listener_task, return_exceptions=True)
-        for handler in self.handlers:
+        for kind in self.kinds:
             try:
-                await handler.close()
+                await kind.close()
             except Exception:
-                log.exception("closing the %s worker failed", handler.name)
+                log.exception("closing the %s worker failed", kind.name)
         if self._http is not None:
             await self._http.cleanup()
         if self._pool is not None:
@@ -171,8 +171,8 @@ class Worker:
             "started_at": self.started_at,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "serves": [
-                {"worker": h.name, "task_types": list(h.task_types), "model_profiles": list(h.model_profiles)}
-                for h in self.handlers
+                {"worker": k.name, "task_types": list(k.task_types), "model_profiles": list(k.model_profiles)}
+                for k in self.kinds
             ],
             "claim_limit": self.settings.worker_claim_limit,
             **(self._runner.status() if self._runner is not None else {}),

@@ -11,7 +11,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from aiservice import settings
-from aiservice.models import Job
+from aiservice.jobs import Job
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,7 +26,7 @@ _CONTEXT_LENGTH = re.compile(
 
 
 class JobFailure(Exception):
-    """Raised by a handler to fail the attempt with a category; the runner records it with fail_job."""
+    """Raised by a job kind to fail the attempt with a category; the runner records it with fail_job."""
 
     def __init__(self, category: str, message: str, *, retryable: bool, retry_after: timedelta | None = None) -> None:
         super().__init__(f"{category}: {message}")

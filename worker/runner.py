@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from aiservice import errors, metrics
 from aiservice.db.jobs import JobStore
-from aiservice.models import Job, JobStatus
+from aiservice.jobs import Job, JobStatus
 from worker.failure import JobFailure
-from worker.handler import Handler, serves
+from worker.kinds import Kind, serves
 from worker.listener import Abort, Event, Pending
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ _MAX_TIMERS = 256
 @dataclass
 class InFlight:
     job: Job
-    handler: Handler
+    kind: Kind
     work: asyncio.Task[dict[str, Any]]
     started: float = field(default_factory=time.monotonic)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -58,7 +58,7 @@ class Runner:
     def __init__(
         self,
         store: JobStore,
-        handlers: Sequence[Handler],
+        kinds: Sequence[Kind],
         *,
         worker_id: str,
         claim_limit: int,
@@ -67,7 +67,7 @@ class Runner:
         heartbeat_interval: timedelta | None = None,
     ) -> None:
         self.store = store
-        self.handlers = list(handlers)
+        self.kinds = list(kinds)
         self.worker_id = worker_id
         self.claim_limit = claim_limit
         metrics.WORKER_SLOTS.labels("total").set(claim_limit)
@@ -102,7 +102,7 @@ class Runner:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, Pending):
-            if not any(serves(h, event.task_type, event.model_profile) for h in self.handlers):
+            if not any(serves(k, event.task_type, event.model_profile) for k in self.kinds):
                 return
             if event.run_at is None:
                 self.wake()
@@ -149,24 +149,24 @@ class Runner:
             return
         self.last_poll_at = datetime.now(UTC)
         # Rotating the order keeps one busy kind of job from starving the others.
-        first = self._rotation % len(self.handlers)
+        first = self._rotation % len(self.kinds)
         self._rotation += 1
-        for handler in self.handlers[first:] + self.handlers[:first]:
+        for kind in self.kinds[first:] + self.kinds[:first]:
             if free <= 0 or self._stopping:
                 break
             try:
-                jobs = await self.store.claim(
+                jobs = await self.store.claim_jobs(
                     self.worker_id,
                     free,
                     lease_timeout=self.lease_timeout,
-                    task_types=list(handler.task_types),
-                    model_profiles=list(handler.model_profiles),
+                    task_types=list(kind.task_types),
+                    model_profiles=list(kind.model_profiles),
                 )
             except errors.DatabaseUnavailable:
                 log.warning("claim skipped: PostgreSQL unavailable")
                 return
             for job in jobs:
-                self._start(job, handler)
+                self._start(job, kind)
             if jobs:
                 self.last_claim_at = datetime.now(UTC)
                 self.counts.claimed += len(jobs)
@@ -174,7 +174,7 @@ class Runner:
         # Every slot filled: there may be more waiting, so claim again as soon as one frees up.
         self._backlog = free <= 0
 
-    def _start(self, job: Job, handler: Handler) -> None:
+    def _start(self, job: Job, kind: Kind) -> None:
         log.info(
             "job %d (%s/%s) attempt %d started",
             job.id,
@@ -185,8 +185,8 @@ class Runner:
         )
         if job.started_at is not None:
             metrics.WAIT_SECONDS.labels(job.task_type).observe((job.started_at - job.created_at).total_seconds())
-        work = asyncio.create_task(handler.run(job), name=f"aiservice-job-{job.id}")
-        flight = InFlight(job=job, handler=handler, work=work)
+        work = asyncio.create_task(kind.run(job), name=f"aiservice-job-{job.id}")
+        flight = InFlight(job=job, kind=kind, work=work)
         self._inflight[job.id] = flight
         metrics.WORKER_SLOTS.labels("busy").set(len(self._inflight))
         supervisor = asyncio.create_task(self._supervise(flight), name=f"aiservice-supervise-{job.id}")
@@ -225,7 +225,7 @@ class Runner:
             return False
         job = flight.job
         try:
-            await self.store.heartbeat(
+            await self.store.heartbeat_job(
                 job.id, self.worker_id, lease_timeout=self.lease_timeout, lease_token=job.lease_token
             )
         except (errors.LeaseLost, errors.JobNotFound):
@@ -248,7 +248,7 @@ class Runner:
 
     async def _settle(self, flight: InFlight) -> None:
         job, work = flight.job, flight.work
-        # A handler that swallowed its cancellation still ends here as stopped.
+        # A kind that swallowed its cancellation still ends here as stopped.
         if work.cancelled() or flight.stop_reason is not None:
             if flight.stop_reason == "lease_lost":
                 self.counts.aborted += 1
@@ -268,7 +268,7 @@ class Runner:
     async def _complete(self, job: Job, result: dict[str, Any]) -> None:
         try:
             await self._retrying(
-                lambda: self.store.complete(job.id, self.worker_id, result, lease_token=job.lease_token)
+                lambda: self.store.complete_job(job.id, self.worker_id, result, lease_token=job.lease_token)
             )
         except errors.InvalidArgument as exc:
             # A result PostgreSQL cannot store (NUL characters, NaN) is the provider's output at fault.
@@ -280,18 +280,18 @@ class Runner:
 
     async def _fail(self, flight: InFlight, exc: BaseException) -> None:
         if not isinstance(exc, JobFailure):
-            log.error("job %d: the %s worker raised", flight.job.id, flight.handler.name, exc_info=exc)
+            log.error("job %d: the %s worker raised", flight.job.id, flight.kind.name, exc_info=exc)
             # The exception text may hold anything (URLs, headers): the stored message names only its type.
             exc = JobFailure(
                 "worker_error",
-                f"unexpected {type(exc).__name__} in the {flight.handler.name} worker; see its log",
+                f"unexpected {type(exc).__name__} in the {flight.kind.name} worker; see its log",
                 retryable=False,
             )
         await self._record_failure(flight.job, exc)
 
     async def _record_failure(self, job: Job, fail: JobFailure) -> None:
         updated = await self._retrying(
-            lambda: self.store.fail(
+            lambda: self.store.fail_job(
                 job.id,
                 self.worker_id,
                 fail.category,
@@ -328,7 +328,7 @@ class Runner:
         if flight is None:
             return None
         if category:
-            metrics.PROVIDER_ERRORS.labels(flight.handler.name, category).inc()
+            metrics.PROVIDER_ERRORS.labels(flight.kind.name, category).inc()
         elapsed = time.monotonic() - flight.started
         metrics.RUN_SECONDS.labels(job.task_type, status).observe(elapsed)
         return round(elapsed * 1000, 1)
@@ -349,7 +349,7 @@ class Runner:
 
     async def _release(self, job: Job) -> None:
         try:
-            await self.store.release(job.id, self.worker_id, lease_token=job.lease_token)
+            await self.store.release_job(job.id, self.worker_id, lease_token=job.lease_token)
         except (errors.LeaseLost, errors.JobNotFound):
             return
         except errors.DatabaseUnavailable:

@@ -15,13 +15,13 @@ from prometheus_async.aio.web import server_stats
 from aiservice import errors, metrics
 from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, Handler, reply
 from aiservice.api.openapi import openapi_document
+from aiservice.api.schemas import ErrorBody
 from aiservice.auth import bearer_middleware
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
 from aiservice.infra import InfraStatus
 from aiservice.maintenance import maintain_forever
-from aiservice.models import ErrorBody
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
 

@@ -1,4 +1,6 @@
-"""HTTP handlers: parse with pydantic, one repository call, serialize."""
+"""HTTP handlers: parse with pydantic, one repository call, serialize.
+
+A handler that calls an SQL function is named for it, as is the JobStore method between them."""
 
 from __future__ import annotations
 
@@ -12,9 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from aiservice import errors, metrics
-from aiservice.db.jobs import JobStore
-from aiservice.infra import InfraStatus
-from aiservice.models import (
+from aiservice.api.schemas import (
     Affected,
     BatchCreate,
     ClaimRequest,
@@ -24,16 +24,16 @@ from aiservice.models import (
     Health,
     HeartbeatRequest,
     InfraReport,
-    Job,
-    JobCreate,
     JobPage,
     Jobs,
     Lease,
     ListQuery,
     ProvidersStatus,
-    Stats,
     StatsQuery,
 )
+from aiservice.db.jobs import JobStore
+from aiservice.infra import InfraStatus
+from aiservice.jobs import Job, JobCreate, Stats
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
 
@@ -107,39 +107,39 @@ def store(request: web.Request) -> JobStore:
 
 async def create_job(request: web.Request) -> web.Response:
     spec = await body(request, JobCreate)
-    job, created = await store(request).create(spec)
+    job, created = await store(request).create_job(spec)
     if created:
         metrics.JOBS_CREATED.labels(job.task_type, job.model_profile).inc()
     return reply(job, 201 if created else 200)
 
 
-async def create_batch(request: web.Request) -> web.Response:
+async def create_jobs(request: web.Request) -> web.Response:
     batch = await body(request, BatchCreate)
     try:
         specs = batch.merged()
     except ValidationError as exc:
         raise validation_error(exc, within=("jobs",)) from exc
-    created = await store(request).create_many(specs)
+    created = await store(request).create_jobs(specs)
     metrics.count_created(job for job, new in created if new)
     return reply(Jobs(jobs=[job for job, _ in created]), 201)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     q = query(request, ListQuery)
-    found = await store(request).find(q, before_id=q.cursor, limit=q.limit)
+    found = await store(request).list_jobs(q, before_id=q.cursor, limit=q.limit)
     cursor = str(found[-1].id) if len(found) == q.limit else None
     return reply(JobPage(jobs=found, next_cursor=cursor))
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return reply(await store(request).get(job_id(request)))
+    return reply(await store(request).get_job(job_id(request)))
 
 
 async def claim_jobs(request: web.Request) -> web.Response:
     req = await body(request, ClaimRequest)
     settings = request.app[SETTINGS]
     lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
-    claimed = await store(request).claim(
+    claimed = await store(request).claim_jobs(
         req.worker_id, req.limit, lease_timeout=lease, task_types=req.task_types, model_profiles=req.model_profiles
     )
     return reply(Jobs(jobs=claimed))
@@ -150,20 +150,20 @@ async def heartbeat_job(request: web.Request) -> web.Response:
     req = await body(request, HeartbeatRequest)
     settings = request.app[SETTINGS]
     lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
-    expires = await store(request).heartbeat(jid, req.worker_id, lease_timeout=lease, lease_token=req.lease_token)
+    expires = await store(request).heartbeat_job(jid, req.worker_id, lease_timeout=lease, lease_token=req.lease_token)
     return reply(Lease(id=jid, lease_expires_at=expires))
 
 
 async def complete_job(request: web.Request) -> web.Response:
     jid = job_id(request)
     req = await body(request, CompleteRequest)
-    return reply(await store(request).complete(jid, req.worker_id, req.result, lease_token=req.lease_token))
+    return reply(await store(request).complete_job(jid, req.worker_id, req.result, lease_token=req.lease_token))
 
 
 async def fail_job(request: web.Request) -> web.Response:
     jid = job_id(request)
     req = await body(request, FailRequest)
-    job = await store(request).fail(
+    job = await store(request).fail_job(
         jid,
         req.worker_id,
         req.error_category,
@@ -176,20 +176,20 @@ async def fail_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    return reply(await store(request).retry(job_id(request)))
+    return reply(await store(request).retry_job(job_id(request)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    return reply(await store(request).cancel(job_id(request)))
+    return reply(await store(request).cancel_job(job_id(request)))
 
 
 async def retry_jobs(request: web.Request) -> web.Response:
-    ids = await store(request).retry_many(await body(request, FilterAction))
+    ids = await store(request).retry_jobs(await body(request, FilterAction))
     return reply(Affected(count=len(ids), ids=ids))
 
 
 async def cancel_jobs(request: web.Request) -> web.Response:
-    ids = await store(request).cancel_many(await body(request, FilterAction))
+    ids = await store(request).cancel_jobs(await body(request, FilterAction))
     return reply(Affected(count=len(ids), ids=ids))
 
 
@@ -262,7 +262,7 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST",
         f"{API}/jobs/batch",
-        create_batch,
+        create_jobs,
         "Create many jobs with shared defaults",
         Jobs,
         body=BatchCreate,

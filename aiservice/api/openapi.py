@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from aiservice import __version__
 from aiservice.api.handlers import ROUTES, Route
-from aiservice.models import ErrorBody
+from aiservice.api.schemas import ErrorBody
 
 REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {

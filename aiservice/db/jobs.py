@@ -1,4 +1,6 @@
-"""The repository: every call from Python into the aiservice SQL API goes through here."""
+"""The repository: every call from Python into the aiservice SQL API goes through here.
+
+Each JobStore method is named for the SQL function it calls (list_jobs calls aiservice.list_jobs)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from aiservice import errors
-from aiservice.models import JOB_CREATES, JOB_LIST, FilterAction, Job, JobCreate, JobFilter, JobStatus, Stats
+from aiservice.jobs import JOB_CREATES, JOB_LIST, Job, JobCreate, JobFilter, JobSelection, JobStatus, Stats
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class JobStore:
         (row,) = await self._fetch(function, args)
         return _job(row)
 
-    async def create(self, spec: JobCreate) -> tuple[Job, bool]:
+    async def create_job(self, spec: JobCreate) -> tuple[Job, bool]:
         (row,) = await self._fetch(
             "create_job",
             {
@@ -114,19 +116,19 @@ class JobStore:
         created = row["created"]
         return _job(row), bool(created)
 
-    async def create_many(self, specs: Iterable[JobCreate]) -> list[tuple[Job, bool]]:
+    async def create_jobs(self, specs: Iterable[JobCreate]) -> list[tuple[Job, bool]]:
         docs = JOB_CREATES.dump_python(list(specs), mode="json", exclude_none=True)
         rows = await self._fetch("create_jobs", {"p_jobs": docs}, _JOB_AND_CREATED)
         return list(zip(_jobs(rows), (bool(r["created"]) for r in rows), strict=True))
 
-    async def get(self, job_id: int) -> Job:
+    async def get_job(self, job_id: int) -> Job:
         return await self._one("get_job", {"p_id": job_id})
 
-    async def find(self, f: JobFilter, *, before_id: int | None, limit: int) -> list[Job]:
+    async def list_jobs(self, f: JobFilter, *, before_id: int | None, limit: int) -> list[Job]:
         args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit}
         return _jobs(await self._fetch("list_jobs", args))
 
-    async def claim(
+    async def claim_jobs(
         self,
         worker_id: str,
         limit: int,
@@ -144,7 +146,7 @@ class JobStore:
         }
         return _jobs(await self._fetch("claim_jobs", args))
 
-    async def heartbeat(
+    async def heartbeat_job(
         self, job_id: int, worker_id: str, *, lease_timeout: timedelta, lease_token: UUID | None = None
     ) -> datetime:
         args = {
@@ -157,30 +159,31 @@ class JobStore:
         expires: datetime = row[0]
         return expires
 
-    async def complete(
+    async def complete_job(
         self, job_id: int, worker_id: str, result: dict[str, Any], *, lease_token: UUID | None = None
     ) -> Job:
         args = {"p_id": job_id, "p_worker_id": worker_id, "p_result": result, "p_lease_token": lease_token}
         return await self._one("complete_job", args)
 
-    async def complete_many(
-        self, outcomes: Iterable[tuple[int, UUID | None, dict[str, Any]]], worker_id: str
+    async def complete_jobs(
+        self, worker_id: str, completions: Iterable[tuple[int, UUID | None, dict[str, Any]]]
     ) -> dict[int, str]:
-        """Complete many running jobs of ``worker_id`` in one transaction (aiservice.complete_jobs).
+        """Complete many running jobs of ``worker_id`` in one transaction.
 
-        ``outcomes`` holds (job id, lease token or None, result). Returns each id's outcome:
-        "completed", "lease_lost" or "not_found"; fencing is per job, as in ``complete``."""
+        ``completions`` holds (job id, lease token or None, result). Returns each id's outcome:
+        "completed", or "lease_lost" / "not_found" for a job left unchanged; fencing is per job,
+        as in ``complete_job``, and a refused job does not stop the others."""
         ids: list[int] = []
         tokens: list[UUID | None] = []
         results: list[dict[str, Any]] = []
-        for job_id, token, result in outcomes:
+        for job_id, token, result in completions:
             ids.append(job_id)
             tokens.append(token)
             results.append(result)
         args = {"p_worker_id": worker_id, "p_ids": ids, "p_results": results, "p_lease_tokens": tokens}
         return {int(r["id"]): str(r["outcome"]) for r in await self._fetch("complete_jobs", args)}
 
-    async def fail(
+    async def fail_job(
         self,
         job_id: int,
         worker_id: str,
@@ -202,23 +205,23 @@ class JobStore:
         }
         return await self._one("fail_job", args)
 
-    async def release(self, job_id: int, worker_id: str, *, lease_token: UUID | None = None) -> Job:
+    async def release_job(self, job_id: int, worker_id: str, *, lease_token: UUID | None = None) -> Job:
         return await self._one("release_job", {"p_id": job_id, "p_worker_id": worker_id, "p_lease_token": lease_token})
 
-    async def retry(self, job_id: int) -> Job:
+    async def retry_job(self, job_id: int) -> Job:
         return await self._one("retry_job", {"p_id": job_id})
 
-    async def cancel(self, job_id: int) -> Job:
+    async def cancel_job(self, job_id: int) -> Job:
         return await self._one("cancel_job", {"p_id": job_id})
 
-    async def retry_many(self, action: FilterAction) -> list[int]:
-        return await self._ids("retry_jobs", action)
+    async def retry_jobs(self, selection: JobSelection) -> list[int]:
+        return await self._ids("retry_jobs", selection)
 
-    async def cancel_many(self, action: FilterAction) -> list[int]:
-        return await self._ids("cancel_jobs", action)
+    async def cancel_jobs(self, selection: JobSelection) -> list[int]:
+        return await self._ids("cancel_jobs", selection)
 
-    async def _ids(self, function: str, action: FilterAction) -> list[int]:
-        args = _filter_args(action) | {"p_ids": action.ids, "p_all": action.all}
+    async def _ids(self, function: str, selection: JobSelection) -> list[int]:
+        args = _filter_args(selection) | {"p_ids": selection.ids, "p_all": selection.all}
         return sorted(int(r[0]) for r in await self._fetch(function, args))
 
     async def expire_leases(self) -> list[Job]:
@@ -228,7 +231,7 @@ class JobStore:
         (row,) = await self._fetch("stats", {"p_window": window})
         return Stats.model_validate(row[0])
 
-    async def purge(self, older_than: timedelta, limit: int = 10_000) -> int:
+    async def purge_jobs(self, older_than: timedelta, limit: int = 10_000) -> int:
         (row,) = await self._fetch("purge_jobs", {"p_older_than": older_than, "p_limit": limit})
         return int(row[0])
 

@@ -1,4 +1,4 @@
-"""The LLM worker: chat jobs sent to an OpenAI-compatible server (vLLM, OpenAI, ...) with the openai client."""
+"""The LLM job kind: chat jobs sent to an OpenAI-compatible server (vLLM, OpenAI, ...) with the openai client."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aiservice import metrics
-from aiservice.models import Job
+from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
 from worker import failure
 from worker.failure import JobFailure
@@ -79,7 +79,7 @@ def parse_json(content: str) -> Any:
     return json.loads(fenced.group(1) if fenced else text)
 
 
-class LLMHandler:
+class LLMKind:
     name = "llm"
     task_types: tuple[str, ...] = TASK_TYPES
 

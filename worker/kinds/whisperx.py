@@ -1,4 +1,4 @@
-"""The WhisperX worker: transcribe jobs sent to a whisper-asr-webservice server (WhisperX engine).
+"""The WhisperX job kind: transcribe jobs sent to a whisper-asr-webservice server (WhisperX engine).
 
 Contract: POST {WHISPERX_URL}/asr?output=json&task=transcribe&... with the audio as multipart field
 ``audio_file``; the answer is JSON whatever its content type says."""
@@ -19,7 +19,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aiservice import metrics
-from aiservice.models import Job
+from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
 from worker import failure
 
@@ -107,7 +107,7 @@ def transcript(body: Any, spec: TranscribeInput) -> dict[str, Any]:
     }
 
 
-class WhisperXHandler:
+class WhisperXKind:
     name = "whisperx"
     task_types: tuple[str, ...] = (TASK_TYPE,)
     model_profiles: tuple[str, ...] = (MODEL_PROFILE,)

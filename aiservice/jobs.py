@@ -1,14 +1,17 @@
-"""Request and response shapes, shared by the HTTP API, the repository and the worker."""
+"""The job domain: what a job is, how one is specified, which jobs an operation selects, statistics.
+
+The repository (aiservice/db/jobs.py) takes and returns these types; the HTTP API and the worker
+share them. HTTP request and response bodies live in aiservice/api/schemas.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 
 class JobStatus(StrEnum):
@@ -21,7 +24,7 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-def _no_nul(value: str) -> str:
+def no_nul(value: str) -> str:
     # PostgreSQL text cannot hold NUL; refuse it here with a clear message.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
@@ -55,8 +58,8 @@ def _not_too_deep(value: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"must not nest objects and arrays more than {MAX_JSON_DEPTH} levels deep")
 
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Ref = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_no_nul)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(no_nul)]
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(no_nul)]
 Category = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 Priority = Annotated[int, Field(ge=-1000, le=1000)]
 MaxAttempts = Annotated[int, Field(ge=1, le=100)]
@@ -95,24 +98,9 @@ class Job(BaseModel):
     updated_at: datetime
 
 
-class JobDefaults(Strict):
-    """Fields a batch applies to every job that does not set them."""
-
-    owner_service: Name | None = None
-    owner_ref: Ref | None = None
-    task_type: Name | None = None
-    model_profile: Name | None = None
-    input: Payload | None = None
-    priority: Priority | None = None
-    run_at: Timestamp | None = None
-    max_attempts: MaxAttempts | None = None
-
-
-class BatchJob(JobDefaults):
-    idempotency_key: Ref | None = None
-
-
 class JobCreate(Strict):
+    """A job to create (create_job, create_jobs)."""
+
     owner_service: Name
     owner_ref: Ref
     task_type: Name
@@ -124,17 +112,9 @@ class JobCreate(Strict):
     idempotency_key: Ref | None = None
 
 
-class BatchCreate(Strict):
-    defaults: JobDefaults = Field(default_factory=JobDefaults)
-    jobs: list[BatchJob] = Field(min_length=1, max_length=50_000)
-
-    def merged(self) -> list[JobCreate]:
-        """Each job with the defaults applied, validated as a single create (in one pass)."""
-        base = self.defaults.model_dump(exclude_none=True)
-        return JOB_CREATES.validate_python([base | job.model_dump(exclude_none=True) for job in self.jobs])
-
-
 class JobFilter(Strict):
+    """Which jobs list_jobs returns; every field given must match."""
+
     owner_service: Name | None = None
     owner_ref: Ref | None = None
     task_type: Name | None = None
@@ -144,74 +124,12 @@ class JobFilter(Strict):
     created_before: Timestamp | None = None
 
 
-class ListQuery(JobFilter):
-    limit: int = Field(default=50, ge=1, le=500)
-    cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
-
-
-class JobPage(BaseModel):
-    jobs: list[Job]
-    next_cursor: str | None
-
-
-class Jobs(BaseModel):
-    jobs: list[Job]
-
-
-class FilterAction(JobFilter):
-    """Retry or cancel by filter. An empty filter is refused unless all is true."""
+class JobSelection(JobFilter):
+    """Which jobs retry_jobs or cancel_jobs act on: a filter and/or ids. An empty selection is
+    refused unless all is true."""
 
     ids: list[JobId] | None = Field(default=None, max_length=50_000)
     all: bool = False
-
-
-class Affected(BaseModel):
-    count: int
-    ids: list[int]
-
-
-class ClaimRequest(Strict):
-    worker_id: Name
-    limit: int = Field(default=1, ge=1, le=1000)
-    task_types: list[Name] | None = None
-    model_profiles: list[Name] | None = None
-    lease_timeout: float | None = Field(
-        default=None, gt=0, le=7 * 24 * 3600, description="seconds; WORKER_LEASE_TIMEOUT when omitted"
-    )
-
-
-class CompleteRequest(Strict):
-    worker_id: Name
-    result: Payload
-    lease_token: UUID | None = None
-
-
-class FailRequest(Strict):
-    worker_id: Name
-    error_category: Category
-    error_message: str | None = Field(default=None, max_length=4000)
-    retryable: bool | None = None
-    retry_after: float | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds")
-    lease_token: UUID | None = None
-
-    @field_validator("error_message")
-    @classmethod
-    def _message_text(cls, value: str | None) -> str | None:
-        return None if value is None else _no_nul(value)
-
-    def retry_delay(self) -> timedelta | None:
-        return None if self.retry_after is None else timedelta(seconds=self.retry_after)
-
-
-class HeartbeatRequest(Strict):
-    worker_id: Name
-    lease_timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
-    lease_token: UUID | None = None
-
-
-class Lease(BaseModel):
-    id: int
-    lease_expires_at: datetime
 
 
 class StatusCount(BaseModel):
@@ -253,6 +171,8 @@ class WorkerLoad(BaseModel):
 
 
 class Stats(BaseModel):
+    """What the SQL function stats returns."""
+
     window_seconds: float
     by_status: list[StatusCount]
     errors: list[ErrorCount] = Field(description="terminal failures by category over the last day")
@@ -262,43 +182,6 @@ class Stats(BaseModel):
     completed_per_minute: Throughput
     latency: list[Latency]
     running_by_worker: list[WorkerLoad]
-
-
-class StatsQuery(Strict):
-    window: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds, for latency percentiles")] = 3600
-
-
-class ProviderReport(BaseModel):
-    """One provider's check; configured providers add reachable, latency_ms, error and more."""
-
-    model_config = ConfigDict(extra="allow")
-    configured: bool
-
-
-class ProvidersStatus(BaseModel):
-    checked_at: datetime
-    providers: dict[str, ProviderReport]
-
-
-class InfraReport(BaseModel):
-    """The sidecar's telemetry (sources: gpu, containers, vllm, whisperx) when configured."""
-
-    model_config = ConfigDict(extra="allow")
-    configured: bool
-
-
-class Health(BaseModel):
-    status: str
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: Any = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
 
 
 # Whole lists validated and dumped in one call each: thousands of jobs per batch, no Python loop.

@@ -1,0 +1,34 @@
+"""Job kinds: the plug-ins that run one kind of job against one provider (kinds/llm.py, kinds/whisperx.py).
+
+The worker claims, supervises and records outcomes; a kind only turns a job's input into a result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from aiservice.jobs import Job
+
+
+class Kind(Protocol):
+    """Runs the jobs of some task types and model profiles against one provider.
+
+    ``run`` returns the job's result or raises worker.failure.JobFailure; it must stop promptly
+    when cancelled (the worker cancels it on abort, lost lease or shutdown)."""
+
+    name: str
+    task_types: tuple[str, ...]
+    model_profiles: tuple[str, ...]
+
+    async def run(self, job: Job) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+def serves(kind: Kind, task_type: str, model_profile: str) -> bool:
+    return task_type in kind.task_types and model_profile in kind.model_profiles
+
+
+def describe(kinds: Iterable[Kind]) -> str:
+    """What the kinds serve, for a log line: "llm_chat/call_analysis @ qwen2.5-14b, transcribe @ whisperx"."""
+    return ", ".join(f"{'/'.join(k.task_types)} @ {'/'.join(k.model_profiles)}" for k in kinds)
