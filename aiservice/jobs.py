@@ -170,6 +170,31 @@ class WorkerLoad(BaseModel):
     count: int
 
 
+class LimitScope(StrEnum):
+    """Kept equal to the SQL enum aiservice.limit_scope by a test."""
+
+    TASK_TYPE = "task_type"
+    MODEL_PROFILE = "model_profile"
+    OWNER_SERVICE = "owner_service"
+
+
+class Limit(BaseModel):
+    """A capacity limit with its live usage, as aiservice.list_limits() returns it."""
+
+    scope: LimitScope
+    name: str
+    paused: bool
+    max_running: int | None
+    max_per_minute: int | None
+    max_tokens_per_minute: int | None
+    weight: int
+    cooldown: bool = Field(description="whether rate_limited failures with a retry_after pause the profile")
+    cooldown_until: datetime | None = Field(description="the profile is held until then (read-only)")
+    running: int
+    started_last_minute: int
+    tokens_last_minute: int
+
+
 class Stats(BaseModel):
     """What the SQL function stats returns."""
 
@@ -182,6 +207,7 @@ class Stats(BaseModel):
     completed_per_minute: Throughput
     latency: list[Latency]
     running_by_worker: list[WorkerLoad]
+    limits: list[Limit]
 
 
 # Whole lists validated and dumped in one call each: thousands of jobs per batch, no Python loop.

@@ -37,6 +37,37 @@ CREATE TYPE aiservice.job_status AS ENUM (
 
 
 --
+-- Name: limit_scope; Type: TYPE; Schema: aiservice; Owner: -
+--
+
+CREATE TYPE aiservice.limit_scope AS ENUM (
+    'task_type',
+    'model_profile',
+    'owner_service'
+);
+
+
+--
+-- Name: limit_state; Type: TYPE; Schema: aiservice; Owner: -
+--
+
+CREATE TYPE aiservice.limit_state AS (
+	scope aiservice.limit_scope,
+	name text,
+	paused boolean,
+	max_running integer,
+	max_per_minute integer,
+	max_tokens_per_minute bigint,
+	weight integer,
+	cooldown boolean,
+	cooldown_until timestamp with time zone,
+	running bigint,
+	started_last_minute bigint,
+	tokens_last_minute bigint
+);
+
+
+--
 -- Name: backoff(integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -79,6 +110,7 @@ CREATE TABLE aiservice.jobs (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    scheduled boolean DEFAULT false NOT NULL,
     CONSTRAINT jobs_attempts_check CHECK (((attempts >= 0) AND (attempts <= max_attempts))),
     CONSTRAINT jobs_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 500))),
     CONSTRAINT jobs_lease_check CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL)))),
@@ -165,6 +197,25 @@ $$;
 CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
+    v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
+    v_zero_types text[] := '{}';
+    v_zero_owners text[] := '{}';
+    v_ids bigint[] := '{}';
+    v_profile text;
+    v_prio integer;
+    v_take bigint;
+    v_owners text[];
+    v_served float8[];
+    v_weights integer[];
+    v_quota integer[];
+    v_got integer[];
+    v_floor float8;
+    v_best integer;
+    v_owner_left bigint;
+    v_row record;
+    v_passes integer;
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -172,26 +223,150 @@ BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'limit must be between 1 and 1000' USING ERRCODE = 'AS422';
     END IF;
-    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' THEN
-        RAISE EXCEPTION 'lease_timeout must be positive' USING ERRCODE = 'AS422';
+    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' OR p_lease_timeout > interval '7 days' THEN
+        RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
     IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()) THEN
         PERFORM aiservice.expire_leases();
     END IF;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND run_at <= now()) THEN
+        PERFORM aiservice.promote_due();
+    END IF;
+
+    IF v_limited THEN
+        -- Capped limits this claim may use, locked in one order for every claimer; the counts
+        -- read after the lock include every claim committed before ours.
+        PERFORM 1 FROM aiservice.limits l
+        WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
+          AND (l.scope = 'owner_service'
+               OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
+               OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
+        ORDER BY l.scope, l.name
+        FOR UPDATE;
+        SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
+        INTO v_budgets
+        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l) AS n) b
+        WHERE b.n IS NOT NULL;
+        v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
+                              WHERE k LIKE 'task_type:%' AND v::bigint = 0);
+        v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
+                               WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
+    END IF;
+
+    <<profiles>>
+    FOR v_profile, v_prio IN SELECT * FROM aiservice.claimable_profiles(p_model_profiles) LOOP
+        v_take := least(p_limit - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
+        CONTINUE WHEN v_take = 0;
+
+        WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
+            -- Owners with claimable jobs at this priority: one index probe each.
+            v_owners := ARRAY(
+                WITH RECURSIVE o(name) AS (
+                    SELECT min(j.owner_service) FROM aiservice.jobs j
+                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                      AND j.priority = v_prio
+                    UNION ALL
+                    SELECT (SELECT min(j.owner_service) FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                              AND j.priority = v_prio AND j.owner_service > o.name)
+                    FROM o WHERE o.name IS NOT NULL
+                )
+                -- Oldest head job first: ties in service go to the owner waiting longest.
+                SELECT o.name FROM o
+                WHERE o.name IS NOT NULL AND o.name <> ALL (v_zero_owners)
+                ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
+                          WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                            AND j.priority = v_prio AND j.owner_service = o.name));
+            SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
+            INTO v_served, v_weights
+            FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
+            LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
+            LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
+            v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
+            v_got := array_fill(0, ARRAY[cardinality(v_owners)]);
+            v_passes := 0;
+
+            -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
+            -- share goes to the others in the next pass.
+            WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
+                v_passes := v_passes + 1;
+                v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
+                FOR n IN 1..v_take LOOP
+                    v_best := NULL;
+                    FOR i IN 1..cardinality(v_owners) LOOP
+                        CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
+                        IF v_best IS NULL
+                           OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
+                              < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
+                            v_best := i;
+                        END IF;
+                    END LOOP;
+                    EXIT WHEN v_best IS NULL;
+                    v_quota[v_best] := v_quota[v_best] + 1;
+                END LOOP;
+
+                FOR i IN 1..cardinality(v_owners) LOOP
+                    CONTINUE WHEN v_quota[i] = 0;
+                    v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
+                    FOR v_row IN
+                        SELECT j.id, j.task_type FROM aiservice.jobs j
+                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                          AND j.priority = v_prio AND j.owner_service = v_owners[i]
+                          AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
+                          AND j.task_type <> ALL (v_zero_types)
+                          AND j.id <> ALL (v_ids)
+                        ORDER BY j.id
+                        LIMIT v_owner_left
+                        FOR UPDATE SKIP LOCKED
+                    LOOP
+                        IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
+                            CONTINUE;  -- this task type's cap is full: leave the job for later
+                        END IF;
+                        IF v_budgets ? ('task_type:' || v_row.task_type) THEN
+                            v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
+                                to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                        END IF;
+                        v_ids := v_ids || v_row.id;
+                        v_got[i] := v_got[i] + 1;
+                        v_take := v_take - 1;
+                    END LOOP;
+                    IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
+                        v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
+                            to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_got[i]));
+                    END IF;
+                END LOOP;
+                -- An owner that filled less than its quota has nothing more to give now.
+                FOR i IN 1..cardinality(v_owners) LOOP
+                    IF v_quota[i] > 0 AND v_got[i] < v_quota[i] THEN
+                        v_served[i] := NULL;
+                    END IF;
+                END LOOP;
+                EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
+            END LOOP;
+
+            IF cardinality(v_owners) > 1 THEN
+                -- One owner alone needs no bookkeeping: the floor catches it up when others come.
+                -- excluded.served - v_floor is this claim's service to the owner (jobs / weight).
+                INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
+                SELECT v_profile, o.name, v_floor + o.got::float8 / o.weight
+                FROM unnest(v_owners, v_got, v_weights) o(name, got, weight)
+                WHERE o.got > 0
+                ORDER BY o.name
+                ON CONFLICT (model_profile, owner_service) DO UPDATE
+                    SET served = greatest(f.served, v_floor) + (excluded.served - v_floor);
+            END IF;
+            EXIT profiles WHEN cardinality(v_ids) >= p_limit;
+
+            v_prio := (SELECT j.priority FROM aiservice.jobs j
+                       WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                         AND j.priority < v_prio
+                       ORDER BY j.priority DESC LIMIT 1);
+        END LOOP;
+    END LOOP;
 
     RETURN QUERY
-    WITH picked AS (
-        SELECT id FROM aiservice.jobs
-        WHERE status = 'pending'
-          AND run_at <= now()
-          AND (p_task_types IS NULL OR task_type = ANY (p_task_types))
-          AND (p_model_profiles IS NULL OR model_profile = ANY (p_model_profiles))
-        ORDER BY priority DESC, id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ),
-    claimed AS (
+    WITH claimed AS (
         UPDATE aiservice.jobs j
         SET status = 'running',
             attempts = j.attempts + 1,
@@ -201,12 +376,50 @@ BEGIN
             started_at = now(),
             finished_at = NULL,
             updated_at = now()
-        FROM picked
-        WHERE j.id = picked.id
+        WHERE j.id = ANY (v_ids)
         RETURNING j.*
+    ),
+    usage AS (
+        -- Starts count against the trailing-minute limits that match them.
+        INSERT INTO aiservice.limit_usage (scope, name, starts)
+        SELECT l.scope, l.name, count(*)
+        FROM claimed c JOIN aiservice.limits l
+          ON v_limited AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
+        GROUP BY l.scope, l.name
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
 END;
+$$;
+
+
+--
+-- Name: claimable_profiles(text[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claimable_profiles(p_model_profiles text[]) RETURNS TABLE(model_profile text, top_priority integer)
+    LANGUAGE sql STABLE
+    AS $$
+    WITH RECURSIVE seen(p) AS (
+        SELECT min(j.model_profile) FROM aiservice.jobs j
+        WHERE j.status = 'pending' AND NOT j.scheduled AND p_model_profiles IS NULL
+        UNION ALL
+        SELECT (SELECT min(j.model_profile) FROM aiservice.jobs j
+                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p)
+        FROM seen WHERE seen.p IS NOT NULL
+    ),
+    candidates AS (
+        SELECT p FROM seen WHERE p IS NOT NULL
+        UNION
+        SELECT unnest(p_model_profiles)
+    )
+    SELECT c.p, top.priority
+    FROM candidates c
+    CROSS JOIN LATERAL (
+        SELECT j.priority FROM aiservice.jobs j
+        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+        ORDER BY j.priority DESC LIMIT 1
+    ) top
+    ORDER BY top.priority DESC, c.p;
 $$;
 
 
@@ -330,6 +543,26 @@ $$;
 
 
 --
+-- Name: cool_down(text, interval); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.cool_down(p_model_profile text, p_retry_after interval) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_until timestamptz := now() + p_retry_after;
+BEGIN
+    INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
+    VALUES ('model_profile', p_model_profile, v_until)
+    ON CONFLICT (scope, name) DO UPDATE
+        SET cooldown_until = greatest(l.cooldown_until, excluded.cooldown_until), updated_at = now()
+        WHERE l.cooldown;
+    PERFORM aiservice.notify_limit('model_profile', p_model_profile, v_until);
+END;
+$$;
+
+
+--
 -- Name: count_deleted(); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -397,10 +630,12 @@ BEGIN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
     INSERT INTO aiservice.jobs AS j
-        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key)
+        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
+         scheduled)
     VALUES
         (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
-         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key)
+         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
+         coalesce(p_run_at > now(), false))
     ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING j.* INTO job;
     created := FOUND;
@@ -450,10 +685,12 @@ BEGIN
     ),
     ins AS (
         INSERT INTO aiservice.jobs AS j
-            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key)
+            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
+             scheduled)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
-               coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key
+               coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
+               coalesce(run_at > now(), false)
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -471,6 +708,26 @@ BEGIN
     LEFT JOIN aiservice.jobs a ON u.is_new AND a.id = u.new_id
     LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
     ORDER BY u.ord;
+END;
+$$;
+
+
+--
+-- Name: delete_limit(text, text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.delete_limit(p_scope text, p_name text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_scope aiservice.limit_scope := aiservice.limit_scope_of(p_scope);
+BEGIN
+    DELETE FROM aiservice.limits WHERE scope = v_scope AND name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no limit for % %', p_scope, p_name USING ERRCODE = 'AS404';
+    END IF;
+    DELETE FROM aiservice.limit_usage WHERE scope = v_scope AND name = p_name;
+    PERFORM aiservice.notify_limit(v_scope, p_name);
 END;
 $$;
 
@@ -495,6 +752,7 @@ CREATE FUNCTION aiservice.expire_leases() RETURNS SETOF aiservice.jobs
         lease_token = NULL,
         lease_expires_at = NULL,
         run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at ELSE now() END,
+        scheduled = false,
         finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
         updated_at = now()
     FROM expired e
@@ -531,10 +789,15 @@ BEGIN
         lease_token = NULL,
         lease_expires_at = NULL,
         run_at = CASE WHEN v_retry THEN now() + coalesce(p_retry_after, aiservice.backoff(attempts)) ELSE run_at END,
+        scheduled = v_retry AND (p_retry_after IS NULL OR p_retry_after > interval '0'),
         finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
+    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' THEN
+        -- The provider behind the profile is saturated: hold the whole profile, not only this job.
+        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after);
+    END IF;
     RETURN v_job;
 END;
 $_$;
@@ -569,8 +832,8 @@ CREATE FUNCTION aiservice.heartbeat_job(p_id bigint, p_worker_id text, p_lease_t
 DECLARE
     v_expires timestamptz;
 BEGIN
-    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' THEN
-        RAISE EXCEPTION 'lease_timeout must be positive' USING ERRCODE = 'AS422';
+    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' OR p_lease_timeout > interval '7 days' THEN
+        RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
     PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     UPDATE aiservice.jobs
@@ -636,6 +899,111 @@ $$;
 
 
 --
+-- Name: limit_applies(aiservice.limit_scope, text, text, text, text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.limit_applies(p_scope aiservice.limit_scope, p_name text, p_task_type text, p_model_profile text, p_owner_service text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT CASE p_scope
+        WHEN 'task_type' THEN p_name = p_task_type
+        WHEN 'model_profile' THEN p_name = p_model_profile
+        ELSE p_name = p_owner_service
+    END;
+$$;
+
+
+--
+-- Name: limits; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.limits (
+    scope aiservice.limit_scope NOT NULL,
+    name text NOT NULL,
+    paused boolean DEFAULT false NOT NULL,
+    max_running integer,
+    max_per_minute integer,
+    max_tokens_per_minute bigint,
+    weight integer DEFAULT 1 NOT NULL,
+    cooldown boolean DEFAULT true NOT NULL,
+    cooldown_until timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT limits_cooldown_until_check CHECK (isfinite(cooldown_until)),
+    CONSTRAINT limits_max_per_minute_check CHECK (((max_per_minute >= 0) AND (max_per_minute <= 100000000))),
+    CONSTRAINT limits_max_running_check CHECK (((max_running >= 0) AND (max_running <= 1000000))),
+    CONSTRAINT limits_max_tokens_per_minute_check CHECK (((max_tokens_per_minute >= 0) AND (max_tokens_per_minute <= '1000000000000'::bigint))),
+    CONSTRAINT limits_name_check CHECK (((length(name) >= 1) AND (length(name) <= 200))),
+    CONSTRAINT limits_weight_check CHECK (((weight >= 1) AND (weight <= 10000)))
+);
+
+
+--
+-- Name: TABLE limits; Type: COMMENT; Schema: aiservice; Owner: -
+--
+
+COMMENT ON TABLE aiservice.limits IS 'Capacity limits; change them through aiservice.set_limit/delete_limit.';
+
+
+--
+-- Name: limit_budget(aiservice.limits); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.limit_budget(p_limit aiservice.limits) RETURNS bigint
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_use record;
+BEGIN
+    IF p_limit.paused OR p_limit.cooldown_until > now() THEN
+        RETURN 0;
+    END IF;
+    IF p_limit.max_running IS NULL AND p_limit.max_per_minute IS NULL AND p_limit.max_tokens_per_minute IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name);
+    IF v_use.tokens_last_minute >= p_limit.max_tokens_per_minute THEN
+        RETURN 0;
+    END IF;
+    RETURN greatest(0, least(p_limit.max_running - v_use.running, p_limit.max_per_minute - v_use.started_last_minute));
+END;
+$$;
+
+
+--
+-- Name: limit_scope_of(text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.limit_scope_of(p_scope text) RETURNS aiservice.limit_scope
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+BEGIN
+    IF p_scope IS NULL OR p_scope NOT IN ('task_type', 'model_profile', 'owner_service') THEN
+        RAISE EXCEPTION 'unknown scope %: use task_type, model_profile or owner_service', p_scope
+            USING ERRCODE = 'AS422';
+    END IF;
+    RETURN p_scope::aiservice.limit_scope;
+END;
+$$;
+
+
+--
+-- Name: limit_usage_of(aiservice.limit_scope, text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.limit_usage_of(p_scope aiservice.limit_scope, p_name text, OUT running bigint, OUT started_last_minute bigint, OUT tokens_last_minute bigint) RETURNS record
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT (SELECT count(*) FROM aiservice.jobs j
+            WHERE j.status = 'running'
+              AND aiservice.limit_applies(p_scope, p_name, j.task_type, j.model_profile, j.owner_service)),
+           coalesce(sum(u.starts), 0)::bigint,
+           coalesce(sum(u.tokens), 0)::bigint
+    FROM aiservice.limit_usage u
+    WHERE u.scope = p_scope AND u.name = p_name AND u.at > now() - interval '1 minute';
+$$;
+
+
+--
 -- Name: list_jobs(text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone, bigint[], bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -664,6 +1032,22 @@ BEGIN
               p_created_after, p_created_before, p_ids, p_before_id, p_limit;
 END;
 $_$;
+
+
+--
+-- Name: list_limits(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_limits() RETURNS SETOF aiservice.limit_state
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute, l.weight,
+           l.cooldown, CASE WHEN l.cooldown_until > now() THEN l.cooldown_until END,
+           u.running, u.started_last_minute, u.tokens_last_minute
+    FROM aiservice.limits l
+    CROSS JOIN LATERAL aiservice.limit_usage_of(l.scope, l.name) u
+    ORDER BY l.scope, l.name;
+$$;
 
 
 --
@@ -727,12 +1111,41 @@ BEGIN
         END;
     END IF;
     BEGIN
+        v_out := v_out || jsonb_build_object('promote_due', aiservice.promote_due());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('promote_due', SQLERRM);
+    END;
+    BEGIN
+        -- Trailing-minute limits read one minute back; keep a second one for late readers.
+        DELETE FROM aiservice.limit_usage WHERE at < now() - interval '2 minutes';
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_out := v_out || jsonb_build_object('forget_usage', v_n);
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('forget_usage', SQLERRM);
+    END;
+    BEGIN
         v_out := v_out || jsonb_build_object('compact_counts', aiservice.compact_counts());
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors || jsonb_build_object('compact_counts', SQLERRM);
     END;
     RETURN v_out || jsonb_build_object('errors', v_errors);
 END;
+$$;
+
+
+--
+-- Name: notify_limit(aiservice.limit_scope, text, timestamp with time zone); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.notify_limit(p_scope aiservice.limit_scope, p_name text, p_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT pg_notify('aiservice_jobs', json_build_object(
+        'event', 'pending',
+        'task_type', CASE WHEN p_scope = 'task_type' THEN p_name END,
+        'model_profile', CASE WHEN p_scope = 'model_profile' THEN p_name END,
+        'run_at', CASE WHEN p_at > now() THEN p_at END
+    )::text);
 $$;
 
 
@@ -749,6 +1162,28 @@ CREATE FUNCTION aiservice.notify_pending(p_task_type text, p_model_profile text,
         'model_profile', p_model_profile,
         'run_at', CASE WHEN p_run_at > now() THEN p_run_at END
     )::text);
+$$;
+
+
+--
+-- Name: promote_due(integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.promote_due(p_limit integer DEFAULT 10000) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_n bigint;
+BEGIN
+    UPDATE aiservice.jobs j SET scheduled = false
+    FROM (SELECT id FROM aiservice.jobs
+          WHERE status = 'pending' AND scheduled AND run_at <= now()
+          ORDER BY run_at LIMIT p_limit
+          FOR UPDATE SKIP LOCKED) due
+    WHERE j.id = due.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END;
 $$;
 
 
@@ -818,6 +1253,7 @@ BEGIN
         lease_expires_at = NULL,
         started_at = NULL,
         run_at = now(),
+        scheduled = false,
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
@@ -894,6 +1330,7 @@ BEGIN
         started_at = NULL,
         finished_at = NULL,
         run_at = now(),
+        scheduled = false,
         updated_at = now()
     FROM aiservice.list_jobs(
         p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
@@ -902,6 +1339,70 @@ BEGIN
         p_limit => NULL) m
     WHERE j.id = m.id AND j.status IN ('failed', 'running')
     RETURNING j.id;
+END;
+$$;
+
+
+--
+-- Name: set_limit(text, text, jsonb); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.set_limit(p_scope text, p_name text, p_fields jsonb) RETURNS SETOF aiservice.limit_state
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_scope aiservice.limit_scope := aiservice.limit_scope_of(p_scope);
+    v_key text;
+    v_value jsonb;
+    v_max numeric;
+BEGIN
+    IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'name must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_fields IS NULL OR jsonb_typeof(p_fields) <> 'object' THEN
+        RAISE EXCEPTION 'fields must be a JSON object' USING ERRCODE = 'AS422';
+    END IF;
+    FOR v_key, v_value IN SELECT * FROM jsonb_each(p_fields) LOOP
+        v_max := CASE v_key WHEN 'max_running' THEN 1000000 WHEN 'max_per_minute' THEN 100000000
+                            WHEN 'max_tokens_per_minute' THEN 1000000000000 WHEN 'weight' THEN 10000 END;
+        IF v_key IN ('paused', 'cooldown') THEN
+            IF jsonb_typeof(v_value) NOT IN ('boolean', 'null') THEN
+                RAISE EXCEPTION '% must be true, false or null', v_key USING ERRCODE = 'AS422';
+            END IF;
+        ELSIF v_max IS NOT NULL THEN
+            IF jsonb_typeof(v_value) NOT IN ('number', 'null')
+               OR (jsonb_typeof(v_value) = 'number'
+                   AND (v_value::numeric <> trunc(v_value::numeric)
+                        OR v_value::numeric NOT BETWEEN (CASE WHEN v_key = 'weight' THEN 1 ELSE 0 END) AND v_max)) THEN
+                RAISE EXCEPTION '% must be an integer from % to % or null', v_key,
+                    CASE WHEN v_key = 'weight' THEN 1 ELSE 0 END, v_max USING ERRCODE = 'AS422';
+            END IF;
+        ELSIF v_key = 'cooldown_until' THEN
+            IF jsonb_typeof(v_value) <> 'null' THEN
+                RAISE EXCEPTION 'cooldown_until is set by rate-limited failures; send null to end a cool-down'
+                    USING ERRCODE = 'AS422';
+            END IF;
+        ELSE
+            RAISE EXCEPTION 'unknown field %: use paused, max_running, max_per_minute, max_tokens_per_minute, weight, cooldown', v_key
+                USING ERRCODE = 'AS422';
+        END IF;
+    END LOOP;
+
+    INSERT INTO aiservice.limits AS l (scope, name) VALUES (v_scope, p_name) ON CONFLICT DO NOTHING;
+    UPDATE aiservice.limits l SET
+        paused = CASE WHEN p_fields ? 'paused' THEN coalesce((p_fields ->> 'paused')::boolean, false) ELSE l.paused END,
+        max_running = CASE WHEN p_fields ? 'max_running' THEN (p_fields ->> 'max_running')::integer ELSE l.max_running END,
+        max_per_minute = CASE WHEN p_fields ? 'max_per_minute'
+                              THEN (p_fields ->> 'max_per_minute')::integer ELSE l.max_per_minute END,
+        max_tokens_per_minute = CASE WHEN p_fields ? 'max_tokens_per_minute'
+                                     THEN (p_fields ->> 'max_tokens_per_minute')::bigint ELSE l.max_tokens_per_minute END,
+        weight = CASE WHEN p_fields ? 'weight' THEN coalesce((p_fields ->> 'weight')::integer, 1) ELSE l.weight END,
+        cooldown = CASE WHEN p_fields ? 'cooldown' THEN coalesce((p_fields ->> 'cooldown')::boolean, true) ELSE l.cooldown END,
+        cooldown_until = CASE WHEN p_fields ? 'cooldown_until' THEN NULL ELSE l.cooldown_until END,
+        updated_at = now()
+    WHERE l.scope = v_scope AND l.name = p_name;
+    PERFORM aiservice.notify_limit(v_scope, p_name);
+    RETURN QUERY SELECT * FROM aiservice.list_limits() x WHERE x.scope = v_scope AND x.name = p_name;
 END;
 $$;
 
@@ -978,12 +1479,57 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
                 FROM recent
                 GROUP BY task_type
             ) l), '[]'::jsonb),
+        'limits', coalesce((SELECT jsonb_agg(to_jsonb(l)) FROM aiservice.list_limits() l), '[]'::jsonb),
         'running_by_worker', coalesce((
             SELECT jsonb_agg(jsonb_build_object('worker_id', worker_id, 'count', n) ORDER BY worker_id)
             FROM (SELECT worker_id, count(*) AS n FROM aiservice.jobs WHERE status = 'running' GROUP BY 1) w),
             '[]'::jsonb)
     );
 $$;
+
+
+--
+-- Name: usage_updated(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.usage_updated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO aiservice.limit_usage (scope, name, tokens)
+    SELECT l.scope, l.name,
+           sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
+    FROM new_jobs n
+    JOIN old_jobs o ON o.id = n.id
+    JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service)
+    WHERE n.status = 'completed' AND o.status = 'running'
+      AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
+    GROUP BY l.scope, l.name;
+
+    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, NULL)
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE o.status = 'running' AND n.status <> 'running'
+      AND EXISTS (SELECT 1 FROM aiservice.limits l
+                  WHERE l.max_running IS NOT NULL
+                    AND aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service))
+    GROUP BY n.task_type, n.model_profile;
+    RETURN NULL;
+END;
+$$;
+
+
+--
+-- Name: fair_share; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.fair_share (
+    model_profile text NOT NULL,
+    owner_service text NOT NULL,
+    served double precision DEFAULT 0 NOT NULL
+);
 
 
 --
@@ -1042,6 +1588,20 @@ ALTER TABLE aiservice.jobs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: limit_usage; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.limit_usage (
+    scope aiservice.limit_scope NOT NULL,
+    name text NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    starts integer DEFAULT 0 NOT NULL,
+    tokens bigint DEFAULT 0 NOT NULL
+)
+WITH (autovacuum_vacuum_scale_factor='0', autovacuum_vacuum_threshold='1000');
+
+
+--
 -- Name: maintenance; Type: TABLE; Schema: aiservice; Owner: -
 --
 
@@ -1050,6 +1610,14 @@ CREATE TABLE aiservice.maintenance (
     last_run_at timestamp with time zone,
     CONSTRAINT maintenance_only_row_check CHECK (only_row)
 );
+
+
+--
+-- Name: fair_share fair_share_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.fair_share
+    ADD CONSTRAINT fair_share_pkey PRIMARY KEY (model_profile, owner_service);
 
 
 --
@@ -1077,6 +1645,14 @@ ALTER TABLE ONLY aiservice.jobs
 
 
 --
+-- Name: limits limits_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.limits
+    ADD CONSTRAINT limits_pkey PRIMARY KEY (scope, name);
+
+
+--
 -- Name: maintenance maintenance_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
 --
 
@@ -1088,7 +1664,7 @@ ALTER TABLE ONLY aiservice.maintenance
 -- Name: jobs_claim_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
-CREATE INDEX jobs_claim_idx ON aiservice.jobs USING btree (priority DESC, id) WHERE (status = 'pending'::aiservice.job_status);
+CREATE INDEX jobs_claim_idx ON aiservice.jobs USING btree (model_profile, priority DESC, owner_service, id) WHERE ((status = 'pending'::aiservice.job_status) AND (NOT scheduled));
 
 
 --
@@ -1127,6 +1703,13 @@ CREATE INDEX jobs_owner_idx ON aiservice.jobs USING btree (owner_service, owner_
 
 
 --
+-- Name: jobs_scheduled_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX jobs_scheduled_idx ON aiservice.jobs USING btree (run_at) WHERE ((status = 'pending'::aiservice.job_status) AND scheduled);
+
+
+--
 -- Name: jobs_task_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
@@ -1138,6 +1721,13 @@ CREATE INDEX jobs_task_idx ON aiservice.jobs USING btree (task_type, model_profi
 --
 
 CREATE INDEX jobs_unhappy_idx ON aiservice.jobs USING btree (status, id) WHERE (status = ANY (ARRAY['failed'::aiservice.job_status, 'cancelled'::aiservice.job_status]));
+
+
+--
+-- Name: limit_usage_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX limit_usage_idx ON aiservice.limit_usage USING btree (scope, name, at);
 
 
 --
@@ -1173,6 +1763,13 @@ CREATE TRIGGER jobs_notify_insert AFTER INSERT ON aiservice.jobs REFERENCING NEW
 --
 
 CREATE TRIGGER jobs_notify_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.jobs_updated();
+
+
+--
+-- Name: jobs jobs_usage_update; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER jobs_usage_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.usage_updated();
 
 
 --

@@ -125,6 +125,20 @@ async def _openapi(jobs: Jobs) -> Call:
     return f"{API}/openapi.json", None, 200
 
 
+async def _list_limits(jobs: Jobs) -> Call:
+    return f"{API}/limits", None, 200
+
+
+async def _set_limit(jobs: Jobs) -> Call:
+    return f"{API}/limits/task_type/auth_{next(_unique)}", {"max_running": 2}, 200
+
+
+async def _delete_limit(jobs: Jobs) -> Call:
+    name = f"auth_{next(_unique)}"
+    await jobs.store.set_limit("task_type", name, {"paused": True})
+    return f"{API}/limits/task_type/{name}", None, 204
+
+
 # Every /api/v1 route needs an entry: a route added without one fails test_samples_cover_every_api_route.
 SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", f"{API}/jobs"): _create,
@@ -143,6 +157,9 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", f"{API}/providers/status"): _providers,
     ("GET", f"{API}/infra/status"): _infra,
     ("GET", f"{API}/openapi.json"): _openapi,
+    ("GET", f"{API}/limits"): _list_limits,
+    ("PUT", f"{API}/limits/{{scope}}/{{name}}"): _set_limit,
+    ("DELETE", f"{API}/limits/{{scope}}/{{name}}"): _delete_limit,
 }
 
 WRONG_AUTHORIZATION: list[dict[str, str]] = [

@@ -641,6 +641,8 @@ async def test_fail_retry_after_sets_run_at(api: Client) -> None:
     back = await ok(await api.post(f"{API}/jobs/{job['id']}/fail", json=body))
     assert back["status"] == "pending"
     assert ts(back["run_at"]) - ts(back["updated_at"]) == timedelta(seconds=120)
+    # rate_limited with a retry_after cooled the whole profile down; end it early.
+    await ok(await api.put(f"{API}/limits/model_profile/{job['model_profile']}", json={"cooldown_until": None}))
 
     job = await running(api, "gpu-1")
     body = {"worker_id": "gpu-1", "error_category": "bad_output", "retryable": True, "retry_after": 0}
@@ -791,6 +793,7 @@ async def test_stats_on_an_empty_queue(api: Client) -> None:
         "completed_per_minute": {"last_5m": 0, "last_60m": 0},
         "latency": [],
         "running_by_worker": [],
+        "limits": [],
     }
 
 

@@ -642,7 +642,7 @@ async def test_fail_retry_after_overrides_the_backoff(conn: Conn) -> None:
     )
     assert retry["status"] == "pending"
     assert delay(retry) == 90
-    job = await running(conn)
+    job = await running(conn, model_profile="other")  # rate_limited cooled the first profile down
     now = await one(conn, "fail_job", id=job["id"], worker_id="w1", error_category="timeout", retry_after=timedelta(0))
     assert delay(now) == 0
     assert [r["id"] for r in await claim(conn)] == [job["id"]]

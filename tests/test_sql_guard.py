@@ -172,8 +172,8 @@ async def test_infinite_leases_are_refused(conn: Conn) -> None:
     job = await running_job(conn)
     await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'next', 'guard_t', 'm')"))
     before = await snapshot(conn)
-    await refused(conn, CHECK, "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
-    await refused(conn, CHECK, "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
+    await refused(conn, "AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
+    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
     await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
     await refused(
         conn, "AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, 'infinity')", job["id"]

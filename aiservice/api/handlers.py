@@ -27,13 +27,15 @@ from aiservice.api.schemas import (
     JobPage,
     Jobs,
     Lease,
+    LimitChange,
+    Limits,
     ListQuery,
     ProvidersStatus,
     StatsQuery,
 )
 from aiservice.db.jobs import JobStore
 from aiservice.infra import InfraStatus
-from aiservice.jobs import Job, JobCreate, Stats
+from aiservice.jobs import Job, JobCreate, Limit, Stats
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
 
@@ -198,6 +200,21 @@ async def stats(request: web.Request) -> web.Response:
     return reply(await store(request).stats(_seconds(q.window)))
 
 
+async def list_limits(request: web.Request) -> web.Response:
+    return reply(Limits(limits=await store(request).list_limits()))
+
+
+async def set_limit(request: web.Request) -> web.Response:
+    change = await body(request, LimitChange)
+    fields = change.model_dump(exclude_unset=True)
+    return reply(await store(request).set_limit(request.match_info["scope"], request.match_info["name"], fields))
+
+
+async def delete_limit(request: web.Request) -> web.Response:
+    await store(request).delete_limit(request.match_info["scope"], request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def providers_status(request: web.Request) -> web.Response:
     return reply(ProvidersStatus.model_validate(await request.app[PROVIDERS].status()))
 
@@ -355,6 +372,25 @@ ROUTES: tuple[Route, ...] = (
         infra_status,
         "AI-server sidecar telemetry: GPU, containers, vLLM, WhisperX",
         InfraReport,
+    ),
+    Route("GET", f"{API}/limits", list_limits, "Every capacity limit with its live usage", Limits),
+    Route(
+        "PUT",
+        f"{API}/limits/{{scope}}/{{name}}",
+        set_limit,
+        "Create or change a limit (scope: task_type, model_profile or owner_service)",
+        Limit,
+        body=LimitChange,
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "DELETE",
+        f"{API}/limits/{{scope}}/{{name}}",
+        delete_limit,
+        "Remove a limit",
+        Limits,
+        status=204,
+        errors=(404, 422),
     ),
     Route("GET", "/healthz", healthz, "Process health", Health, public=True),
     Route("GET", "/readyz", readyz, "PostgreSQL readiness (503 when unreachable)", Health, public=True, errors=(503,)),

@@ -62,9 +62,8 @@ def openapi_document() -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
-        responses: dict[str, Any] = {
-            str(route.status): {"description": "OK", "content": {"application/json": {"schema": _ref(route.response)}}}
-        }
+        ok = {"description": "OK", "content": {"application/json": {"schema": _ref(route.response)}}}
+        responses: dict[str, Any] = {str(route.status): ok if route.status != 204 else {"description": "No Content"}}
         for status in route.also:
             responses[str(status)] = responses[str(route.status)]
         # Every bearer-protected route may answer 401, every route with a body 413.

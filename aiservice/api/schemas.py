@@ -16,6 +16,7 @@ from aiservice.jobs import (
     JobFilter,
     JobId,
     JobSelection,
+    Limit,
     MaxAttempts,
     Name,
     Payload,
@@ -156,3 +157,20 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class LimitChange(Strict):
+    """The settable fields of a limit: a field not sent keeps its value, one sent as null is cleared."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    paused: bool | None = None
+    max_running: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    max_per_minute: Annotated[int, Field(ge=0, le=100_000_000)] | None = None
+    max_tokens_per_minute: Annotated[int, Field(ge=0, le=1_000_000_000_000)] | None = None
+    weight: Annotated[int, Field(ge=1, le=10_000, description="owner_service: share of claims")] | None = None
+    cooldown: bool | None = Field(default=None, description="false: rate limits do not pause the whole profile")
+    cooldown_until: None = Field(default=None, description="read-only; null ends a cool-down early")
+
+
+class Limits(BaseModel):
+    limits: list[Limit]

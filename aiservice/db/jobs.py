@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from aiservice import errors
-from aiservice.jobs import JOB_CREATES, JOB_LIST, Job, JobCreate, JobFilter, JobSelection, JobStatus, Stats
+from aiservice.jobs import JOB_CREATES, JOB_LIST, Job, JobCreate, JobFilter, JobSelection, JobStatus, Limit, Stats
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,16 @@ class JobStore:
     async def compact_counts(self) -> int:
         (row,) = await self._fetch("compact_counts", {})
         return int(row[0])
+
+    async def list_limits(self) -> list[Limit]:
+        return [Limit.model_validate(dict(r)) for r in await self._fetch("list_limits", {})]
+
+    async def set_limit(self, scope: str, name: str, fields: dict[str, Any]) -> Limit:
+        (row,) = await self._fetch("set_limit", {"p_scope": scope, "p_name": name, "p_fields": fields})
+        return Limit.model_validate(dict(row))
+
+    async def delete_limit(self, scope: str, name: str) -> None:
+        await self._fetch("delete_limit", {"p_scope": scope, "p_name": name})
 
     async def maintain(self, retention: timedelta | None, every: timedelta = timedelta(0)) -> dict[str, Any]:
         (row,) = await self._fetch("maintain", {"p_retention": retention, "p_every": every})

@@ -100,6 +100,8 @@ def defined_types(migrations: list[Migration]) -> dict[str, str]:
                 types[f"{rel.schemaname}.{rel.relname}"] = "record"
             elif kind == "CreateEnumStmt":
                 types[".".join(n.sval for n in stmt.typeName)] = "text"
+            elif kind == "CompositeTypeStmt":
+                types[f"{stmt.typevar.schemaname}.{stmt.typevar.relname}"] = "record"
     return types
 
 
@@ -229,7 +231,8 @@ def pg_dump_path() -> str:
 # (PostgreSQL 17+) would stop `psql -v ON_ERROR_STOP=1 -f` on older servers; some builds stamp a
 # per-database pg_attver column option.
 _UNSTABLE = re.compile(
-    r"^(-- Dumped (from|by) .*|\\(un)?restrict .*|SET transaction_timeout = 0;|ALTER TABLE .* SET \(pg_attver=\d+\);)\n",
+    r"^(-- Dumped (from|by) .*|\\(un)?restrict .*|SET transaction_timeout = 0;"
+    r"|ALTER TABLE .* SET \(pg_attver=\d+\);)\n",
     re.MULTILINE,
 )
 

@@ -39,6 +39,7 @@ BEGIN
         started_at = NULL,
         finished_at = NULL,
         run_at = now(),
+        scheduled = false,
         updated_at = now()
     FROM aiservice.list_jobs(
         p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,

@@ -1,8 +1,71 @@
 -- schema/functions/claim.sql: Claiming: how a worker takes pending jobs.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
--- Claim up to p_limit claimable jobs for a worker: highest priority first, then
--- oldest. Concurrent claimers never receive the same job (SKIP LOCKED).
+-- Make due jobs claimable: a job written with run_at in the future (created for later, or
+-- retried after a backoff) is "scheduled", outside the claim index, until its time comes.
+-- Called by every claim (one index probe when nothing is due) and by maintain().
+CREATE OR REPLACE FUNCTION aiservice.promote_due(p_limit integer DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_n bigint;
+BEGIN
+    UPDATE aiservice.jobs j SET scheduled = false
+    FROM (SELECT id FROM aiservice.jobs
+          WHERE status = 'pending' AND scheduled AND run_at <= now()
+          ORDER BY run_at LIMIT p_limit
+          FOR UPDATE SKIP LOCKED) due
+    WHERE j.id = due.id;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END;
+$$;
+
+-- The model profiles with claimable jobs among p_model_profiles (NULL: all of them), highest
+-- top priority first. Without a list, distinct profiles are found by skipping through the claim
+-- index (one probe per profile), never by reading the backlog.
+CREATE OR REPLACE FUNCTION aiservice.claimable_profiles(p_model_profiles text[])
+RETURNS TABLE (model_profile text, top_priority integer)
+LANGUAGE sql STABLE
+AS $$
+    WITH RECURSIVE seen(p) AS (
+        SELECT min(j.model_profile) FROM aiservice.jobs j
+        WHERE j.status = 'pending' AND NOT j.scheduled AND p_model_profiles IS NULL
+        UNION ALL
+        SELECT (SELECT min(j.model_profile) FROM aiservice.jobs j
+                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p)
+        FROM seen WHERE seen.p IS NOT NULL
+    ),
+    candidates AS (
+        SELECT p FROM seen WHERE p IS NOT NULL
+        UNION
+        SELECT unnest(p_model_profiles)
+    )
+    SELECT c.p, top.priority
+    FROM candidates c
+    CROSS JOIN LATERAL (
+        SELECT j.priority FROM aiservice.jobs j
+        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+        ORDER BY j.priority DESC LIMIT 1
+    ) top
+    ORDER BY top.priority DESC, c.p;
+$$;
+
+-- Claim up to p_limit claimable jobs for a worker. The rule, in order:
+-- 1. Scheduled jobs that are now due become claimable (promote_due).
+-- 2. Profiles are served highest top priority first. A profile that is paused, cooling down
+--    after a rate limit, over its token budget or at a cap is skipped without reading its
+--    jobs; limits on task types and owner services bound what is taken.
+-- 3. Within a profile, priority comes first. Among the owner_services with jobs at that
+--    priority, each claimed job goes to the owner with the least service so far per unit of
+--    weight (fair_share.served grows by 1/weight per job); an owner that was idle or is new
+--    starts at most 10 units behind the most-served owner present, so credit saved while idle
+--    cannot monopolize the queue. Ties go to the owner whose oldest job is oldest; within
+--    one owner, oldest first.
+-- Concurrent claimers never receive the same job (SKIP LOCKED). Caps are never exceeded:
+-- a claim that a capped limit governs locks that limit's row before counting, so claims
+-- under one cap take turns while others run in parallel.
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
     p_worker_id text,
     p_limit integer DEFAULT 1,
@@ -13,6 +76,25 @@ CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
 RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
+    v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
+    v_zero_types text[] := '{}';
+    v_zero_owners text[] := '{}';
+    v_ids bigint[] := '{}';
+    v_profile text;
+    v_prio integer;
+    v_take bigint;
+    v_owners text[];
+    v_served float8[];
+    v_weights integer[];
+    v_quota integer[];
+    v_got integer[];
+    v_floor float8;
+    v_best integer;
+    v_owner_left bigint;
+    v_row record;
+    v_passes integer;
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -20,26 +102,150 @@ BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'limit must be between 1 and 1000' USING ERRCODE = 'AS422';
     END IF;
-    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' THEN
-        RAISE EXCEPTION 'lease_timeout must be positive' USING ERRCODE = 'AS422';
+    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' OR p_lease_timeout > interval '7 days' THEN
+        RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
     IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()) THEN
         PERFORM aiservice.expire_leases();
     END IF;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND run_at <= now()) THEN
+        PERFORM aiservice.promote_due();
+    END IF;
+
+    IF v_limited THEN
+        -- Capped limits this claim may use, locked in one order for every claimer; the counts
+        -- read after the lock include every claim committed before ours.
+        PERFORM 1 FROM aiservice.limits l
+        WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
+          AND (l.scope = 'owner_service'
+               OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
+               OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
+        ORDER BY l.scope, l.name
+        FOR UPDATE;
+        SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
+        INTO v_budgets
+        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l) AS n) b
+        WHERE b.n IS NOT NULL;
+        v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
+                              WHERE k LIKE 'task_type:%' AND v::bigint = 0);
+        v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
+                               WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
+    END IF;
+
+    <<profiles>>
+    FOR v_profile, v_prio IN SELECT * FROM aiservice.claimable_profiles(p_model_profiles) LOOP
+        v_take := least(p_limit - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
+        CONTINUE WHEN v_take = 0;
+
+        WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
+            -- Owners with claimable jobs at this priority: one index probe each.
+            v_owners := ARRAY(
+                WITH RECURSIVE o(name) AS (
+                    SELECT min(j.owner_service) FROM aiservice.jobs j
+                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                      AND j.priority = v_prio
+                    UNION ALL
+                    SELECT (SELECT min(j.owner_service) FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                              AND j.priority = v_prio AND j.owner_service > o.name)
+                    FROM o WHERE o.name IS NOT NULL
+                )
+                -- Oldest head job first: ties in service go to the owner waiting longest.
+                SELECT o.name FROM o
+                WHERE o.name IS NOT NULL AND o.name <> ALL (v_zero_owners)
+                ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
+                          WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                            AND j.priority = v_prio AND j.owner_service = o.name));
+            SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
+            INTO v_served, v_weights
+            FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
+            LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
+            LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
+            v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
+            v_got := array_fill(0, ARRAY[cardinality(v_owners)]);
+            v_passes := 0;
+
+            -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
+            -- share goes to the others in the next pass.
+            WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
+                v_passes := v_passes + 1;
+                v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
+                FOR n IN 1..v_take LOOP
+                    v_best := NULL;
+                    FOR i IN 1..cardinality(v_owners) LOOP
+                        CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
+                        IF v_best IS NULL
+                           OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
+                              < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
+                            v_best := i;
+                        END IF;
+                    END LOOP;
+                    EXIT WHEN v_best IS NULL;
+                    v_quota[v_best] := v_quota[v_best] + 1;
+                END LOOP;
+
+                FOR i IN 1..cardinality(v_owners) LOOP
+                    CONTINUE WHEN v_quota[i] = 0;
+                    v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
+                    FOR v_row IN
+                        SELECT j.id, j.task_type FROM aiservice.jobs j
+                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                          AND j.priority = v_prio AND j.owner_service = v_owners[i]
+                          AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
+                          AND j.task_type <> ALL (v_zero_types)
+                          AND j.id <> ALL (v_ids)
+                        ORDER BY j.id
+                        LIMIT v_owner_left
+                        FOR UPDATE SKIP LOCKED
+                    LOOP
+                        IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
+                            CONTINUE;  -- this task type's cap is full: leave the job for later
+                        END IF;
+                        IF v_budgets ? ('task_type:' || v_row.task_type) THEN
+                            v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
+                                to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                        END IF;
+                        v_ids := v_ids || v_row.id;
+                        v_got[i] := v_got[i] + 1;
+                        v_take := v_take - 1;
+                    END LOOP;
+                    IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
+                        v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
+                            to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_got[i]));
+                    END IF;
+                END LOOP;
+                -- An owner that filled less than its quota has nothing more to give now.
+                FOR i IN 1..cardinality(v_owners) LOOP
+                    IF v_quota[i] > 0 AND v_got[i] < v_quota[i] THEN
+                        v_served[i] := NULL;
+                    END IF;
+                END LOOP;
+                EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
+            END LOOP;
+
+            IF cardinality(v_owners) > 1 THEN
+                -- One owner alone needs no bookkeeping: the floor catches it up when others come.
+                -- excluded.served - v_floor is this claim's service to the owner (jobs / weight).
+                INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
+                SELECT v_profile, o.name, v_floor + o.got::float8 / o.weight
+                FROM unnest(v_owners, v_got, v_weights) o(name, got, weight)
+                WHERE o.got > 0
+                ORDER BY o.name
+                ON CONFLICT (model_profile, owner_service) DO UPDATE
+                    SET served = greatest(f.served, v_floor) + (excluded.served - v_floor);
+            END IF;
+            EXIT profiles WHEN cardinality(v_ids) >= p_limit;
+
+            v_prio := (SELECT j.priority FROM aiservice.jobs j
+                       WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                         AND j.priority < v_prio
+                       ORDER BY j.priority DESC LIMIT 1);
+        END LOOP;
+    END LOOP;
 
     RETURN QUERY
-    WITH picked AS (
-        SELECT id FROM aiservice.jobs
-        WHERE status = 'pending'
-          AND run_at <= now()
-          AND (p_task_types IS NULL OR task_type = ANY (p_task_types))
-          AND (p_model_profiles IS NULL OR model_profile = ANY (p_model_profiles))
-        ORDER BY priority DESC, id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ),
-    claimed AS (
+    WITH claimed AS (
         UPDATE aiservice.jobs j
         SET status = 'running',
             attempts = j.attempts + 1,
@@ -49,9 +255,16 @@ BEGIN
             started_at = now(),
             finished_at = NULL,
             updated_at = now()
-        FROM picked
-        WHERE j.id = picked.id
+        WHERE j.id = ANY (v_ids)
         RETURNING j.*
+    ),
+    usage AS (
+        -- Starts count against the trailing-minute limits that match them.
+        INSERT INTO aiservice.limit_usage (scope, name, starts)
+        SELECT l.scope, l.name, count(*)
+        FROM claimed c JOIN aiservice.limits l
+          ON v_limited AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
+        GROUP BY l.scope, l.name
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
 END;

@@ -21,10 +21,12 @@ BEGIN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
     INSERT INTO aiservice.jobs AS j
-        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key)
+        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
+         scheduled)
     VALUES
         (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
-         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key)
+         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
+         coalesce(p_run_at > now(), false))
     ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING j.* INTO job;
     created := FOUND;
@@ -75,10 +77,12 @@ BEGIN
     ),
     ins AS (
         INSERT INTO aiservice.jobs AS j
-            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key)
+            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
+             scheduled)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
-               coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key
+               coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
+               coalesce(run_at > now(), false)
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord

@@ -139,10 +139,15 @@ BEGIN
         lease_token = NULL,
         lease_expires_at = NULL,
         run_at = CASE WHEN v_retry THEN now() + coalesce(p_retry_after, aiservice.backoff(attempts)) ELSE run_at END,
+        scheduled = v_retry AND (p_retry_after IS NULL OR p_retry_after > interval '0'),
         finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
+    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' THEN
+        -- The provider behind the profile is saturated: hold the whole profile, not only this job.
+        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after);
+    END IF;
     RETURN v_job;
 END;
 $$;
@@ -167,6 +172,7 @@ BEGIN
         lease_expires_at = NULL,
         started_at = NULL,
         run_at = now(),
+        scheduled = false,
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;

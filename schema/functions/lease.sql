@@ -38,8 +38,8 @@ AS $$
 DECLARE
     v_expires timestamptz;
 BEGIN
-    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' THEN
-        RAISE EXCEPTION 'lease_timeout must be positive' USING ERRCODE = 'AS422';
+    IF p_lease_timeout IS NULL OR p_lease_timeout <= interval '0' OR p_lease_timeout > interval '7 days' THEN
+        RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
     PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     UPDATE aiservice.jobs
@@ -68,6 +68,7 @@ AS $$
         lease_token = NULL,
         lease_expires_at = NULL,
         run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at ELSE now() END,
+        scheduled = false,
         finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
         updated_at = now()
     FROM expired e

@@ -32,7 +32,8 @@ END;
 $$;
 
 -- One maintenance pass: expire leases nobody renewed, delete finished jobs older than
--- p_retention (NULL keeps them), fold the statistics counters. Any process may call it
+-- p_retention (NULL keeps them), make due scheduled jobs claimable, forget limit usage
+-- older than two minutes, fold the statistics counters. Any process may call it
 -- on a timer: a call that finds another pass running, or one that started less than
 -- p_every ago, does nothing and answers {"ran": false}. Each step runs in its own
 -- subtransaction, so one failing step does not undo the others; its error is returned
@@ -70,6 +71,19 @@ BEGIN
             v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
         END;
     END IF;
+    BEGIN
+        v_out := v_out || jsonb_build_object('promote_due', aiservice.promote_due());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('promote_due', SQLERRM);
+    END;
+    BEGIN
+        -- Trailing-minute limits read one minute back; keep a second one for late readers.
+        DELETE FROM aiservice.limit_usage WHERE at < now() - interval '2 minutes';
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_out := v_out || jsonb_build_object('forget_usage', v_n);
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('forget_usage', SQLERRM);
+    END;
     BEGIN
         v_out := v_out || jsonb_build_object('compact_counts', aiservice.compact_counts());
     EXCEPTION WHEN OTHERS THEN

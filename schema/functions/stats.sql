@@ -155,6 +155,7 @@ AS $$
                 FROM recent
                 GROUP BY task_type
             ) l), '[]'::jsonb),
+        'limits', coalesce((SELECT jsonb_agg(to_jsonb(l)) FROM aiservice.list_limits() l), '[]'::jsonb),
         'running_by_worker', coalesce((
             SELECT jsonb_agg(jsonb_build_object('worker_id', worker_id, 'count', n) ORDER BY worker_id)
             FROM (SELECT worker_id, count(*) AS n FROM aiservice.jobs WHERE status = 'running' GROUP BY 1) w),

@@ -1,0 +1,240 @@
+-- schema/functions/limits.sql: capacity limits per task_type, model_profile or owner_service.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+--
+-- A limit row names a scope and a name; every field is optional (NULL = no limit):
+--   paused                 no matching job is claimed; pending jobs stay pending
+--   max_running            at most this many matching jobs running at once, across all workers
+--   max_per_minute         at most this many matching jobs started in any trailing 60 s
+--   max_tokens_per_minute  while matching jobs finished in the trailing 60 s used this many
+--                          tokens (result.usage.total_tokens) or more, none starts
+--   weight                 (owner_service) share of claims among callers, default 1
+--   cooldown               (model_profile) whether a rate_limited failure with a retry_after
+--                          pauses the whole profile until cooldown_until (default true)
+
+-- Whether a job with these fields falls under the limit (p_scope, p_name).
+CREATE OR REPLACE FUNCTION aiservice.limit_applies(
+    p_scope aiservice.limit_scope, p_name text, p_task_type text, p_model_profile text, p_owner_service text
+)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE p_scope
+        WHEN 'task_type' THEN p_name = p_task_type
+        WHEN 'model_profile' THEN p_name = p_model_profile
+        ELSE p_name = p_owner_service
+    END;
+$$;
+
+-- Live usage of one limit: matching jobs running now (read from the running rows only),
+-- started and tokens used in the trailing minute.
+CREATE OR REPLACE FUNCTION aiservice.limit_usage_of(
+    p_scope aiservice.limit_scope, p_name text,
+    OUT running bigint, OUT started_last_minute bigint, OUT tokens_last_minute bigint
+)
+LANGUAGE sql STABLE
+AS $$
+    SELECT (SELECT count(*) FROM aiservice.jobs j
+            WHERE j.status = 'running'
+              AND aiservice.limit_applies(p_scope, p_name, j.task_type, j.model_profile, j.owner_service)),
+           coalesce(sum(u.starts), 0)::bigint,
+           coalesce(sum(u.tokens), 0)::bigint
+    FROM aiservice.limit_usage u
+    WHERE u.scope = p_scope AND u.name = p_name AND u.at > now() - interval '1 minute';
+$$;
+
+-- How many more matching jobs may start now: NULL when unlimited, 0 when paused, cooling
+-- down, over the token budget or at a cap.
+CREATE OR REPLACE FUNCTION aiservice.limit_budget(p_limit aiservice.limits)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_use record;
+BEGIN
+    IF p_limit.paused OR p_limit.cooldown_until > now() THEN
+        RETURN 0;
+    END IF;
+    IF p_limit.max_running IS NULL AND p_limit.max_per_minute IS NULL AND p_limit.max_tokens_per_minute IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name);
+    IF v_use.tokens_last_minute >= p_limit.max_tokens_per_minute THEN
+        RETURN 0;
+    END IF;
+    RETURN greatest(0, least(p_limit.max_running - v_use.running, p_limit.max_per_minute - v_use.started_last_minute));
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION aiservice.limit_scope_of(p_scope text) RETURNS aiservice.limit_scope
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_scope IS NULL OR p_scope NOT IN ('task_type', 'model_profile', 'owner_service') THEN
+        RAISE EXCEPTION 'unknown scope %: use task_type, model_profile or owner_service', p_scope
+            USING ERRCODE = 'AS422';
+    END IF;
+    RETURN p_scope::aiservice.limit_scope;
+END;
+$$;
+
+-- Every limit with its live usage, by scope and name.
+CREATE OR REPLACE FUNCTION aiservice.list_limits()
+RETURNS SETOF aiservice.limit_state
+LANGUAGE sql STABLE
+AS $$
+    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute, l.weight,
+           l.cooldown, CASE WHEN l.cooldown_until > now() THEN l.cooldown_until END,
+           u.running, u.started_last_minute, u.tokens_last_minute
+    FROM aiservice.limits l
+    CROSS JOIN LATERAL aiservice.limit_usage_of(l.scope, l.name) u
+    ORDER BY l.scope, l.name;
+$$;
+
+-- Create or change a limit. p_fields is a JSON object with any of paused, max_running,
+-- max_per_minute, max_tokens_per_minute, weight, cooldown: a field not given keeps its value,
+-- a field given as null is cleared (paused false, weight 1, cooldown true). cooldown_until is
+-- read-only, except that null ends a cool-down early. Workers are woken (the limit may now
+-- allow more). Returns the limit as list_limits() does.
+--   SELECT * FROM aiservice.set_limit('model_profile', 'qwen2.5-14b', '{"max_running": 4}');
+CREATE OR REPLACE FUNCTION aiservice.set_limit(p_scope text, p_name text, p_fields jsonb)
+RETURNS SETOF aiservice.limit_state
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_scope aiservice.limit_scope := aiservice.limit_scope_of(p_scope);
+    v_key text;
+    v_value jsonb;
+    v_max numeric;
+BEGIN
+    IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'name must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_fields IS NULL OR jsonb_typeof(p_fields) <> 'object' THEN
+        RAISE EXCEPTION 'fields must be a JSON object' USING ERRCODE = 'AS422';
+    END IF;
+    FOR v_key, v_value IN SELECT * FROM jsonb_each(p_fields) LOOP
+        v_max := CASE v_key WHEN 'max_running' THEN 1000000 WHEN 'max_per_minute' THEN 100000000
+                            WHEN 'max_tokens_per_minute' THEN 1000000000000 WHEN 'weight' THEN 10000 END;
+        IF v_key IN ('paused', 'cooldown') THEN
+            IF jsonb_typeof(v_value) NOT IN ('boolean', 'null') THEN
+                RAISE EXCEPTION '% must be true, false or null', v_key USING ERRCODE = 'AS422';
+            END IF;
+        ELSIF v_max IS NOT NULL THEN
+            IF jsonb_typeof(v_value) NOT IN ('number', 'null')
+               OR (jsonb_typeof(v_value) = 'number'
+                   AND (v_value::numeric <> trunc(v_value::numeric)
+                        OR v_value::numeric NOT BETWEEN (CASE WHEN v_key = 'weight' THEN 1 ELSE 0 END) AND v_max)) THEN
+                RAISE EXCEPTION '% must be an integer from % to % or null', v_key,
+                    CASE WHEN v_key = 'weight' THEN 1 ELSE 0 END, v_max USING ERRCODE = 'AS422';
+            END IF;
+        ELSIF v_key = 'cooldown_until' THEN
+            IF jsonb_typeof(v_value) <> 'null' THEN
+                RAISE EXCEPTION 'cooldown_until is set by rate-limited failures; send null to end a cool-down'
+                    USING ERRCODE = 'AS422';
+            END IF;
+        ELSE
+            RAISE EXCEPTION 'unknown field %: use paused, max_running, max_per_minute, max_tokens_per_minute, weight, cooldown', v_key
+                USING ERRCODE = 'AS422';
+        END IF;
+    END LOOP;
+
+    INSERT INTO aiservice.limits AS l (scope, name) VALUES (v_scope, p_name) ON CONFLICT DO NOTHING;
+    UPDATE aiservice.limits l SET
+        paused = CASE WHEN p_fields ? 'paused' THEN coalesce((p_fields ->> 'paused')::boolean, false) ELSE l.paused END,
+        max_running = CASE WHEN p_fields ? 'max_running' THEN (p_fields ->> 'max_running')::integer ELSE l.max_running END,
+        max_per_minute = CASE WHEN p_fields ? 'max_per_minute'
+                              THEN (p_fields ->> 'max_per_minute')::integer ELSE l.max_per_minute END,
+        max_tokens_per_minute = CASE WHEN p_fields ? 'max_tokens_per_minute'
+                                     THEN (p_fields ->> 'max_tokens_per_minute')::bigint ELSE l.max_tokens_per_minute END,
+        weight = CASE WHEN p_fields ? 'weight' THEN coalesce((p_fields ->> 'weight')::integer, 1) ELSE l.weight END,
+        cooldown = CASE WHEN p_fields ? 'cooldown' THEN coalesce((p_fields ->> 'cooldown')::boolean, true) ELSE l.cooldown END,
+        cooldown_until = CASE WHEN p_fields ? 'cooldown_until' THEN NULL ELSE l.cooldown_until END,
+        updated_at = now()
+    WHERE l.scope = v_scope AND l.name = p_name;
+    PERFORM aiservice.notify_limit(v_scope, p_name);
+    RETURN QUERY SELECT * FROM aiservice.list_limits() x WHERE x.scope = v_scope AND x.name = p_name;
+END;
+$$;
+
+-- Remove a limit; AS404 when there is none. Workers are woken.
+CREATE OR REPLACE FUNCTION aiservice.delete_limit(p_scope text, p_name text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_scope aiservice.limit_scope := aiservice.limit_scope_of(p_scope);
+BEGIN
+    DELETE FROM aiservice.limits WHERE scope = v_scope AND name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no limit for % %', p_scope, p_name USING ERRCODE = 'AS404';
+    END IF;
+    DELETE FROM aiservice.limit_usage WHERE scope = v_scope AND name = p_name;
+    PERFORM aiservice.notify_limit(v_scope, p_name);
+END;
+$$;
+
+-- Wake workers after a limit changed: a 'pending' notification whose null fields mean "any".
+CREATE OR REPLACE FUNCTION aiservice.notify_limit(p_scope aiservice.limit_scope, p_name text, p_at timestamptz DEFAULT NULL)
+RETURNS void
+LANGUAGE sql
+AS $$
+    SELECT pg_notify('aiservice_jobs', json_build_object(
+        'event', 'pending',
+        'task_type', CASE WHEN p_scope = 'task_type' THEN p_name END,
+        'model_profile', CASE WHEN p_scope = 'model_profile' THEN p_name END,
+        'run_at', CASE WHEN p_at > now() THEN p_at END
+    )::text);
+$$;
+
+-- A provider said "too many requests, come back after p_retry_after": hold the whole profile
+-- until then (unless its limit has cooldown false), and wake workers when it ends.
+CREATE OR REPLACE FUNCTION aiservice.cool_down(p_model_profile text, p_retry_after interval)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_until timestamptz := now() + p_retry_after;
+BEGIN
+    INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
+    VALUES ('model_profile', p_model_profile, v_until)
+    ON CONFLICT (scope, name) DO UPDATE
+        SET cooldown_until = greatest(l.cooldown_until, excluded.cooldown_until), updated_at = now()
+        WHERE l.cooldown;
+    PERFORM aiservice.notify_limit('model_profile', p_model_profile, v_until);
+END;
+$$;
+
+-- Tokens of completed jobs count against the limits that match them; a job leaving
+-- 'running' under a max_running cap frees a place, so workers are woken for its kind.
+CREATE OR REPLACE FUNCTION aiservice.usage_updated() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO aiservice.limit_usage (scope, name, tokens)
+    SELECT l.scope, l.name,
+           sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
+    FROM new_jobs n
+    JOIN old_jobs o ON o.id = n.id
+    JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service)
+    WHERE n.status = 'completed' AND o.status = 'running'
+      AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
+    GROUP BY l.scope, l.name;
+
+    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, NULL)
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE o.status = 'running' AND n.status <> 'running'
+      AND EXISTS (SELECT 1 FROM aiservice.limits l
+                  WHERE l.max_running IS NOT NULL
+                    AND aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service))
+    GROUP BY n.task_type, n.model_profile;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_usage_update
+    AFTER UPDATE ON aiservice.jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.usage_updated();
