@@ -334,7 +334,7 @@ async def wait_for_status(store: JobStore, job_id: int, *statuses: str, within: 
 
 async def wait_until_listening(worker: Worker) -> None:
     async def ready() -> bool:
-        return worker.listener.connected and worker.runner.last_poll_at is not None
+        return worker.listener.connected and worker.runner.claimer.last_poll_at is not None
 
     await wait_for(ready, what="the listener to connect")
 

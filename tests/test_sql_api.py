@@ -50,7 +50,7 @@ async def create(conn: Conn, **args: Any) -> asyncpg.Record:
     return row
 
 
-async def create_many(conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Any]:
+async def create_jobs(conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Any]:
     args: dict[str, Any] = {"jobs": jobs}
     if defaults is not None:
         args["defaults"] = defaults
@@ -192,7 +192,7 @@ async def test_create_jobs_merges_defaults_and_keeps_input_order(conn: Conn) -> 
         {"owner_ref": "b", "max_attempts": 1, "idempotency_key": "kb"},
         {"owner_ref": "d", "owner_service": "monitoring-pf"},
     ]
-    rows = await create_many(conn, jobs, defaults)
+    rows = await create_jobs(conn, jobs, defaults)
     assert [r["owner_ref"] for r in rows] == ["c", "a", "e", "b", "d"]
     assert all(r["created"] for r in rows)
     assert len({r["id"] for r in rows}) == 5
@@ -209,15 +209,15 @@ async def test_create_jobs_merges_defaults_and_keeps_input_order(conn: Conn) -> 
 
 
 async def test_create_jobs_without_defaults_and_without_jobs(conn: Conn) -> None:
-    (row,) = await create_many(conn, [JOB])
+    (row,) = await create_jobs(conn, [JOB])
     assert (row["input"], row["priority"], row["max_attempts"]) == ({}, 0, 3)
     assert row["run_at"] == row["created_at"]
-    assert await create_many(conn, [], JOB) == []
+    assert await create_jobs(conn, [], JOB) == []
     assert await count(conn) == 1
 
 
 async def test_create_jobs_repeated_key_inside_one_batch_creates_one_job(conn: Conn) -> None:
-    rows = await create_many(
+    rows = await create_jobs(
         conn,
         [
             {"owner_ref": "1", "idempotency_key": "k1"},
@@ -237,8 +237,8 @@ async def test_create_jobs_repeated_key_inside_one_batch_creates_one_job(conn: C
 
 async def test_create_jobs_repeated_batch_creates_nothing_and_returns_the_same_jobs(conn: Conn) -> None:
     jobs = [{"owner_ref": str(i), "idempotency_key": f"k{i}"} for i in range(5)]
-    first = await create_many(conn, jobs, JOB)
-    again = await create_many(conn, [*reversed(jobs), {"owner_ref": "new", "idempotency_key": "k9"}], JOB)
+    first = await create_jobs(conn, jobs, JOB)
+    again = await create_jobs(conn, [*reversed(jobs), {"owner_ref": "new", "idempotency_key": "k9"}], JOB)
     assert [r["created"] for r in again] == [False] * 5 + [True]
     assert [r["id"] for r in again[:5]] == [r["id"] for r in reversed(first)]
     assert await count(conn) == 6
@@ -246,10 +246,10 @@ async def test_create_jobs_repeated_batch_creates_nothing_and_returns_the_same_j
 
 async def test_create_jobs_sees_keys_of_single_creates(conn: Conn) -> None:
     single = await create(conn, idempotency_key="k1")
-    (row,) = await create_many(conn, [{"idempotency_key": "k1"}], JOB)
+    (row,) = await create_jobs(conn, [{"idempotency_key": "k1"}], JOB)
     assert (row["id"], row["created"]) == (single["id"], False)
     again = await create(conn, idempotency_key="k2")
-    (row,) = await create_many(conn, [{"idempotency_key": "k2"}], JOB)
+    (row,) = await create_jobs(conn, [{"idempotency_key": "k2"}], JOB)
     assert (row["id"], row["created"]) == (again["id"], False)
 
 
@@ -272,8 +272,8 @@ async def test_create_jobs_refuses_bad_input(conn: Conn) -> None:
 
 
 async def test_create_jobs_is_all_or_nothing(conn: Conn) -> None:
-    await refused("23514", create_many(conn, [{"owner_ref": "ok"}, {"owner_ref": "bad", "priority": 5000}], JOB))
-    await refused("23502", create_many(conn, [JOB, {"owner_ref": "no task type"}]))
+    await refused("23514", create_jobs(conn, [{"owner_ref": "ok"}, {"owner_ref": "bad", "priority": 5000}], JOB))
+    await refused("23502", create_jobs(conn, [JOB, {"owner_ref": "no task type"}]))
     assert await count(conn) == 0
 
 
@@ -365,7 +365,7 @@ async def test_list_jobs_created_after_is_inclusive_and_created_before_exclusive
 
 
 async def test_list_jobs_keyset_pagination(conn: Conn) -> None:
-    jobs = [r["id"] for r in await create_many(conn, [{"owner_ref": str(i)} for i in range(7)], JOB)]
+    jobs = [r["id"] for r in await create_jobs(conn, [{"owner_ref": str(i)} for i in range(7)], JOB)]
     await create(conn, owner_service="other")  # filtered out on every page
     pages: list[list[int]] = []
     before: int | None = None
@@ -380,7 +380,7 @@ async def test_list_jobs_keyset_pagination(conn: Conn) -> None:
 
 
 async def test_list_jobs_limit(conn: Conn) -> None:
-    await create_many(conn, [{"owner_ref": str(i)} for i in range(60)], JOB)
+    await create_jobs(conn, [{"owner_ref": str(i)} for i in range(60)], JOB)
     assert len(await listed(conn)) == 50  # the default
     assert len(await listed(conn, limit=7)) == 7
     assert len(await listed(conn, limit=None)) == 60
@@ -414,14 +414,14 @@ async def test_claim_takes_highest_priority_then_oldest(conn: Conn) -> None:
         order.append(claimed[0]["id"])
     assert order == [ids[10], ids[5], second_five, ids[0], ids[-1]]
     # a claim of several takes the best of them
-    rows = await create_many(conn, [{"owner_ref": str(p), "priority": p} for p in (1, 9, 3, 7, 5)], JOB)
+    rows = await create_jobs(conn, [{"owner_ref": str(p), "priority": p} for p in (1, 9, 3, 7, 5)], JOB)
     by_priority = {r["priority"]: r["id"] for r in rows}
     claimed = await claim(conn, limit=3)
     assert [r["id"] for r in claimed] == [by_priority[9], by_priority[7], by_priority[5]]  # returned in order
 
 
 async def test_claim_respects_the_limit(conn: Conn) -> None:
-    await create_many(conn, [{"owner_ref": str(i)} for i in range(5)], JOB)
+    await create_jobs(conn, [{"owner_ref": str(i)} for i in range(5)], JOB)
     first = await claim(conn, limit=3)
     second = await claim(conn, limit=3)
     assert (len(first), len(second)) == (3, 2)
@@ -447,7 +447,7 @@ async def test_claim_takes_only_pending_jobs(conn: Conn) -> None:
 
 async def test_claim_filters_by_task_type_and_model_profile(conn: Conn) -> None:
     kinds = [("llm_chat", "qwen"), ("llm_chat", "vision"), ("transcribe", "whisperx"), ("call_analysis", "qwen")]
-    rows = await create_many(conn, [{"task_type": t, "model_profile": m} for t, m in kinds], JOB | {"priority": 0})
+    rows = await create_jobs(conn, [{"task_type": t, "model_profile": m} for t, m in kinds], JOB | {"priority": 0})
     ids = {(r["task_type"], r["model_profile"]): r["id"] for r in rows}
 
     async def claimed_kinds(**filters: Any) -> set[tuple[str, str]]:

@@ -103,7 +103,7 @@ async def test_polling_picks_up_jobs_while_the_listener_is_down_and_the_listener
             assert resp.status == 200
 
     # Notifications work again: with polling practically off, a new job is still picked up at once.
-    worker.runner.poll_interval = 30
+    worker.runner.claimer.poll_interval = 30
     await asyncio.sleep(0.3)  # let the loop start its (now long) wait
     job = await job_factory()
     await wait_for_status(store, job.id, "completed", within=5)

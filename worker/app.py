@@ -1,4 +1,4 @@
-"""The worker process: one pool, the built-in kinds, the runner, the listener and the HTTP server."""
+"""The worker process: one pool, the built-in job kinds, the runner, the listener and the HTTP server."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
 from aiservice.settings import Settings, SettingsError
-from worker import http
+from worker import http, status
 from worker.kinds import Kind, describe
 from worker.kinds.llm import LLMKind
 from worker.kinds.whisperx import WhisperXKind
@@ -66,7 +66,8 @@ class Worker:
         self._store: JobStore | None = None
         self._runner: Runner | None = None
         self._listener: Listener | None = None
-        self._listener_task: asyncio.Task[None] | None = None
+        # Tasks that run beside the runner until stop(): the listener, and any periodic work.
+        self._tasks: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
         self._started = time.monotonic()
         self._stopped = False
@@ -107,7 +108,7 @@ class Worker:
                 min_backoff=self._listener_backoff,
                 check_interval=self._listener_check_interval,
             )
-            self._listener_task = asyncio.create_task(self._listener.run(), name="aiservice-listener")
+            self._tasks.append(asyncio.create_task(self._listener.run(), name="aiservice-listener"))
             self._runner.start()
             self._http = web.AppRunner(http.create_app(self), access_log=None)
             await self._http.setup()
@@ -142,9 +143,9 @@ class Worker:
         log.info("worker %s stopped", self.settings.worker_id)
 
     async def _close(self) -> None:
-        if self._listener_task is not None:
-            self._listener_task.cancel()
-            await asyncio.gather(self._listener_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for kind in self.kinds:
             try:
                 await kind.close()
@@ -170,10 +171,7 @@ class Worker:
             "worker_id": self.settings.worker_id,
             "started_at": self.started_at,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
-            "serves": [
-                {"worker": k.name, "task_types": list(k.task_types), "model_profiles": list(k.model_profiles)}
-                for k in self.kinds
-            ],
+            "serves": status.serves(self.kinds),
             "claim_limit": self.settings.worker_claim_limit,
             **(self._runner.status() if self._runner is not None else {}),
             "listener": self._listener.status() if self._listener is not None else {"state": "stopped"},

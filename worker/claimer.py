@@ -1,0 +1,121 @@
+"""Claiming: only into free slots, one claim_jobs call per job kind, whenever the wake-up says so.
+
+Wake-ups come from the listener (a notification, or a timer for a job due later) and from the
+poll interval; either way the claim itself is the SQL function claim_jobs, so a spurious wake-up
+costs one empty claim and a lost one costs at most one interval."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from aiservice import errors
+from aiservice.db.jobs import JobStore
+from aiservice.jobs import Job
+from worker.flight import Flights
+from worker.kinds import Kind, serves
+from worker.listener import Pending
+from worker.wakeup import Wakeup
+
+log = logging.getLogger(__name__)
+
+
+class Claimer:
+    def __init__(
+        self,
+        store: JobStore,
+        kinds: Sequence[Kind],
+        flights: Flights,
+        start: Callable[[Job, Kind], None],
+        *,
+        worker_id: str,
+        lease_timeout: timedelta,
+        poll_interval: timedelta,
+    ) -> None:
+        self.store = store
+        self.kinds = list(kinds)
+        self.flights = flights
+        self._start = start
+        self.worker_id = worker_id
+        self.lease_timeout = lease_timeout
+        self.poll_interval = poll_interval.total_seconds()
+        self.wakeup = Wakeup()
+        self.last_claim_at: datetime | None = None
+        self.last_poll_at: datetime | None = None
+        self.stopping = False
+        self._backlog = False
+        self._rotation = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="aiservice-claim-loop")
+
+    def on_pending(self, event: Pending) -> None:
+        if not any(serves(k, event.task_type, event.model_profile) for k in self.kinds):
+            return
+        if event.run_at is None:
+            self.wakeup.now()
+        else:
+            self.wakeup.at(event.run_at)
+
+    def slot_freed(self) -> None:
+        # The last claim filled every slot, so more may be waiting: claim again now.
+        if self._backlog:
+            self.wakeup.now()
+
+    async def _loop(self) -> None:
+        while not self.stopping:
+            self.wakeup.clear()
+            try:
+                await self._claim()
+            except Exception:
+                log.exception("claim failed")
+            if self.stopping:
+                return
+            await self.wakeup.wait(self.poll_interval)
+
+    async def _claim(self) -> None:
+        free = self.flights.free()
+        self._backlog = free <= 0
+        if free <= 0:
+            return
+        self.last_poll_at = datetime.now(UTC)
+        # Rotating the order keeps one busy kind of job from starving the others.
+        first = self._rotation % len(self.kinds)
+        self._rotation += 1
+        for kind in self.kinds[first:] + self.kinds[:first]:
+            if free <= 0 or self.stopping:
+                break
+            try:
+                jobs = await self.store.claim_jobs(
+                    self.worker_id,
+                    free,
+                    lease_timeout=self.lease_timeout,
+                    task_types=list(kind.task_types),
+                    model_profiles=list(kind.model_profiles),
+                )
+            except errors.DatabaseUnavailable:
+                log.warning("claim skipped: PostgreSQL unavailable")
+                return
+            for job in jobs:
+                self._start(job, kind)
+            if jobs:
+                self.last_claim_at = datetime.now(UTC)
+                self.flights.counts.claimed += len(jobs)
+            free -= len(jobs)
+        self._backlog = free <= 0
+
+    async def stop(self, grace: float) -> None:
+        """Claim no more. The claim in progress may finish within ``grace``: a claim cancelled
+        mid-flight that commits unseen would hold its jobs until their leases expire."""
+        self.stopping = True
+        self.wakeup.stop()
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
