@@ -121,7 +121,9 @@ async def test_a_changed_function_file_is_re_applied(empty_database_url: str) ->
         await migrate(conn)
         functions = load_functions()
         (claim,) = [f for f in functions if f.name == "functions/claim.sql"]
-        edited = Migration(claim.name, claim.sql.replace("    IF p_worker_id IS NULL", "    -- edited\n    IF p_worker_id IS NULL"))
+        edited = Migration(
+            claim.name, claim.sql.replace("    IF p_worker_id IS NULL", "    -- edited\n    IF p_worker_id IS NULL")
+        )
         assert await migrate(conn, functions=[edited if f is claim else f for f in functions]) == [claim.name]
         source = await conn.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'claim_jobs'")
         assert "-- edited" in source

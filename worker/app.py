@@ -14,6 +14,7 @@ from aiohttp import web
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
+from aiservice.maintenance import maintain_forever
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
 from aiservice.settings import Settings, SettingsError
@@ -109,6 +110,9 @@ class Worker:
                 check_interval=self._listener_check_interval,
             )
             self._tasks.append(asyncio.create_task(self._listener.run(), name="aiservice-listener"))
+            # Lease expiry, retention and counters happen even where no API process runs.
+            maintenance = maintain_forever(self._store, settings)
+            self._tasks.append(asyncio.create_task(maintenance, name="aiservice-maintenance"))
             self._runner.start()
             self._http = web.AppRunner(http.create_app(self), access_log=None)
             await self._http.setup()

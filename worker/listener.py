@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 class Pending:
     """Jobs of this kind can be claimed now, or at ``run_at``."""
 
-    task_type: str
-    model_profile: str
+    task_type: str | None  # None: any (a limit on a whole profile or owner changed)
+    model_profile: str | None
     run_at: datetime | None
 
 
@@ -39,13 +39,17 @@ class Abort:
 Event = Pending | Abort
 
 
+def _optional(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def parse_event(payload: dict[str, Any]) -> Event | None:
     try:
         if payload.get("event") == "pending":
             run_at = payload.get("run_at")
             return Pending(
-                task_type=str(payload["task_type"]),
-                model_profile=str(payload["model_profile"]),
+                task_type=_optional(payload["task_type"]),
+                model_profile=_optional(payload["model_profile"]),
                 run_at=datetime.fromisoformat(run_at) if run_at else None,
             )
         if payload.get("event") == "abort":

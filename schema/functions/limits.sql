@@ -61,7 +61,10 @@ BEGIN
     IF v_use.tokens_last_minute >= p_limit.max_tokens_per_minute THEN
         RETURN 0;
     END IF;
-    RETURN greatest(0, least(p_limit.max_running - v_use.running, p_limit.max_per_minute - v_use.started_last_minute));
+    -- least() skips NULLs (no cap); greatest() would turn an all-NULL "no cap" into 0.
+    RETURN CASE WHEN p_limit.max_running IS NOT NULL OR p_limit.max_per_minute IS NOT NULL
+                THEN greatest(0, least(p_limit.max_running - v_use.running,
+                                       p_limit.max_per_minute - v_use.started_last_minute)) END;
 END;
 $$;
 

@@ -25,8 +25,11 @@ class Kind(Protocol):
     async def close(self) -> None: ...
 
 
-def serves(kind: Kind, task_type: str, model_profile: str) -> bool:
-    return task_type in kind.task_types and model_profile in kind.model_profiles
+def serves(kind: Kind, task_type: str | None, model_profile: str | None) -> bool:
+    """None stands for any: a changed limit wakes every worker of a profile or task type."""
+    return (task_type is None or task_type in kind.task_types) and (
+        model_profile is None or model_profile in kind.model_profiles
+    )
 
 
 def describe(kinds: Iterable[Kind]) -> str:

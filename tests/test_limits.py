@@ -1,0 +1,322 @@
+"""The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share, claim cost.
+
+Real PostgreSQL; several connections where concurrency is the point; rows read are counted with
+PostgreSQL's statistics, never timed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from datetime import timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+from conftest import ClientFactory
+from test_sql_api import call, claim, create, create_jobs, one
+
+from aiservice.db.jobs import JobStore
+from aiservice.jobs import LimitScope
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+API = "/api/v1"
+
+
+async def set_limit(conn: Conn, scope: str, name: str, **fields: Any) -> asyncpg.Record:
+    return await one(conn, "set_limit", scope=scope, name=name, fields=fields)
+
+
+BASE = {"owner_service": "tel", "task_type": "llm_chat", "model_profile": "qwen"}
+RATE_LIMITED = "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')"
+
+
+async def jobs(conn: Conn, n: int, **defaults: Any) -> list[int]:
+    rows = await create_jobs(conn, [{"owner_ref": f"r{i}"} for i in range(n)], BASE | defaults)
+    return [r["id"] for r in rows]
+
+
+async def complete(conn: Conn, job_id: int, worker: str = "w1", result: dict[str, Any] | None = None) -> None:
+    await conn.execute("SELECT FROM aiservice.complete_job($1, $2, $3)", job_id, worker, result or {"ok": True})
+
+
+async def test_python_scope_enum_equals_the_sql_enum(conn: Conn) -> None:
+    labels = await conn.fetchval("SELECT enum_range(NULL::aiservice.limit_scope)::text[]")
+    assert labels == [s.value for s in LimitScope]
+
+
+async def test_set_list_and_delete_over_sql(conn: Conn) -> None:
+    first = await set_limit(conn, "model_profile", "qwen", max_running=4, paused=True)
+    assert (first["max_running"], first["paused"], first["weight"], first["running"]) == (4, True, 1, 0)
+    kept = await set_limit(conn, "model_profile", "qwen", max_per_minute=60)  # fields not given keep their value
+    assert (kept["max_running"], kept["max_per_minute"], kept["paused"]) == (4, 60, True)
+    cleared = await set_limit(conn, "model_profile", "qwen", max_running=None, paused=None)
+    assert (cleared["max_running"], cleared["paused"], cleared["max_per_minute"]) == (None, False, 60)
+    assert [(r["scope"], r["name"]) for r in await call(conn, "list_limits")] == [("model_profile", "qwen")]
+    await conn.execute("SELECT aiservice.delete_limit('model_profile', 'qwen')")
+    with pytest.raises(asyncpg.PostgresError) as gone:
+        await conn.execute("SELECT aiservice.delete_limit('model_profile', 'qwen')")
+    assert gone.value.sqlstate == "AS404"
+
+
+@pytest.mark.parametrize(
+    ("scope", "fields", "reason"),
+    [
+        ("queue", {"paused": True}, "unknown scope"),
+        ("task_type", {"max_running": -1}, "max_running must be an integer"),
+        ("task_type", {"max_running": 2.5}, "max_running must be an integer"),
+        ("task_type", {"max_per_minute": 10**12}, "max_per_minute must be an integer"),
+        ("owner_service", {"weight": 0}, "weight must be an integer from 1"),
+        ("task_type", {"paused": "yes"}, "paused must be true, false or null"),
+        ("task_type", {"cooldown_until": "2030-01-01T00:00:00Z"}, "cooldown_until is set by rate-limited failures"),
+        ("task_type", {"speed": 1}, "unknown field speed"),
+    ],
+)
+async def test_bad_limits_are_refused_over_sql(conn: Conn, scope: str, fields: dict[str, Any], reason: str) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await conn.fetch("SELECT * FROM aiservice.set_limit($1, 'x', $2)", scope, fields)
+    assert refused.value.sqlstate == "AS422"
+    assert reason in str(refused.value)
+
+
+async def test_limits_over_http(api_factory: ClientFactory) -> None:
+    api = await api_factory()
+    put = await api.put(f"{API}/limits/task_type/transcribe", json={"max_running": 2, "paused": True})
+    assert put.status == 200, await put.text()
+    body = await put.json()
+    assert body | {"cooldown_until": None} == {
+        "scope": "task_type", "name": "transcribe", "paused": True, "max_running": 2, "max_per_minute": None,
+        "max_tokens_per_minute": None, "weight": 1, "cooldown": True, "cooldown_until": None,
+        "running": 0, "started_last_minute": 0, "tokens_last_minute": 0,
+    }  # fmt: skip
+    again = await (await api.put(f"{API}/limits/task_type/transcribe", json={"paused": None})).json()
+    assert (again["paused"], again["max_running"]) == (False, 2)
+    listed = await (await api.get(f"{API}/limits")).json()
+    assert [(x["scope"], x["name"]) for x in listed["limits"]] == [("task_type", "transcribe")]
+    stats = await (await api.get(f"{API}/stats")).json()
+    assert [x["name"] for x in stats["limits"]] == ["transcribe"]
+    assert (await api.delete(f"{API}/limits/task_type/transcribe")).status == 204
+    missing = await api.delete(f"{API}/limits/task_type/transcribe")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("queue/x", {"paused": True}),
+        ("task_type/x", {"max_running": -1}),
+        ("owner_service/x", {"weight": 0}),
+        ("task_type/x", {"max_per_minute": 10**15}),
+        ("task_type/x", {"max_running": "5"}),
+        ("task_type/x", {"max_running": True}),
+        ("task_type/x", {"paused": 1}),
+        ("task_type/x", {"cooldown_until": "2030-01-01T00:00:00Z"}),
+        ("task_type/x", {"nope": 1}),
+    ],
+)
+async def test_bad_limits_are_answered_422_over_http(api_factory: ClientFactory, path: str, body: Any) -> None:
+    api = await api_factory()
+    response = await api.put(f"{API}/limits/{path}", json=body)
+    assert response.status == 422, await response.text()
+    assert (await response.json())["error"]["code"] == "invalid_argument"
+
+
+async def test_pause_holds_jobs_and_resume_wakes_listeners(conn: Conn, database_url: str) -> None:
+    ids = await jobs(conn, 3, task_type="transcribe", model_profile="whisperx")
+    await set_limit(conn, "task_type", "transcribe", paused=True)
+    assert await claim(conn, limit=10) == []
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'pending'") == 3
+
+    listener = await asyncpg.connect(database_url)
+    heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await listener.add_listener("aiservice_jobs", lambda *a: heard.put_nowait(json.loads(a[3])))
+    try:
+        await set_limit(conn, "task_type", "transcribe", paused=False)
+        event = await asyncio.wait_for(heard.get(), 5)
+        assert event == {"event": "pending", "task_type": "transcribe", "model_profile": None, "run_at": None}
+    finally:
+        await listener.close()
+    assert sorted(r["id"] for r in await claim(conn, limit=10)) == ids
+
+
+async def test_max_running_is_never_exceeded_by_concurrent_claimers(conn: Conn, database_url: str) -> None:
+    await jobs(conn, 120, model_profile="gpu")
+    await set_limit(conn, "model_profile", "gpu", max_running=3)
+    peak = 0
+    done = asyncio.Event()
+
+    async def claimer(n: int) -> int:
+        c = await asyncpg.connect(database_url)
+        finished = 0
+        try:
+            while not done.is_set():
+                got = await c.fetch("SELECT id FROM aiservice.claim_jobs($1, 2)", f"w{n}")
+                if not got:
+                    if not await c.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status <> 'completed'"):
+                        return finished
+                    await asyncio.sleep(0.002)
+                for row in got:
+                    await asyncio.sleep(0.003)
+                    await c.execute("SELECT FROM aiservice.complete_job($1, $2, '{}')", row["id"], f"w{n}")
+                    finished += 1
+            return finished
+        finally:
+            await c.close()
+
+    async def sampler() -> None:
+        nonlocal peak
+        c = await asyncpg.connect(database_url)
+        try:
+            while not done.is_set():
+                peak = max(peak, await c.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'"))
+        finally:
+            await c.close()
+
+    sampling = asyncio.create_task(sampler())
+    finished = await asyncio.wait_for(asyncio.gather(*(claimer(n) for n in range(8))), 60)
+    done.set()
+    await sampling
+    assert sum(finished) == 120
+    assert peak == 3
+
+
+async def test_max_per_minute_counts_starts_in_the_trailing_minute(conn: Conn) -> None:
+    await jobs(conn, 10, task_type="summarize")
+    await set_limit(conn, "task_type", "summarize", max_per_minute=4)
+    assert len(await claim(conn, limit=10)) == 4
+    assert await claim(conn, limit=10) == []
+    (usage,) = await call(conn, "list_limits")
+    assert (usage["started_last_minute"], usage["running"]) == (4, 4)
+    await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '61 seconds'")  # a minute passes
+    assert len(await claim(conn, limit=10)) == 4
+
+
+async def test_max_tokens_per_minute_stops_starts_while_over(conn: Conn) -> None:
+    await jobs(conn, 5, model_profile="gpt")
+    await set_limit(conn, "model_profile", "gpt", max_tokens_per_minute=100)
+    (first,) = await claim(conn)
+    await complete(conn, first["id"], result={"content": "hi", "usage": {"total_tokens": 150}})
+    (usage,) = await call(conn, "list_limits")
+    assert usage["tokens_last_minute"] == 150
+    assert await claim(conn) == []
+    await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '61 seconds'")
+    assert len(await claim(conn)) == 1
+
+
+async def test_a_rate_limited_failure_cools_down_only_its_profile(conn: Conn) -> None:
+    a = await jobs(conn, 3, model_profile="provider-a")
+    b = await jobs(conn, 2, model_profile="provider-b")
+    (job,) = await claim(conn, model_profiles=["provider-a"])
+    await conn.execute(
+        "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')",
+        job["id"],
+    )
+    (limit,) = await call(conn, "list_limits")
+    assert (limit["scope"], limit["name"]) == ("model_profile", "provider-a")
+    assert limit["cooldown_until"] is not None
+    assert await claim(conn, limit=10, model_profiles=["provider-a"]) == []
+    assert sorted(r["id"] for r in await claim(conn, limit=10)) == b  # the other profile runs on
+    await set_limit(conn, "model_profile", "provider-a", cooldown_until=None)  # an operator ends it early
+    assert {r["id"] for r in await claim(conn, limit=10)} == set(a) - {job["id"]}
+
+
+async def test_cool_down_can_be_turned_off_per_profile(conn: Conn) -> None:
+    await set_limit(conn, "model_profile", "provider-a", cooldown=False)
+    await jobs(conn, 2, model_profile="provider-a")
+    (job,) = await claim(conn)
+    await conn.execute(
+        "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')",
+        job["id"],
+    )
+    assert len(await claim(conn)) == 1
+
+
+async def drain_order(conn: Conn, batch: int = 1) -> list[str]:
+    owners = []
+    while got := await claim(conn, limit=batch):
+        for row in got:
+            owners.append(row["owner_service"])
+            await complete(conn, row["id"])
+    return owners
+
+
+async def test_a_late_caller_is_not_stuck_behind_a_flood(conn: Conn) -> None:
+    await jobs(conn, 300, owner_service="flood")
+    await jobs(conn, 10, owner_service="late")
+    order = await drain_order(conn, batch=10)
+    last_late = max(i for i, owner in enumerate(order) if owner == "late")
+    assert last_late < 25, order[:40]
+
+
+async def test_weights_share_claims_between_three_owners(conn: Conn) -> None:
+    for owner, weight in (("a", 1), ("b", 2), ("c", 3)):
+        await jobs(conn, 100, owner_service=owner)
+        await set_limit(conn, "owner_service", owner, weight=weight)
+    order = await drain_order(conn)
+    first = Counter(order[:60])
+    assert (first["a"], first["b"], first["c"]) == (10, 20, 30)
+
+
+async def test_priority_comes_before_fair_share(conn: Conn) -> None:
+    await jobs(conn, 5, owner_service="a")
+    urgent = await create(conn, owner_service="b", priority=10)
+    (first,) = await claim(conn)
+    assert first["id"] == urgent["id"]
+
+
+async def test_a_paused_owner_and_a_capped_task_type_bound_a_claim(conn: Conn) -> None:
+    await jobs(conn, 3, owner_service="quiet")
+    await jobs(conn, 5, owner_service="tel", task_type="transcribe")
+    await jobs(conn, 5, owner_service="tel", task_type="llm_chat")
+    await set_limit(conn, "owner_service", "quiet", paused=True)
+    await set_limit(conn, "task_type", "transcribe", max_running=2)
+    got = Counter((r["owner_service"], r["task_type"]) for r in await claim(conn, limit=20))
+    assert got == {("tel", "transcribe"): 2, ("tel", "llm_chat"): 5}
+
+
+READS = """
+SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass)
+     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = 'aiservice.jobs'::regclass)
+"""
+
+
+async def rows_read(conn: Conn) -> int:
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(await conn.fetchval(READS))
+
+
+FILL = """
+INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, run_at, scheduled)
+SELECT 'bulk', 'r' || i, 'llm_chat', $2, now() + $3::interval, $3::interval > interval '0'
+FROM generate_series(1, $1) i
+"""
+
+
+HOUR = timedelta(hours=1)
+
+
+@pytest.mark.parametrize(("profile", "due_in"), [("A", HOUR), ("A", timedelta(0)), ("B", HOUR)])
+async def test_a_claim_does_not_read_a_backlog_it_cannot_take(conn: Conn, profile: str, due_in: timedelta) -> None:
+    """50,000 jobs not yet due, or due but of another profile: a claim for profile B reads a handful of rows."""
+    await conn.execute(FILL, 50_000, profile, due_in)
+    await jobs(conn, 3, model_profile="B", owner_service="live")
+    await conn.execute("ANALYZE aiservice.jobs")
+    before = await rows_read(conn)
+    got = await claim(conn, limit=10, model_profiles=["B"])
+    read = await rows_read(conn) - before
+    assert len(got) == (3 if profile == "A" or due_in else 10)
+    assert read < 100, read
+
+
+async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobStore) -> None:
+    job = await create(conn, run_at=await conn.fetchval("SELECT now() + interval '1 hour'"))
+    assert job["scheduled"] is True and job["status"] == "pending"
+    assert await claim(conn) == []
+    await conn.execute("UPDATE aiservice.jobs SET run_at = now() - interval '1 second' WHERE id = $1", job["id"])
+    (got,) = await claim(conn)
+    assert got["id"] == job["id"]
+    retried = await one(conn, "fail_job", id=job["id"], worker_id="w1", error_category="timeout")
+    assert retried["scheduled"] is True  # a backoff puts it out of the claim index again
+    assert (await store.get_job(job["id"])).status == "pending"
