@@ -18,7 +18,9 @@ def bearer_middleware(token: str, open_paths: Collection[str], refuse: Callable[
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in open_paths:
-            given = request.headers.get("Authorization", "").encode()
+            # Bytes that are not UTF-8 reach us as lone surrogates; "surrogatepass" encodes any string,
+            # so such a header is refused like any wrong token instead of raising.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
             # Constant-time: the compare must not tell how much of a guess was right.
             if not hmac.compare_digest(given, expected):
                 return refuse()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -10,11 +11,34 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from aiservice import metrics
 from aiservice.settings import Settings, mask_url, redact, url_secrets
 
 # A dashboard polling every second must not turn into a request per poll per provider.
 CACHE_SECONDS = 10.0
 CHECK_TIMEOUT = 5.0
+# Error types and codes in a provider's error body that say the key was refused, whatever the status:
+# a LiteLLM proxy without a database answers an unknown key with HTTP 400 and type no_db_connection.
+AUTH_ERROR_CODES = frozenset({"no_db_connection", "invalid_api_key", "authentication_error", "auth_error"})
+# Enough of a provider's error message to tell what is wrong; the rest of the body is not read.
+ERROR_MESSAGE_LIMIT = 300
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def error_details(raw: bytes) -> tuple[str, set[str]]:
+    """The message and the type/code of an error body: OpenAI-style ``{"error": {...}}``, FastAPI's
+    ``{"detail": ...}``, or plain text."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text, set()
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if not isinstance(error, dict):
+        return str(error), set()
+    message = next((error[key] for key in ("message", "detail", "msg") if key in error), text)
+    kinds = {str(error[key]).lower() for key in ("type", "code") if error.get(key) is not None}
+    return message if isinstance(message, str) else json.dumps(message), kinds
 
 
 def under(base: str, path: str) -> URL:
@@ -49,19 +73,30 @@ class ProviderStatus:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             llm, whisperx = await asyncio.gather(self._llm(session), self._whisperx(session))
-        return {"checked_at": datetime.now(UTC).isoformat(), "providers": {"llm": llm, "whisperx": whisperx}}
+        providers = {"llm": llm, "whisperx": whisperx}
+        for name, found in providers.items():
+            if found["configured"]:
+                metrics.PROVIDER_UP.labels(name).set(1 if found["reachable"] and found["authorized"] else 0)
+        return {"checked_at": datetime.now(UTC).isoformat(), "providers": providers}
 
     async def _probe(self, session: aiohttp.ClientSession, url: URL, headers: dict[str, str]) -> dict[str, Any]:
+        """``reachable``: it answered HTTP at all. ``authorized``: it accepted the request (True), refused
+        the credentials (False: 401, 403 or an authentication error type), or cannot tell (None)."""
         started = time.perf_counter()
-        out: dict[str, Any] = {"reachable": False, "latency_ms": None, "error": None}
+        out: dict[str, Any] = {"reachable": False, "authorized": None, "latency_ms": None, "error": None}
         try:
             async with session.get(url, headers=headers, allow_redirects=False) as response:
                 out["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
                 out["http_status"] = response.status
-                if response.status >= 400:
-                    out["error"] = f"HTTP {response.status} from provider"
-                    return out
                 out["reachable"] = True
+                if response.status >= 400:
+                    message, kinds = error_details(await response.content.read(ERROR_BODY_LIMIT))
+                    if response.status in (401, 403) or kinds & AUTH_ERROR_CODES:
+                        out["authorized"] = False
+                    message = redact(message, self._secrets())[:ERROR_MESSAGE_LIMIT]
+                    out["error"] = f"HTTP {response.status} from provider" + (f": {message}" if message else "")
+                    return out
+                out["authorized"] = True
                 out["body"] = await response.json(content_type=None)
         except TimeoutError:
             out["error"] = f"no answer within {self.timeout:g}s"
@@ -73,17 +108,19 @@ class ProviderStatus:
         s = self.settings
         if not s.llm_base_url:
             return {"configured": False}
-        headers = {"Authorization": f"Bearer {s.llm_api_key}"} if s.llm_api_key else {}
+        # What the LLM worker's openai client sends: it insists on a key, "unused" when none is set.
+        headers = {"Authorization": f"Bearer {s.llm_api_key or 'unused'}"}
         probe = await self._probe(session, under(s.llm_base_url, "/models"), headers)
         body = probe.pop("body", None)
         models: list[str] = []
         if isinstance(body, dict) and isinstance(body.get("data"), list):
             models = [str(m.get("id")) for m in body["data"] if isinstance(m, dict)]
-        elif probe["reachable"]:
-            probe["reachable"] = False
+        elif probe["authorized"]:
+            # A success that is not a model list (a proxy's page) tells nothing about the key.
+            probe["authorized"] = None
             probe["error"] = "GET /models did not return an OpenAI-style model list"
         served = s.llm_model in models
-        if probe["reachable"] and not served:
+        if probe["authorized"] and not served:
             probe["error"] = f"model {s.llm_model!r} is not served"
         return {
             "configured": True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import re
 import socket
@@ -10,10 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A credential in Authorization form (RFC 7617 / RFC 6750 token68), as servers echo it in errors. Eight
+# characters at least, so that "Bearer token" or 'Basic realm="x"' in a message stay readable.
+_AUTH_CREDENTIAL = re.compile(r"\b(Basic|Bearer)(\s+)[A-Za-z0-9\-._~+/]{8,}=*", re.IGNORECASE)
 
 
 class SettingsError(ValueError):
@@ -65,23 +70,40 @@ def mask_url(url: str | None) -> str | None:
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """What in a URL may be a credential: the whole URL, its password and its query values."""
+    """What in a URL may be a credential: the whole URL, its password (as written and decoded), its
+    query values, and the user:password pair in the base64 form HTTP basic auth sends."""
     if not url:
         return []
     try:
         parts = urlsplit(url)
-        found = [url, parts.password or "", *(value for _, value in parse_qsl(parts.query))]
+        found = [url, *(value for _, value in parse_qsl(parts.query))]
+        if parts.password is not None:
+            user, password = unquote(parts.username or ""), unquote(parts.password)
+            found += [parts.password, password, *_basic_credentials(user, password)]
+        elif parts.username:  # a token as the only userinfo (mask_url hides it too)
+            user = unquote(parts.username)
+            found += [parts.username, user, *_basic_credentials(user, "")]
     except ValueError:
         found = [url]
     return [f for f in found if f]
 
 
+def _basic_credentials(user: str, password: str) -> list[str]:
+    # aiohttp encodes the pair as latin-1, most other clients as UTF-8.
+    pair = f"{user}:{password}"
+    encoded = {pair.encode()}
+    with contextlib.suppress(UnicodeEncodeError):
+        encoded.add(pair.encode("latin-1"))
+    return [base64.b64encode(raw).decode() for raw in encoded]
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Blank out every secret (longest first, so a URL goes before the password inside it)."""
+    """Blank out every secret (longest first, so a URL goes before the password inside it), and any
+    ``Basic …`` or ``Bearer …`` credential, known or not."""
     # Very short values (a one-letter query value) would garble the message without protecting anything.
     for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return text
+    return _AUTH_CREDENTIAL.sub(r"\1\2***", text)
 
 
 def default_worker_id() -> str:

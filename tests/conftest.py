@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from aiservice import embedded
+from aiservice import embedded, metrics
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
@@ -54,6 +54,12 @@ def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the service's variables from the outer environment."""
     for name in SERVICE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metric_labels() -> None:
+    """The metrics keep the first caller-chosen label values a process sees; each test starts afresh."""
+    metrics.forget_label_values()
 
 
 @pytest.fixture(scope="session")

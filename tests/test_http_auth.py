@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -285,4 +287,39 @@ async def test_a_refused_call_changes_nothing(api_factory: ClientFactory, jobs: 
     await assert_unauthorized(await api.post(f"{API}/jobs/claim", json={"worker_id": "thief", "limit": 10}), "POST")
     assert await jobs.status(job.id) == "running"
     assert await jobs.status(waiting.id) == "pending"
+<<<<<<< HEAD
     assert (await jobs.store.get_job(job.id)).result is None
+=======
+    assert (await jobs.store.get(job.id)).result is None
+
+
+async def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, bytes]:
+    """A GET written byte for byte: HTTP clients refuse to send a header value that is not ASCII."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
+        % (path.encode(), authorization)
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xff", b"Bearer \xc3\xa9t\xc3\xa9", b"Bearer " + TOKEN.encode() + b"\xff", b"\xff\xfe", b"Basic \x80"],
+)
+async def test_a_token_that_is_not_ascii_is_refused_not_an_error(
+    api_factory: ClientFactory, authorization: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = await api_factory(service_token=TOKEN)
+    status, body = await raw_get(api.server.port, f"{API}/jobs", authorization)
+    assert status == 401, body
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+    assert "unhandled error" not in caplog.text
+    status, _ = await raw_get(api.server.port, f"{API}/jobs", f"Bearer {TOKEN}".encode())
+    assert status == 200
+>>>>>>> fixes-11

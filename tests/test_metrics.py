@@ -66,3 +66,35 @@ async def test_queue_gauges_follow_sql(store: JobStore, job_factory: Any) -> Non
     gauge = metrics.QUEUE_JOBS.labels("gauge_task", "gm", "pending")
     assert gauge._value.get() == 2
     assert metrics.OLDEST_PENDING.labels("gauge_task")._value.get() >= 0
+
+
+def label_values(found: dict[str, list[Any]], label: str, *names: str) -> set[str]:
+    return {s.labels[label] for name in names for s in found.get(name, []) if label in s.labels}
+
+
+async def test_caller_chosen_labels_stay_bounded(api: Any, store: JobStore) -> None:
+    before = await (await api.get("/metrics")).text()
+    # One batch of 5,000 jobs, each of its own task type and profile.
+    jobs = [{"owner_ref": f"flood/{i}", "task_type": f"flood_{i}", "model_profile": f"p_{i}"} for i in range(5000)]
+    response = await api.post("/api/v1/jobs/batch", json={"defaults": {"owner_service": "flood"}, "jobs": jobs})
+    assert response.status == 201, await response.text()
+    metrics.refresh_queue(await store.stats())  # what the maintenance loop does every few seconds
+    known = await api.post(
+        "/api/v1/jobs", json={**jobs[0], "owner_service": "t", "owner_ref": "x", "task_type": "llm_chat"}
+    )
+    assert known.status == 201
+
+    text = await (await api.get("/metrics")).text()
+    found = samples(text)
+    names = ("aiservice_jobs_created_total", "aiservice_queue_jobs", "aiservice_oldest_pending_age_seconds")
+    task_types = label_values(found, "task_type", *names)
+    profiles = label_values(found, "model_profile", *names)
+    assert "other" in task_types and "other" in profiles
+    assert {"flood_0", "llm_chat"} <= task_types  # the first values seen and the built-in types keep their own
+    # The registry is the process's: series of earlier tests stay. Count what this batch added.
+    assert len({t for t in task_types if t.startswith("flood_")}) == metrics.LABEL_VALUE_LIMIT
+    assert len({p for p in profiles if p.startswith("p_")}) <= metrics.LABEL_VALUE_LIMIT
+    # Nothing is lost: the rest is counted under "other".
+    created = "aiservice_jobs_created_total"
+    assert value(found, created) - value(samples(before), created) == 5001
+    assert len(text) < len(before) + 100_000, f"/metrics grew from {len(before)} to {len(text)} bytes"

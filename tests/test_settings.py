@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 import pytest
@@ -116,3 +117,32 @@ def test_url_secrets_and_redact() -> None:
     assert "p4ssw0rd" not in cleaned and "k3y-value" not in cleaned and "llm:8000" not in cleaned
     assert cleaned.startswith("cannot reach ***: refused")
     assert url_secrets(None) == [] and redact("x=1", ["1"]) == "x=1"  # too short to blank out
+
+
+def test_url_credentials_are_redacted_in_their_basic_auth_form() -> None:
+    # What an HTTP client sends for http://wuser:s3cret!pw@asr:9000 (the password percent-encoded in the URL).
+    url = "http://wuser:s3cret%21pw@asr:9000"
+    basic = base64.b64encode(b"wuser:s3cret!pw").decode()
+    found = url_secrets(url)
+    assert basic in found
+    for message in (f"echoed Authorization: Basic {basic}", f"credentials {basic} refused", "s3cret!pw refused"):
+        cleaned = redact(message, found)
+        assert basic not in cleaned and "s3cret" not in cleaned, cleaned
+    # A token as the only userinfo is sent as "token:".
+    assert base64.b64encode(b"tok-en123:").decode() in url_secrets("https://tok-en123@gateway/v1")
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Authorization: Basic d3VzZXI6b3RoZXItcGFzc3dvcmQ= was refused", "Authorization: Basic *** was refused"),
+        ("got authorization: bearer sk-someone-elses-key-123", "got authorization: bearer ***"),
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl!", "Bearer ***!"),
+        ("header 'Authorization: Bearer abc/def+ghi=='", "header 'Authorization: Bearer ***'"),
+        # Words after the scheme names are not credentials: the message stays readable.
+        ("missing Bearer token", "missing Bearer token"),
+        ('WWW-Authenticate: Basic realm="asr"', 'WWW-Authenticate: Basic realm="asr"'),
+    ],
+)
+def test_credentials_in_authorization_form_are_redacted(message: str, expected: str) -> None:
+    assert redact(message, []) == expected

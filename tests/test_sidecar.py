@@ -24,6 +24,7 @@ from aiservice.sidecar.histogram import quantile
 TOKEN = "sidecar-token-s3cret"
 URL_PASSWORD = "url-pa55word"
 QUERY_SECRET = "query-s3cret"
+VLLM_KEY = "vllm-api-key-s3cret"
 
 
 class FakeClock:
@@ -39,30 +40,50 @@ class FakeClock:
 # --- a vLLM stub ---------------------------------------------------------------------------------
 
 
-def vllm_metrics(scrape: int, kv_metric: str) -> str:
-    """vLLM's exposition, two engines; counters advance by 500 prompt and 250 generation tokens per scrape."""
-    prompt = 1000 + 500 * scrape
-    generation = 2000 + 250 * scrape
+def histogram(name: str, bounds: tuple[str, ...], per_scrape: dict[str, tuple[int, ...]], scrape: int) -> str:
+    """A cumulative histogram, one series per engine: 500 slow requests (over the highest bound) from
+    before the sidecar's first scrape, then each engine's ``per_scrape`` bucket counts once per scrape."""
+    text = f"# HELP {name} A histogram.\n# TYPE {name} histogram\n"
+    for engine, counts in per_scrape.items():
+        labels = f'engine="{engine}",model_name="qwen"'
+        cumulative = [count * scrape for count in counts]
+        cumulative[-1] += 500
+        for le, count in zip(bounds, cumulative, strict=True):
+            text += f'{name}_bucket{{{labels},le="{le}"}} {count}.0\n'
+        text += f"{name}_count{{{labels}}} {cumulative[-1]}.0\n{name}_sum{{{labels}}} {cumulative[-1] * 2}.0\n"
+    return text
+
+
+def counter(name: str, value: int) -> str:
+    return f'# HELP {name} A counter.\n# TYPE {name} counter\n{name}_total{{model_name="qwen"}} {value}.0\n'
+
+
+def vllm_metrics(scrape: int, legacy: bool) -> str:
+    """vLLM's exposition after ``scrape`` earlier scrapes. Per scrape: 500 prompt and 250 generation
+    tokens, 3 preemptions, 1000 prefix-cache queries of which 400 hit, and 100 requests in each
+    histogram. ``legacy``: the older names (KV cache, time per output token, prefix-cache hit-rate gauge)."""
+    kv_metric = "vllm:gpu_cache_usage_perc" if legacy else "vllm:kv_cache_usage_perc"
     kv = (
-        f'{kv_metric}{{engine="0",model_name="qwen"}} 0.25\n{kv_metric}{{engine="1",model_name="qwen"}} 0.75\n'
-        if kv_metric == "vllm:kv_cache_usage_perc"
-        else f'{kv_metric}{{model_name="qwen"}} 0.4\n'
+        f'{kv_metric}{{model_name="qwen"}} 0.4\n'
+        if legacy
+        else f'{kv_metric}{{engine="0",model_name="qwen"}} 0.25\n{kv_metric}{{engine="1",model_name="qwen"}} 0.75\n'
     )
-    # TTFT split over two engines: merged buckets 0.1→10, 0.5→60, 1→90, 2.5→100, +Inf→100.
-    ttft = ""
-    for engine, counts in (("0", (4, 30, 45, 50, 50)), ("1", (6, 30, 45, 50, 50))):
-        for le, count in zip(("0.1", "0.5", "1.0", "2.5", "+Inf"), counts, strict=True):
-            ttft += (
-                f'vllm:time_to_first_token_seconds_bucket{{engine="{engine}",le="{le}",model_name="qwen"}} {count}.0\n'
-            )
-        ttft += f'vllm:time_to_first_token_seconds_count{{engine="{engine}",model_name="qwen"}} 50.0\n'
-        ttft += f'vllm:time_to_first_token_seconds_sum{{engine="{engine}",model_name="qwen"}} 40.0\n'
-    # End-to-end: 1→0, 5→20, 10→80, 30→100, +Inf→100.
-    e2e = "".join(
-        f'vllm:e2e_request_latency_seconds_bucket{{le="{le}",model_name="qwen"}} {count}.0\n'
-        for le, count in (("1.0", 0), ("5.0", 20), ("10.0", 80), ("30.0", 100), ("+Inf", 100))
+    # TTFT split over two engines: per scrape, merged buckets 0.1→10, 0.5→60, 1→90, 2.5→100, +Inf→100.
+    ttft_bounds = ("0.1", "0.5", "1.0", "2.5", "+Inf")
+    ttft = {"0": (4, 30, 45, 50, 50), "1": (6, 30, 45, 50, 50)}
+    # End-to-end: 1→0, 5→20, 10→80, 30→100, +Inf→100; inter-token and queue time likewise.
+    e2e = {"0": (0, 20, 80, 100, 100)}
+    itl = {"0": (20, 70, 95, 100, 100)}
+    queue = {"0": (50, 80, 100, 100)}
+    itl_metric = "vllm:time_per_output_token_seconds" if legacy else "vllm:inter_token_latency_seconds"
+    prefix = (
+        '# TYPE vllm:gpu_prefix_cache_hit_rate gauge\nvllm:gpu_prefix_cache_hit_rate{model_name="qwen"} 0.65\n'
+        if legacy
+        else counter("vllm:prefix_cache_queries", 10000 + 1000 * scrape)
+        + counter("vllm:prefix_cache_hits", 9000 + 400 * scrape)
     )
-    return f"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+    return (
+        f"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{{engine="0",model_name="qwen"}} 2.0
 vllm:num_requests_running{{engine="1",model_name="qwen"}} 1.0
@@ -72,30 +93,29 @@ vllm:num_requests_waiting{{engine="0",model_name="qwen"}} 4.0
 vllm:num_requests_waiting{{engine="1",model_name="qwen"}} 0.0
 # HELP {kv_metric} KV-cache usage. 1 means 100 percent usage.
 # TYPE {kv_metric} gauge
-{kv}# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
-# TYPE vllm:prompt_tokens_total counter
-vllm:prompt_tokens_total{{model_name="qwen"}} {prompt}.0
-# HELP vllm:generation_tokens_total Number of generation tokens processed.
-# TYPE vllm:generation_tokens_total counter
-vllm:generation_tokens_total{{model_name="qwen"}} {generation}.0
-# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
-# TYPE vllm:time_to_first_token_seconds histogram
-{ttft}# HELP vllm:e2e_request_latency_seconds Histogram of end to end request latency in seconds.
-# TYPE vllm:e2e_request_latency_seconds histogram
-{e2e}vllm:e2e_request_latency_seconds_count{{model_name="qwen"}} 100.0
-vllm:e2e_request_latency_seconds_sum{{model_name="qwen"}} 900.0
-"""
+{kv}"""
+        + counter("vllm:prompt_tokens", 1000 + 500 * scrape)
+        + counter("vllm:generation_tokens", 2000 + 250 * scrape)
+        + counter("vllm:num_preemptions", 7 + 3 * scrape)
+        + prefix
+        + histogram("vllm:time_to_first_token_seconds", ttft_bounds, ttft, scrape)
+        + histogram("vllm:e2e_request_latency_seconds", ("1.0", "5.0", "10.0", "30.0", "+Inf"), e2e, scrape)
+        + histogram(itl_metric, ("0.01", "0.025", "0.05", "0.1", "+Inf"), itl, scrape)
+        + histogram("vllm:request_queue_time_seconds", ("0.1", "1.0", "5.0", "+Inf"), queue, scrape)
+    )
 
 
 class VllmStub:
-    def __init__(self, kv_metric: str = "vllm:kv_cache_usage_perc") -> None:
-        self.kv_metric = kv_metric
+    def __init__(self, legacy: bool = False, api_key: str | None = None) -> None:
+        self.legacy = legacy
+        self.api_key = api_key  # as vLLM's --api-key: every /v1 path wants it as a bearer token
         self.scrapes = 0
         self.metrics_body: str | None = None  # overrides the exposition when set
         self.metrics_status = 200
         self.hang = False
         self.release = asyncio.Event()
         self.authorization: list[str] = []
+        self.models_authorization: list[str] = []
         self.app = web.Application()
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/health", self.health)
@@ -107,7 +127,7 @@ class VllmStub:
             await self.release.wait()
         if self.metrics_status != 200:
             return web.Response(status=self.metrics_status, text="engine dead")
-        body = self.metrics_body if self.metrics_body is not None else vllm_metrics(self.scrapes, self.kv_metric)
+        body = self.metrics_body if self.metrics_body is not None else vllm_metrics(self.scrapes, self.legacy)
         self.scrapes += 1
         return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
@@ -115,6 +135,10 @@ class VllmStub:
         return web.Response(status=200)
 
     async def models(self, request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "")
+        self.models_authorization.append(given)
+        if self.api_key is not None and given != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
         return web.json_response({"object": "list", "data": [{"id": "qwen2.5-14b", "object": "model"}]})
 
 
@@ -269,10 +293,15 @@ def test_settings_from_environment() -> None:
             "SIDECAR_WHISPERX_URL": "http://gpu:9000",
             "SIDECAR_DOCKER_SOCKET": "/run/docker.sock",
             "SIDECAR_TIMEOUT": "750ms",
+            "SIDECAR_VLLM_API_KEY": VLLM_KEY,
+            "VLLM_API_KEY": "the-other-name",
             "SIDECAR_UNRELATED": "x",
         }
     )
     assert (s.host, s.port, s.token) == ("127.0.0.1", 9100, TOKEN)
+    assert s.vllm_api_key == VLLM_KEY
+    assert VLLM_KEY not in repr(s) and VLLM_KEY not in json.dumps(s.public()) and VLLM_KEY in s.secrets()
+    assert s.public()["SIDECAR_VLLM_API_KEY"] == "***"
     assert s.vllm_url == f"http://admin:{URL_PASSWORD}@gpu:8000"
     assert s.whisperx_url == "http://gpu:9000"
     assert s.docker_socket == Path("/run/docker.sock")
@@ -282,6 +311,12 @@ def test_settings_from_environment() -> None:
     assert TOKEN not in public and URL_PASSWORD not in public
     assert s.public()["SIDECAR_VLLM_URL"] == "http://admin:***@gpu:8000"
     assert s.public()["SIDECAR_TIMEOUT"] == "750ms"
+
+
+def test_vllm_api_key_under_the_name_vllm_reads() -> None:
+    # The variable vLLM itself takes --api-key from, so a sidecar sharing its environment needs nothing more.
+    assert SidecarSettings.from_env({"VLLM_API_KEY": VLLM_KEY}).vllm_api_key == VLLM_KEY
+    assert SidecarSettings.from_env({}).vllm_api_key is None
 
 
 def test_empty_variables_count_as_unset() -> None:
@@ -352,6 +387,27 @@ async def test_token_guards_status_but_not_healthz(base_settings: SidecarSetting
     assert TOKEN not in json.dumps(body)
 
 
+async def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, bytes]:
+    """A GET written byte for byte: HTTP clients refuse to send a header value that is not ASCII."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\nConnection: close\r\n\r\n"
+    writer.write(request % (path.encode(), authorization))
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("authorization", [b"Bearer \xff", b"Bearer " + TOKEN.encode() + b"\xff", b"\xff"])
+async def test_a_token_that_is_not_ascii_is_refused(
+    base_settings: SidecarSettings, sidecar: Any, authorization: bytes
+) -> None:
+    client = await sidecar(replace(base_settings, token=TOKEN))
+    status_code, body = await raw_get(client.server.port, "/status", authorization)
+    assert status_code == 401, body
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
 async def test_status_is_open_without_a_token(base_settings: SidecarSettings, sidecar: Any) -> None:
     client = await sidecar(base_settings)
     body = await status(client)
@@ -363,6 +419,30 @@ async def test_status_is_open_without_a_token(base_settings: SidecarSettings, si
 
 
 # --- vLLM -----------------------------------------------------------------------------------------
+
+
+WINDOW_FIGURES = (
+    "prompt_tokens_per_s",
+    "generation_tokens_per_s",
+    "preemptions_per_s",
+    "prefix_cache_hit_rate",
+    "time_to_first_token_seconds",
+    "e2e_request_latency_seconds",
+    "inter_token_latency_seconds",
+    "request_queue_time_seconds",
+)
+
+
+def assert_window_latency(report: dict[str, Any], count: int) -> None:
+    """The stub's per-scrape distributions; the 500 slow requests from before the first scrape are not in them."""
+    expected = {
+        "time_to_first_token_seconds": (0.42, 1.75),  # 0.1 + 0.4 · 40/50; 1.0 + 1.5 · 5/10
+        "e2e_request_latency_seconds": (7.5, 25.0),
+        "inter_token_latency_seconds": (0.019, 0.05),
+        "request_queue_time_seconds": (0.1, 4.0),
+    }
+    for name, (p50, p95) in expected.items():
+        assert report[name] == {"p50": pytest.approx(p50), "p95": pytest.approx(p95), "count": count}, name
 
 
 async def test_vllm_metrics_rates_and_latency(base_settings: SidecarSettings, vllm: Any, sidecar: Any) -> None:
@@ -378,41 +458,47 @@ async def test_vllm_metrics_rates_and_latency(base_settings: SidecarSettings, vl
     assert (first["requests_running"], first["requests_waiting"]) == (3, 4)
     assert first["kv_cache_usage"] == pytest.approx(0.5)  # mean over the two engines
     assert first["kv_cache_metric"] == "vllm:kv_cache_usage_perc"
-    # One scrape has nothing to compare with.
-    assert (first["prompt_tokens_per_s"], first["generation_tokens_per_s"]) == (None, None)
-    ttft, e2e = first["time_to_first_token_seconds"], first["e2e_request_latency_seconds"]
-    assert ttft["p50"] == pytest.approx(0.42) and ttft["p95"] == pytest.approx(1.75)
-    assert ttft["count"] == 100
-    assert e2e["p50"] == pytest.approx(7.5) and e2e["p95"] == pytest.approx(25.0)
-    assert e2e["count"] == 100
+    # One scrape has nothing to compare with: the histograms hold everything since vLLM started.
+    assert {name: first[name] for name in WINDOW_FIGURES} == dict.fromkeys(WINDOW_FIGURES)
 
     clock.now += 10
     second = (await status(client))["sources"]["vllm"]
     assert second["prompt_tokens_per_s"] == pytest.approx(50.0)  # 500 tokens over 10 s
     assert second["generation_tokens_per_s"] == pytest.approx(25.0)
+    assert second["preemptions_per_s"] == pytest.approx(0.3)
+    assert second["prefix_cache_hit_rate"] == pytest.approx(0.4)  # 400 of 1000 queries, not 9400 of 11000
+    assert_window_latency(second, count=100)
 
-    # A scrape right after the last one keeps the last rates rather than dividing by almost nothing.
+    # A scrape right after the last one keeps the last figures rather than dividing by almost nothing.
     clock.now += 0.25
     third = (await status(client))["sources"]["vllm"]
-    assert (third["prompt_tokens_per_s"], third["generation_tokens_per_s"]) == (50.0, 25.0)
+    assert {name: third[name] for name in WINDOW_FIGURES} == {name: second[name] for name in WINDOW_FIGURES}
 
     clock.now += 4.75  # 5 s after the baseline, which is still the second scrape; two scrapes' worth since
     fourth = (await status(client))["sources"]["vllm"]
     assert fourth["prompt_tokens_per_s"] == pytest.approx(200.0)
     assert fourth["generation_tokens_per_s"] == pytest.approx(100.0)
+    assert fourth["preemptions_per_s"] == pytest.approx(1.2)
+    assert fourth["prefix_cache_hit_rate"] == pytest.approx(0.4)
+    assert_window_latency(fourth, count=200)
     assert stub.scrapes == 4
 
 
-async def test_vllm_older_kv_cache_metric(base_settings: SidecarSettings, serve: Any, sidecar: Any) -> None:
-    stub = VllmStub(kv_metric="vllm:gpu_cache_usage_perc")
+async def test_vllm_older_metric_names(base_settings: SidecarSettings, serve: Any, sidecar: Any) -> None:
+    stub = VllmStub(legacy=True)
     url = await serve(stub.app)
+    clock = FakeClock()
     # An OpenAI-style base URL (…/v1), as the service's LLM_BASE_URL is written, works too.
-    client = await sidecar(replace(base_settings, vllm_url=f"{url}/v1"))
+    client = await sidecar(replace(base_settings, vllm_url=f"{url}/v1"), clock)
+    await status(client)
+    clock.now += 10
     vllm = (await status(client))["sources"]["vllm"]
     assert vllm["available"] is True
     assert vllm["kv_cache_usage"] == pytest.approx(0.4)
     assert vllm["kv_cache_metric"] == "vllm:gpu_cache_usage_perc"
     assert vllm["models"]["ids"] == ["qwen2.5-14b"]
+    assert vllm["prefix_cache_hit_rate"] == pytest.approx(0.65)  # the gauge, as vLLM reports it
+    assert_window_latency(vllm, count=100)  # inter-token latency from time_per_output_token
 
 
 async def test_vllm_counter_reset_gives_no_rate(base_settings: SidecarSettings, vllm: Any, sidecar: Any) -> None:
@@ -421,13 +507,29 @@ async def test_vllm_counter_reset_gives_no_rate(base_settings: SidecarSettings, 
     client = await sidecar(replace(base_settings, vllm_url=url), clock)
     stub.scrapes = 5
     await status(client)
-    stub.scrapes = 0  # vLLM restarted: counters start over
+    stub.scrapes = 0  # vLLM restarted: counters and histograms start over
     clock.now += 10
     vllm_report = (await status(client))["sources"]["vllm"]
-    assert (vllm_report["prompt_tokens_per_s"], vllm_report["generation_tokens_per_s"]) == (None, None)
+    assert {name: vllm_report[name] for name in WINDOW_FIGURES} == dict.fromkeys(WINDOW_FIGURES)
     clock.now += 10
     vllm_report = (await status(client))["sources"]["vllm"]
     assert vllm_report["prompt_tokens_per_s"] == pytest.approx(50.0)
+    assert_window_latency(vllm_report, count=100)
+
+
+async def test_vllm_api_key_is_sent_to_v1_as_bearer(base_settings: SidecarSettings, serve: Any, sidecar: Any) -> None:
+    stub = VllmStub(api_key=VLLM_KEY)
+    url = await serve(stub.app)
+    without = (await status(await sidecar(replace(base_settings, vllm_url=url))))["sources"]["vllm"]
+    assert without["models"] == {"ok": False, "reason": "HTTP 401 Unauthorized", "ids": []}
+
+    client = await sidecar(replace(base_settings, vllm_url=url, vllm_api_key=VLLM_KEY))
+    response = await client.get("/status")
+    text = await response.text()
+    vllm_report = json.loads(text)["sources"]["vllm"]
+    assert vllm_report["models"] == {"ok": True, "reason": None, "ids": ["qwen2.5-14b"]}
+    assert stub.models_authorization == ["", f"Bearer {VLLM_KEY}"]
+    assert VLLM_KEY not in text
 
 
 async def test_vllm_failing_metrics_degrade(base_settings: SidecarSettings, vllm: Any, sidecar: Any) -> None:
@@ -636,9 +738,11 @@ async def test_no_secret_in_any_response(
 ) -> None:
     stub, url = vllm
     host = url.removeprefix("http://")
+    stub.api_key = VLLM_KEY
     settings = replace(
         base_settings,
         token=TOKEN,
+        vllm_api_key=VLLM_KEY,
         vllm_url=f"http://admin:{URL_PASSWORD}@{host}",
         whisperx_url=f"http://whisper:{URL_PASSWORD}@127.0.0.1:{closed_port}/?key={QUERY_SECRET}",
     )
@@ -652,8 +756,10 @@ async def test_no_secret_in_any_response(
     assert sources["vllm"]["available"] is True
     assert sources["vllm"]["url"] == f"http://admin:***@{host}"
     assert sources["whisperx"]["url"] == f"http://whisper:***@127.0.0.1:{closed_port}/?***"
+    assert sources["vllm"]["models"]["ok"] is True
     for text in texts:
-        for secret in (TOKEN, URL_PASSWORD, QUERY_SECRET):
+        for secret in (TOKEN, URL_PASSWORD, QUERY_SECRET, VLLM_KEY):
             assert secret not in text
-    # The URL's credentials still reach vLLM, as HTTP basic auth.
+    # The URL's credentials still reach vLLM's /metrics, as HTTP basic auth; /v1 gets the key instead.
     assert stub.authorization[-1].startswith("Basic ")
+    assert stub.models_authorization[-1] == f"Bearer {VLLM_KEY}"

@@ -56,3 +56,40 @@ def test_status_categories(status: int, detail: str, category: str, retryable: b
 def test_redact_removes_secrets_and_cuts_long_messages() -> None:
     assert failure.redact("key sk-abcdef rejected", ["sk-abcdef", None]) == "key *** rejected"
     assert len(failure.redact("x" * 5000, [])) == failure.MESSAGE_LIMIT + 1
+
+
+def test_redact_removes_credentials_a_provider_echoes() -> None:
+    echoed = "401: bad Authorization: Basic d3VzZXI6cGFzc3dvcmQxMjM= (or Bearer sk-another-key-987654)"
+    assert failure.redact(echoed, []) == "401: bad Authorization: Basic *** (or Bearer ***)"
+
+
+@pytest.mark.parametrize(
+    ("error_type", "code"),
+    [
+        ("no_db_connection", "400"),
+        ("auth_error", "400"),
+        ("authentication_error", None),
+        ("invalid_request_error", "invalid_api_key"),
+    ],
+)
+def test_a_400_that_means_a_refused_key_is_an_auth_error(error_type: str, code: str | None) -> None:
+    fail = failure.for_status(400, "refused", {}, provider="llm", context_code=code, error_type=error_type)
+    assert (fail.category, fail.retryable) == ("auth_error", False)
+
+
+def test_the_error_type_comes_from_the_provider_error_being_handled() -> None:
+    """worker/llm.py passes the openai error's code; its type is read from the error in flight."""
+
+    class ProviderError(Exception):
+        status_code = 400
+        type = "no_db_connection"
+        code = "400"
+
+    try:
+        raise ProviderError("No connected db.")
+    except ProviderError:
+        assert failure.for_status(400, "No connected db.", {}, provider="llm", context_code="400").category == (
+            "auth_error"
+        )
+        # An error in flight about another status says nothing about this one.
+        assert failure.for_status(404, "No connected db.", {}, provider="llm").category == "invalid_request"

@@ -215,3 +215,41 @@ async def test_provider_reply_is_not_json(
 
     done = await wait_for_outcome(store, job.id)
     assert (done.status, done.error_category) == ("pending", "provider_unavailable")
+
+
+# A LiteLLM proxy without a database refuses a key it does not know with HTTP 400, not 401.
+LITELLM_NO_DB = {"error": {"message": "No connected db.", "type": "no_db_connection", "param": "None", "code": "400"}}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        LITELLM_NO_DB,
+        {"error": {"message": "Authentication Error, invalid key", "type": "auth_error", "param": None, "code": "400"}},
+        {
+            "error": {
+                "message": "Invalid key.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        },
+    ],
+)
+async def test_a_refused_key_answered_with_400_is_an_auth_error(
+    body: dict[str, Any],
+    store: JobStore,
+    job_factory: JobFactory,
+    worker_factory: WorkerFactory,
+    openai_stub: OpenAIStub,
+) -> None:
+    async def refuse(request: web.Request, chat: dict[str, Any]) -> web.StreamResponse:
+        return web.json_response(body, status=400)
+
+    openai_stub.on("refused", refuse)
+    job = await job_factory(input={"user": "refused"})
+    await worker_factory()
+
+    done = await wait_for_outcome(store, job.id)
+    assert (done.status, done.error_category, done.attempts) == ("failed", "auth_error", 1)
+    assert body["error"]["message"] in (done.error_message or "")

@@ -159,3 +159,24 @@ async def test_an_unreachable_server_is_retried_without_its_credentials_and_time
         "aiservice_provider_request_seconds_count", {"provider": "whisperx", "outcome": "error"}
     )
     assert (after or 0) - (before or 0) == 1
+
+
+async def test_credentials_echoed_by_the_server_never_reach_the_job(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    async def echo_authorization(request: web.Request, query: dict[str, str], audio: bytes) -> web.StreamResponse:
+        # Some servers repeat the rejected header in their error body.
+        return web.json_response({"detail": f"refused Authorization: {request.headers['Authorization']}"}, status=401)
+
+    asr_stub.on(b"echo", echo_authorization)
+    url = asr_stub.url.replace("http://", "http://wuser:wx-pa55word@")
+    handler = WhisperXHandler(url=url, timeout=timedelta(seconds=5))
+    job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(b"echo").decode()))
+    await worker_factory(handlers=[handler])
+
+    done = await wait_for_outcome(store, job.id)
+    assert (done.status, done.error_category) == ("failed", "auth_error")
+    message = done.error_message or ""
+    assert "refused Authorization: Basic ***" in message
+    for secret in ("wx-pa55word", base64.b64encode(b"wuser:wx-pa55word").decode()):
+        assert secret not in message

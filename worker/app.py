@@ -14,9 +14,9 @@ from aiohttp import web
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
-from aiservice.maintenance import maintain_forever
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
+from aiservice.maintenance import maintain_forever
 from aiservice.settings import Settings, SettingsError
 from worker import http, status
 from worker.kinds import Kind, describe

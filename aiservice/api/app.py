@@ -90,6 +90,8 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     if settings.service_token:
         refuse = partial(error_response, errors.Unauthorized("missing or wrong bearer token"))
         middlewares.append(bearer_middleware(settings.service_token, PUBLIC_PATHS, refuse))
+    # The LLM worker's profile keeps its own metric series, however many caller-chosen ones come first.
+    metrics.expect_labels(model_profiles=[settings.llm_model])
     app = web.Application(middlewares=middlewares, client_max_size=settings.http_max_body_bytes)
     app[SETTINGS] = settings
     for route in ROUTES:

@@ -22,7 +22,11 @@ class Collector:
         self._secrets = settings.secrets()
         self._gpu = GpuSource(settings.timeout)
         self._containers = ContainerSource(settings.docker_socket)
-        self._vllm = VllmSource(settings.vllm_url, session, clock, self._secrets) if settings.vllm_url else None
+        self._vllm = (
+            VllmSource(settings.vllm_url, session, clock, self._secrets, api_key=settings.vllm_api_key)
+            if settings.vllm_url
+            else None
+        )
         self._whisperx = WhisperxSource(settings.whisperx_url, session) if settings.whisperx_url else None
 
     async def status(self) -> dict[str, object]:

@@ -6,6 +6,9 @@ The sidecar runs on the GPU host, apart from the service, so it has its own smal
     SIDECAR_PORT           port to listen on (default 8090)
     SIDECAR_TOKEN          bearer token required on /status; unset leaves /status open
     SIDECAR_VLLM_URL       vLLM base URL, e.g. http://127.0.0.1:8000; unset reports vllm as unavailable
+    SIDECAR_VLLM_API_KEY   the key vLLM was started with (--api-key), sent as a bearer token to its /v1
+                           paths; VLLM_API_KEY, the variable vLLM itself reads, is taken when this is unset.
+                           On /v1 the key replaces basic credentials written in SIDECAR_VLLM_URL.
     SIDECAR_WHISPERX_URL   WhisperX base URL, e.g. http://127.0.0.1:9000; unset reports whisperx as unavailable
     SIDECAR_DOCKER_SOCKET  Docker Engine API socket (default /var/run/docker.sock)
     SIDECAR_TIMEOUT        time limit per source, a Go duration (default 2s)
@@ -31,6 +34,7 @@ class SidecarSettings:
     port: int = 8090
     token: str | None = field(default=None, repr=False)
     vllm_url: str | None = field(default=None, repr=False)
+    vllm_api_key: str | None = field(default=None, repr=False)
     whisperx_url: str | None = field(default=None, repr=False)
     docker_socket: Path = Path("/var/run/docker.sock")
     timeout: timedelta = timedelta(seconds=2)
@@ -52,6 +56,8 @@ class SidecarSettings:
             values["token"] = token
         if (vllm := get("SIDECAR_VLLM_URL")) is not None:
             values["vllm_url"] = _url("SIDECAR_VLLM_URL", vllm)
+        if (vllm_key := get("SIDECAR_VLLM_API_KEY") or get("VLLM_API_KEY")) is not None:
+            values["vllm_api_key"] = vllm_key
         if (whisperx := get("SIDECAR_WHISPERX_URL")) is not None:
             values["whisperx_url"] = _url("SIDECAR_WHISPERX_URL", whisperx)
         if (socket := get("SIDECAR_DOCKER_SOCKET")) is not None:
@@ -67,14 +73,15 @@ class SidecarSettings:
             "SIDECAR_PORT": self.port,
             "SIDECAR_TOKEN": "***" if self.token else None,
             "SIDECAR_VLLM_URL": mask_url(self.vllm_url),
+            "SIDECAR_VLLM_API_KEY": "***" if self.vllm_api_key else None,
             "SIDECAR_WHISPERX_URL": mask_url(self.whisperx_url),
             "SIDECAR_DOCKER_SOCKET": str(self.docker_socket),
             "SIDECAR_TIMEOUT": format_duration(self.timeout),
         }
 
     def secrets(self) -> list[str]:
-        """Strings that must never reach a response or a log: the token and URL passwords and queries."""
-        found = [self.token] if self.token else []
+        """Strings that must never reach a response or a log: the token, the vLLM key, URL passwords and queries."""
+        found = [secret for secret in (self.token, self.vllm_api_key) if secret]
         for url in (self.vllm_url, self.whisperx_url):
             found.extend(url_secrets(url))
         return found

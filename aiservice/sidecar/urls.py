@@ -18,3 +18,9 @@ def server_root(base: str) -> str:
     if path.endswith("/v1"):
         path = path[: -len("/v1")]
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``, for a request whose Authorization header carries another credential."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

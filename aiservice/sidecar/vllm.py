@@ -1,8 +1,10 @@
-"""vLLM: load, KV cache, token throughput and latency from its Prometheus /metrics, plus /health and /v1/models.
+"""vLLM: load, KV cache, token throughput, preemptions, prefix-cache hits and latency from its
+Prometheus /metrics, plus /health and /v1/models.
 
-Token rates come from counter deltas between this sidecar's own successive scrapes, so the first
-scrape reports null. Latency quantiles come from vLLM's cumulative histograms, i.e. they cover
-every request since vLLM started.
+vLLM's counters and histograms are cumulative since it started. Rates, the prefix-cache hit rate and
+latency quantiles are computed from the deltas between this sidecar's own successive scrapes (counter
+deltas, and bucket deltas for the histograms), so they describe the last window, and the first scrape
+reports null.
 """
 
 from __future__ import annotations
@@ -27,8 +29,19 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
-TTFT = "vllm:time_to_first_token_seconds"
-E2E = "vllm:e2e_request_latency_seconds"
+PREEMPTIONS = "vllm:num_preemptions_total"
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits_total"
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries_total"
+# Older servers report the prefix-cache hit rate as a gauge instead of the two counters.
+PREFIX_CACHE_HIT_RATE = "vllm:gpu_prefix_cache_hit_rate"
+COUNTERS = (PROMPT_TOKENS, GENERATION_TOKENS, PREEMPTIONS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES)
+# Report field -> histogram names, newest first (vLLM renamed time per output token).
+HISTOGRAMS = {
+    "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+    "inter_token_latency_seconds": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    "request_queue_time_seconds": ("vllm:request_queue_time_seconds",),
+}
 
 # Two dashboards polling at once would otherwise compute rates over a few milliseconds.
 MIN_RATE_WINDOW_S = 1.0
@@ -56,15 +69,16 @@ def mean(samples: Samples, name: str) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def latency(samples: Samples, name: str) -> dict[str, float | None] | None:
-    """p50/p95 from a histogram, merged across series by bucket bound."""
-    buckets: dict[float, float] = defaultdict(float)
-    for labels, value in samples.get(f"{name}_bucket", []):
-        if "le" in labels:
-            buckets[float(labels["le"])] += value
-    if not buckets:
-        return None
-    return {"p50": quantile(0.5, buckets), "p95": quantile(0.95, buckets), "count": total(samples, f"{name}_count")}
+def buckets(samples: Samples, names: Sequence[str]) -> dict[float, float] | None:
+    """The cumulative buckets of the first of ``names`` exposed, merged across series by bound."""
+    for name in names:
+        merged: dict[float, float] = defaultdict(float)
+        for labels, value in samples.get(f"{name}_bucket", []):
+            if "le" in labels:
+                merged[float(labels["le"])] += value
+        if merged:
+            return dict(merged)
+    return None
 
 
 def _count(value: float | None) -> int | None:
@@ -72,17 +86,61 @@ def _count(value: float | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class _Totals:
+class _Scrape:
+    """What one scrape read of vLLM's cumulative series."""
+
     at: float
-    prompt: float | None
-    generation: float | None
+    counters: dict[str, float | None]
+    histograms: dict[str, dict[float, float] | None]
 
 
-def _rate(before: float | None, after: float | None, seconds: float) -> float | None:
-    # A counter that went down means vLLM restarted; no rate can be told for that window.
+def _delta(before: float | None, after: float | None) -> float | None:
+    # A counter that went down means vLLM restarted; nothing can be told for that window.
     if before is None or after is None or after < before:
         return None
-    return (after - before) / seconds
+    return after - before
+
+
+def _latency(before: dict[float, float] | None, after: dict[float, float] | None) -> dict[str, object] | None:
+    """p50/p95 of the requests observed between two scrapes, from the bucket deltas."""
+    if before is None or after is None:
+        return None
+    window: dict[float, float] = {}
+    for bound, count in after.items():
+        delta = _delta(before.get(bound, 0.0), count)
+        if delta is None:
+            return None
+        window[bound] = delta
+    return {
+        "p50": quantile(0.5, window),
+        "p95": quantile(0.95, window),
+        "count": _count(window.get(math.inf)),
+    }
+
+
+# Before a second scrape there is nothing to compare with.
+NO_WINDOW: dict[str, object] = dict.fromkeys(
+    ("prompt_tokens_per_s", "generation_tokens_per_s", "preemptions_per_s", "prefix_cache_hit_rate", *HISTOGRAMS)
+)
+
+
+def _window(before: _Scrape, now: _Scrape) -> dict[str, object]:
+    """The figures that compare two scrapes."""
+    seconds = now.at - before.at
+    delta = {name: _delta(before.counters[name], now.counters[name]) for name in COUNTERS}
+
+    def rate(name: str) -> float | None:
+        value = delta[name]
+        return None if value is None else value / seconds
+
+    hits, queries = delta[PREFIX_CACHE_HITS], delta[PREFIX_CACHE_QUERIES]
+    return {
+        "prompt_tokens_per_s": rate(PROMPT_TOKENS),
+        "generation_tokens_per_s": rate(GENERATION_TOKENS),
+        "preemptions_per_s": rate(PREEMPTIONS),
+        "prefix_cache_hit_rate": hits / queries if hits is not None and queries else None,
+        **{field: _latency(before.histograms[field], now.histograms[field]) for field in HISTOGRAMS},
+    }
 
 
 class VllmSource:
@@ -92,13 +150,16 @@ class VllmSource:
         session: aiohttp.ClientSession,
         clock: Callable[[], float],
         secrets: Sequence[str] = (),
+        *,
+        api_key: str | None = None,
     ) -> None:
         self._root = urls.server_root(base_url)
         self._session = session
         self._clock = clock
         self._secrets = secrets
-        self._baseline: _Totals | None = None
-        self._rates: tuple[float | None, float | None] = (None, None)
+        self._api_key = api_key
+        self._baseline: _Scrape | None = None
+        self._last: dict[str, object] = NO_WINDOW
         self.public_url = mask_url(base_url)
 
     async def _text(self, path: str) -> str:
@@ -106,7 +167,14 @@ class VllmSource:
             return await response.text()
 
     async def _models(self) -> list[str]:
-        async with self._session.get(urls.join(self._root, "/v1/models"), raise_for_status=True) as response:
+        url = urls.join(self._root, "/v1/models")
+        headers = {}
+        if self._api_key:
+            # vLLM's --api-key guards every /v1 path. One Authorization header holds one credential,
+            # so the key replaces the URL's basic credentials here (which keep serving /metrics).
+            url = urls.without_userinfo(url)
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        async with self._session.get(url, headers=headers, raise_for_status=True) as response:
             body = await response.json(content_type=None)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
@@ -143,29 +211,31 @@ class VllmSource:
 
     def _figures(self, samples: Samples) -> dict[str, object]:
         kv_metric = next((name for name in KV_CACHE if name in samples), None)
-        prompt_rate, generation_rate = self._advance(
-            _Totals(self._clock(), total(samples, PROMPT_TOKENS), total(samples, GENERATION_TOKENS))
+        window = self._advance(
+            _Scrape(
+                self._clock(),
+                {name: total(samples, name) for name in COUNTERS},
+                {field: buckets(samples, names) for field, names in HISTOGRAMS.items()},
+            )
         )
+        if PREFIX_CACHE_QUERIES not in samples:
+            window = {**window, "prefix_cache_hit_rate": mean(samples, PREFIX_CACHE_HIT_RATE)}
         return {
             "requests_running": _count(total(samples, RUNNING)),
             "requests_waiting": _count(total(samples, WAITING)),
             "kv_cache_usage": mean(samples, kv_metric) if kv_metric else None,
             "kv_cache_metric": kv_metric,
-            "prompt_tokens_per_s": prompt_rate,
-            "generation_tokens_per_s": generation_rate,
-            "time_to_first_token_seconds": latency(samples, TTFT),
-            "e2e_request_latency_seconds": latency(samples, E2E),
+            **window,
         }
 
-    def _advance(self, now: _Totals) -> tuple[float | None, float | None]:
-        """Rates since the previous scrape at least MIN_RATE_WINDOW_S ago; the newer scrape becomes the baseline."""
+    def _advance(self, now: _Scrape) -> dict[str, object]:
+        """Figures since the previous scrape at least MIN_RATE_WINDOW_S ago; the newer scrape becomes the baseline."""
         before = self._baseline
         if before is None:
             self._baseline = now
-            return self._rates
-        seconds = now.at - before.at
-        if seconds < MIN_RATE_WINDOW_S:
-            return self._rates
-        self._rates = (_rate(before.prompt, now.prompt, seconds), _rate(before.generation, now.generation, seconds))
+            return self._last
+        if now.at - before.at < MIN_RATE_WINDOW_S:
+            return self._last
+        self._last = _window(before, now)
         self._baseline = now
-        return self._rates
+        return self._last
