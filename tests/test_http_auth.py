@@ -287,10 +287,7 @@ async def test_a_refused_call_changes_nothing(api_factory: ClientFactory, jobs: 
     await assert_unauthorized(await api.post(f"{API}/jobs/claim", json={"worker_id": "thief", "limit": 10}), "POST")
     assert await jobs.status(job.id) == "running"
     assert await jobs.status(waiting.id) == "pending"
-<<<<<<< HEAD
     assert (await jobs.store.get_job(job.id)).result is None
-=======
-    assert (await jobs.store.get(job.id)).result is None
 
 
 async def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, bytes]:
@@ -322,4 +319,3 @@ async def test_a_token_that_is_not_ascii_is_refused_not_an_error(
     assert "unhandled error" not in caplog.text
     status, _ = await raw_get(api.server.port, f"{API}/jobs", f"Bearer {TOKEN}".encode())
     assert status == 200
->>>>>>> fixes-11

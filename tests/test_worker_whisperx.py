@@ -170,9 +170,9 @@ async def test_credentials_echoed_by_the_server_never_reach_the_job(
 
     asr_stub.on(b"echo", echo_authorization)
     url = asr_stub.url.replace("http://", "http://wuser:wx-pa55word@")
-    handler = WhisperXHandler(url=url, timeout=timedelta(seconds=5))
+    kind = WhisperXKind(url=url, timeout=timedelta(seconds=5))
     job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(b"echo").decode()))
-    await worker_factory(handlers=[handler])
+    await worker_factory(kinds=[kind])
 
     done = await wait_for_outcome(store, job.id)
     assert (done.status, done.error_category) == ("failed", "auth_error")
