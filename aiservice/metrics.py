@@ -169,6 +169,14 @@ PROVIDER_ERRORS = Counter(
     ["provider", "error_category"],
     registry=REGISTRY,
 )
+# Limits are set by operators, so their names are a bounded set of label values.
+LIMIT_USAGE = Gauge(
+    "aiservice_limit",
+    "Capacity limits and their live usage (refreshed from SQL): paused (0/1), max_running, max_per_minute, "
+    "max_tokens_per_minute, running, started_last_minute, tokens_last_minute, cooling_down (0/1)",
+    ["scope", "name", "field"],
+    registry=REGISTRY,
+)
 WORKER_SLOTS = Gauge(
     "aiservice_worker_slots",
     "Worker job slots, by state (busy or total)",
@@ -198,6 +206,16 @@ def count_created(jobs: Iterable[Job]) -> None:
         JOBS_CREATED.labels(task_type, model_profile).inc(n)
 
 
+_LIMIT_FIELDS = {
+    "max_running",
+    "max_per_minute",
+    "max_tokens_per_minute",
+    "running",
+    "started_last_minute",
+    "tokens_last_minute",
+}
+
+
 def refresh_queue(stats: Stats) -> None:
     """Set the queue gauges from one stats() read (series that vanished are dropped); the rows that
     share a series once bounded (``other``) are summed, and their oldest age is kept."""
@@ -215,3 +233,12 @@ def refresh_queue(stats: Stats) -> None:
     OLDEST_PENDING.clear()
     for task_type, age in oldest.items():
         OLDEST_PENDING.labels(task_type).set(age)
+    LIMIT_USAGE.clear()
+    for limit in stats.limits:
+        fields = limit.model_dump(include=_LIMIT_FIELDS) | {
+            "paused": int(limit.paused),
+            "cooling_down": int(limit.cooldown_until is not None),
+        }
+        for field, value in fields.items():
+            if value is not None:
+                LIMIT_USAGE.labels(limit.scope.value, limit.name, field).set(value)

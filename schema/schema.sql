@@ -1443,7 +1443,7 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
     ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age
-        FROM aiservice.jobs WHERE status = 'pending' AND run_at <= now()
+        FROM aiservice.jobs WHERE status = 'pending' AND NOT scheduled  -- the claim index
         GROUP BY task_type
     )
     SELECT jsonb_build_object(

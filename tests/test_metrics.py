@@ -68,6 +68,15 @@ async def test_queue_gauges_follow_sql(store: JobStore, job_factory: Any) -> Non
     assert metrics.OLDEST_PENDING.labels("gauge_task")._value.get() >= 0
 
 
+async def test_limit_gauges_follow_sql(store: JobStore, job_factory: Any) -> None:
+    await job_factory(model_profile="gm")
+    await store.set_limit("model_profile", "gm", {"max_running": 3, "paused": True})
+    metrics.refresh_queue(await store.stats())
+    assert metrics.LIMIT_USAGE.labels("model_profile", "gm", "max_running")._value.get() == 3
+    assert metrics.LIMIT_USAGE.labels("model_profile", "gm", "paused")._value.get() == 1
+    assert metrics.LIMIT_USAGE.labels("model_profile", "gm", "running")._value.get() == 0
+
+
 def label_values(found: dict[str, list[Any]], label: str, *names: str) -> set[str]:
     return {s.labels[label] for name in names for s in found.get(name, []) if label in s.labels}
 

@@ -999,6 +999,7 @@ async def test_stats(conn: Conn) -> None:
         "completed_per_minute": {"last_5m": 0, "last_60m": 0},
         "latency": [],
         "running_by_worker": [],
+        "limits": [],
     }
     await _fleet(conn)
     await create(conn, owner_ref="old", run_at=datetime.now(UTC) - timedelta(hours=1))

@@ -116,7 +116,7 @@ AS $$
     ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age
-        FROM aiservice.jobs WHERE status = 'pending' AND run_at <= now()
+        FROM aiservice.jobs WHERE status = 'pending' AND NOT scheduled  -- the claim index
         GROUP BY task_type
     )
     SELECT jsonb_build_object(
