@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
@@ -96,6 +96,7 @@ class Job(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    batch_id: int | None = Field(description="the batch that created the job (POST /jobs/batch)")
 
 
 class JobCreate(Strict):
@@ -168,6 +169,59 @@ class Latency(BaseModel):
 class WorkerLoad(BaseModel):
     worker_id: str
     count: int
+
+
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class BatchCounts(BaseModel):
+    total: int
+    pending: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class Batch(BaseModel):
+    """The jobs one create_jobs call made, with counts kept by SQL (aiservice.get_batch)."""
+
+    id: int
+    owner_service: str = Field(description="the owner_service of the batch's first job")
+    created_at: datetime
+    finished_at: datetime | None
+    status: Literal["in_progress", "finished"]
+    counts: BatchCounts
+
+
+WebhookEvent = Literal["job.finished", "batch.finished"]
+
+
+class Webhook(BaseModel):
+    """An owner_service's endpoint; the secret is shown only when created or rotated."""
+
+    owner_service: str
+    url: str
+    events: list[WebhookEvent]
+    disabled_at: datetime | None = Field(description="set when the receiver answered 410 Gone")
+    created_at: datetime
+    updated_at: datetime
+    secret: str | None = Field(default=None, description="whsec_… signing secret, only in the answer that set it")
+
+
+class Delivery(BaseModel):
+    id: int
+    owner_service: str
+    event: WebhookEvent
+    job_id: int | None
+    batch_id: int | None
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+    last_status: int | None = Field(description="the receiver's last HTTP status")
+    last_error: str | None
 
 
 class LimitScope(StrEnum):

@@ -143,6 +143,9 @@ class Settings:
     db_pool_max_size: int = 10
     log_level: str = "INFO"
     dev_data_dir: Path = Path(".aiservice")
+    # Webhooks: a delivery is retried with backoff until this long after its event, then failed.
+    webhook_max_age: timedelta = timedelta(hours=24)
+    webhook_timeout: timedelta = timedelta(seconds=10)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -84,6 +84,78 @@ SET default_tablespace = '';
 SET default_table_access_method = heap;
 
 --
+-- Name: batches; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.batches (
+    id bigint NOT NULL,
+    owner_service text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    total integer NOT NULL,
+    pending integer DEFAULT 0 NOT NULL,
+    running integer DEFAULT 0 NOT NULL,
+    completed integer DEFAULT 0 NOT NULL,
+    failed integer DEFAULT 0 NOT NULL,
+    cancelled integer DEFAULT 0 NOT NULL,
+    CONSTRAINT batches_counts_check CHECK (((((((pending + running) + completed) + failed) + cancelled) <= total) AND (LEAST(pending, running) >= 0)))
+);
+
+
+--
+-- Name: batch_finished(aiservice.batches); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.batch_finished(p_batch aiservice.batches) RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT pg_notify('aiservice_finished', json_build_object(
+        'batch_finished', true, 'batch_id', p_batch.id, 'owner_service', p_batch.owner_service)::text);
+    INSERT INTO aiservice.webhook_deliveries (owner_service, event, batch_id)
+    SELECT w.owner_service, 'batch.finished', p_batch.id
+    FROM aiservice.webhooks w
+    WHERE w.owner_service = p_batch.owner_service AND w.disabled_at IS NULL AND 'batch.finished' = ANY (w.events);
+$$;
+
+
+--
+-- Name: batch_json(aiservice.batches); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.batch_json(p_batch aiservice.batches) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT jsonb_build_object(
+        'id', p_batch.id, 'owner_service', p_batch.owner_service,
+        'created_at', p_batch.created_at, 'finished_at', p_batch.finished_at,
+        'status', CASE WHEN p_batch.finished_at IS NULL THEN 'in_progress' ELSE 'finished' END,
+        'counts', jsonb_build_object(
+            'total', p_batch.total, 'pending', p_batch.pending, 'running', p_batch.running,
+            'completed', p_batch.completed, 'failed', p_batch.failed, 'cancelled', p_batch.cancelled));
+$$;
+
+
+--
+-- Name: cancel_batch(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.cancel_batch(p_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM aiservice.get_batch(p_id);
+    UPDATE aiservice.jobs j
+    SET status = 'cancelled', lease_token = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+    FROM (SELECT id FROM aiservice.jobs
+          WHERE batch_id = p_id AND status IN ('pending', 'running')
+          ORDER BY id FOR UPDATE) mine
+    WHERE j.id = mine.id AND j.status IN ('pending', 'running');
+    RETURN aiservice.get_batch(p_id);
+END;
+$$;
+
+
+--
 -- Name: jobs; Type: TABLE; Schema: aiservice; Owner: -
 --
 
@@ -111,6 +183,7 @@ CREATE TABLE aiservice.jobs (
     finished_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     scheduled boolean DEFAULT false NOT NULL,
+    batch_id bigint,
     CONSTRAINT jobs_attempts_check CHECK (((attempts >= 0) AND (attempts <= max_attempts))),
     CONSTRAINT jobs_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 500))),
     CONSTRAINT jobs_lease_check CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL)))),
@@ -187,6 +260,35 @@ BEGIN
     WHERE j.id = m.id AND j.status IN ('pending', 'running')
     RETURNING j.id;
 END;
+$$;
+
+
+--
+-- Name: claim_deliveries(integer, interval); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claim_deliveries(p_limit integer DEFAULT 50, p_lease interval DEFAULT '00:01:00'::interval) RETURNS TABLE(id bigint, owner_service text, event text, attempts integer, created_at timestamp with time zone, url text, secret text, job jsonb, batch jsonb)
+    LANGUAGE sql
+    AS $$
+    WITH due AS (
+        SELECT d.id FROM aiservice.webhook_deliveries d
+        WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+        ORDER BY d.next_attempt_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    taken AS (
+        UPDATE aiservice.webhook_deliveries d
+        SET next_attempt_at = now() + p_lease, attempts = d.attempts + 1
+        FROM due WHERE d.id = due.id
+        RETURNING d.*
+    )
+    SELECT t.id, t.owner_service, t.event, t.attempts, t.created_at, w.url, w.secret, to_jsonb(j),
+           (SELECT aiservice.batch_json(b) FROM aiservice.batches b WHERE b.id = t.batch_id)
+    FROM taken t
+    JOIN aiservice.webhooks w ON w.owner_service = t.owner_service
+    LEFT JOIN aiservice.jobs j ON j.id = t.job_id AND t.event = 'job.finished'
+    ORDER BY t.id;
 $$;
 
 
@@ -655,6 +757,7 @@ CREATE FUNCTION aiservice.create_jobs(p_jobs jsonb, p_defaults jsonb DEFAULT '{}
     LANGUAGE plpgsql
     AS $$
 DECLARE
+    v_batch bigint;
     v_ids bigint[];
     v_new boolean[];
     v_owners text[];
@@ -674,6 +777,11 @@ BEGIN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
 
+    -- One batch for the jobs this call creates; its owner is the first job's owner_service.
+    INSERT INTO aiservice.batches (owner_service, total)
+    VALUES (coalesce((p_defaults || coalesce(p_jobs -> 0, '{}'::jsonb)) ->> 'owner_service', ''), 0)
+    RETURNING id INTO v_batch;
+
     -- Ids are drawn up front so each input row can be matched to its inserted row.
     WITH spec AS MATERIALIZED (
         SELECT s.*, e.ord, nextval('aiservice.jobs_id_seq') AS new_id
@@ -686,11 +794,11 @@ BEGIN
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-             scheduled)
+             scheduled, batch_id)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
-               coalesce(run_at > now(), false)
+               coalesce(run_at > now(), false), v_batch
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -701,6 +809,9 @@ BEGIN
            array_agg(s.owner_service ORDER BY s.ord), array_agg(s.idempotency_key ORDER BY s.ord)
     INTO v_ids, v_new, v_owners, v_keys
     FROM spec s LEFT JOIN ins ON ins.id = s.new_id;
+
+    -- Every job was an idempotent repeat (or there were none): no batch.
+    DELETE FROM aiservice.batches WHERE id = v_batch AND total = 0;
 
     RETURN QUERY
     SELECT coalesce(a, b), u.is_new
@@ -728,6 +839,113 @@ BEGIN
     END IF;
     DELETE FROM aiservice.limit_usage WHERE scope = v_scope AND name = p_name;
     PERFORM aiservice.notify_limit(v_scope, p_name);
+END;
+$$;
+
+
+--
+-- Name: delete_webhook(text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.delete_webhook(p_owner_service text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM aiservice.webhooks WHERE owner_service = p_owner_service;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no webhook for %', p_owner_service USING ERRCODE = 'AS404';
+    END IF;
+    UPDATE aiservice.webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted'
+    WHERE owner_service = p_owner_service AND status = 'pending';
+END;
+$$;
+
+
+--
+-- Name: delivery_inserted(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.delivery_inserted() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE aiservice.batches b
+    SET total = b.total + d.n, pending = b.pending + d.n
+    FROM (SELECT batch_id, count(*)::integer AS n FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1) d
+    WHERE b.id = d.batch_id;
+    RETURN NULL;
+END;
+$$;
+
+
+--
+-- Name: delivery_updated(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.delivery_updated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_batch record;
+    v_was timestamptz;
+    v_row aiservice.batches;
+BEGIN
+    PERFORM pg_notify('aiservice_finished', json_build_object('jobs', json_agg(f.doc ORDER BY f.id))::text)
+    FROM (
+        SELECT n.id, d.doc,
+               -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
+               (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY n.id)) / 7000 AS chunk
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        CROSS JOIN LATERAL (SELECT json_build_object('id', n.id, 'owner_service', n.owner_service,
+                                                     'owner_ref', n.owner_ref, 'status', n.status,
+                                                     'batch_id', n.batch_id) AS doc) d
+        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
+    ) f
+    GROUP BY f.chunk;
+
+    IF EXISTS (SELECT 1 FROM aiservice.webhooks) THEN
+        INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
+        SELECT n.owner_service, 'job.finished', n.id, n.batch_id
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
+        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
+          AND w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+        ORDER BY n.id;
+    END IF;
+
+    -- Batches: lock in id order (concurrent statements over the same batches wait, never deadlock).
+    FOR v_batch IN
+        WITH moves AS (
+            SELECT n.batch_id, n.status, 1 AS d FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            WHERE n.batch_id IS NOT NULL AND n.status <> o.status
+            UNION ALL
+            SELECT o.batch_id, o.status, -1 FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            WHERE o.batch_id IS NOT NULL AND n.status <> o.status
+        )
+        SELECT batch_id,
+               sum(d) FILTER (WHERE status = 'pending')::integer AS pending,
+               sum(d) FILTER (WHERE status = 'running')::integer AS running,
+               sum(d) FILTER (WHERE status = 'completed')::integer AS completed,
+               sum(d) FILTER (WHERE status = 'failed')::integer AS failed,
+               sum(d) FILTER (WHERE status = 'cancelled')::integer AS cancelled
+        FROM moves GROUP BY batch_id ORDER BY batch_id
+    LOOP
+        SELECT finished_at INTO v_was FROM aiservice.batches WHERE id = v_batch.batch_id FOR UPDATE;
+        UPDATE aiservice.batches b
+        SET pending = b.pending + coalesce(v_batch.pending, 0),
+            running = b.running + coalesce(v_batch.running, 0),
+            completed = b.completed + coalesce(v_batch.completed, 0),
+            failed = b.failed + coalesce(v_batch.failed, 0),
+            cancelled = b.cancelled + coalesce(v_batch.cancelled, 0),
+            finished_at = CASE WHEN b.pending + coalesce(v_batch.pending, 0) + b.running + coalesce(v_batch.running, 0) = 0
+                               THEN coalesce(b.finished_at, now()) END
+        WHERE b.id = v_batch.batch_id
+        RETURNING b.* INTO v_row;
+        IF v_was IS NULL AND v_row.finished_at IS NOT NULL THEN
+            PERFORM aiservice.batch_finished(v_row);
+        END IF;
+    END LOOP;
+    RETURN NULL;
 END;
 $$;
 
@@ -804,6 +1022,25 @@ $_$;
 
 
 --
+-- Name: get_batch(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.get_batch(p_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_batch aiservice.batches;
+BEGIN
+    SELECT * INTO v_batch FROM aiservice.batches WHERE id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'batch % not found', p_id USING ERRCODE = 'AS404';
+    END IF;
+    RETURN aiservice.batch_json(v_batch);
+END;
+$$;
+
+
+--
 -- Name: get_job(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -842,6 +1079,17 @@ BEGIN
     RETURNING lease_expires_at INTO v_expires;
     RETURN v_expires;
 END;
+$$;
+
+
+--
+-- Name: is_finished(aiservice.job_status); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.is_finished(p_status aiservice.job_status) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT p_status IN ('completed', 'failed', 'cancelled');
 $$;
 
 
@@ -1007,10 +1255,49 @@ $$;
 
 
 --
--- Name: list_jobs(text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone, bigint[], bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: webhook_deliveries; Type: TABLE; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_ids bigint[] DEFAULT NULL::bigint[], p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50) RETURNS SETOF aiservice.jobs
+CREATE TABLE aiservice.webhook_deliveries (
+    id bigint NOT NULL,
+    owner_service text NOT NULL,
+    event text NOT NULL,
+    job_id bigint,
+    batch_id bigint,
+    status text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    delivered_at timestamp with time zone,
+    last_status integer,
+    last_error text,
+    CONSTRAINT webhook_deliveries_event_check CHECK ((event = ANY (ARRAY['job.finished'::text, 'batch.finished'::text]))),
+    CONSTRAINT webhook_deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'delivered'::text, 'failed'::text])))
+)
+WITH (fillfactor='80');
+
+
+--
+-- Name: list_deliveries(text, text, bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_deliveries(p_owner_service text, p_status text DEFAULT NULL::text, p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50) RETURNS SETOF aiservice.webhook_deliveries
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT * FROM aiservice.webhook_deliveries d
+    WHERE d.owner_service = p_owner_service
+      AND (p_status IS NULL OR d.status = p_status)
+      AND (p_before_id IS NULL OR d.id < p_before_id)
+    ORDER BY d.id DESC
+    LIMIT p_limit;
+$$;
+
+
+--
+-- Name: list_jobs(text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone, bigint[], bigint, integer, bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_ids bigint[] DEFAULT NULL::bigint[], p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50, p_batch_ids bigint[] DEFAULT NULL::bigint[]) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
@@ -1019,7 +1306,7 @@ BEGIN
     IF p_limit < 0 THEN
         RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
     END IF;
-    -- Only the filters given become predicates; values stay parameters ($1..$10).
+    -- Only the filters given become predicates; values stay parameters ($1..$11).
     IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
     IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
     IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
@@ -1029,10 +1316,11 @@ BEGIN
     IF p_created_before IS NOT NULL THEN v_sql := v_sql || ' AND created_at < $7'; END IF;
     IF p_ids IS NOT NULL THEN v_sql := v_sql || ' AND id = ANY ($8)'; END IF;
     IF p_before_id IS NOT NULL THEN v_sql := v_sql || ' AND id < $9'; END IF;
+    IF p_batch_ids IS NOT NULL THEN v_sql := v_sql || ' AND batch_id = ANY ($11)'; END IF;
     v_sql := v_sql || ' ORDER BY id DESC LIMIT $10';
     RETURN QUERY EXECUTE v_sql
         USING p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_statuses,
-              p_created_after, p_created_before, p_ids, p_before_id, p_limit;
+              p_created_after, p_created_before, p_ids, p_before_id, p_limit, p_batch_ids;
 END;
 $_$;
 
@@ -1236,6 +1524,45 @@ $$;
 
 
 --
+-- Name: record_delivery(bigint, integer, text, interval); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.record_delivery(p_id bigint, p_status integer, p_error text DEFAULT NULL::text, p_max_age interval DEFAULT '24:00:00'::interval) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_delivery aiservice.webhook_deliveries;
+    v_outcome text;
+BEGIN
+    SELECT * INTO v_delivery FROM aiservice.webhook_deliveries WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND OR v_delivery.status <> 'pending' THEN
+        RETURN coalesce(v_delivery.status, 'not_found');
+    END IF;
+    v_outcome := CASE
+        WHEN p_status BETWEEN 200 AND 299 THEN 'delivered'
+        WHEN p_status = 410 THEN 'failed'
+        WHEN v_delivery.created_at + p_max_age <= now() THEN 'failed'
+        ELSE 'pending' END;
+    UPDATE aiservice.webhook_deliveries
+    SET status = v_outcome,
+        last_status = p_status,
+        last_error = left(p_error, 1000),
+        delivered_at = CASE WHEN v_outcome = 'delivered' THEN now() END,
+        next_attempt_at = CASE WHEN v_outcome = 'pending'
+            THEN now() + least(interval '1 hour', interval '5 seconds' * power(2, least(attempts - 1, 20)))
+                 * (0.75 + random() * 0.5)
+            ELSE next_attempt_at END
+    WHERE id = p_id;
+    IF p_status = 410 THEN
+        UPDATE aiservice.webhooks SET disabled_at = now(), updated_at = now()
+        WHERE owner_service = v_delivery.owner_service AND disabled_at IS NULL;
+    END IF;
+    RETURN v_outcome;
+END;
+$$;
+
+
+--
 -- Name: release_job(bigint, text, uuid); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1277,6 +1604,28 @@ BEGIN
         RAISE EXCEPTION 'refusing to % every job: give a filter, or p_all => true', p_action
             USING ERRCODE = 'AS422';
     END IF;
+END;
+$$;
+
+
+--
+-- Name: retry_delivery(text, bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.retry_delivery(p_owner_service text, p_id bigint) RETURNS aiservice.webhook_deliveries
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_delivery aiservice.webhook_deliveries;
+BEGIN
+    UPDATE aiservice.webhook_deliveries
+    SET status = 'pending', next_attempt_at = now(), created_at = now(), delivered_at = NULL
+    WHERE id = p_id AND owner_service = p_owner_service
+    RETURNING * INTO v_delivery;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no delivery % for %', p_id, p_owner_service USING ERRCODE = 'AS404';
+    END IF;
+    RETURN v_delivery;
 END;
 $$;
 
@@ -1411,6 +1760,62 @@ $$;
 
 
 --
+-- Name: webhooks; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.webhooks (
+    owner_service text NOT NULL,
+    url text NOT NULL,
+    events text[] DEFAULT '{job.finished,batch.finished}'::text[] NOT NULL,
+    secret text NOT NULL,
+    disabled_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT webhooks_events_check CHECK (((events <@ '{job.finished,batch.finished}'::text[]) AND ((cardinality(events) >= 1) AND (cardinality(events) <= 2)))),
+    CONSTRAINT webhooks_url_check CHECK (((url ~ '^https?://[^\s]+$'::text) AND (length(url) <= 2000)))
+);
+
+
+--
+-- Name: set_webhook(text, text, text, text[], boolean); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.set_webhook(p_owner_service text, p_url text, p_secret text, p_events text[] DEFAULT NULL::text[], p_rotate boolean DEFAULT false) RETURNS TABLE(hook aiservice.webhooks, secret_shown boolean)
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    v_hook aiservice.webhooks;
+    v_new boolean;
+BEGIN
+    IF p_url IS NULL OR p_url !~ '^https?://[^\s/?#]+[^\s]*$' OR length(p_url) > 2000 THEN
+        RAISE EXCEPTION 'url must be an http:// or https:// URL of at most 2000 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_events IS NOT NULL
+       AND (NOT p_events <@ '{job.finished,batch.finished}' OR cardinality(p_events) NOT BETWEEN 1 AND 2) THEN
+        RAISE EXCEPTION 'events must be a non-empty list of job.finished, batch.finished' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_owner_service IS NULL OR length(p_owner_service) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'owner_service must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_secret IS NULL OR length(p_secret) < 16 THEN
+        RAISE EXCEPTION 'secret must be at least 16 characters' USING ERRCODE = 'AS422';
+    END IF;
+    v_new := NOT EXISTS (SELECT 1 FROM aiservice.webhooks WHERE owner_service = p_owner_service);
+    INSERT INTO aiservice.webhooks AS w (owner_service, url, events, secret)
+    VALUES (p_owner_service, p_url, coalesce(p_events, '{job.finished,batch.finished}'), p_secret)
+    ON CONFLICT (owner_service) DO UPDATE
+        SET url = excluded.url,
+            events = coalesce(p_events, w.events),
+            secret = CASE WHEN p_rotate THEN excluded.secret ELSE w.secret END,
+            disabled_at = NULL,
+            updated_at = now()
+    RETURNING * INTO v_hook;
+    RETURN QUERY SELECT v_hook, v_new OR coalesce(p_rotate, false);
+END;
+$_$;
+
+
+--
 -- Name: stats(interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1525,6 +1930,20 @@ $$;
 
 
 --
+-- Name: batches_id_seq; Type: SEQUENCE; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE aiservice.batches ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME aiservice.batches_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: fair_share; Type: TABLE; Schema: aiservice; Owner: -
 --
 
@@ -1616,6 +2035,28 @@ CREATE TABLE aiservice.maintenance (
 
 
 --
+-- Name: webhook_deliveries_id_seq; Type: SEQUENCE; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE aiservice.webhook_deliveries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME aiservice.webhook_deliveries_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: batches batches_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.batches
+    ADD CONSTRAINT batches_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: fair_share fair_share_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
 --
 
@@ -1661,6 +2102,29 @@ ALTER TABLE ONLY aiservice.limits
 
 ALTER TABLE ONLY aiservice.maintenance
     ADD CONSTRAINT maintenance_pkey PRIMARY KEY (only_row);
+
+
+--
+-- Name: webhook_deliveries webhook_deliveries_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: webhooks webhooks_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.webhooks
+    ADD CONSTRAINT webhooks_pkey PRIMARY KEY (owner_service);
+
+
+--
+-- Name: jobs_batch_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX jobs_batch_idx ON aiservice.jobs USING btree (batch_id, id) WHERE (batch_id IS NOT NULL);
 
 
 --
@@ -1734,6 +2198,20 @@ CREATE INDEX limit_usage_idx ON aiservice.limit_usage USING btree (scope, name, 
 
 
 --
+-- Name: webhook_deliveries_due_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX webhook_deliveries_due_idx ON aiservice.webhook_deliveries USING btree (next_attempt_at) WHERE (status = 'pending'::text);
+
+
+--
+-- Name: webhook_deliveries_owner_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX webhook_deliveries_owner_idx ON aiservice.webhook_deliveries USING btree (owner_service, status, id);
+
+
+--
 -- Name: jobs jobs_count_delete; Type: TRIGGER; Schema: aiservice; Owner: -
 --
 
@@ -1752,6 +2230,20 @@ CREATE TRIGGER jobs_count_insert AFTER INSERT ON aiservice.jobs REFERENCING NEW 
 --
 
 CREATE TRIGGER jobs_count_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_updated();
+
+
+--
+-- Name: jobs jobs_delivery_insert; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER jobs_delivery_insert AFTER INSERT ON aiservice.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.delivery_inserted();
+
+
+--
+-- Name: jobs jobs_delivery_update; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER jobs_delivery_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.delivery_updated();
 
 
 --

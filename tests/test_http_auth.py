@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestClient
 
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
-from aiservice.jobs import Job
+from aiservice.jobs import Job, JobCreate
 from aiservice.settings import Settings
+from aiservice.webhooks import new_secret
 
 Client = TestClient[Any, Any]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -141,6 +142,56 @@ async def _delete_limit(jobs: Jobs) -> Call:
     return f"{API}/limits/task_type/{name}", None, 204
 
 
+async def _wait(jobs: Jobs) -> Call:
+    return f"{API}/jobs/wait", {"ids": [(await jobs.pending()).id], "timeout": 0}, 200
+
+
+async def _batch_id(jobs: Jobs) -> int:
+    ((job, _),) = await jobs.store.create_jobs([JobCreate.model_validate(_job_body())])
+    assert job.batch_id is not None
+    return job.batch_id
+
+
+async def _get_batch(jobs: Jobs) -> Call:
+    return f"{API}/batches/{await _batch_id(jobs)}", None, 200
+
+
+async def _cancel_batch(jobs: Jobs) -> Call:
+    return f"{API}/batches/{await _batch_id(jobs)}/cancel", None, 200
+
+
+async def _list_webhooks(jobs: Jobs) -> Call:
+    return f"{API}/webhooks", None, 200
+
+
+async def _set_webhook(jobs: Jobs) -> Call:
+    return f"{API}/webhooks/auth_{next(_unique)}", {"url": "http://127.0.0.1:9/hook"}, 200
+
+
+async def _webhook(jobs: Jobs) -> str:
+    owner = f"auth_{next(_unique)}"
+    await jobs.store.set_webhook(
+        owner, "http://127.0.0.1:9/hook", "whsec_c2VjcmV0c2VjcmV0c2VjcmV0", events=None, rotate=False
+    )
+    return owner
+
+
+async def _delete_webhook(jobs: Jobs) -> Call:
+    return f"{API}/webhooks/{await _webhook(jobs)}", None, 204
+
+
+async def _list_deliveries(jobs: Jobs) -> Call:
+    return f"{API}/webhooks/{await _webhook(jobs)}/deliveries", None, 200
+
+
+async def _retry_delivery(jobs: Jobs) -> Call:
+    owner = await _webhook(jobs)
+    job = await jobs.job_factory(owner_service=owner)
+    await jobs.store.cancel_job(job.id)
+    (delivery,) = await jobs.store.list_deliveries(owner, status=None, before_id=None, limit=1)
+    return f"{API}/webhooks/{owner}/deliveries/{delivery.id}/retry", None, 200
+
+
 # Every /api/v1 route needs an entry: a route added without one fails test_samples_cover_every_api_route.
 SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", f"{API}/jobs"): _create,
@@ -162,6 +213,14 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("GET", f"{API}/limits"): _list_limits,
     ("PUT", f"{API}/limits/{{scope}}/{{name}}"): _set_limit,
     ("DELETE", f"{API}/limits/{{scope}}/{{name}}"): _delete_limit,
+    ("POST", f"{API}/jobs/wait"): _wait,
+    ("GET", f"{API}/batches/{{id}}"): _get_batch,
+    ("POST", f"{API}/batches/{{id}}/cancel"): _cancel_batch,
+    ("GET", f"{API}/webhooks"): _list_webhooks,
+    ("PUT", f"{API}/webhooks/{{owner_service}}"): _set_webhook,
+    ("DELETE", f"{API}/webhooks/{{owner_service}}"): _delete_webhook,
+    ("GET", f"{API}/webhooks/{{owner_service}}/deliveries"): _list_deliveries,
+    ("POST", f"{API}/webhooks/{{owner_service}}/deliveries/{{id}}/retry"): _retry_delivery,
 }
 
 WRONG_AUTHORIZATION: list[dict[str, str]] = [

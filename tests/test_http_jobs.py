@@ -25,6 +25,7 @@ API = "/api/v1"
 
 JOB_COLUMNS = {
     "id",
+    "batch_id",
     "owner_service",
     "owner_ref",
     "task_type",
@@ -343,8 +344,9 @@ async def test_batch_merges_defaults_and_returns_201_with_the_jobs_in_order(api:
         {"owner_ref": "channel/3", "idempotency_key": "msg-3", "run_at": "2031-01-01T00:00:00Z"},
     ]
     reply = await ok(await api.post(f"{API}/jobs/batch", json={"defaults": defaults, "jobs": jobs}), 201)
-    assert set(reply) == {"jobs"}
+    assert set(reply) == {"batch_id", "jobs"}
     one, two, three = reply["jobs"]
+    assert one["batch_id"] == two["batch_id"] == three["batch_id"] == reply["batch_id"] is not None
 
     assert [j["owner_ref"] for j in reply["jobs"]] == ["channel/1", "channel/2", "channel/3"]
     assert all(set(j) == JOB_COLUMNS for j in reply["jobs"])

@@ -154,6 +154,7 @@ def test_success_and_error_statuses_match_the_api(served: dict[str, Any]) -> Non
     assert success.pop(("post", "/api/v1/jobs")) == {"200", "201"}
     assert success.pop(("post", "/api/v1/jobs/batch")) == {"201"}
     assert success.pop(("delete", "/api/v1/limits/{scope}/{name}")) == {"204"}
+    assert success.pop(("delete", "/api/v1/webhooks/{owner_service}")) == {"204"}
     assert all(codes == {"200"} for codes in success.values()), success
 
     for action in ("complete", "fail", "heartbeat"):
@@ -193,6 +194,7 @@ def test_list_query_parameters_are_the_list_filters(served: dict[str, Any]) -> N
         "created_before",
         "limit",
         "cursor",
+        "batch_id",
     }
     assert all(p["required"] is False for p in params.values())
     status = params["status"]

@@ -13,7 +13,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_async.aio.web import server_stats
 
 from aiservice import errors, metrics
-from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, Handler, reply
+from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, WAITERS, Handler, reply
 from aiservice.api.openapi import openapi_document
 from aiservice.api.schemas import ErrorBody
 from aiservice.auth import bearer_middleware
@@ -24,6 +24,8 @@ from aiservice.infra import InfraStatus
 from aiservice.maintenance import maintain_forever
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
+from aiservice.waiting import Waiters
+from aiservice.webhooks import Sender
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
     else:
         app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_maintenance)
+    app.cleanup_ctx.append(_delivery)
     return app
 
 
@@ -122,6 +125,20 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await pool.close()
+
+
+async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    """Result delivery: waiters woken by aiservice_finished, and the webhook sender."""
+    sender = Sender(app[STORE], app[SETTINGS])
+    app[WAITERS] = Waiters(app[STORE], app[SETTINGS].require_database(), on_finished=sender.wake)
+    tasks = [
+        asyncio.create_task(app[WAITERS].run(), name="aiservice-waiters"),
+        asyncio.create_task(sender.run(), name="aiservice-webhooks"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _maintenance(app: web.Application) -> AsyncIterator[None]:

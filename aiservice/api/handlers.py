@@ -17,8 +17,11 @@ from aiservice import errors, metrics
 from aiservice.api.schemas import (
     Affected,
     BatchCreate,
+    BatchCreated,
     ClaimRequest,
     CompleteRequest,
+    DeliveryPage,
+    DeliveryQuery,
     FailRequest,
     FilterAction,
     Health,
@@ -32,17 +35,24 @@ from aiservice.api.schemas import (
     ListQuery,
     ProvidersStatus,
     StatsQuery,
+    WaitQuery,
+    WaitRequest,
+    Webhooks,
+    WebhookSet,
 )
 from aiservice.db.jobs import JobStore
 from aiservice.infra import InfraStatus
-from aiservice.jobs import Job, JobCreate, Limit, Stats
+from aiservice.jobs import FINISHED, Batch, Delivery, Job, JobCreate, JobFilter, Limit, Stats, Webhook
 from aiservice.providers import ProviderStatus
 from aiservice.settings import Settings
+from aiservice.waiting import Waiters
+from aiservice.webhooks import new_secret
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)
 PROVIDERS = web.AppKey("providers", ProviderStatus)
 INFRA = web.AppKey("infra", InfraStatus)
+WAITERS = web.AppKey("waiters", Waiters)
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -123,18 +133,84 @@ async def create_jobs(request: web.Request) -> web.Response:
         raise validation_error(exc, within=("jobs",)) from exc
     created = await store(request).create_jobs(specs)
     metrics.count_created(job for job, new in created if new)
-    return reply(Jobs(jobs=[job for job, _ in created]), 201)
+    batch_id = next((job.batch_id for job, new in created if new), None)
+    return reply(BatchCreated(batch_id=batch_id, jobs=[job for job, _ in created]), 201)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     q = query(request, ListQuery)
-    found = await store(request).list_jobs(q, before_id=q.cursor, limit=q.limit)
+    found = await store(request).list_jobs(q, before_id=q.cursor, limit=q.limit, batch_ids=q.batch_id)
     cursor = str(found[-1].id) if len(found) == q.limit else None
     return reply(JobPage(jobs=found, next_cursor=cursor))
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return reply(await store(request).get_job(job_id(request)))
+    wait = query(request, WaitQuery).wait
+    job = await store(request).get_job(job_id(request))
+    if wait and job.status not in FINISHED:
+        await request.app[WAITERS].wait([job.id], "any", wait)
+        job = await store(request).get_job(job.id)
+    return reply(job)
+
+
+async def wait_jobs(request: web.Request) -> web.Response:
+    req = await body(request, WaitRequest)
+    ids = list(dict.fromkeys(req.ids))
+    await _jobs_in_order(request, ids)  # unknown ids are refused before any waiting
+    await request.app[WAITERS].wait(ids, req.mode, req.timeout)
+    return reply(Jobs(jobs=await _jobs_in_order(request, ids)))
+
+
+async def _jobs_in_order(request: web.Request, ids: list[int]) -> list[Job]:
+    found = {
+        job.id: job for job in await store(request).list_jobs(JobFilter(), before_id=None, limit=len(ids), ids=ids)
+    }
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
+    return [found[i] for i in ids]
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    return reply(await store(request).get_batch(job_id(request)))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    return reply(await store(request).cancel_batch(job_id(request)))
+
+
+async def set_webhook(request: web.Request) -> web.Response:
+    req = await body(request, WebhookSet)
+    hook = await store(request).set_webhook(
+        request.match_info["owner_service"],
+        req.url,
+        new_secret(),
+        events=None if req.events is None else list(req.events),
+        rotate=req.rotate_secret,
+    )
+    return reply(hook)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    return reply(Webhooks(webhooks=await store(request).list_webhooks()))
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    await store(request).delete_webhook(request.match_info["owner_service"])
+    return web.Response(status=204)
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    q = query(request, DeliveryQuery)
+    owner = request.match_info["owner_service"]
+    found = await store(request).list_deliveries(owner, status=q.status, before_id=q.cursor, limit=q.limit)
+    cursor = str(found[-1].id) if len(found) == q.limit else None
+    return reply(DeliveryPage(deliveries=found, next_cursor=cursor))
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    owner = request.match_info["owner_service"]
+    return reply(await store(request).retry_delivery(owner, job_id(request)))
 
 
 async def claim_jobs(request: web.Request) -> web.Response:
@@ -280,8 +356,8 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         f"{API}/jobs/batch",
         create_jobs,
-        "Create many jobs with shared defaults",
-        Jobs,
+        "Create many jobs with shared defaults, as one batch",
+        BatchCreated,
         body=BatchCreate,
         status=201,
         errors=(400, 415, 422),
@@ -313,7 +389,15 @@ ROUTES: tuple[Route, ...] = (
         body=ClaimRequest,
         errors=(400, 415, 422),
     ),
-    Route("GET", f"{API}/jobs/{{id}}", get_job, "Technical job state and result", Job, errors=(404, 422)),
+    Route(
+        "GET",
+        f"{API}/jobs/{{id}}",
+        get_job,
+        "Technical job state and result; ?wait=N answers as soon as it finished, or after N s",
+        Job,
+        query=WaitQuery,
+        errors=(404, 422),
+    ),
     Route(
         "POST",
         f"{API}/jobs/{{id}}/complete",
@@ -372,6 +456,60 @@ ROUTES: tuple[Route, ...] = (
         infra_status,
         "AI-server sidecar telemetry: GPU, containers, vLLM, WhisperX",
         InfraReport,
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/wait",
+        wait_jobs,
+        "Wait until any or all of the jobs finished (or the timeout); answers their state",
+        Jobs,
+        body=WaitRequest,
+        errors=(400, 404, 415, 422),
+    ),
+    Route("GET", f"{API}/batches/{{id}}", get_batch, "A batch with its counts", Batch, errors=(404, 422)),
+    Route(
+        "POST",
+        f"{API}/batches/{{id}}/cancel",
+        cancel_batch,
+        "Cancel a batch's pending and running jobs",
+        Batch,
+        errors=(404, 422),
+    ),
+    Route("GET", f"{API}/webhooks", list_webhooks, "Every webhook endpoint (secrets never shown)", Webhooks),
+    Route(
+        "PUT",
+        f"{API}/webhooks/{{owner_service}}",
+        set_webhook,
+        "Register or change an owner_service's endpoint (the secret is shown when created or rotated)",
+        Webhook,
+        body=WebhookSet,
+        errors=(400, 415, 422),
+    ),
+    Route(
+        "DELETE",
+        f"{API}/webhooks/{{owner_service}}",
+        delete_webhook,
+        "Remove an endpoint",
+        Webhooks,
+        status=204,
+        errors=(404, 422),
+    ),
+    Route(
+        "GET",
+        f"{API}/webhooks/{{owner_service}}/deliveries",
+        list_deliveries,
+        "An endpoint's deliveries, newest first",
+        DeliveryPage,
+        query=DeliveryQuery,
+        errors=(422,),
+    ),
+    Route(
+        "POST",
+        f"{API}/webhooks/{{owner_service}}/deliveries/{{id}}/retry",
+        retry_delivery,
+        "Send a delivery again now",
+        Delivery,
+        errors=(404, 422),
     ),
     Route("GET", f"{API}/limits", list_limits, "Every capacity limit with its live usage", Limits),
     Route(

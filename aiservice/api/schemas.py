@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from aiservice.jobs import (
     JOB_CREATES,
     Category,
+    Delivery,
     Job,
     JobCreate,
     JobFilter,
@@ -24,6 +25,8 @@ from aiservice.jobs import (
     Ref,
     Strict,
     Timestamp,
+    Webhook,
+    WebhookEvent,
     no_nul,
 )
 
@@ -56,6 +59,7 @@ class BatchCreate(Strict):
 
 
 class ListQuery(JobFilter):
+    batch_id: list[JobId] | None = Field(default=None, description="jobs of these batches")
     limit: int = Field(default=50, ge=1, le=500)
     cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
 
@@ -67,6 +71,45 @@ class JobPage(BaseModel):
 
 class Jobs(BaseModel):
     jobs: list[Job]
+
+
+class BatchCreated(BaseModel):
+    batch_id: int | None = Field(description="the batch of the jobs created now; null when every job was a repeat")
+    jobs: list[Job]
+
+
+Seconds = Annotated[float, Field(ge=0, le=60, description="seconds, at most 60")]
+
+
+class WaitQuery(Strict):
+    wait: Seconds = 0
+
+
+class WaitRequest(Strict):
+    ids: list[JobId] = Field(min_length=1, max_length=1000)
+    timeout: Seconds = 30
+    mode: Literal["any", "all"] = Field(default="all", description="answer when any, or all, of the jobs finished")
+
+
+class WebhookSet(Strict):
+    url: str = Field(pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2000, description="http:// or https:// only")
+    events: list[WebhookEvent] | None = Field(default=None, min_length=1, description="both when omitted")
+    rotate_secret: bool = Field(default=False, description="issue a new signing secret (shown once)")
+
+
+class Webhooks(BaseModel):
+    webhooks: list[Webhook]
+
+
+class DeliveryQuery(Strict):
+    status: Literal["pending", "delivered", "failed"] | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
+
+
+class DeliveryPage(BaseModel):
+    deliveries: list[Delivery]
+    next_cursor: str | None
 
 
 class FilterAction(JobSelection):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,12 +16,28 @@ from uuid import UUID
 import asyncpg
 
 from aiservice import errors
-from aiservice.jobs import JOB_CREATES, JOB_LIST, Job, JobCreate, JobFilter, JobSelection, JobStatus, Limit, Stats
+from aiservice.jobs import (
+    FINISHED,
+    JOB_CREATES,
+    JOB_LIST,
+    Batch,
+    Delivery,
+    Job,
+    JobCreate,
+    JobFilter,
+    JobSelection,
+    JobStatus,
+    Limit,
+    Stats,
+    Webhook,
+)
 
 log = logging.getLogger(__name__)
 
 # The NOTIFY channel of the SQL API (payloads are described in README.md).
 CHANNEL = "aiservice_jobs"
+# Jobs (and batches) that finished: for callers waiting on results, apart from the workers' channel.
+FINISHED_CHANNEL = "aiservice_finished"
 
 # Whole-row columns of aiservice.jobs, for functions that return (job, created).
 _JOB_AND_CREATED = "(r.job).*, r.created"
@@ -124,9 +140,64 @@ class JobStore:
     async def get_job(self, job_id: int) -> Job:
         return await self._one("get_job", {"p_id": job_id})
 
-    async def list_jobs(self, f: JobFilter, *, before_id: int | None, limit: int) -> list[Job]:
-        args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit}
+    async def list_jobs(
+        self,
+        f: JobFilter,
+        *,
+        before_id: int | None,
+        limit: int,
+        batch_ids: list[int] | None = None,
+        ids: list[int] | None = None,
+    ) -> list[Job]:
+        args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit, "p_batch_ids": batch_ids, "p_ids": ids}
         return _jobs(await self._fetch("list_jobs", args))
+
+    async def finished(self, ids: list[int]) -> list[Job]:
+        """Those of ``ids`` that are completed, failed or cancelled."""
+        args = {"p_ids": ids, "p_statuses": [s.value for s in FINISHED]}
+        return _jobs(await self._fetch("list_jobs", args | {"p_limit": len(ids)}))
+
+    async def get_batch(self, batch_id: int) -> Batch:
+        (row,) = await self._fetch("get_batch", {"p_id": batch_id})
+        return Batch.model_validate(row[0])
+
+    async def cancel_batch(self, batch_id: int) -> Batch:
+        (row,) = await self._fetch("cancel_batch", {"p_id": batch_id})
+        return Batch.model_validate(row[0])
+
+    async def set_webhook(
+        self, owner_service: str, url: str, secret: str, *, events: Sequence[str] | None, rotate: bool
+    ) -> Webhook:
+        args = {"p_owner_service": owner_service, "p_url": url, "p_secret": secret, "p_events": events and list(events)}
+        (row,) = await self._fetch("set_webhook", args | {"p_rotate": rotate}, "(r.hook).*, r.secret_shown")
+        hook = dict(row)
+        return Webhook.model_validate(hook | {"secret": hook["secret"] if hook["secret_shown"] else None})
+
+    async def list_webhooks(self) -> list[Webhook]:
+        async with translate_errors():
+            rows = await self.pool.fetch("SELECT * FROM aiservice.webhooks ORDER BY owner_service")
+        return [Webhook.model_validate(dict(r) | {"secret": None}) for r in rows]
+
+    async def delete_webhook(self, owner_service: str) -> None:
+        await self._fetch("delete_webhook", {"p_owner_service": owner_service})
+
+    async def claim_deliveries(self, limit: int, lease: timedelta) -> list[asyncpg.Record]:
+        return await self._fetch("claim_deliveries", {"p_limit": limit, "p_lease": lease})
+
+    async def record_delivery(self, delivery_id: int, status: int | None, error: str | None, max_age: timedelta) -> str:
+        args = {"p_id": delivery_id, "p_status": status, "p_error": error, "p_max_age": max_age}
+        (row,) = await self._fetch("record_delivery", args)
+        return str(row[0])
+
+    async def list_deliveries(
+        self, owner_service: str, *, status: str | None, before_id: int | None, limit: int
+    ) -> list[Delivery]:
+        args = {"p_owner_service": owner_service, "p_status": status, "p_before_id": before_id, "p_limit": limit}
+        return [Delivery.model_validate(dict(r)) for r in await self._fetch("list_deliveries", args)]
+
+    async def retry_delivery(self, owner_service: str, delivery_id: int) -> Delivery:
+        (row,) = await self._fetch("retry_delivery", {"p_owner_service": owner_service, "p_id": delivery_id})
+        return Delivery.model_validate(dict(row))
 
     async def claim_jobs(
         self,
@@ -281,6 +352,7 @@ class JobEvents:
         *,
         application_name: str = "aiservice-listener",
         connect_timeout: float = 10.0,
+        channel: str = CHANNEL,
     ) -> JobEvents:
         def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
             try:
@@ -298,7 +370,7 @@ class JobEvents:
         try:
             conn.add_termination_listener(lambda _conn: on_lost())
             async with translate_errors():
-                await conn.add_listener(CHANNEL, notified)
+                await conn.add_listener(channel, notified)
         except BaseException:
             conn.terminate()
             raise
@@ -316,4 +388,4 @@ class JobEvents:
             self._conn.terminate()
 
 
-__all__ = ["CHANNEL", "JobEvents", "JobStatus", "JobStore", "translate_errors"]
+__all__ = ["CHANNEL", "FINISHED_CHANNEL", "JobEvents", "JobStatus", "JobStore", "translate_errors"]

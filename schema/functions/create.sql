@@ -41,12 +41,14 @@ $$;
 -- p_jobs is a JSON array of objects with the create_job fields without the p_
 -- prefix (owner_service, owner_ref, task_type, model_profile, input, priority,
 -- run_at, max_attempts, idempotency_key); p_defaults supplies what a job omits.
--- Returns the jobs in input order; created is false for an idempotent repeat.
+-- Returns the jobs in input order; created is false for an idempotent repeat. The jobs
+-- created by one call form a batch: read its id from their batch_id (aiservice.get_batch).
 CREATE OR REPLACE FUNCTION aiservice.create_jobs(p_jobs jsonb, p_defaults jsonb DEFAULT '{}'::jsonb)
 RETURNS TABLE (job aiservice.jobs, created boolean)
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_batch bigint;
     v_ids bigint[];
     v_new boolean[];
     v_owners text[];
@@ -66,6 +68,11 @@ BEGIN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
 
+    -- One batch for the jobs this call creates; its owner is the first job's owner_service.
+    INSERT INTO aiservice.batches (owner_service, total)
+    VALUES (coalesce((p_defaults || coalesce(p_jobs -> 0, '{}'::jsonb)) ->> 'owner_service', ''), 0)
+    RETURNING id INTO v_batch;
+
     -- Ids are drawn up front so each input row can be matched to its inserted row.
     WITH spec AS MATERIALIZED (
         SELECT s.*, e.ord, nextval('aiservice.jobs_id_seq') AS new_id
@@ -78,11 +85,11 @@ BEGIN
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-             scheduled)
+             scheduled, batch_id)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
-               coalesce(run_at > now(), false)
+               coalesce(run_at > now(), false), v_batch
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -93,6 +100,9 @@ BEGIN
            array_agg(s.owner_service ORDER BY s.ord), array_agg(s.idempotency_key ORDER BY s.ord)
     INTO v_ids, v_new, v_owners, v_keys
     FROM spec s LEFT JOIN ins ON ins.id = s.new_id;
+
+    -- Every job was an idempotent repeat (or there were none): no batch.
+    DELETE FROM aiservice.batches WHERE id = v_batch AND total = 0;
 
     RETURN QUERY
     SELECT coalesce(a, b), u.is_new

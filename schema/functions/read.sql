@@ -25,7 +25,8 @@ CREATE OR REPLACE FUNCTION aiservice.list_jobs(
     p_created_before timestamptz DEFAULT NULL,
     p_ids bigint[] DEFAULT NULL,
     p_before_id bigint DEFAULT NULL,
-    p_limit integer DEFAULT 50
+    p_limit integer DEFAULT 50,
+    p_batch_ids bigint[] DEFAULT NULL
 )
 RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql STABLE
@@ -36,7 +37,7 @@ BEGIN
     IF p_limit < 0 THEN
         RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
     END IF;
-    -- Only the filters given become predicates; values stay parameters ($1..$10).
+    -- Only the filters given become predicates; values stay parameters ($1..$11).
     IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
     IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
     IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
@@ -46,9 +47,10 @@ BEGIN
     IF p_created_before IS NOT NULL THEN v_sql := v_sql || ' AND created_at < $7'; END IF;
     IF p_ids IS NOT NULL THEN v_sql := v_sql || ' AND id = ANY ($8)'; END IF;
     IF p_before_id IS NOT NULL THEN v_sql := v_sql || ' AND id < $9'; END IF;
+    IF p_batch_ids IS NOT NULL THEN v_sql := v_sql || ' AND batch_id = ANY ($11)'; END IF;
     v_sql := v_sql || ' ORDER BY id DESC LIMIT $10';
     RETURN QUERY EXECUTE v_sql
         USING p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_statuses,
-              p_created_after, p_created_before, p_ids, p_before_id, p_limit;
+              p_created_after, p_created_before, p_ids, p_before_id, p_limit, p_batch_ids;
 END;
 $$;
