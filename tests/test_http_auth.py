@@ -170,9 +170,7 @@ async def _set_webhook(jobs: Jobs) -> Call:
 
 async def _webhook(jobs: Jobs) -> str:
     owner = f"auth_{next(_unique)}"
-    await jobs.store.set_webhook(
-        owner, "http://127.0.0.1:9/hook", "whsec_c2VjcmV0c2VjcmV0c2VjcmV0", events=None, rotate=False
-    )
+    await jobs.store.set_webhook(owner, "http://127.0.0.1:9/hook", new_secret(), events=None, rotate=False)
     return owner
 
 
