@@ -1400,6 +1400,16 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
         END;
+        BEGIN
+            -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
+            DELETE FROM aiservice.webhook_deliveries
+            WHERE status <> 'pending' AND created_at < now() - p_retention;
+            DELETE FROM aiservice.batches WHERE finished_at < now() - p_retention;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_out := v_out || jsonb_build_object('forget_delivered', v_n);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
+        END;
     END IF;
     BEGIN
         v_out := v_out || jsonb_build_object('promote_due', aiservice.promote_due());

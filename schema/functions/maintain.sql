@@ -32,8 +32,8 @@ END;
 $$;
 
 -- One maintenance pass: expire leases nobody renewed, delete finished jobs older than
--- p_retention (NULL keeps them), make due scheduled jobs claimable, forget limit usage
--- older than two minutes, fold the statistics counters. Any process may call it
+-- p_retention (NULL keeps them) with the webhook deliveries and batches as old, make due
+-- scheduled jobs claimable, forget limit usage older than two minutes, fold the statistics counters. Any process may call it
 -- on a timer: a call that finds another pass running, or one that started less than
 -- p_every ago, does nothing and answers {"ran": false}. Each step runs in its own
 -- subtransaction, so one failing step does not undo the others; its error is returned
@@ -69,6 +69,16 @@ BEGIN
             v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
+        END;
+        BEGIN
+            -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
+            DELETE FROM aiservice.webhook_deliveries
+            WHERE status <> 'pending' AND created_at < now() - p_retention;
+            DELETE FROM aiservice.batches WHERE finished_at < now() - p_retention;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_out := v_out || jsonb_build_object('forget_delivered', v_n);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
         END;
     END IF;
     BEGIN
