@@ -65,6 +65,8 @@ Priority = Annotated[int, Field(ge=-1000, le=1000)]
 MaxAttempts = Annotated[int, Field(ge=1, le=100)]
 # Job ids are bigint in SQL.
 JobId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# "$N": the N-th job (0-based) of the same create_jobs call.
+BatchRef = Annotated[str, StringConstraints(pattern=r"^\$[0-9]{1,9}$")]
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
 Payload = Annotated[dict[str, Any], AfterValidator(_not_too_deep)]
 
@@ -97,6 +99,21 @@ class Job(BaseModel):
     finished_at: datetime | None
     updated_at: datetime
     batch_id: int | None = Field(description="the batch that created the job (POST /jobs/batch)")
+    blocked: bool = Field(description="pending, waiting for its dependencies (never claimed while blocked)")
+
+
+class Dependency(BaseModel):
+    id: int
+    task_type: str
+    model_profile: str
+    status: JobStatus
+    result: dict[str, Any] | None
+
+
+class ClaimedJob(Job):
+    dependencies: list[Dependency] | None = Field(
+        default=None, description="the jobs it depends on, in the order given at creation (null when none)"
+    )
 
 
 class JobCreate(Strict):
@@ -111,6 +128,9 @@ class JobCreate(Strict):
     run_at: Timestamp | None = None
     max_attempts: MaxAttempts = 3
     idempotency_key: Ref | None = None
+    depends_on: list[JobId | BatchRef] | None = Field(
+        default=None, max_length=100, description='job ids, or "$N" for the N-th job (0-based) of the same batch'
+    )
 
 
 class JobFilter(Strict):
@@ -266,4 +286,5 @@ class Stats(BaseModel):
 
 # Whole lists validated and dumped in one call each: thousands of jobs per batch, no Python loop.
 JOB_LIST = TypeAdapter(list[Job])
+CLAIMED_LIST = TypeAdapter(list[ClaimedJob])
 JOB_CREATES = TypeAdapter(list[JobCreate])

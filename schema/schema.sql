@@ -68,6 +68,31 @@ CREATE TYPE aiservice.limit_state AS (
 
 
 --
+-- Name: add_dependencies(bigint[], integer[], bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.add_dependencies(p_job_ids bigint[], p_positions integer[], p_depends_on bigint[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF p_job_ids IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO aiservice.job_dependencies (job_id, position, depends_on)
+    SELECT * FROM unnest(p_job_ids, p_positions, p_depends_on);
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT DISTINCT j.id FROM aiservice.jobs j
+    WHERE j.id = ANY (p_depends_on) AND aiservice.is_finished(j.status)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        -- No kind named: every worker wakes, and its claim resolves the queue.
+        PERFORM aiservice.notify_limit('model_profile', NULL);
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: backoff(integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -184,6 +209,7 @@ CREATE TABLE aiservice.jobs (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     scheduled boolean DEFAULT false NOT NULL,
     batch_id bigint,
+    blocked boolean DEFAULT false NOT NULL,
     CONSTRAINT jobs_attempts_check CHECK (((attempts >= 0) AND (attempts <= max_attempts))),
     CONSTRAINT jobs_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 500))),
     CONSTRAINT jobs_lease_check CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL)))),
@@ -264,6 +290,31 @@ $$;
 
 
 --
+-- Name: check_dependencies(bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.check_dependencies(p_depends_on bigint[]) RETURNS void
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_unknown bigint[];
+BEGIN
+    IF p_depends_on IS NULL OR cardinality(p_depends_on) = 0 THEN
+        RETURN;
+    END IF;
+    IF array_position(p_depends_on, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
+    END IF;
+    v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
+                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
+    IF cardinality(v_unknown) > 0 THEN
+        RAISE EXCEPTION 'depends_on names jobs that do not exist: %', v_unknown USING ERRCODE = 'AS422';
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: claim_deliveries(integer, interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -332,7 +383,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()) THEN
         PERFORM aiservice.expire_leases();
     END IF;
-    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND run_at <= now()) THEN
+    IF EXISTS (SELECT 1 FROM aiservice.finished_dependencies) THEN
+        PERFORM aiservice.resolve_dependencies();
+    END IF;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()) THEN
         PERFORM aiservice.promote_due();
     END IF;
 
@@ -491,6 +545,18 @@ BEGIN
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
 END;
+$$;
+
+
+--
+-- Name: claim_jobs_v2(text, integer, text[], text[], interval); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claim_jobs_v2(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS TABLE(job aiservice.jobs, dependencies jsonb)
+    LANGUAGE sql
+    AS $$
+    SELECT c, aiservice.dependencies_of(c.id)
+    FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c;
 $$;
 
 
@@ -721,26 +787,34 @@ $$;
 
 
 --
--- Name: create_job(text, text, text, text, jsonb, integer, timestamp with time zone, integer, text); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: create_job(text, text, text, text, jsonb, integer, timestamp with time zone, integer, text, bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.create_job(p_owner_service text, p_owner_ref text, p_task_type text, p_model_profile text, p_input jsonb DEFAULT '{}'::jsonb, p_priority integer DEFAULT 0, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_max_attempts integer DEFAULT 3, p_idempotency_key text DEFAULT NULL::text, OUT job aiservice.jobs, OUT created boolean) RETURNS record
+CREATE FUNCTION aiservice.create_job(p_owner_service text, p_owner_ref text, p_task_type text, p_model_profile text, p_input jsonb DEFAULT '{}'::jsonb, p_priority integer DEFAULT 0, p_run_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_max_attempts integer DEFAULT 3, p_idempotency_key text DEFAULT NULL::text, p_depends_on bigint[] DEFAULT NULL::bigint[], OUT job aiservice.jobs, OUT created boolean) RETURNS record
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
 BEGIN
     IF p_input IS NULL OR jsonb_typeof(p_input) <> 'object' THEN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
+    PERFORM aiservice.check_dependencies(p_depends_on);
     INSERT INTO aiservice.jobs AS j
         (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-         scheduled)
+         scheduled, blocked)
     VALUES
         (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
          coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
-         coalesce(p_run_at > now(), false))
+         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked)
     ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING j.* INTO job;
     created := FOUND;
+    IF created AND v_blocked THEN
+        PERFORM aiservice.add_dependencies(
+            array_fill(job.id, ARRAY[cardinality(p_depends_on)]),
+            ARRAY(SELECT generate_series(0, cardinality(p_depends_on) - 1)), p_depends_on);
+    END IF;
     IF NOT created THEN
         SELECT j.* INTO job FROM aiservice.jobs j
         WHERE j.owner_service = p_owner_service AND j.idempotency_key = p_idempotency_key;
@@ -755,13 +829,18 @@ $$;
 
 CREATE FUNCTION aiservice.create_jobs(p_jobs jsonb, p_defaults jsonb DEFAULT '{}'::jsonb) RETURNS TABLE(job aiservice.jobs, created boolean)
     LANGUAGE plpgsql
-    AS $$
+    AS $_$
 DECLARE
     v_batch bigint;
     v_ids bigint[];
     v_new boolean[];
     v_owners text[];
     v_keys text[];
+    v_final bigint[];
+    v_dep_ord bigint[];
+    v_dep_pos integer[];
+    v_dep_ref jsonb[];
+    v_bad text;
 BEGIN
     IF p_jobs IS NULL OR jsonb_typeof(p_jobs) <> 'array' THEN
         RAISE EXCEPTION 'jobs must be a JSON array' USING ERRCODE = 'AS422';
@@ -776,6 +855,53 @@ BEGIN
     ) THEN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
+
+    -- Dependencies: (job ordinal, position, reference); references are ids or "$N".
+    SELECT array_agg(e.ord ORDER BY e.ord, d.pos), array_agg(d.pos - 1 ORDER BY e.ord, d.pos),
+           array_agg(d.ref ORDER BY e.ord, d.pos)
+    INTO v_dep_ord, v_dep_pos, v_dep_ref
+    FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
+    CROSS JOIN LATERAL jsonb_array_elements(
+        CASE WHEN jsonb_typeof((p_defaults || e.doc) -> 'depends_on') = 'array'
+             THEN (p_defaults || e.doc) -> 'depends_on' ELSE '[]'::jsonb END) WITH ORDINALITY AS d(ref, pos);
+    SELECT format('jobs[%s].depends_on must be a list of job ids or "$N" references', e.ord - 1) INTO v_bad
+    FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
+    WHERE jsonb_typeof((p_defaults || e.doc) -> 'depends_on') NOT IN ('array', 'null')
+       OR jsonb_array_length(CASE WHEN jsonb_typeof((p_defaults || e.doc) -> 'depends_on') = 'array'
+                                  THEN (p_defaults || e.doc) -> 'depends_on' ELSE '[]' END) > 100
+    LIMIT 1;
+    IF v_bad IS NULL THEN
+        SELECT format('jobs[%s].depends_on[%s]: %s', u.ord - 1, u.pos,
+                      CASE WHEN u.ref #>> '{}' = '$' || (u.ord - 1) THEN 'a job cannot depend on itself'
+                           ELSE 'expected a job id or "$N" with N below ' || jsonb_array_length(p_jobs) END)
+        INTO v_bad
+        FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
+        WHERE NOT ((jsonb_typeof(u.ref) = 'number' AND u.ref::numeric = trunc(u.ref::numeric)
+                    AND u.ref::numeric BETWEEN 1 AND 9223372036854775807)
+                   OR (jsonb_typeof(u.ref) = 'string' AND u.ref #>> '{}' ~ '^\$[0-9]{1,9}$'
+                       AND substr(u.ref #>> '{}', 2)::integer < jsonb_array_length(p_jobs)
+                       AND substr(u.ref #>> '{}', 2)::integer <> u.ord - 1))
+        LIMIT 1;
+    END IF;
+    IF v_bad IS NULL THEN
+        -- A cycle among "$N" references: some job reaches itself.
+        WITH RECURSIVE edge(a, b) AS (
+            SELECT u.ord, substr(u.ref #>> '{}', 2)::bigint + 1
+            FROM unnest(v_dep_ord, v_dep_ref) AS u(ord, ref) WHERE jsonb_typeof(u.ref) = 'string'
+        ),
+        walk(start, node) AS (
+            SELECT a, b FROM edge
+            UNION
+            SELECT w.start, e.b FROM walk w JOIN edge e ON e.a = w.node WHERE w.node <> w.start
+        )
+        SELECT format('jobs[%s].depends_on forms a cycle', min(start) - 1) INTO v_bad
+        FROM walk WHERE start = node HAVING count(*) > 0;
+    END IF;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'AS422';
+    END IF;
+    PERFORM aiservice.check_dependencies(
+        ARRAY(SELECT (r #>> '{}')::bigint FROM unnest(v_dep_ref) r WHERE jsonb_typeof(r) = 'number'));
 
     -- One batch for the jobs this call creates; its owner is the first job's owner_service.
     INSERT INTO aiservice.batches (owner_service, total)
@@ -794,11 +920,12 @@ BEGIN
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-             scheduled, batch_id)
+             scheduled, batch_id, blocked)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
-               coalesce(run_at > now(), false), v_batch
+               coalesce(run_at > now(), false) OR coalesce(ord = ANY (v_dep_ord), false), v_batch,
+               coalesce(ord = ANY (v_dep_ord), false)
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -813,6 +940,21 @@ BEGIN
     -- Every job was an idempotent repeat (or there were none): no batch.
     DELETE FROM aiservice.batches WHERE id = v_batch AND total = 0;
 
+    IF v_dep_ord IS NOT NULL THEN
+        -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
+        v_final := ARRAY(
+            SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
+            FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
+            LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+            ORDER BY u.ord);
+        PERFORM aiservice.add_dependencies(
+            array_agg(v_final[u.ord] ORDER BY u.ord, u.pos), array_agg(u.pos ORDER BY u.ord, u.pos),
+            array_agg(CASE WHEN jsonb_typeof(u.ref) = 'number' THEN (u.ref #>> '{}')::bigint
+                           ELSE v_final[substr(u.ref #>> '{}', 2)::integer + 1] END ORDER BY u.ord, u.pos))
+        FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
+        WHERE v_new[u.ord];
+    END IF;
+
     RETURN QUERY
     SELECT coalesce(a, b), u.is_new
     FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
@@ -820,7 +962,7 @@ BEGIN
     LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
     ORDER BY u.ord;
 END;
-$$;
+$_$;
 
 
 --
@@ -947,6 +1089,20 @@ BEGIN
     END LOOP;
     RETURN NULL;
 END;
+$$;
+
+
+--
+-- Name: dependencies_of(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.dependencies_of(p_id bigint) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                        'status', j.status, 'result', j.result) ORDER BY d.position)
+    FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+    WHERE d.job_id = p_id;
 $$;
 
 
@@ -1412,6 +1568,11 @@ BEGIN
         END;
     END IF;
     BEGIN
+        v_out := v_out || jsonb_build_object('resolve_dependencies', aiservice.resolve_dependencies(1000));
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('resolve_dependencies', SQLERRM);
+    END;
+    BEGIN
         v_out := v_out || jsonb_build_object('promote_due', aiservice.promote_due());
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors || jsonb_build_object('promote_due', SQLERRM);
@@ -1467,6 +1628,33 @@ $$;
 
 
 --
+-- Name: pipeline_updated(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.pipeline_updated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
+      AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
+    -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
+    UNION
+    SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    JOIN aiservice.job_dependencies d ON d.job_id = n.id
+    JOIN aiservice.jobs x ON x.id = d.depends_on
+    WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        PERFORM aiservice.notify_limit('model_profile', NULL);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+
+--
 -- Name: promote_due(integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1478,7 +1666,7 @@ DECLARE
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
     FROM (SELECT id FROM aiservice.jobs
-          WHERE status = 'pending' AND scheduled AND run_at <= now()
+          WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
           ORDER BY run_at LIMIT p_limit
           FOR UPDATE SKIP LOCKED) due
     WHERE j.id = due.id;
@@ -1619,6 +1807,64 @@ $$;
 
 
 --
+-- Name: resolve_dependencies(integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.resolve_dependencies(p_limit integer DEFAULT 100) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_done bigint[];
+    v_ids bigint[];
+    v_ready boolean[];
+    v_broken bigint[];
+    v_status text[];
+BEGIN
+    WITH taken AS (
+        DELETE FROM aiservice.finished_dependencies f
+        WHERE f.job_id IN (SELECT job_id FROM aiservice.finished_dependencies ORDER BY job_id
+                           LIMIT p_limit FOR UPDATE SKIP LOCKED)
+        RETURNING f.job_id
+    )
+    SELECT array_agg(job_id) INTO v_done FROM taken;
+    IF v_done IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    SELECT array_agg(s.id ORDER BY s.id), array_agg(s.ready ORDER BY s.id),
+           array_agg(s.broken ORDER BY s.id), array_agg(s.broken_status ORDER BY s.id)
+    INTO v_ids, v_ready, v_broken, v_status
+    FROM (
+        SELECT dep.job_id AS id,
+               bool_and(j.status = 'completed') AS ready,
+               min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
+               min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
+        FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
+        JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
+        JOIN aiservice.jobs j ON j.id = dep.depends_on
+        GROUP BY dep.job_id
+    ) s
+    WHERE s.ready OR s.broken IS NOT NULL;
+
+    -- Locked in id order, like every multi-row writer.
+    PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
+    UPDATE aiservice.jobs j
+    SET blocked = false,
+        scheduled = CASE WHEN r.ready THEN j.run_at > now() ELSE false END,
+        status = CASE WHEN r.ready THEN j.status ELSE 'failed' END::aiservice.job_status,
+        error_category = CASE WHEN r.ready THEN j.error_category ELSE 'dependency_failed' END,
+        error_message = CASE WHEN r.ready THEN j.error_message
+                             ELSE format('dependency %s is %s', r.broken, r.broken_status) END,
+        finished_at = CASE WHEN r.ready THEN NULL ELSE now() END,
+        updated_at = now()
+    FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
+    WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+    RETURN cardinality(v_done);
+END;
+$$;
+
+
+--
 -- Name: retry_delivery(text, bigint); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1692,7 +1938,11 @@ BEGIN
         started_at = NULL,
         finished_at = NULL,
         run_at = now(),
-        scheduled = false,
+        -- A job whose dependencies are not all completed waits for them again.
+        blocked = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+                          WHERE d.job_id = j.id AND x.status <> 'completed'),
+        scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+                            WHERE d.job_id = j.id AND x.status <> 'completed'),
         updated_at = now()
     FROM aiservice.list_jobs(
         p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
@@ -1965,6 +2215,15 @@ CREATE TABLE aiservice.fair_share (
 
 
 --
+-- Name: finished_dependencies; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.finished_dependencies (
+    job_id bigint NOT NULL
+);
+
+
+--
 -- Name: job_count_deltas; Type: TABLE; Schema: aiservice; Owner: -
 --
 
@@ -1988,6 +2247,18 @@ CREATE TABLE aiservice.job_counts (
     model_profile text NOT NULL,
     status aiservice.job_status NOT NULL,
     n bigint NOT NULL
+);
+
+
+--
+-- Name: job_dependencies; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.job_dependencies (
+    job_id bigint NOT NULL,
+    "position" integer NOT NULL,
+    depends_on bigint NOT NULL,
+    CONSTRAINT job_dependencies_self_check CHECK ((job_id <> depends_on))
 );
 
 
@@ -2075,11 +2346,27 @@ ALTER TABLE ONLY aiservice.fair_share
 
 
 --
+-- Name: finished_dependencies finished_dependencies_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.finished_dependencies
+    ADD CONSTRAINT finished_dependencies_pkey PRIMARY KEY (job_id);
+
+
+--
 -- Name: job_counts job_counts_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
 --
 
 ALTER TABLE ONLY aiservice.job_counts
     ADD CONSTRAINT job_counts_pkey PRIMARY KEY (task_type, model_profile, status);
+
+
+--
+-- Name: job_dependencies job_dependencies_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.job_dependencies
+    ADD CONSTRAINT job_dependencies_pkey PRIMARY KEY (job_id, "position");
 
 
 --
@@ -2128,6 +2415,13 @@ ALTER TABLE ONLY aiservice.webhook_deliveries
 
 ALTER TABLE ONLY aiservice.webhooks
     ADD CONSTRAINT webhooks_pkey PRIMARY KEY (owner_service);
+
+
+--
+-- Name: job_dependencies_on_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_dependencies_on_idx ON aiservice.job_dependencies USING btree (depends_on);
 
 
 --
@@ -2183,7 +2477,7 @@ CREATE INDEX jobs_owner_idx ON aiservice.jobs USING btree (owner_service, owner_
 -- Name: jobs_scheduled_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
-CREATE INDEX jobs_scheduled_idx ON aiservice.jobs USING btree (run_at) WHERE ((status = 'pending'::aiservice.job_status) AND scheduled);
+CREATE INDEX jobs_scheduled_idx ON aiservice.jobs USING btree (run_at) WHERE ((status = 'pending'::aiservice.job_status) AND scheduled AND (NOT blocked));
 
 
 --
@@ -2268,6 +2562,13 @@ CREATE TRIGGER jobs_notify_insert AFTER INSERT ON aiservice.jobs REFERENCING NEW
 --
 
 CREATE TRIGGER jobs_notify_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.jobs_updated();
+
+
+--
+-- Name: jobs jobs_pipeline_update; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER jobs_pipeline_update AFTER UPDATE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.pipeline_updated();
 
 
 --

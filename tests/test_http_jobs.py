@@ -26,6 +26,7 @@ API = "/api/v1"
 JOB_COLUMNS = {
     "id",
     "batch_id",
+    "blocked",
     "owner_service",
     "owner_ref",
     "task_type",
@@ -482,7 +483,7 @@ async def test_claim_takes_highest_priority_then_oldest_and_sets_the_lease(api: 
     jobs = await claim(api, "gpu-1", limit=2, lease_timeout=60)
     assert {j["id"] for j in jobs} == {high["id"], mid_old["id"]}
     for job in jobs:
-        assert set(job) == JOB_COLUMNS
+        assert set(job) == JOB_COLUMNS | {"dependencies"} and job["dependencies"] is None
         assert job["status"] == "running"
         assert job["worker_id"] == "gpu-1"
         assert job["attempts"] == 1

@@ -18,6 +18,7 @@ from aiservice.api.schemas import (
     Affected,
     BatchCreate,
     BatchCreated,
+    ClaimedJobs,
     ClaimRequest,
     CompleteRequest,
     DeliveryPage,
@@ -220,7 +221,7 @@ async def claim_jobs(request: web.Request) -> web.Response:
     claimed = await store(request).claim_jobs(
         req.worker_id, req.limit, lease_timeout=lease, task_types=req.task_types, model_profiles=req.model_profiles
     )
-    return reply(Jobs(jobs=claimed))
+    return reply(ClaimedJobs(jobs=claimed))
 
 
 async def heartbeat_job(request: web.Request) -> web.Response:
@@ -384,8 +385,8 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         f"{API}/jobs/claim",
         claim_jobs,
-        "Atomically claim pending jobs for a worker",
-        Jobs,
+        "Atomically claim pending jobs for a worker (each with its dependencies' results)",
+        ClaimedJobs,
         body=ClaimRequest,
         errors=(400, 415, 422),
     ),

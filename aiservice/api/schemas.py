@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from aiservice.jobs import (
     JOB_CREATES,
     Category,
+    ClaimedJob,
     Delivery,
     Job,
     JobCreate,
@@ -71,6 +72,10 @@ class JobPage(BaseModel):
 
 class Jobs(BaseModel):
     jobs: list[Job]
+
+
+class ClaimedJobs(BaseModel):
+    jobs: list[ClaimedJob]
 
 
 class BatchCreated(BaseModel):

@@ -17,10 +17,12 @@ import asyncpg
 
 from aiservice import errors
 from aiservice.jobs import (
+    CLAIMED_LIST,
     FINISHED,
     JOB_CREATES,
     JOB_LIST,
     Batch,
+    ClaimedJob,
     Delivery,
     Job,
     JobCreate,
@@ -81,6 +83,12 @@ def _jobs(records: list[asyncpg.Record]) -> list[Job]:
     return JOB_LIST.validate_python([dict(r.items()) for r in records])
 
 
+def _ids_only(depends_on: list[int | str] | None) -> list[int] | None:
+    if depends_on and any(isinstance(ref, str) for ref in depends_on):
+        raise errors.InvalidArgument('depends_on: "$N" references name jobs of the same batch (POST /jobs/batch)')
+    return [int(ref) for ref in depends_on] if depends_on else None
+
+
 def _filter_args(f: JobFilter) -> dict[str, Any]:
     return {
         "p_owner_service": f.owner_service,
@@ -126,6 +134,7 @@ class JobStore:
                 "p_run_at": spec.run_at,
                 "p_max_attempts": spec.max_attempts,
                 "p_idempotency_key": spec.idempotency_key,
+                "p_depends_on": _ids_only(spec.depends_on),
             },
             _JOB_AND_CREATED,
         )
@@ -207,7 +216,7 @@ class JobStore:
         lease_timeout: timedelta,
         task_types: list[str] | None = None,
         model_profiles: list[str] | None = None,
-    ) -> list[Job]:
+    ) -> list[ClaimedJob]:
         args = {
             "p_worker_id": worker_id,
             "p_limit": limit,
@@ -215,7 +224,8 @@ class JobStore:
             "p_model_profiles": model_profiles,
             "p_lease_timeout": lease_timeout,
         }
-        return _jobs(await self._fetch("claim_jobs", args))
+        rows = await self._fetch("claim_jobs_v2", args, "(r.job).*, r.dependencies")
+        return CLAIMED_LIST.validate_python([dict(r.items()) for r in rows])
 
     async def heartbeat_job(
         self, job_id: int, worker_id: str, *, lease_timeout: timedelta, lease_token: UUID | None = None

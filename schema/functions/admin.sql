@@ -39,7 +39,11 @@ BEGIN
         started_at = NULL,
         finished_at = NULL,
         run_at = now(),
-        scheduled = false,
+        -- A job whose dependencies are not all completed waits for them again.
+        blocked = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+                          WHERE d.job_id = j.id AND x.status <> 'completed'),
+        scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+                            WHERE d.job_id = j.id AND x.status <> 'completed'),
         updated_at = now()
     FROM aiservice.list_jobs(
         p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,

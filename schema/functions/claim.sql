@@ -13,7 +13,7 @@ DECLARE
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
     FROM (SELECT id FROM aiservice.jobs
-          WHERE status = 'pending' AND scheduled AND run_at <= now()
+          WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
           ORDER BY run_at LIMIT p_limit
           FOR UPDATE SKIP LOCKED) due
     WHERE j.id = due.id;
@@ -53,7 +53,8 @@ AS $$
 $$;
 
 -- Claim up to p_limit claimable jobs for a worker. The rule, in order:
--- 1. Scheduled jobs that are now due become claimable (promote_due).
+-- 1. Dependencies that finished are resolved (resolve_dependencies) and scheduled jobs that
+--    are now due become claimable (promote_due).
 -- 2. Profiles are served highest top priority first. A profile that is paused, cooling down
 --    after a rate limit, over its token budget or at a cap is skipped without reading its
 --    jobs; limits on task types and owner services bound what is taken.
@@ -109,7 +110,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()) THEN
         PERFORM aiservice.expire_leases();
     END IF;
-    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND run_at <= now()) THEN
+    IF EXISTS (SELECT 1 FROM aiservice.finished_dependencies) THEN
+        PERFORM aiservice.resolve_dependencies();
+    END IF;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()) THEN
         PERFORM aiservice.promote_due();
     END IF;
 

@@ -11,25 +11,34 @@ CREATE OR REPLACE FUNCTION aiservice.create_job(
     p_run_at timestamptz DEFAULT NULL,
     p_max_attempts integer DEFAULT 3,
     p_idempotency_key text DEFAULT NULL,
+    p_depends_on bigint[] DEFAULT NULL,
     OUT job aiservice.jobs,
     OUT created boolean
 )
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
 BEGIN
     IF p_input IS NULL OR jsonb_typeof(p_input) <> 'object' THEN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
+    PERFORM aiservice.check_dependencies(p_depends_on);
     INSERT INTO aiservice.jobs AS j
         (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-         scheduled)
+         scheduled, blocked)
     VALUES
         (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
          coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
-         coalesce(p_run_at > now(), false))
+         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked)
     ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING j.* INTO job;
     created := FOUND;
+    IF created AND v_blocked THEN
+        PERFORM aiservice.add_dependencies(
+            array_fill(job.id, ARRAY[cardinality(p_depends_on)]),
+            ARRAY(SELECT generate_series(0, cardinality(p_depends_on) - 1)), p_depends_on);
+    END IF;
     IF NOT created THEN
         SELECT j.* INTO job FROM aiservice.jobs j
         WHERE j.owner_service = p_owner_service AND j.idempotency_key = p_idempotency_key;
@@ -40,7 +49,9 @@ $$;
 -- Create many jobs in one call (one notification per kind of job).
 -- p_jobs is a JSON array of objects with the create_job fields without the p_
 -- prefix (owner_service, owner_ref, task_type, model_profile, input, priority,
--- run_at, max_attempts, idempotency_key); p_defaults supplies what a job omits.
+-- run_at, max_attempts, idempotency_key, depends_on); p_defaults supplies what a job omits.
+-- depends_on lists job ids, or "$N" for the N-th job (0-based) of this call, so a whole
+-- pipeline is created in one transaction; a job may not depend on itself or form a cycle.
 -- Returns the jobs in input order; created is false for an idempotent repeat. The jobs
 -- created by one call form a batch: read its id from their batch_id (aiservice.get_batch).
 CREATE OR REPLACE FUNCTION aiservice.create_jobs(p_jobs jsonb, p_defaults jsonb DEFAULT '{}'::jsonb)
@@ -53,6 +64,11 @@ DECLARE
     v_new boolean[];
     v_owners text[];
     v_keys text[];
+    v_final bigint[];
+    v_dep_ord bigint[];
+    v_dep_pos integer[];
+    v_dep_ref jsonb[];
+    v_bad text;
 BEGIN
     IF p_jobs IS NULL OR jsonb_typeof(p_jobs) <> 'array' THEN
         RAISE EXCEPTION 'jobs must be a JSON array' USING ERRCODE = 'AS422';
@@ -67,6 +83,53 @@ BEGIN
     ) THEN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
+
+    -- Dependencies: (job ordinal, position, reference); references are ids or "$N".
+    SELECT array_agg(e.ord ORDER BY e.ord, d.pos), array_agg(d.pos - 1 ORDER BY e.ord, d.pos),
+           array_agg(d.ref ORDER BY e.ord, d.pos)
+    INTO v_dep_ord, v_dep_pos, v_dep_ref
+    FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
+    CROSS JOIN LATERAL jsonb_array_elements(
+        CASE WHEN jsonb_typeof((p_defaults || e.doc) -> 'depends_on') = 'array'
+             THEN (p_defaults || e.doc) -> 'depends_on' ELSE '[]'::jsonb END) WITH ORDINALITY AS d(ref, pos);
+    SELECT format('jobs[%s].depends_on must be a list of job ids or "$N" references', e.ord - 1) INTO v_bad
+    FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
+    WHERE jsonb_typeof((p_defaults || e.doc) -> 'depends_on') NOT IN ('array', 'null')
+       OR jsonb_array_length(CASE WHEN jsonb_typeof((p_defaults || e.doc) -> 'depends_on') = 'array'
+                                  THEN (p_defaults || e.doc) -> 'depends_on' ELSE '[]' END) > 100
+    LIMIT 1;
+    IF v_bad IS NULL THEN
+        SELECT format('jobs[%s].depends_on[%s]: %s', u.ord - 1, u.pos,
+                      CASE WHEN u.ref #>> '{}' = '$' || (u.ord - 1) THEN 'a job cannot depend on itself'
+                           ELSE 'expected a job id or "$N" with N below ' || jsonb_array_length(p_jobs) END)
+        INTO v_bad
+        FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
+        WHERE NOT ((jsonb_typeof(u.ref) = 'number' AND u.ref::numeric = trunc(u.ref::numeric)
+                    AND u.ref::numeric BETWEEN 1 AND 9223372036854775807)
+                   OR (jsonb_typeof(u.ref) = 'string' AND u.ref #>> '{}' ~ '^\$[0-9]{1,9}$'
+                       AND substr(u.ref #>> '{}', 2)::integer < jsonb_array_length(p_jobs)
+                       AND substr(u.ref #>> '{}', 2)::integer <> u.ord - 1))
+        LIMIT 1;
+    END IF;
+    IF v_bad IS NULL THEN
+        -- A cycle among "$N" references: some job reaches itself.
+        WITH RECURSIVE edge(a, b) AS (
+            SELECT u.ord, substr(u.ref #>> '{}', 2)::bigint + 1
+            FROM unnest(v_dep_ord, v_dep_ref) AS u(ord, ref) WHERE jsonb_typeof(u.ref) = 'string'
+        ),
+        walk(start, node) AS (
+            SELECT a, b FROM edge
+            UNION
+            SELECT w.start, e.b FROM walk w JOIN edge e ON e.a = w.node WHERE w.node <> w.start
+        )
+        SELECT format('jobs[%s].depends_on forms a cycle', min(start) - 1) INTO v_bad
+        FROM walk WHERE start = node HAVING count(*) > 0;
+    END IF;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'AS422';
+    END IF;
+    PERFORM aiservice.check_dependencies(
+        ARRAY(SELECT (r #>> '{}')::bigint FROM unnest(v_dep_ref) r WHERE jsonb_typeof(r) = 'number'));
 
     -- One batch for the jobs this call creates; its owner is the first job's owner_service.
     INSERT INTO aiservice.batches (owner_service, total)
@@ -85,11 +148,12 @@ BEGIN
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-             scheduled, batch_id)
+             scheduled, batch_id, blocked)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
-               coalesce(run_at > now(), false), v_batch
+               coalesce(run_at > now(), false) OR coalesce(ord = ANY (v_dep_ord), false), v_batch,
+               coalesce(ord = ANY (v_dep_ord), false)
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -103,6 +167,21 @@ BEGIN
 
     -- Every job was an idempotent repeat (or there were none): no batch.
     DELETE FROM aiservice.batches WHERE id = v_batch AND total = 0;
+
+    IF v_dep_ord IS NOT NULL THEN
+        -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
+        v_final := ARRAY(
+            SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
+            FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
+            LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+            ORDER BY u.ord);
+        PERFORM aiservice.add_dependencies(
+            array_agg(v_final[u.ord] ORDER BY u.ord, u.pos), array_agg(u.pos ORDER BY u.ord, u.pos),
+            array_agg(CASE WHEN jsonb_typeof(u.ref) = 'number' THEN (u.ref #>> '{}')::bigint
+                           ELSE v_final[substr(u.ref #>> '{}', 2)::integer + 1] END ORDER BY u.ord, u.pos))
+        FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
+        WHERE v_new[u.ord];
+    END IF;
 
     RETURN QUERY
     SELECT coalesce(a, b), u.is_new

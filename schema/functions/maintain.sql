@@ -82,6 +82,11 @@ BEGIN
         END;
     END IF;
     BEGIN
+        v_out := v_out || jsonb_build_object('resolve_dependencies', aiservice.resolve_dependencies(1000));
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('resolve_dependencies', SQLERRM);
+    END;
+    BEGIN
         v_out := v_out || jsonb_build_object('promote_due', aiservice.promote_due());
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors || jsonb_build_object('promote_due', SQLERRM);

@@ -1,0 +1,167 @@
+-- schema/functions/pipelines.sql: jobs that wait for other jobs and use their results.
+-- Current definitions, re-applied by the migrator whenever this file changes.
+--
+-- The rules (documented in README.md):
+-- * A job with dependencies is created pending and blocked; it is never claimed while blocked.
+-- * When all its dependencies are completed it becomes claimable and workers are woken.
+-- * When a dependency ends failed or cancelled, the job fails with error_category
+--   'dependency_failed' naming that dependency, and so do the jobs depending on it in turn.
+-- * Retrying a failed job blocks it again while any of its dependencies is not completed, so
+--   retrying the failed dependency and its dependents (in one call or in that order) runs the
+--   pipeline again.
+-- Completing a job never reads its dependents: it queues its id in finished_dependencies (one
+-- index probe), and claims and maintain() resolve the queue in small steps (SKIP LOCKED).
+
+-- Refuse dependency lists that are too long, hold nulls or name jobs that do not exist.
+CREATE OR REPLACE FUNCTION aiservice.check_dependencies(p_depends_on bigint[]) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_unknown bigint[];
+BEGIN
+    IF p_depends_on IS NULL OR cardinality(p_depends_on) = 0 THEN
+        RETURN;
+    END IF;
+    IF array_position(p_depends_on, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
+    END IF;
+    v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
+                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
+    IF cardinality(v_unknown) > 0 THEN
+        RAISE EXCEPTION 'depends_on names jobs that do not exist: %', v_unknown USING ERRCODE = 'AS422';
+    END IF;
+END;
+$$;
+
+-- Record dependencies (parallel arrays) and queue those already finished for resolution.
+CREATE OR REPLACE FUNCTION aiservice.add_dependencies(p_job_ids bigint[], p_positions integer[], p_depends_on bigint[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_job_ids IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO aiservice.job_dependencies (job_id, position, depends_on)
+    SELECT * FROM unnest(p_job_ids, p_positions, p_depends_on);
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT DISTINCT j.id FROM aiservice.jobs j
+    WHERE j.id = ANY (p_depends_on) AND aiservice.is_finished(j.status)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        -- No kind named: every worker wakes, and its claim resolves the queue.
+        PERFORM aiservice.notify_limit('model_profile', NULL);
+    END IF;
+END;
+$$;
+
+-- Resolve the dependents of up to p_limit finished jobs: unblock those whose dependencies all
+-- completed, fail those with a failed or cancelled dependency. Returns how many finished jobs
+-- were taken from the queue.
+CREATE OR REPLACE FUNCTION aiservice.resolve_dependencies(p_limit integer DEFAULT 100)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_done bigint[];
+    v_ids bigint[];
+    v_ready boolean[];
+    v_broken bigint[];
+    v_status text[];
+BEGIN
+    WITH taken AS (
+        DELETE FROM aiservice.finished_dependencies f
+        WHERE f.job_id IN (SELECT job_id FROM aiservice.finished_dependencies ORDER BY job_id
+                           LIMIT p_limit FOR UPDATE SKIP LOCKED)
+        RETURNING f.job_id
+    )
+    SELECT array_agg(job_id) INTO v_done FROM taken;
+    IF v_done IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    SELECT array_agg(s.id ORDER BY s.id), array_agg(s.ready ORDER BY s.id),
+           array_agg(s.broken ORDER BY s.id), array_agg(s.broken_status ORDER BY s.id)
+    INTO v_ids, v_ready, v_broken, v_status
+    FROM (
+        SELECT dep.job_id AS id,
+               bool_and(j.status = 'completed') AS ready,
+               min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
+               min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
+        FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
+        JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
+        JOIN aiservice.jobs j ON j.id = dep.depends_on
+        GROUP BY dep.job_id
+    ) s
+    WHERE s.ready OR s.broken IS NOT NULL;
+
+    -- Locked in id order, like every multi-row writer.
+    PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
+    UPDATE aiservice.jobs j
+    SET blocked = false,
+        scheduled = CASE WHEN r.ready THEN j.run_at > now() ELSE false END,
+        status = CASE WHEN r.ready THEN j.status ELSE 'failed' END::aiservice.job_status,
+        error_category = CASE WHEN r.ready THEN j.error_category ELSE 'dependency_failed' END,
+        error_message = CASE WHEN r.ready THEN j.error_message
+                             ELSE format('dependency %s is %s', r.broken, r.broken_status) END,
+        finished_at = CASE WHEN r.ready THEN NULL ELSE now() END,
+        updated_at = now()
+    FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
+    WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+    RETURN cardinality(v_done);
+END;
+$$;
+
+-- A finished job with dependents is queued for resolution, and workers are woken to resolve it.
+CREATE OR REPLACE FUNCTION aiservice.pipeline_updated() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
+      AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
+    -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
+    UNION
+    SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    JOIN aiservice.job_dependencies d ON d.job_id = n.id
+    JOIN aiservice.jobs x ON x.id = d.depends_on
+    WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        PERFORM aiservice.notify_limit('model_profile', NULL);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_pipeline_update
+    AFTER UPDATE ON aiservice.jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.pipeline_updated();
+
+-- The dependencies of a job as a claim returns them, in the order they were listed.
+CREATE OR REPLACE FUNCTION aiservice.dependencies_of(p_id bigint) RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                        'status', j.status, 'result', j.result) ORDER BY d.position)
+    FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+    WHERE d.job_id = p_id;
+$$;
+
+-- claim_jobs with each claimed job's dependencies (id, task_type, model_profile, status, result)
+-- in the same round trip; NULL for a job without dependencies.
+CREATE OR REPLACE FUNCTION aiservice.claim_jobs_v2(
+    p_worker_id text,
+    p_limit integer DEFAULT 1,
+    p_task_types text[] DEFAULT NULL,
+    p_model_profiles text[] DEFAULT NULL,
+    p_lease_timeout interval DEFAULT interval '15 minutes'
+)
+RETURNS TABLE (job aiservice.jobs, dependencies jsonb)
+LANGUAGE sql
+AS $$
+    SELECT c, aiservice.dependencies_of(c.id)
+    FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c;
+$$;
