@@ -214,7 +214,14 @@ async def test_the_schemas_match_what_the_api_returns(api: Client, served: dict[
 
     create = served["components"]["schemas"]["JobCreate"]
     assert set(create["required"]) == set(body)
-    assert set(create["properties"]) == set(body) | {"input", "priority", "run_at", "max_attempts", "idempotency_key"}
+    assert set(create["properties"]) == set(body) | {
+        "input",
+        "priority",
+        "run_at",
+        "max_attempts",
+        "idempotency_key",
+        "depends_on",
+    }
 
     page = await (await api.get("/api/v1/jobs")).json()
     assert set(served["components"]["schemas"]["JobPage"]["properties"]) == set(page)
