@@ -129,6 +129,10 @@ class Settings:
     worker_poll_interval: timedelta = timedelta(seconds=2)
     worker_claim_limit: int = 4
     worker_lease_timeout: timedelta = timedelta(minutes=15)
+    # Jobs in flight per job kind, within worker_claim_limit in all. whisper-asr-webservice works one
+    # request at a time, so more transcriptions would only queue there; None means worker_claim_limit.
+    whisperx_concurrency: int = 1
+    llm_concurrency: int | None = None
     # The AI-server sidecar (`aiservice sidecar` on the GPU host) behind /api/v1/infra/status.
     infra_sidecar_url: str | None = field(default=None, repr=False)
     infra_sidecar_token: str | None = field(default=None, repr=False)
@@ -194,6 +198,7 @@ _ENV_NAMES = {
 _SECRETS = {"service_token", "llm_api_key", "infra_sidecar_token"}
 _URLS = {"database_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
+_POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency"}
 _PORTS = {"http_port", "worker_http_port"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 

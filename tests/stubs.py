@@ -200,15 +200,24 @@ async def transcribe(request: web.Request, query: dict[str, str], audio: bytes) 
 
 
 class AsrStub(StubServer):
-    """POST /asr (multipart field audio_file), keyed by the audio bytes; GET /files/{name} for downloads."""
+    """POST /asr (multipart field audio_file), keyed by the audio bytes; GET /files/{name} for downloads;
+    GET /openapi.json documenting the /asr parameters the way whisper-asr-webservice does for its engine.
+
+    ``engine`` is what the server's ASR_ENGINE would be (sent as the Asr-Engine header of every /asr
+    answer) and ``hf_token`` whether HF_TOKEN is set; ``openapi`` can replace the document's handler."""
 
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[dict[str, Any]] = []
         self.replies: dict[bytes, AsrReply] = {}
         self.files: dict[str, bytes] = {}
+        self.engine = "whisperx"
+        self.hf_token = True
+        self.openapi: Callable[[web.Request], Awaitable[web.StreamResponse]] = self._openapi
+        self.probes = 0
         self.app.router.add_post("/asr", self._asr)
         self.app.router.add_get("/files/{name}", self._file)
+        self.app.router.add_get("/openapi.json", self._probe)
 
     def on(self, audio: bytes, reply: AsrReply) -> None:
         self.replies[audio] = reply
@@ -223,12 +232,32 @@ class AsrStub(StubServer):
         self.requests.append(
             {
                 "query": query,
+                "query_string": request.query_string,
                 "fields": sorted(fields),
                 "audio": audio,
                 "filename": fields.get("audio_file", {}).get("filename"),
             }
         )
-        return await self.replies.get(audio, transcribe)(request, query, audio)
+        response = await self.replies.get(audio, transcribe)(request, query, audio)
+        if response.status < 400:  # FastAPI's own errors carry no Asr-Engine header
+            response.headers.setdefault("Asr-Engine", self.engine)
+        return response
+
+    async def _probe(self, request: web.Request) -> web.StreamResponse:
+        self.probes += 1
+        return await self.openapi(request)
+
+    async def _openapi(self, request: web.Request) -> web.StreamResponse:
+        # Which parameters whisper-asr-webservice 1.9.1 documents (include_in_schema) on each engine.
+        names = ["encode", "task", "language", "initial_prompt"]
+        if self.engine == "faster_whisper":
+            names += ["vad_filter", "word_timestamps"]
+        if self.engine == "whisperx" and self.hf_token:
+            names.append("diarize")
+        if self.engine == "whisperx":
+            names += ["min_speakers", "max_speakers"]
+        parameters = [{"name": name, "in": "query", "required": False} for name in [*names, "output"]]
+        return web.json_response({"openapi": "3.1.0", "paths": {"/asr": {"post": {"parameters": parameters}}}})
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         data = self.files.get(request.match_info["name"])

@@ -77,8 +77,9 @@ def test_a_400_that_means_a_refused_key_is_an_auth_error(error_type: str, code: 
     assert (fail.category, fail.retryable) == ("auth_error", False)
 
 
-def test_the_error_type_comes_from_the_provider_error_being_handled() -> None:
-    """worker/llm.py passes the openai error's code; its type is read from the error in flight."""
+def test_only_the_code_and_type_passed_are_read() -> None:
+    """worker/kinds/llm.py passes the openai error's type itself; an error being handled is not consulted,
+    so the same call classifies the same way wherever it is made."""
 
     class ProviderError(Exception):
         status_code = 400
@@ -88,8 +89,8 @@ def test_the_error_type_comes_from_the_provider_error_being_handled() -> None:
     try:
         raise ProviderError("No connected db.")
     except ProviderError:
-        assert failure.for_status(400, "No connected db.", {}, provider="llm", context_code="400").category == (
-            "auth_error"
+        unnamed = failure.for_status(400, "No connected db.", {}, provider="llm", context_code="400")
+        named = failure.for_status(
+            400, "No connected db.", {}, provider="llm", context_code="400", error_type="no_db_connection"
         )
-        # An error in flight about another status says nothing about this one.
-        assert failure.for_status(404, "No connected db.", {}, provider="llm").category == "invalid_request"
+    assert (unnamed.category, named.category) == ("invalid_request", "auth_error")

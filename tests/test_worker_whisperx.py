@@ -6,6 +6,7 @@ import base64
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import stubs
 from aiohttp import web
 from conftest import JobFactory
@@ -42,7 +43,7 @@ async def test_base64_audio_with_diarization(
             language="en",
             diarize=True,
             min_speakers=2,
-            max_speakers=3,
+            max_speakers=2,
             call_id="beeline/7",
         )
     )
@@ -58,18 +59,208 @@ async def test_base64_audio_with_diarization(
         {"start": 1.5, "end": 3.0, "text": "General Kenobi.", "speaker": "SPEAKER_01"},
     ]
     assert result["diarization_applied"] is True
+    assert (result["engine"], result["task"]) == ("whisperx", "transcribe")
+    assert "warnings" not in result
     assert isinstance(result["duration_ms"], int)
+    (sent,) = asr_stub.requests
+    assert sent["query_string"] == (
+        "output=json&task=transcribe&word_timestamps=false&diarize=true&language=en&min_speakers=2&max_speakers=2"
+    )
+    assert (sent["fields"], sent["audio"]) == (["audio_file"], AUDIO)
+    # Whether the server diarizes was read from its OpenAPI document once.
+    assert asr_stub.probes == 1
+
+
+# whisper-asr-webservice (1.8.0 to 1.9.1) calls whisperX's DiarizationPipeline(audio, min_speakers, max_speakers)
+# while its signature is (audio, num_speakers, min_speakers, max_speakers): the query's min_speakers is the
+# exact count there, its max_speakers the minimum, and nothing reaches the maximum.
+# (min_speakers, max_speakers) -> the speaker parameters of the query, and the bound that could not be sent
+SPEAKER_BOUNDS: list[tuple[int | None, int | None, str, str | None]] = [
+    (2, 2, "&min_speakers=2&max_speakers=2", None),
+    (2, None, "&max_speakers=2", None),
+    (2, 5, "&max_speakers=2", "max_speakers=5"),
+    (None, 5, "", "max_speakers=5"),
+    (None, None, "", None),
+]
+
+
+@pytest.mark.parametrize(("low", "high", "speakers", "unsent"), SPEAKER_BOUNDS)
+async def test_speaker_bounds_are_sent_so_that_whisperx_reads_them_as_meant(
+    low: int | None,
+    high: int | None,
+    speakers: str,
+    unsent: str | None,
+    store: JobStore,
+    job_factory: JobFactory,
+    worker_factory: WorkerFactory,
+    asr_stub: AsrStub,
+) -> None:
+    bounds = {k: v for k, v in (("min_speakers", low), ("max_speakers", high)) if v is not None}
+    job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(AUDIO).decode(), diarize=True, **bounds))
+    await worker_factory()
+
+    done = await wait_for_status(store, job.id, "completed", "failed")
+
+    assert done.status == "completed", done.error_message
+    (sent,) = asr_stub.requests
+    assert sent["query_string"] == "output=json&task=transcribe&word_timestamps=false&diarize=true" + speakers
+    warnings = (done.result or {}).get("warnings", [])
+    if unsent is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.startswith(f"{unsent} was not sent")
+
+
+async def test_speaker_bounds_go_only_with_diarize_and_must_be_in_order(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    audio = base64.b64encode(AUDIO).decode()
+    plain = await job_factory(**transcribe_job(audio_base64=audio, min_speakers=2, max_speakers=2))
+    reversed_bounds = await job_factory(
+        **transcribe_job(audio_base64=audio, diarize=True, min_speakers=3, max_speakers=2)
+    )
+    await worker_factory()
+
+    assert (await wait_for_status(store, plain.id, "completed")).result is not None
+    refused = await wait_for_status(store, reversed_bounds.id, "failed")
+    assert (refused.error_category, refused.attempts) == ("invalid_input", 1)
+    assert "min_speakers is larger than max_speakers" in (refused.error_message or "")
+    (sent,) = asr_stub.requests
+    assert sent["query_string"] == "output=json&task=transcribe&word_timestamps=false&diarize=false"
+
+
+@pytest.mark.parametrize("language", ["xx", "english", "", "en-US", "z" * 100_000])
+async def test_a_language_whisper_does_not_know_fails_before_anything_is_sent(
+    language: str, store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(AUDIO).decode(), language=language))
+    await worker_factory()
+
+    done = await wait_for_status(store, job.id, "failed", "completed")
+
+    assert (done.status, done.error_category, done.attempts) == ("failed", "invalid_input", 1)
+    assert "not a Whisper language code" in (done.error_message or "")
+    assert len(done.error_message or "") < 200
+    assert asr_stub.requests == []
+
+
+async def test_translate_with_an_initial_prompt_and_a_language_in_capitals(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    prompt = "Билайн, тариф «Всё», SIM-карта & eSIM"
+    job = await job_factory(
+        **transcribe_job(
+            audio_base64=base64.b64encode(AUDIO).decode(), language="RU", task="translate", initial_prompt=prompt
+        )
+    )
+    await worker_factory()
+
+    done = await wait_for_status(store, job.id, "completed", "failed")
+
+    assert done.status == "completed", done.error_message
+    assert ((done.result or {})["task"], (done.result or {})["language"]) == ("translate", "ru")
     (sent,) = asr_stub.requests
     assert sent["query"] == {
         "output": "json",
-        "task": "transcribe",
+        "task": "translate",
         "word_timestamps": "false",
-        "diarize": "true",
-        "language": "en",
-        "min_speakers": "2",
-        "max_speakers": "3",
+        "diarize": "false",
+        "language": "ru",
+        "initial_prompt": prompt,
     }
-    assert (sent["fields"], sent["audio"]) == (["audio_file"], AUDIO)
+
+
+@pytest.mark.parametrize(
+    ("job_input", "where"),
+    [
+        ({"task": "summarize"}, "task"),
+        ({"task": None}, "task"),
+        ({"initial_prompt": ""}, "initial_prompt"),
+        ({"initial_prompt": "x" * 1001}, "initial_prompt"),
+        ({"initial_prompt": ["Beeline"]}, "initial_prompt"),
+    ],
+)
+async def test_task_and_initial_prompt_are_checked(
+    job_input: dict[str, Any],
+    where: str,
+    store: JobStore,
+    job_factory: JobFactory,
+    worker_factory: WorkerFactory,
+    asr_stub: AsrStub,
+) -> None:
+    job = await job_factory(**transcribe_job(audio_base64=base64.b64encode(AUDIO).decode(), **job_input))
+    await worker_factory()
+
+    done = await wait_for_status(store, job.id, "failed", "completed")
+
+    assert (done.status, done.error_category) == ("failed", "invalid_input")
+    assert (done.error_message or "").startswith(f"{where}:")
+    assert asr_stub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("engine", "hf_token"), [("faster_whisper", True), ("openai_whisper", True), ("whisperx", False)]
+)
+async def test_diarize_is_refused_before_the_upload_when_the_server_would_ignore_it(
+    engine: str,
+    hf_token: bool,
+    store: JobStore,
+    job_factory: JobFactory,
+    worker_factory: WorkerFactory,
+    asr_stub: AsrStub,
+) -> None:
+    asr_stub.engine, asr_stub.hf_token = engine, hf_token
+    audio = base64.b64encode(AUDIO).decode()
+    diarize = await job_factory(**transcribe_job(audio_base64=audio, diarize=True, min_speakers=2))
+    await worker_factory()
+
+    refused = await wait_for_status(store, diarize.id, "failed", "completed")
+
+    assert (refused.status, refused.error_category, refused.attempts) == ("failed", "invalid_input", 1)
+    assert "diarize is not available from" in (refused.error_message or "")
+    assert "ASR_ENGINE=whisperx and HF_TOKEN" in (refused.error_message or "")
+    assert (asr_stub.requests, asr_stub.probes) == ([], 1)
+
+    # Plain transcription still works, and its answer names the engine.
+    plain = await wait_for_status(store, (await job_factory(**transcribe_job(audio_base64=audio))).id, "completed")
+    assert (plain.result or {})["engine"] == engine
+
+    # What was learned holds: the next diarize job is refused without asking again.
+    again = await job_factory(**transcribe_job(audio_base64=audio, diarize=True))
+    assert (await wait_for_status(store, again.id, "failed")).error_category == "invalid_input"
+    assert (len(asr_stub.requests), asr_stub.probes) == (1, 1)
+
+
+async def test_without_an_openapi_document_the_answers_engine_decides(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory, asr_stub: AsrStub
+) -> None:
+    async def missing(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPNotFound()
+
+    asr_stub.openapi = missing
+    asr_stub.engine = "faster_whisper"
+    audio = base64.b64encode(AUDIO).decode()
+    first = await job_factory(**transcribe_job(audio_base64=audio, diarize=True))
+    await worker_factory()
+
+    done = await wait_for_status(store, first.id, "failed", "completed")
+
+    # Sent, since nothing said otherwise; the answer came from an engine that ignores diarize.
+    assert (done.status, done.error_category) == ("failed", "invalid_input")
+    message = done.error_message or ""
+    assert "faster_whisper engine, which ignores diarize (its transcript was not kept)" in message
+    assert len(asr_stub.requests) == 1
+
+    # The engine from that answer refuses the next diarize job before its upload.
+    second = await job_factory(**transcribe_job(audio_base64=audio, diarize=True))
+    refused = await wait_for_status(store, second.id, "failed")
+    assert (refused.error_category, refused.error_message) == (
+        "invalid_input",
+        f"diarize is not available from {asr_stub.url}: it runs the faster_whisper engine;"
+        " send the job without diarize",
+    )
+    assert len(asr_stub.requests) == 1
 
 
 async def test_audio_url_is_downloaded_and_diarize_is_sent_explicitly(

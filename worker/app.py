@@ -45,6 +45,14 @@ def build_kinds(settings: Settings) -> list[Kind]:
     return kinds
 
 
+def kind_limits(settings: Settings) -> dict[str, int]:
+    """Jobs in flight per job kind, each within WORKER_CLAIM_LIMIT in all."""
+    return {
+        LLMKind.name: settings.llm_concurrency or settings.worker_claim_limit,
+        WhisperXKind.name: settings.whisperx_concurrency,
+    }
+
+
 class Worker:
     def __init__(
         self,
@@ -100,6 +108,7 @@ class Worker:
                 claim_limit=settings.worker_claim_limit,
                 lease_timeout=settings.worker_lease_timeout,
                 poll_interval=settings.worker_poll_interval,
+                kind_limits=kind_limits(settings),
             )
             self._listener = Listener(
                 self.dsn,
@@ -177,6 +186,7 @@ class Worker:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "serves": status.serves(self.kinds),
             "claim_limit": self.settings.worker_claim_limit,
+            "concurrency": kind_limits(self.settings),
             **(self._runner.status() if self._runner is not None else {}),
             "listener": self._listener.status() if self._listener is not None else {"state": "stopped"},
             "settings": self.settings.public(),

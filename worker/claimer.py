@@ -1,4 +1,5 @@
 """Claiming: only into free slots, one claim_jobs call per job kind, whenever the wake-up says so.
+Each kind claims at most what both the worker and the kind have free (Flights.free).
 
 Wake-ups come from the listener (a notification, or a timer for a job due later) and from the
 poll interval; either way the claim itself is the SQL function claim_jobs, so a spurious wake-up
@@ -62,7 +63,7 @@ class Claimer:
             self.wakeup.at(event.run_at)
 
     def slot_freed(self) -> None:
-        # The last claim filled every slot, so more may be waiting: claim again now.
+        # The last claim filled the slots of some kind, so more may be waiting: claim again now.
         if self._backlog:
             self.wakeup.now()
 
@@ -78,17 +79,20 @@ class Claimer:
             await self.wakeup.wait(self.poll_interval)
 
     async def _claim(self) -> None:
-        free = self.flights.free()
-        self._backlog = free <= 0
-        if free <= 0:
+        self._backlog = self.flights.free() <= 0
+        if self._backlog:
             return
         self.last_poll_at = datetime.now(UTC)
         # Rotating the order keeps one busy kind of job from starving the others.
         first = self._rotation % len(self.kinds)
         self._rotation += 1
         for kind in self.kinds[first:] + self.kinds[:first]:
-            if free <= 0 or self.stopping:
+            if self.stopping:
                 break
+            free = self.flights.free(kind)
+            if free <= 0:
+                self._backlog = True
+                continue
             try:
                 jobs = await self.store.claim_jobs(
                     self.worker_id,
@@ -105,8 +109,7 @@ class Claimer:
             if jobs:
                 self.last_claim_at = datetime.now(UTC)
                 self.flights.counts.claimed += len(jobs)
-            free -= len(jobs)
-        self._backlog = free <= 0
+            self._backlog = self._backlog or len(jobs) >= free
 
     async def stop(self, grace: float) -> None:
         """Claim no more. The claim in progress may finish within ``grace``: a claim cancelled

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -77,7 +76,8 @@ def for_status(
 
     ``detail`` is the provider's own message (already free of secrets); ``context_code`` is an error
     code from the body, checked together with the text for context-length errors; ``error_type`` is
-    the body's error type. Either may say that the key was refused (AUTH_ERROR_CODES)."""
+    the body's error type (LiteLLM puts its reason there). Either may say that the key was refused
+    (AUTH_ERROR_CODES), whatever the status: only what the caller passes is read."""
     message = f"{provider} answered HTTP {status}: {detail}".strip().rstrip(":")
     if status == 429:
         return JobFailure("rate_limited", message, retryable=True, retry_after=retry_after(headers))
@@ -85,23 +85,15 @@ def for_status(
         return JobFailure("provider_unavailable", message, retryable=True, retry_after=retry_after(headers))
     if status >= 500:
         return JobFailure("provider_error", message, retryable=True)
-    if status in (401, 403) or AUTH_ERROR_CODES & _error_codes(status, context_code, error_type):
+    if status in (401, 403) or AUTH_ERROR_CODES & _error_codes(context_code, error_type):
         return JobFailure("auth_error", message, retryable=False)
     if context_code == "context_length_exceeded" or _CONTEXT_LENGTH.search(detail):
         return JobFailure("context_length_exceeded", message, retryable=False)
     return JobFailure("invalid_request", message, retryable=False)
 
 
-def _error_codes(status: int, code: str | None, error_type: str | None) -> set[str]:
-    """The body's error code and type. Where the caller gave no type, it is read from the provider error
-    being handled when that error is about this very status: worker/llm.py classifies inside its
-    ``except openai.APIStatusError`` and passes the code only, while LiteLLM puts its reason in the type."""
-    found = {code, error_type}
-    if error_type is None:
-        handled = sys.exc_info()[1]
-        if handled is not None and getattr(handled, "status_code", None) == status:
-            found |= {getattr(handled, "type", None), getattr(handled, "code", None)}
-    return {str(value).lower() for value in found if value is not None}
+def _error_codes(code: str | None, error_type: str | None) -> set[str]:
+    return {value.lower() for value in (code, error_type) if value is not None}
 
 
 def retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> timedelta | None:

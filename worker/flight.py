@@ -1,10 +1,11 @@
-"""A job this worker is running, and the table of them, bounded by the claim limit."""
+"""A job this worker is running, and the table of them, bounded by the claim limit and by each kind's own limit."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,12 +68,15 @@ class Counts:
 
 
 class Flights:
-    """The jobs in flight, at most ``limit`` of them; the worker_slots gauge follows the table."""
+    """The jobs in flight: at most ``limit`` of them, and at most ``kind_limits[kind.name]`` of one kind
+    (a kind not named there is bounded by ``limit`` alone); the worker_slots gauge follows the table."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, kind_limits: Mapping[str, int] | None = None) -> None:
         self.limit = limit
+        self.kind_limits = dict(kind_limits or {})
         self.counts = Counts()
         self._by_id: dict[int, InFlight] = {}
+        self._by_kind: Counter[str] = Counter()
         metrics.WORKER_SLOTS.labels("total").set(limit)
 
     def __len__(self) -> int:
@@ -81,16 +85,22 @@ class Flights:
     def __iter__(self) -> Iterator[InFlight]:
         return iter(sorted(self._by_id.values(), key=lambda f: f.job.id))
 
-    def free(self) -> int:
-        return self.limit - len(self._by_id)
+    def free(self, kind: Kind | None = None) -> int:
+        """Free slots in all, or for one more job of ``kind``."""
+        free = self.limit - len(self._by_id)
+        if kind is not None and kind.name in self.kind_limits:
+            free = min(free, self.kind_limits[kind.name] - self._by_kind[kind.name])
+        return free
 
     def get(self, job_id: int) -> InFlight | None:
         return self._by_id.get(job_id)
 
     def add(self, flight: InFlight) -> None:
         self._by_id[flight.job.id] = flight
+        self._by_kind[flight.kind.name] += 1
         metrics.WORKER_SLOTS.labels("busy").set(len(self._by_id))
 
     def remove(self, flight: InFlight) -> None:
-        self._by_id.pop(flight.job.id, None)
+        if self._by_id.pop(flight.job.id, None) is not None:
+            self._by_kind[flight.kind.name] -= 1
         metrics.WORKER_SLOTS.labels("busy").set(len(self._by_id))

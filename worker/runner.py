@@ -6,7 +6,7 @@
 - completer.py  stores outcomes: results batched into complete_jobs, failures one by one
 - shutdown.py   stops claiming, waits out the grace period, hands the rest back
 - status.py     what /worker/status shows
-- flight.py     the jobs in flight, shared by all of them
+- flight.py     the jobs in flight, shared by all of them, bounded in all and per kind
 
 The job kinds (worker/kinds/) plug in: they turn a job's input into a result and know nothing
 of claims, leases or outcomes."""
@@ -14,7 +14,7 @@ of claims, leases or outcomes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -41,9 +41,10 @@ class Runner:
         lease_timeout: timedelta,
         poll_interval: timedelta,
         heartbeat_interval: timedelta | None = None,
+        kind_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.worker_id = worker_id
-        self.flights = Flights(claim_limit)
+        self.flights = Flights(claim_limit, kind_limits)
         self._hurry = asyncio.Event()
         self.leases = LeaseKeeper(store, worker_id=worker_id, lease_timeout=lease_timeout, interval=heartbeat_interval)
         self.completer = Completer(

@@ -164,12 +164,16 @@ class LLMKind:
         detail = body.get("message") if isinstance(body, dict) else None
         if not isinstance(detail, str):
             detail = body if isinstance(body, str) else exc.message
+        # The body's type says more than its status about a refused key: a LiteLLM proxy without a
+        # database answers an unknown key with HTTP 400 and type no_db_connection.
+        error_type = exc.type if isinstance(exc.type, str) else None
         return failure.for_status(
             exc.status_code,
             self._text(detail),
             exc.response.headers,
             provider=self._where,
             context_code=exc.code,
+            error_type=error_type,
         )
 
     def _text(self, value: object) -> str:
