@@ -276,15 +276,16 @@ async def test_a_paused_owner_and_a_capped_task_type_bound_a_claim(conn: Conn) -
 
 
 READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = 'aiservice.jobs'::regclass)
+SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
+     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
 """
 
 
-async def rows_read(conn: Conn) -> int:
+async def rows_read(conn: Conn, table: str = "aiservice.jobs") -> int:
+    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
     await conn.execute("SELECT pg_stat_force_next_flush()")
     await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS))
+    return int(await conn.fetchval(READS, table))
 
 
 FILL = """

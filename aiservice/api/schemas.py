@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aiservice.jobs import (
     JOB_CREATES,
+    BatchRef,
     Category,
     ClaimedJob,
     Delivery,
@@ -47,6 +48,9 @@ class JobDefaults(Strict):
 
 class BatchJob(JobDefaults):
     idempotency_key: Ref | None = None
+    depends_on: list[JobId | BatchRef] | None = Field(
+        default=None, max_length=100, description='job ids, or "$N" for the N-th job (0-based) of this batch'
+    )
 
 
 class BatchCreate(Strict):

@@ -18,6 +18,7 @@ from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
 from worker import failure
 from worker.failure import JobFailure
+from worker.placeholders import fill_messages
 
 TASK_TYPES = ("llm_chat", "chat_completion", "call_analysis")
 # Models often fence JSON in Markdown even when asked for JSON; one surrounding fence is tolerated.
@@ -97,6 +98,8 @@ class LLMKind:
 
     async def run(self, job: Job) -> dict[str, Any]:
         chat = parse_input(job)
+        dependencies = getattr(job, "dependencies", None)  # a claimed job of a pipeline
+        messages = fill_messages(chat.chat_messages(), [d.model_dump(mode="json") for d in dependencies or ()])
         started = time.monotonic()
         outcome = "error"
         try:
@@ -104,7 +107,7 @@ class LLMKind:
             async with asyncio.timeout(self._timeout):
                 completion = await self._client.chat.completions.create(
                     model=self.model,
-                    messages=cast(list[ChatCompletionMessageParam], chat.chat_messages()),
+                    messages=cast(list[ChatCompletionMessageParam], messages),
                     **chat.options(),
                 )
         except (openai.APITimeoutError, TimeoutError) as exc:

@@ -1,0 +1,238 @@
+"""Pipelines: jobs that wait for other jobs and use their results.
+
+Real PostgreSQL; the built-in workers against the stub WhisperX and OpenAI-compatible servers,
+speaking real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+import stubs
+from conftest import ClientFactory
+from stubs import OpenAIStub, WorkerFactory, wait_for_status
+from test_limits import rows_read
+from test_sql_api import claim, create, create_jobs
+
+from aiservice.db.jobs import JobStore
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+API = "/api/v1"
+LEASE = timedelta(minutes=5)
+
+openai_stub = stubs.openai_stub
+asr_stub = stubs.asr_stub
+worker_factory = stubs.worker_factory
+
+AUDIO = base64.b64encode(b"call audio").decode()
+
+
+def transcribe(owner_ref: str = "call/1") -> dict[str, Any]:
+    return {"owner_ref": owner_ref, "task_type": "transcribe", "model_profile": "whisperx",
+            "input": {"audio_base64": AUDIO, "language": "en"}}  # fmt: skip
+
+
+def analyse(prompt: str, *depends_on: int | str) -> dict[str, Any]:
+    return {"owner_ref": "call/1", "task_type": "call_analysis", "model_profile": "qwen2.5-14b",
+            "input": {"system": "Classify the call.", "user": prompt}, "depends_on": list(depends_on)}  # fmt: skip
+
+
+async def sql_jobs(conn: Conn, jobs: list[dict[str, Any]]) -> list[asyncpg.Record]:
+    return await create_jobs(conn, jobs, {"owner_service": "telephony", "task_type": "t", "model_profile": "m"})
+
+
+async def complete(conn: Conn, job_id: int, result: dict[str, Any]) -> None:
+    await conn.execute("SELECT FROM aiservice.complete_job($1, 'w1', $2)", job_id, result)
+
+
+async def fail(conn: Conn, job_id: int) -> None:
+    await conn.execute("SELECT FROM aiservice.fail_job($1, 'w1', 'invalid_input', 'bad', false)", job_id)
+
+
+async def status(conn: Conn, job_id: int) -> tuple[str, bool, str | None, str | None]:
+    row = await conn.fetchrow(
+        "SELECT status::text, blocked, error_category, error_message FROM aiservice.jobs WHERE id = $1", job_id
+    )
+    assert row is not None
+    return row["status"], row["blocked"], row["error_category"], row["error_message"]
+
+
+async def test_a_dependent_waits_and_its_claim_carries_the_results(conn: Conn) -> None:
+    first, second = await sql_jobs(conn, [{"owner_ref": "a"}, {"owner_ref": "b", "depends_on": ["$0"]}])
+    assert (first["blocked"], second["blocked"], second["status"]) == (False, True, "pending")
+    (claimed,) = await claim(conn, limit=10)
+    assert claimed["id"] == first["id"]
+    await complete(conn, first["id"], {"text": "transcript"})
+    (rows,) = [await conn.fetch("SELECT (r.job).id, r.dependencies FROM aiservice.claim_jobs_v2('w1', 10) r")]
+    assert [r["id"] for r in rows] == [second["id"]]
+    assert rows[0]["dependencies"] == [
+        {
+            "id": first["id"],
+            "task_type": "t",
+            "model_profile": "m",
+            "status": "completed",
+            "result": {"text": "transcript"},
+        }
+    ]
+
+
+async def test_failure_cascades_down_the_pipeline(conn: Conn) -> None:
+    a, b, c = await sql_jobs(conn, [{"owner_ref": "a"}, {"owner_ref": "b", "depends_on": ["$0"]},
+                                    {"owner_ref": "c", "depends_on": ["$1"]}])  # fmt: skip
+    await claim(conn)
+    await fail(conn, a["id"])
+    assert await claim(conn, limit=10) == []  # resolves: b fails, then c
+    await conn.execute("SELECT aiservice.maintain()")
+    assert await status(conn, b["id"]) == ("failed", False, "dependency_failed", f"dependency {a['id']} is failed")
+    assert await status(conn, c["id"]) == ("failed", False, "dependency_failed", f"dependency {b['id']} is failed")
+
+    # Retrying the whole pipeline runs it again: the dependents wait for the retried dependency.
+    await conn.fetch("SELECT * FROM aiservice.retry_jobs(p_ids => $1)", [a["id"], b["id"], c["id"]])
+    assert [(await status(conn, j["id"]))[:2] for j in (a, b, c)] == [("pending", False), ("pending", True),
+                                                                        ("pending", True)]  # fmt: skip
+    for job in (a, b, c):
+        (got,) = await claim(conn, limit=10)
+        assert got["id"] == job["id"]
+        await complete(conn, job["id"], {"ok": True})
+
+
+async def test_a_cancelled_dependency_fails_its_dependents(conn: Conn) -> None:
+    a, b = await sql_jobs(conn, [{"owner_ref": "a"}, {"owner_ref": "b", "depends_on": ["$0"]}])
+    await conn.execute("SELECT FROM aiservice.cancel_job($1)", a["id"])
+    await conn.execute("SELECT aiservice.maintain()")
+    assert await status(conn, b["id"]) == ("failed", False, "dependency_failed", f"dependency {a['id']} is cancelled")
+
+
+async def test_a_job_may_depend_on_finished_jobs_made_earlier(conn: Conn) -> None:
+    done = await create(conn)
+    (got,) = await claim(conn, limit=10)
+    await complete(conn, got["id"], {"text": "earlier"})
+    later = await create(conn, depends_on=[done["id"]])
+    assert later["blocked"] is True
+    (claimed,) = await claim(conn, limit=10)  # the claim resolves it first
+    assert claimed["id"] == later["id"]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "reason"),
+    [
+        ([{"owner_ref": "a", "depends_on": ["$0"]}], "cannot depend on itself"),
+        ([{"owner_ref": "a", "depends_on": ["$1"]}, {"owner_ref": "b", "depends_on": ["$0"]}], "forms a cycle"),
+        (
+            [
+                {"owner_ref": "a", "depends_on": ["$1"]},
+                {"owner_ref": "b", "depends_on": ["$2"]},
+                {"owner_ref": "c", "depends_on": ["$0"]},
+            ],
+            "forms a cycle",
+        ),
+        ([{"owner_ref": "a", "depends_on": ["$5"]}], "expected a job id"),
+        ([{"owner_ref": "a", "depends_on": [987654321]}], "do not exist"),
+        ([{"owner_ref": "a", "depends_on": "$0"}], "must be a list"),
+        ([{"owner_ref": "a", "depends_on": [1.5]}], "expected a job id"),
+    ],
+)
+async def test_bad_dependencies_are_refused(conn: Conn, jobs: list[dict[str, Any]], reason: str) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await sql_jobs(conn, jobs)
+    assert refused.value.sqlstate == "AS422" and reason in str(refused.value)
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 0
+
+
+async def test_bad_dependencies_over_http(api_factory: ClientFactory) -> None:
+    api = await api_factory()
+    body = {"owner_service": "t", "owner_ref": "r", "task_type": "t", "model_profile": "m"}
+    for depends_on in (["$0"], [987654321], [0], "x"):
+        response = await api.post(f"{API}/jobs", json=body | {"depends_on": depends_on})
+        assert response.status == 422, (depends_on, await response.text())
+    cycle = {"defaults": body, "jobs": [{"depends_on": ["$1"]}, {"depends_on": ["$0"]}]}
+    response = await api.post(f"{API}/jobs/batch", json=cycle)
+    assert response.status == 422 and "cycle" in (await response.json())["error"]["message"]
+
+
+async def test_blocked_jobs_are_never_claimed_by_concurrent_claimers(conn: Conn, database_url: str) -> None:
+    first, *rest = await sql_jobs(
+        conn, [{"owner_ref": "a"}, *({"owner_ref": f"b{i}", "depends_on": ["$0"]} for i in range(20))]
+    )
+    blocked = {r["id"] for r in rest}
+    claimed: list[int] = []
+
+    async def claimer(n: int) -> None:
+        c = await asyncpg.connect(database_url)
+        try:
+            for _ in range(20):
+                claimed.extend(r["id"] for r in await c.fetch("SELECT id FROM aiservice.claim_jobs($1, 5)", f"w{n}"))
+                await asyncio.sleep(0.01)
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(claimer(n) for n in range(8)))
+    assert claimed == [first["id"]]
+    assert not blocked & set(claimed)
+
+
+async def test_completing_a_job_with_a_thousand_dependents_reads_a_handful_of_rows(conn: Conn) -> None:
+    root = await create(conn)
+    await sql_jobs(conn, [{"owner_ref": f"d{i}", "depends_on": [root["id"]]} for i in range(1000)])
+    (got,) = await claim(conn, limit=1)
+    assert got["id"] == root["id"]
+    await conn.execute("ANALYZE aiservice.jobs")
+    await conn.execute("ANALYZE aiservice.job_dependencies")
+    before = await rows_read(conn, "aiservice.jobs") + await rows_read(conn, "aiservice.job_dependencies")
+    await complete(conn, root["id"], {"ok": True})
+    after = await rows_read(conn, "aiservice.jobs") + await rows_read(conn, "aiservice.job_dependencies")
+    assert after - before < 20, after - before
+    # The dependents are resolved later, in a claim or maintain(), in steps.
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE blocked") == 1000
+    await conn.execute("SELECT aiservice.maintain()")
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE blocked") == 0
+
+
+async def test_transcribe_then_analyse_in_one_batch_request(
+    store: JobStore, api_factory: ClientFactory, worker_factory: WorkerFactory, openai_stub: OpenAIStub
+) -> None:
+    api = await api_factory()
+    await worker_factory()
+    prompt = "Transcript: {{dependencies.0.result.text}} (\\{{kept}})"
+    body = {"defaults": {"owner_service": "telephony"}, "jobs": [transcribe(), analyse(prompt, "$0")]}
+    created = await (await api.post(f"{API}/jobs/batch", json=body)).json()
+    transcription, analysis = created["jobs"]
+    assert analysis["blocked"] is True
+
+    done = await wait_for_status(store, analysis["id"], "completed", within=20)
+    assert done.result is not None
+    assert done.result["content"] == "echo: Transcript: Hello there. General Kenobi. ({{kept}})"
+    assert (await store.get_job(transcription["id"])).status == "completed"
+    assert (await store.get_batch(created["batch_id"])).status == "finished"
+
+
+async def test_one_analysis_over_three_transcriptions(
+    store: JobStore, api_factory: ClientFactory, worker_factory: WorkerFactory, openai_stub: OpenAIStub
+) -> None:
+    api = await api_factory()
+    await worker_factory()
+    prompt = "{{dependencies.0.result.language}}|{{dependencies.1.id}}|{{dependencies.2.result.segments.1.text}}"
+    jobs = [transcribe("c/1"), transcribe("c/2"), transcribe("c/3"), analyse(prompt, "$0", "$1", "$2")]
+    body = {"defaults": {"owner_service": "telephony"}, "jobs": jobs}
+    created = await (await api.post(f"{API}/jobs/batch", json=body)).json()
+    ids = [j["id"] for j in created["jobs"]]
+    done = await wait_for_status(store, ids[3], "completed", within=20)
+    assert done.result is not None
+    assert done.result["content"] == f"echo: en|{ids[1]}|General Kenobi."
+
+
+async def test_a_placeholder_that_does_not_resolve_fails_the_job(
+    store: JobStore, api_factory: ClientFactory, worker_factory: WorkerFactory, openai_stub: OpenAIStub
+) -> None:
+    api = await api_factory()
+    await worker_factory()
+    body = {"defaults": {"owner_service": "telephony"},
+            "jobs": [transcribe(), analyse("{{dependencies.0.result.summary}}", "$0")]}  # fmt: skip
+    created = await (await api.post(f"{API}/jobs/batch", json=body)).json()
+    failed = await wait_for_status(store, created["jobs"][1]["id"], "failed", within=20)
+    assert failed.error_category == "invalid_input"
+    assert failed.error_message is not None and "{{dependencies.0.result.summary}}" in failed.error_message
