@@ -111,7 +111,10 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pool = await create_pool(
-        settings.require_database(), max_size=settings.db_pool_max_size, application_name="aiservice-api"
+        settings.require_database(),
+        max_size=settings.db_pool_max_size,
+        application_name="aiservice-api",
+        pgbouncer=settings.database_pgbouncer,
     )
     try:
         if settings.migrate_on_start:
