@@ -150,6 +150,10 @@ class Settings:
     # Webhooks: a delivery is retried with backoff until this long after its event, then failed.
     webhook_max_age: timedelta = timedelta(hours=24)
     webhook_timeout: timedelta = timedelta(seconds=10)
+    # Behind pgbouncer in transaction pooling mode: LISTEN needs a session of its own (a direct DSN,
+    # or a session-mode pool), and pooled connections must not keep named prepared statements.
+    database_listen_url: str | None = field(default=None, repr=False)
+    database_pgbouncer: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +174,19 @@ class Settings:
         if not self.database_url:
             raise SettingsError("DATABASE_URL is required (for example postgresql://user:password@host:5432/db)")
         return self.database_url
+
+    def require_listen_database(self) -> str:
+        """The DSN for LISTEN: DATABASE_LISTEN_URL, else DATABASE_URL. A transaction-mode pgbouncer
+        hands each transaction to whichever server connection is free, so a LISTEN through it
+        would hear nothing: behind one the session DSN must be given."""
+        if self.database_listen_url:
+            return self.database_listen_url
+        if self.database_pgbouncer:
+            raise SettingsError(
+                "DATABASE_LISTEN_URL is required with DATABASE_PGBOUNCER=true: LISTEN needs a session, "
+                "so point it at PostgreSQL itself (or a session-mode pool)"
+            )
+        return self.require_database()
 
     def public(self) -> dict[str, object]:
         """The effective settings with every secret masked, safe to print or serve."""
@@ -196,7 +213,7 @@ _ENV_NAMES = {
     "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
 }
 _SECRETS = {"service_token", "llm_api_key", "infra_sidecar_token"}
-_URLS = {"database_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
+_URLS = {"database_url", "database_listen_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
 _POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency"}
 _PORTS = {"http_port", "worker_http_port"}

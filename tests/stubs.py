@@ -276,9 +276,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_worker_process(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """`python -m aiservice.cli worker` as a real process, its output going to ``log``."""
+    return start_cli_process("worker", environment, log)
+
+
+def start_cli_process(command: str, environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m aiservice.cli COMMAND` (worker, serve) as a real process, its output going to ``log``."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "aiservice.cli", "worker"],
+            [sys.executable, "-m", "aiservice.cli", command],
             cwd=ROOT,
             env=environment,
             stdout=out,

@@ -87,6 +87,20 @@ def test_database_url_is_required_when_asked() -> None:
         Settings.from_env({}).require_database()
 
 
+def test_listen_dsn_defaults_to_database_url_unless_behind_pgbouncer() -> None:
+    direct = "postgresql://app:dbpass@db:5432/ai"
+    pooled = "postgresql://app:dbpass@pgbouncer:6432/ai"
+    assert Settings.from_env({"DATABASE_URL": direct}).require_listen_database() == direct
+    behind = {"DATABASE_URL": pooled, "DATABASE_PGBOUNCER": "true"}
+    with pytest.raises(SettingsError, match="DATABASE_LISTEN_URL is required with DATABASE_PGBOUNCER"):
+        Settings.from_env(behind).require_listen_database()
+    s = Settings.from_env(behind | {"DATABASE_LISTEN_URL": direct})
+    assert (s.database_pgbouncer, s.require_listen_database(), s.require_database()) == (True, direct, pooled)
+    assert s.public()["DATABASE_LISTEN_URL"] == "postgresql://app:***@db:5432/ai"
+    with pytest.raises(SettingsError, match=r"^DATABASE_PGBOUNCER: "):
+        Settings.from_env({"DATABASE_PGBOUNCER": "transaction"})
+
+
 def test_public_view_masks_secrets() -> None:
     s = Settings.from_env(
         {

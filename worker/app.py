@@ -64,6 +64,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.dsn = settings.require_database()
+        self.listen_dsn = settings.require_listen_database()
         self.kinds = list(build_kinds(settings) if kinds is None else kinds)
         if not self.kinds:
             raise SettingsError("no built-in worker is configured: set LLM_BASE_URL and/or WHISPERX_URL")
@@ -94,7 +95,10 @@ class Worker:
     async def start(self) -> None:
         settings = self.settings
         self._pool = await create_pool(
-            self.dsn, max_size=settings.db_pool_max_size, application_name=_app_name("aiservice-worker", settings)
+            self.dsn,
+            max_size=settings.db_pool_max_size,
+            application_name=_app_name("aiservice-worker", settings),
+            pgbouncer=settings.database_pgbouncer,
         )
         try:
             if settings.migrate_on_start:
@@ -111,7 +115,7 @@ class Worker:
                 kind_limits=kind_limits(settings),
             )
             self._listener = Listener(
-                self.dsn,
+                self.listen_dsn,
                 self._runner.on_event,
                 self._runner.wake,
                 application_name=_app_name("aiservice-listener", settings),

@@ -65,6 +65,9 @@ def parse_event(payload: dict[str, Any]) -> Event | None:
 
 
 class Listener:
+    """LISTEN on ``dsn``, which must give a session of its own (DATABASE_LISTEN_URL behind a
+    transaction-mode pgbouncer: PostgreSQL itself, or a session-mode pool)."""
+
     def __init__(
         self,
         dsn: str,

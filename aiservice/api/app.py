@@ -114,7 +114,10 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pool = await create_pool(
-        settings.require_database(), max_size=settings.db_pool_max_size, application_name="aiservice-api"
+        settings.require_database(),
+        max_size=settings.db_pool_max_size,
+        application_name="aiservice-api",
+        pgbouncer=settings.database_pgbouncer,
     )
     try:
         if settings.migrate_on_start:
@@ -130,7 +133,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
     """Result delivery: waiters woken by aiservice_finished, and the webhook sender."""
     sender = Sender(app[STORE], app[SETTINGS])
-    app[WAITERS] = Waiters(app[STORE], app[SETTINGS].require_database(), on_finished=sender.wake)
+    app[WAITERS] = Waiters(app[STORE], app[SETTINGS].require_listen_database(), on_finished=sender.wake)
     tasks = [
         asyncio.create_task(app[WAITERS].run(), name="aiservice-waiters"),
         asyncio.create_task(sender.run(), name="aiservice-webhooks"),

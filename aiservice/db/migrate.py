@@ -3,7 +3,9 @@
 schema/migrations/NNNN_*.sql  tables, indexes, types and data; applied once, in order, never edited.
 schema/functions/*.sql        the current definition of every function and trigger (CREATE OR REPLACE),
                               re-applied whenever one of them changed or a migration ran.
-Everything is checked with pglast before anything is applied, under an advisory lock."""
+Everything is checked with pglast before anything is applied, in one transaction under an advisory lock.
+(So a migration cannot use an enum value that an earlier one in the same run added: PostgreSQL allows
+a new value only once ALTER TYPE … ADD VALUE has committed.)"""
 
 from __future__ import annotations
 
@@ -161,12 +163,15 @@ async def migrate(
     """Apply the migrations not yet in the ledger, then the function files if anything changed;
     returns the names applied.
 
-    Safe to run from several processes at once: they serialize on an advisory lock."""
+    Everything runs in one transaction, so the pending migrations are applied all or none. Safe
+    to run from several processes at once, directly or through a transaction-mode pgbouncer: they
+    serialize on an advisory lock held for that transaction (a session-level lock would be taken
+    and released on whichever server connections pgbouncer picked)."""
     todo = load_migrations() if migrations is None else migrations
     definitions = load_functions() if functions is None else functions
     check(todo, definitions)
-    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         await conn.execute(
             """
             CREATE SCHEMA IF NOT EXISTS aiservice;
@@ -189,29 +194,23 @@ async def migrate(
                         f"{migration.name} changed after it was applied; migrations are append-only: add a new file"
                     )
                 continue
-            async with conn.transaction():
-                await _apply(conn, migration)
-                await conn.execute(
-                    "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)",
-                    migration.name,
-                    migration.checksum,
-                )
+            await _apply(conn, migration)
+            await conn.execute(
+                "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)", migration.name, migration.checksum
+            )
             applied.append(migration.name)
         current = {d.name: d.checksum for d in definitions}
         if applied or current != {n: c for n, c in ledger.items() if n.startswith("functions/")}:
-            # All of them, in one transaction: a migration may have dropped what an unchanged file defines.
-            async with conn.transaction():
-                await conn.execute("SET LOCAL check_function_bodies = off")  # files may refer to each other
-                for definition in definitions:
-                    await _apply(conn, definition)
-                await conn.execute("DELETE FROM aiservice.migrations WHERE name LIKE 'functions/%'")
-                await conn.executemany(
-                    "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)", list(current.items())
-                )
+            # All of them: a migration may have dropped what an unchanged file defines.
+            await conn.execute("SET LOCAL check_function_bodies = off")  # files may refer to each other
+            for definition in definitions:
+                await _apply(conn, definition)
+            await conn.execute("DELETE FROM aiservice.migrations WHERE name LIKE 'functions/%'")
+            await conn.executemany(
+                "INSERT INTO aiservice.migrations (name, checksum) VALUES ($1, $2)", list(current.items())
+            )
             applied += [d.name for d in definitions if ledger.get(d.name) != d.checksum]
-        return applied
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+    return applied
 
 
 def pg_dump_path() -> str:
