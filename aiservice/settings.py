@@ -156,9 +156,13 @@ class Settings:
     database_pgbouncer: bool = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, defaults: Mapping[str, object] | None = None
+    ) -> Settings:
+        """Read every variable; ``defaults`` (by field name) replace the class defaults where a variable
+        is unset, so a command can have its own (`aiservice dev` listens on 127.0.0.1)."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, object] = dict(defaults or {})
         for f in fields(cls):
             name = _ENV_NAMES.get(f.name, f.name.upper())
             raw = env.get(name)
@@ -259,3 +263,8 @@ def _convert(name: str, raw: str) -> object:
         if not parts.scheme or not (parts.netloc or parts.query):
             raise ValueError("is not a URL")
     return raw
+
+
+def variable_name(field_name: str) -> str:
+    """The environment variable that sets a Settings field."""
+    return _ENV_NAMES.get(field_name, field_name.upper())
