@@ -112,7 +112,7 @@ async def make_target(api: Client, store: JobStore, job_factory: JobFactory) -> 
     created = await job_factory(task_type="bad_input")
     (job,) = await store.claim_jobs("w1", 1, lease_timeout=timedelta(minutes=10), task_types=["bad_input"])
     assert job.id == created.id
-    return Target(api, store, job)
+    return Target(api, store, await store.get_job(job.id))  # as GET shows it (a claim adds dependencies)
 
 
 @pytest.fixture
