@@ -32,6 +32,7 @@ async def test_the_wheel_ships_the_sql_and_migrates_from_it(tmp_path: Path, empt
         str(p.parent.relative_to(ROOT)) for top in ("aiservice", "worker") for p in (ROOT / top).rglob("__init__.py")
     }
     assert {f"{p}/__init__.py" for p in packages} <= names, "add the missing package to pyproject.toml"
+    assert "aiservice/py.typed" in names, "the client's types reach users only with py.typed (PEP 561)"
 
     site = tmp_path / "site"
     await asyncio.to_thread(
