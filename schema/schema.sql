@@ -1725,7 +1725,7 @@ $$;
 -- Name: record_delivery(bigint, integer, text, interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.record_delivery(p_id bigint, p_status integer, p_error text DEFAULT NULL::text, p_max_age interval DEFAULT '24:00:00'::interval) RETURNS text
+CREATE FUNCTION aiservice.record_delivery(p_id bigint, p_status integer DEFAULT NULL::integer, p_error text DEFAULT NULL::text, p_max_age interval DEFAULT '24:00:00'::interval) RETURNS text
     LANGUAGE plpgsql
     AS $$
 DECLARE

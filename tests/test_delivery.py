@@ -352,3 +352,23 @@ async def test_webhook_bad_input_and_rotation(api_factory: ClientFactory, receiv
     assert rotated["secret"] not in (None, first["secret"])
     assert (await api.delete(f"{API}/webhooks/telephony")).status == 204
     assert (await api.delete(f"{API}/webhooks/telephony")).status == 404
+
+
+async def test_a_receiver_that_cannot_be_reached_is_recorded_and_retried_later(
+    store: JobStore, job_factory: JobFactory, api_factory: ClientFactory, receiver: Receiver
+) -> None:
+    api = await api_factory()
+    port = receiver.port
+    await register(api, receiver, events=["job.finished"])
+    await receiver.close()  # nothing listens there any more
+    job = await job_factory()
+    await finish(store, job.id)
+
+    async def recorded() -> bool:
+        found = await (await api.get(f"{API}/webhooks/telephony/deliveries")).json()
+        return bool(found["deliveries"]) and found["deliveries"][0]["last_error"] is not None
+
+    await wait_for(recorded, what="the failed attempt to be recorded")
+    (delivery,) = (await (await api.get(f"{API}/webhooks/telephony/deliveries")).json())["deliveries"]
+    assert (delivery["status"], delivery["last_status"], delivery["attempts"]) == ("pending", None, 1)
+    assert str(port) in delivery["last_error"] or "Connect" in delivery["last_error"]

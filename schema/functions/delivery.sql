@@ -254,7 +254,7 @@ $$;
 -- again after a backoff (5 s doubling, at most 1 h, +/-25 % jitter) until p_max_age has passed
 -- since the event, then fails.
 CREATE OR REPLACE FUNCTION aiservice.record_delivery(
-    p_id bigint, p_status integer, p_error text DEFAULT NULL, p_max_age interval DEFAULT interval '24 hours'
+    p_id bigint, p_status integer DEFAULT NULL, p_error text DEFAULT NULL, p_max_age interval DEFAULT interval '24 hours'
 )
 RETURNS text
 LANGUAGE plpgsql
