@@ -32,6 +32,9 @@ async def test_the_wheel_ships_the_sql_and_migrates_from_it(tmp_path: Path, empt
         str(p.parent.relative_to(ROOT)) for top in ("aiservice", "worker") for p in (ROOT / top).rglob("__init__.py")
     }
     assert {f"{p}/__init__.py" for p in packages} <= names, "add the missing package to pyproject.toml"
+    static = [p for p in (ROOT / "aiservice" / "console").iterdir() if p.suffix in (".html", ".css", ".js")]
+    console = {f"aiservice/console/{p.name}" for p in static}
+    assert console and console <= names, "add the console's files to package-data"
 
     site = tmp_path / "site"
     await asyncio.to_thread(
