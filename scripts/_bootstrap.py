@@ -32,3 +32,42 @@ def ensure_venv(extras: str = "") -> Path:
     subprocess.run([*pip, "-e", target], check=True, cwd=ROOT)
     stamp.write_text(digest)
     return BIN
+
+
+# Real components the tests drive (tests/test_pgbouncer.py, tests/test_console.py), from Debian's packages.
+DEBIAN_PACKAGES = {"pgbouncer": ("pgbouncer", "/usr/sbin/pgbouncer"), "chromium": ("chromium", "/usr/bin/chromium")}
+
+
+def ensure_debian_packages() -> None:
+    """Install the missing ones with apt-get where this user may (root, or sudo without a password)."""
+    import shutil
+
+    missing = [
+        pkg for pkg, (cmd, path) in DEBIAN_PACKAGES.items() if not (shutil.which(cmd) or os.access(path, os.X_OK))
+    ]
+    if not missing:
+        return
+    if os.geteuid() == 0:
+        prefix: list[str] = []
+    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        prefix = ["sudo", "-n"]
+    else:
+        print(
+            f"note: missing {', '.join(missing)}: their tests fail; install with: apt-get install {' '.join(missing)}"
+        )
+        return
+    if not shutil.which("apt-get"):
+        print(f"note: missing {', '.join(missing)} and no apt-get here: install them with the system's packages")
+        return
+    print(f"installing {', '.join(missing)} from the Debian packages (first run only)", flush=True)
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "env": env}
+    if (
+        subprocess.run([*prefix, "apt-get", "update", "-qq"], **quiet).returncode != 0
+        or subprocess.run(  # type: ignore[call-overload]
+            [*prefix, "apt-get", "install", "-y", "-qq", *missing],
+            **quiet,  # type: ignore[call-overload]
+        ).returncode
+        != 0
+    ):
+        print(f"note: could not install {', '.join(missing)} with apt-get: their tests fail")

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from aiservice import console
 from aiservice.api.app import create_app
 from aiservice.api.handlers import ROUTES
 from aiservice.api.openapi import openapi_document
@@ -34,7 +35,8 @@ def registered_routes(app: web.Application) -> set[tuple[str, str]]:
         info = route.resource.get_info()
         path = info.get("path") or info.get("formatter")
         assert isinstance(path, str), info
-        if path not in (OPENAPI_PATH, "/metrics"):  # the document itself; Prometheus text, not JSON
+        # The document itself; Prometheus text, not JSON; the console's HTML, CSS and JavaScript.
+        if path not in (OPENAPI_PATH, "/metrics", *console.PATHS):
             found.add((route.method.lower(), path))
     return found
 

@@ -33,6 +33,9 @@ async def test_the_wheel_ships_the_sql_and_migrates_from_it(tmp_path: Path, empt
     }
     assert {f"{p}/__init__.py" for p in packages} <= names, "add the missing package to pyproject.toml"
     assert "aiservice/py.typed" in names, "the client's types reach users only with py.typed (PEP 561)"
+    static = [p for p in (ROOT / "aiservice" / "console").iterdir() if p.suffix in (".html", ".css", ".js")]
+    console = {f"aiservice/console/{p.name}" for p in static}
+    assert console and console <= names, "add the console's files to package-data"
 
     site = tmp_path / "site"
     await asyncio.to_thread(

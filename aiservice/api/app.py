@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_async.aio.web import server_stats
 
-from aiservice import errors, metrics
+from aiservice import console, errors, metrics
 from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, WAITERS, Handler, reply
 from aiservice.api.openapi import openapi_document
 from aiservice.api.schemas import ErrorBody
@@ -30,7 +30,8 @@ from aiservice.webhooks import Sender
 log = logging.getLogger(__name__)
 
 # /metrics is open like the probes: it holds aggregate counts with bounded labels, no job data.
-PUBLIC_PATHS = frozenset([*(r.path for r in ROUTES if r.public), "/metrics"])
+# The console's files are open too: they hold no data, and the page asks for the token itself.
+PUBLIC_PATHS = frozenset([*(r.path for r in ROUTES if r.public), "/metrics", *console.PATHS])
 
 
 @web.middleware
@@ -100,6 +101,7 @@ def create_app(settings: Settings, store: JobStore | None = None) -> web.Applica
         app.router.add_route(route.method, route.path, route.handler)
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/metrics", server_stats)
+    console.add_routes(app.router, token_required=bool(settings.service_token))
     app[PROVIDERS] = ProviderStatus(settings)
     app[INFRA] = InfraStatus(settings)
     if store is not None:

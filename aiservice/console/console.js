@@ -1,0 +1,903 @@
+// aiservice operator console: plain JavaScript, no build step, no library.
+// Every value from the API reaches the page as a text node or an attribute (never as HTML).
+"use strict";
+
+const API = "/api/v1";
+const TOKEN_KEY = "aiservice.token";
+const REFRESH_MS = 5000;
+const STATUSES = ["pending", "running", "completed", "failed", "cancelled"];
+const STATUS_ICON = { pending: "◷", running: "▶", completed: "✓", failed: "✗", cancelled: "⊘" };
+const FILTER_FIELDS = ["owner_service", "owner_ref", "task_type", "model_profile"];
+const SVG = "http://www.w3.org/2000/svg";
+
+const state = { tokenRequired: false, timer: null, renderId: 0 };
+
+// ---- DOM helpers -------------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "on") {
+      for (const [event, fn] of Object.entries(value)) el.addEventListener(event, fn);
+    } else if (key === "class") {
+      el.className = value;
+    } else if (key === "dataset") {
+      Object.assign(el.dataset, value);
+    } else {
+      el.setAttribute(key, value === true ? "" : String(value));
+    }
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function svg(tag, attrs, text) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs || {})) el.setAttribute(key, String(value));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+function statusBadge(status) {
+  return h("span", { class: `status status-${status}`, "data-status": status }, `${STATUS_ICON[status] || "•"} ${status}`);
+}
+
+function dash(value) {
+  return value === null || value === undefined || value === "" ? "—" : String(value);
+}
+
+function when(iso) {
+  if (!iso) return "—";
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  const s = Math.max(0, Number(seconds));
+  if (s < 1) return `${Math.round(s * 1000)} ms`;
+  if (s < 90) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
+function between(from, to) {
+  if (!from || !to) return null;
+  return (new Date(to).getTime() - new Date(from).getTime()) / 1000;
+}
+
+function table(columns, rows, options) {
+  // columns: [{label, num?}], rows: arrays of cells (string or Node); stacks into cards on a phone.
+  const opts = options || {};
+  if (!rows.length) return h("p", { class: "muted" }, opts.empty || "Nothing here.");
+  const head = h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null, scope: "col" }, c.label)));
+  const body = rows.map((cells) =>
+    h(
+      "tr",
+      {},
+      cells.map((cell, i) => h("td", { class: columns[i].num ? "num" : "wrap", "data-label": columns[i].label }, cell)),
+    ),
+  );
+  return h("div", { class: "scroll" }, h("table", { class: "stack", "data-testid": opts.testid }, h("thead", {}, head), h("tbody", {}, body)));
+}
+
+function card(title, ...children) {
+  return h("section", { class: "card" }, h("h2", {}, title), ...children);
+}
+
+function flash(message, isError) {
+  const el = document.getElementById("flash");
+  el.textContent = message || "";
+  el.className = isError ? "error" : "";
+}
+
+function confirmAction(text, yesLabel) {
+  const dialog = document.getElementById("confirm");
+  document.getElementById("confirm-text").textContent = text;
+  document.getElementById("confirm-yes").textContent = yesLabel || "Confirm";
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.showModal();
+  });
+}
+
+// ---- the API -----------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const init = { method, headers };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(API + path, init);
+  } catch (exc) {
+    throw new ApiError(0, "network", `The API did not answer (${exc.message}).`);
+  }
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => null);
+  if (response.ok) return data;
+  const error = (data && data.error) || {};
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("The token was refused. Enter the service token again.");
+  }
+  throw new ApiError(response.status, error.code || "http_error", error.message || `HTTP ${response.status}`);
+}
+
+function qs(params) {
+  const search = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    for (const v of [].concat(value)) if (v !== undefined && v !== null && v !== "") search.append(key, v);
+  }
+  const text = search.toString();
+  return text ? `?${text}` : "";
+}
+
+// ---- routing -----------------------------------------------------------------------------------
+
+function route() {
+  const raw = location.hash.replace(/^#\/?/, "");
+  const [path, query] = raw.split("?");
+  const parts = path.split("/").filter(Boolean);
+  return { parts, params: new URLSearchParams(query || "") };
+}
+
+const VIEWS = {
+  overview: renderOverview,
+  jobs: (r) => (r.parts[1] ? renderJob(r.parts[1]) : renderJobs(r.params)),
+  limits: renderLimits,
+  batches: (r) => (r.parts[1] ? renderBatch(r.parts[1]) : renderBatchForm()),
+  webhooks: renderWebhooks,
+};
+
+async function render() {
+  if (state.timer) clearInterval(state.timer);
+  state.timer = null;
+  const r = route();
+  const name = VIEWS[r.parts[0]] ? r.parts[0] : "overview";
+  for (const link of document.querySelectorAll("nav a")) {
+    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  const id = ++state.renderId;
+  try {
+    const node = await VIEWS[name](r);
+    if (id !== state.renderId || !node) return; // a newer view was asked for meanwhile
+    document.getElementById("view").replaceChildren(node);
+  } catch (exc) {
+    if (id !== state.renderId || exc.status === 401) return;
+    document.getElementById("view").replaceChildren(h("p", { class: "error-text", role: "alert" }, `Could not load: ${exc.message}`));
+  }
+}
+
+function every(ms, fn) {
+  const id = state.renderId;
+  state.timer = setInterval(() => {
+    if (id === state.renderId && !document.hidden) fn();
+  }, ms);
+}
+
+// ---- Overview ----------------------------------------------------------------------------------
+
+function totalsOf(stats) {
+  // Newer servers answer `totals`; otherwise add up by_status (status × task_type × model_profile).
+  const totals = Object.fromEntries(STATUSES.map((s) => [s, 0]));
+  if (stats.totals && typeof stats.totals === "object") {
+    for (const s of STATUSES) totals[s] = Number(stats.totals[s] || 0);
+    return totals;
+  }
+  for (const row of stats.by_status || []) totals[row.status] = (totals[row.status] || 0) + row.count;
+  return totals;
+}
+
+function barChart(bars, caption) {
+  // Horizontal bars with their values written beside them: readable without the colours.
+  const width = 400;
+  const rowHeight = 30;
+  const labelWidth = 200;
+  const height = bars.length * rowHeight + 10;
+  const max = Math.max(1, ...bars.map((b) => b.value));
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": caption });
+  root.append(svg("title", {}, caption));
+  bars.forEach((bar, i) => {
+    const y = i * rowHeight + 6;
+    const w = Math.max(1, ((width - labelWidth - 50) * bar.value) / max);
+    root.append(svg("text", { x: 0, y: y + 17 }, bar.label));
+    root.append(svg("rect", { x: labelWidth, y, width: w, height: 22, class: `bar-${bar.kind}`, rx: 2 }));
+    root.append(svg("text", { x: labelWidth + w + 6, y: y + 17 }, bar.value.toFixed(2)));
+  });
+  root.append(svg("line", { x1: labelWidth, x2: labelWidth, y1: 0, y2: height, class: "axis" }));
+  return root;
+}
+
+async function renderOverview() {
+  const container = h("div", {});
+  const draw = async () => {
+    const stats = await api("GET", "/stats");
+    container.replaceChildren(overview(stats));
+  };
+  await draw();
+  every(REFRESH_MS, () => draw().catch((exc) => flash(`Refresh failed: ${exc.message}`, true)));
+  return container;
+}
+
+function overview(stats) {
+  const totals = totalsOf(stats);
+  const totalCards = STATUSES.map((s) =>
+    h(
+      "a",
+      { class: `total status-${s}`, href: `#/jobs?status=${s}`, "data-testid": `total-${s}` },
+      statusBadge(s),
+      h("span", { class: "count" }, String(totals[s])),
+    ),
+  );
+
+  const failedLastHour = (stats.errors_last_hour || []).reduce((sum, e) => sum + e.count, 0);
+  const perMinute = stats.completed_per_minute || {};
+  const chart = barChart(
+    [
+      { label: "Completed / min, last 5 min", value: Number(perMinute.last_5m || 0), kind: "completed" },
+      { label: "Completed / min, last 60 min", value: Number(perMinute.last_60m || 0), kind: "completed" },
+      { label: "Failed / min, last 60 min", value: failedLastHour / 60, kind: "failed" },
+    ],
+    "Completed and failed jobs per minute",
+  );
+
+  const categories = new Map();
+  for (const e of stats.errors || []) categories.set(e.error_category, { day: e.count, hour: 0 });
+  for (const e of stats.errors_last_hour || []) {
+    const entry = categories.get(e.error_category) || { day: 0, hour: 0 };
+    entry.hour = e.count;
+    categories.set(e.error_category, entry);
+  }
+
+  return h(
+    "div",
+    {},
+    h("h1", {}, "Overview"),
+    h("div", { class: "totals", "data-testid": "totals" }, totalCards),
+    h(
+      "div",
+      { class: "grid" },
+      card(
+        "Throughput",
+        h("div", { class: "chart", "data-testid": "throughput" }, chart),
+        h(
+          "p",
+          { class: "note" },
+          "/api/v1/stats gives averages, not a per-minute history: completed per minute over the last 5 and 60 " +
+            "minutes, and terminal failures in the last hour (÷ 60 here).",
+        ),
+      ),
+      card(
+        "Errors by category",
+        table(
+          [{ label: "Category" }, { label: "Last hour", num: true }, { label: "Last day", num: true }],
+          [...categories.entries()].map(([c, n]) => [dash(c), String(n.hour), String(n.day)]),
+          { empty: "No terminal failures in the last day.", testid: "errors" },
+        ),
+      ),
+      card(
+        "Oldest pending",
+        h("p", { class: "muted" }, `Overall: ${duration(stats.oldest_pending_age_seconds)}`),
+        table(
+          [{ label: "Task type" }, { label: "Age", num: true }],
+          (stats.oldest_pending || []).map((p) => [p.task_type, duration(p.age_seconds)]),
+          { empty: "No pending jobs.", testid: "oldest-pending" },
+        ),
+      ),
+      card(
+        "Running by worker",
+        table(
+          [{ label: "Worker" }, { label: "Running", num: true }],
+          (stats.running_by_worker || []).map((w) => [w.worker_id, String(w.count)]),
+          { empty: "No running jobs.", testid: "workers" },
+        ),
+      ),
+      card(
+        "Latency (finished in the window)",
+        table(
+          [
+            { label: "Task type" },
+            { label: "Jobs", num: true },
+            { label: "Wait p50", num: true },
+            { label: "Wait p95", num: true },
+            { label: "Run p50", num: true },
+            { label: "Run p95", num: true },
+          ],
+          (stats.latency || []).map((l) => [
+            l.task_type,
+            String(l.count),
+            duration(l.wait_p50_ms / 1000),
+            duration(l.wait_p95_ms / 1000),
+            duration(l.run_p50_ms / 1000),
+            duration(l.run_p95_ms / 1000),
+          ]),
+          { empty: "No jobs finished in the window." },
+        ),
+      ),
+    ),
+    h("p", { class: "note" }, `Updated ${new Date().toLocaleTimeString()}; refreshes every ${REFRESH_MS / 1000} s.`),
+  );
+}
+
+// ---- Jobs --------------------------------------------------------------------------------------
+
+function filterFrom(params) {
+  const filter = {};
+  for (const f of FILTER_FIELDS) if (params.get(f)) filter[f] = params.get(f);
+  const statuses = params.getAll("status").filter((s) => STATUSES.includes(s));
+  if (statuses.length) filter.status = statuses;
+  if (params.get("batch_id")) filter.batch_id = params.get("batch_id");
+  return filter;
+}
+
+function filterForm(filter) {
+  const inputs = FILTER_FIELDS.map((f) =>
+    h("label", {}, f, h("input", { name: f, value: filter[f] || "", autocomplete: "off", "data-testid": `filter-${f}` })),
+  );
+  const batch = h("label", {}, "batch_id", h("input", { name: "batch_id", inputmode: "numeric", value: filter.batch_id || "" }));
+  const statuses = h(
+    "fieldset",
+    {},
+    h("legend", {}, "status"),
+    STATUSES.map((s) =>
+      h(
+        "label",
+        { class: "check" },
+        h("input", { type: "checkbox", name: "status", value: s, checked: (filter.status || []).includes(s) }),
+        `${STATUS_ICON[s]} ${s}`,
+      ),
+    ),
+  );
+  const form = h(
+    "form",
+    { class: "filters", role: "search", "data-testid": "job-filters" },
+    inputs,
+    batch,
+    statuses,
+    h("div", { class: "row-actions" }, h("button", { type: "submit", class: "primary" }, "Apply filter"), h("a", { href: "#/jobs" }, "Clear")),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const data = new FormData(form);
+    const params = {};
+    for (const f of [...FILTER_FIELDS, "batch_id"]) params[f] = String(data.get(f) || "").trim();
+    params.status = data.getAll("status");
+    location.hash = `#/jobs${qs(params)}`;
+  });
+  return form;
+}
+
+function jobRows(jobs) {
+  return jobs.map((j) => [
+    h("a", { href: `#/jobs/${j.id}` }, `#${j.id}`),
+    h("span", {}, statusBadge(j.status), j.blocked ? h("span", { class: "blocked" }, " ⋯ blocked") : null),
+    j.owner_service,
+    j.owner_ref,
+    j.task_type,
+    j.model_profile,
+    `${j.attempts}/${j.max_attempts}`,
+    when(j.created_at),
+  ]);
+}
+
+const JOB_COLUMNS = [
+  { label: "Job" },
+  { label: "Status" },
+  { label: "Owner service" },
+  { label: "Owner ref" },
+  { label: "Task type" },
+  { label: "Model profile" },
+  { label: "Attempts", num: true },
+  { label: "Created" },
+];
+
+async function renderJobs(params) {
+  const filter = filterFrom(params);
+  const cursor = params.get("cursor");
+  const page = await api("GET", `/jobs${qs({ ...filter, cursor, limit: 50 })}`);
+  const hasFilter = Object.keys(filter).length > 0;
+
+  const bulk = async (action) => {
+    const selection = { ...filter };
+    delete selection.batch_id;
+    const what = action === "retry" ? "Retry every failed or running job" : "Cancel every pending or running job";
+    const ok = await confirmAction(`${what} matching this filter? ${JSON.stringify(selection)}`, action === "retry" ? "Retry them" : "Cancel them");
+    if (!ok) return;
+    try {
+      const done = await api("POST", `/jobs/${action}`, selection);
+      flash(`${action === "retry" ? "Retried" : "Cancelled"} ${done.count} job(s).`);
+      render();
+    } catch (exc) {
+      flash(`${action} failed: ${exc.message}`, true);
+    }
+  };
+  const bulkAllowed = hasFilter && !filter.batch_id;
+  const bulkNote = !hasFilter
+    ? "Set a filter to retry or cancel by filter."
+    : filter.batch_id
+      ? "Retry and cancel by filter do not take batch_id: use the batch page, or remove batch_id."
+      : "";
+
+  const next = page.next_cursor ? `#/jobs${qs({ ...filter, cursor: page.next_cursor })}` : null;
+  return h(
+    "div",
+    {},
+    h("h1", {}, "Jobs"),
+    filterForm(filter),
+    h(
+      "div",
+      { class: "actions" },
+      h("button", { type: "button", disabled: !bulkAllowed, on: { click: () => bulk("retry") } }, "↻ Retry matching"),
+      h("button", { type: "button", disabled: !bulkAllowed, on: { click: () => bulk("cancel") } }, "⊘ Cancel matching"),
+      bulkNote ? h("span", { class: "muted" }, bulkNote) : null,
+    ),
+    table(JOB_COLUMNS, jobRows(page.jobs), { empty: "No jobs match.", testid: "jobs" }),
+    h(
+      "div",
+      { class: "actions" },
+      cursor ? h("a", { href: `#/jobs${qs(filter)}` }, "⇤ Newest") : null,
+      next ? h("a", { href: next, "data-testid": "next-page" }, "Older →") : h("span", { class: "muted" }, "End of list."),
+    ),
+  );
+}
+
+async function renderJob(rawId) {
+  if (!/^[0-9]+$/.test(rawId)) throw new Error("a job id is a number");
+  const job = await api("GET", `/jobs/${rawId}`);
+
+  const act = async (action) => {
+    const text = action === "retry" ? `Retry job #${job.id}? It goes back to pending with attempts starting over.` : `Cancel job #${job.id}?`;
+    if (!(await confirmAction(text, action === "retry" ? "Retry" : "Cancel job"))) return;
+    try {
+      const updated = await api("POST", `/jobs/${job.id}/${action}`);
+      flash(`Job #${updated.id} is now ${updated.status}.`);
+      render();
+    } catch (exc) {
+      flash(`${action} failed: ${exc.message}`, true);
+    }
+  };
+  const canRetry = job.status === "failed" || job.status === "running";
+  const canCancel = job.status === "pending" || job.status === "running";
+
+  const steps = [
+    ["Created", job.created_at, null],
+    ["Started", job.started_at, job.started_at ? `waited ${duration(between(job.created_at, job.started_at))}` : null],
+    ["Finished", job.finished_at, job.finished_at ? `ran ${duration(between(job.started_at, job.finished_at))}` : null],
+  ];
+  const timeline = h(
+    "ol",
+    { class: "timeline" },
+    steps.map(([label, at, extra]) =>
+      h("li", { class: at ? "done" : null }, h("strong", {}, `${at ? "●" : "○"} ${label}: `), when(at), extra ? ` (${extra})` : ""),
+    ),
+  );
+
+  return h(
+    "div",
+    {},
+    h("p", {}, h("a", { href: "#/jobs" }, "← Jobs")),
+    h("h1", {}, `Job #${job.id} `, statusBadge(job.status)),
+    job.blocked ? h("p", { class: "blocked", "data-testid": "blocked" }, "⋯ Blocked: waiting for its dependencies to complete.") : null,
+    h(
+      "div",
+      { class: "actions" },
+      h("button", { type: "button", disabled: !canRetry, "data-testid": "retry", on: { click: () => act("retry") } }, "↻ Retry"),
+      h("button", { type: "button", disabled: !canCancel, "data-testid": "cancel", on: { click: () => act("cancel") } }, "⊘ Cancel"),
+    ),
+    h(
+      "div",
+      { class: "grid" },
+      card(
+        "Job",
+        h(
+          "dl",
+          { class: "kv", "data-testid": "job-fields" },
+          [
+            ["Status", statusBadge(job.status)],
+            ["Blocked", job.blocked ? "yes" : "no"],
+            ["Owner service", job.owner_service],
+            ["Owner ref", job.owner_ref],
+            ["Task type", job.task_type],
+            ["Model profile", job.model_profile],
+            ["Priority", String(job.priority)],
+            ["Attempts", `${job.attempts} of ${job.max_attempts}`],
+            ["Run at", when(job.run_at)],
+            ["Worker", dash(job.worker_id)],
+            ["Lease expires", when(job.lease_expires_at)],
+            ["Idempotency key", dash(job.idempotency_key)],
+            ["Batch", job.batch_id ? h("a", { href: `#/batches/${job.batch_id}` }, `batch #${job.batch_id}`) : "—"],
+            ["Updated", when(job.updated_at)],
+          ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+        ),
+      ),
+      card(
+        "Timeline",
+        timeline,
+        job.error_category || job.error_message
+          ? h(
+              "div",
+              { class: "error-text", "data-testid": "job-error" },
+              h("p", {}, h("strong", {}, "✗ Last error: "), dash(job.error_category)),
+              h("pre", { class: "json" }, dash(job.error_message)),
+            )
+          : h("p", { class: "muted" }, "No error recorded."),
+      ),
+      card("Input", h("pre", { class: "json", "data-testid": "job-input" }, JSON.stringify(job.input, null, 2))),
+      card(
+        "Result",
+        job.result === null ? h("p", { class: "muted" }, "No result yet.") : h("pre", { class: "json", "data-testid": "job-result" }, JSON.stringify(job.result, null, 2)),
+      ),
+    ),
+  );
+}
+
+// ---- Limits ------------------------------------------------------------------------------------
+
+const CAP_FIELDS = ["max_running", "max_per_minute", "max_tokens_per_minute"];
+
+async function renderLimits() {
+  const container = h("div", {});
+  let editing = false;
+
+  const save = async (scope, name, fields) => {
+    try {
+      await api("PUT", `/limits/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`, fields);
+      flash(`Saved ${scope} ${name}.`);
+      return true;
+    } catch (exc) {
+      flash(`Saving ${scope} ${name} failed: ${exc.message}`, true);
+      return false;
+    }
+  };
+
+  const editor = (limit, onDone) => {
+    const isNew = !limit;
+    const current = limit || { scope: "task_type", name: "", weight: 1, cooldown: true };
+    const scope = isNew
+      ? h("label", {}, "scope", h("select", { name: "scope" }, ["task_type", "model_profile", "owner_service"].map((s) => h("option", { value: s }, s))))
+      : null;
+    const nameInput = isNew ? h("label", {}, "name", h("input", { name: "name", required: true, autocomplete: "off" })) : null;
+    const caps = CAP_FIELDS.map((f) =>
+      h("label", {}, `${f} (empty: none)`, h("input", { name: f, type: "number", min: 0, step: 1, value: current[f] ?? "" })),
+    );
+    const weight = h("label", {}, "weight (owner_service)", h("input", { name: "weight", type: "number", min: 1, step: 1, value: current.weight ?? 1 }));
+    const cooldown = h(
+      "label",
+      { class: "check" },
+      h("input", { type: "checkbox", name: "cooldown", checked: current.cooldown !== false }),
+      "cool-down on rate limits (model_profile)",
+    );
+    const form = h(
+      "form",
+      { class: "filters", "data-testid": "limit-editor" },
+      scope,
+      nameInput,
+      caps,
+      weight,
+      cooldown,
+      h(
+        "div",
+        { class: "row-actions" },
+        h("button", { type: "submit", class: "primary" }, "Save"),
+        h("button", { type: "button", on: { click: () => onDone(false) } }, "Close"),
+      ),
+    );
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const data = new FormData(form);
+      const s = isNew ? String(data.get("scope")) : limit.scope;
+      const n = isNew ? String(data.get("name")).trim() : limit.name;
+      const fields = {};
+      for (const f of CAP_FIELDS) {
+        const raw = String(data.get(f) || "").trim();
+        fields[f] = raw === "" ? null : Number(raw);
+      }
+      if (s === "owner_service") fields.weight = Number(data.get("weight") || 1);
+      if (s === "model_profile") fields.cooldown = data.get("cooldown") === "on";
+      if (await save(s, n, fields)) onDone(true);
+    });
+    return form;
+  };
+
+  const draw = async () => {
+    const { limits } = await api("GET", "/limits");
+    const slot = h("div", {});
+    const openEditor = (limit) => {
+      editing = true;
+      slot.replaceChildren(
+        card(
+          limit ? `Edit ${limit.scope} ${limit.name}` : "New limit",
+          editor(limit, (changed) => {
+            editing = false;
+            slot.replaceChildren();
+            if (changed) draw();
+          }),
+        ),
+      );
+      slot.querySelector("input, select").focus();
+    };
+    const toggle = async (limit) => {
+      if (await save(limit.scope, limit.name, { paused: !limit.paused })) draw();
+    };
+    const rows = limits.map((l) => {
+      const label = `${l.scope} ${l.name}`;
+      const stateText = l.paused ? "‖ paused" : "▶ active";
+      return [
+        l.scope,
+        h("span", { class: "mono" }, l.name),
+        h(
+          "span",
+          { "data-testid": `limit-state-${l.scope}-${l.name}` },
+          stateText,
+          l.cooldown_until ? h("span", { class: "blocked" }, ` ◑ cooling down until ${when(l.cooldown_until)}`) : null,
+        ),
+        `${l.running} / ${dash(l.max_running)}`,
+        `${l.started_last_minute} / ${dash(l.max_per_minute)}`,
+        `${l.tokens_last_minute} / ${dash(l.max_tokens_per_minute)}`,
+        l.scope === "owner_service" ? String(l.weight) : "—",
+        l.scope === "model_profile" ? (l.cooldown ? "on" : "off") : "—",
+        h(
+          "div",
+          { class: "row-actions" },
+          h(
+            "button",
+            { type: "button", "aria-label": `${l.paused ? "Resume" : "Pause"} ${label}`, "data-testid": `toggle-${l.scope}-${l.name}`, on: { click: () => toggle(l) } },
+            l.paused ? "▶ Resume" : "‖ Pause",
+          ),
+          h("button", { type: "button", "aria-label": `Edit ${label}`, "data-testid": `edit-${l.scope}-${l.name}`, on: { click: () => openEditor(l) } }, "✎ Edit caps"),
+          l.cooldown_until
+            ? h("button", { type: "button", on: { click: async () => (await save(l.scope, l.name, { cooldown_until: null })) && draw() } }, "End cool-down")
+            : null,
+        ),
+      ];
+    });
+    container.replaceChildren(
+      h("h1", {}, "Limits"),
+      h("p", { class: "muted" }, "Usage is live: running now / cap, started in the last minute / cap, tokens in the last minute / cap."),
+      table(
+        [
+          { label: "Scope" },
+          { label: "Name" },
+          { label: "State" },
+          { label: "Running", num: true },
+          { label: "Started/min", num: true },
+          { label: "Tokens/min", num: true },
+          { label: "Weight", num: true },
+          { label: "Cool-down" },
+          { label: "Actions" },
+        ],
+        rows,
+        { empty: "No limits set: every job can be claimed.", testid: "limits" },
+      ),
+      h("div", { class: "actions" }, h("button", { type: "button", on: { click: () => openEditor(null) } }, "+ New limit")),
+      slot,
+    );
+  };
+  await draw();
+  every(REFRESH_MS, () => {
+    if (!editing) draw().catch((exc) => flash(`Refresh failed: ${exc.message}`, true));
+  });
+  return container;
+}
+
+// ---- Batches -----------------------------------------------------------------------------------
+
+function renderBatchForm() {
+  const form = h(
+    "form",
+    { class: "filters" },
+    h("label", {}, "Batch id", h("input", { name: "id", inputmode: "numeric", required: true, pattern: "[0-9]+" })),
+    h("div", { class: "row-actions" }, h("button", { type: "submit", class: "primary" }, "Open")),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    location.hash = `#/batches/${String(new FormData(form).get("id")).trim()}`;
+  });
+  return h("div", {}, h("h1", {}, "Batches"), h("p", { class: "muted" }, "Open a batch by its id (a job page links to its batch)."), form);
+}
+
+async function renderBatch(rawId) {
+  if (!/^[0-9]+$/.test(rawId)) throw new Error("a batch id is a number");
+  const [batch, page] = await Promise.all([api("GET", `/batches/${rawId}`), api("GET", `/jobs${qs({ batch_id: rawId, limit: 50 })}`)]);
+  const cancel = async () => {
+    if (!(await confirmAction(`Cancel the pending and running jobs of batch #${batch.id}?`, "Cancel batch"))) return;
+    try {
+      await api("POST", `/batches/${batch.id}/cancel`);
+      flash(`Batch #${batch.id} cancelled.`);
+      render();
+    } catch (exc) {
+      flash(`Cancel failed: ${exc.message}`, true);
+    }
+  };
+  const counts = batch.counts;
+  return h(
+    "div",
+    {},
+    h("p", {}, h("a", { href: "#/batches" }, "← Batches")),
+    h("h1", {}, `Batch #${batch.id} — ${batch.status === "finished" ? "✓ finished" : "◷ in progress"}`),
+    h(
+      "div",
+      { class: "grid" },
+      card(
+        "Batch",
+        h(
+          "dl",
+          { class: "kv" },
+          [
+            ["Owner service", batch.owner_service],
+            ["Created", when(batch.created_at)],
+            ["Finished", when(batch.finished_at)],
+          ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+        ),
+        h("div", { class: "actions" }, h("button", { type: "button", disabled: batch.status === "finished", on: { click: cancel } }, "⊘ Cancel batch")),
+      ),
+      card(
+        "Counts",
+        table(
+          [{ label: "Status" }, { label: "Jobs", num: true }],
+          [["total", String(counts.total)], ...STATUSES.map((s) => [statusBadge(s), String(counts[s])])],
+          { testid: "batch-counts" },
+        ),
+      ),
+    ),
+    h("h2", {}, "Jobs"),
+    table(JOB_COLUMNS, jobRows(page.jobs), { empty: "No jobs.", testid: "jobs" }),
+    page.next_cursor ? h("p", {}, h("a", { href: `#/jobs${qs({ batch_id: batch.id, cursor: page.next_cursor })}` }, "More jobs of this batch →")) : null,
+  );
+}
+
+// ---- Webhooks ----------------------------------------------------------------------------------
+
+function safeUrl(raw) {
+  // Credentials and query strings may hold secrets: show neither.
+  try {
+    const url = new URL(raw);
+    const auth = url.username || url.password ? "***@" : "";
+    return `${url.protocol}//${auth}${url.host}${url.pathname}${url.search ? "?…" : ""}`;
+  } catch {
+    return "(unparseable URL)";
+  }
+}
+
+async function renderWebhooks() {
+  const { webhooks } = await api("GET", "/webhooks");
+  const sections = await Promise.all(
+    webhooks.map(async (hook) => {
+      const owner = encodeURIComponent(hook.owner_service);
+      const { deliveries } = await api("GET", `/webhooks/${owner}/deliveries?status=failed`);
+      const redeliver = async (d) => {
+        try {
+          await api("POST", `/webhooks/${owner}/deliveries/${d.id}/retry`);
+          flash(`Delivery ${d.id} queued again.`);
+          render();
+        } catch (exc) {
+          flash(`Re-deliver failed: ${exc.message}`, true);
+        }
+      };
+      return card(
+        hook.owner_service,
+        h(
+          "dl",
+          { class: "kv" },
+          [
+            ["URL", h("span", { class: "mono" }, safeUrl(hook.url))],
+            ["Events", hook.events.join(", ")],
+            ["State", hook.disabled_at ? `⊘ disabled (410 Gone) since ${when(hook.disabled_at)}` : "✓ enabled"],
+            ["Updated", when(hook.updated_at)],
+          ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+        ),
+        h("h2", {}, `Failed deliveries (${deliveries.length}${deliveries.length === 50 ? "+" : ""})`),
+        table(
+          [{ label: "Delivery" }, { label: "Event" }, { label: "Of" }, { label: "Attempts", num: true }, { label: "Last answer" }, { label: "Created" }, { label: "" }],
+          deliveries.map((d) => [
+            `#${d.id}`,
+            d.event,
+            d.job_id ? h("a", { href: `#/jobs/${d.job_id}` }, `job #${d.job_id}`) : d.batch_id ? h("a", { href: `#/batches/${d.batch_id}` }, `batch #${d.batch_id}`) : "—",
+            String(d.attempts),
+            `${d.last_status ? `HTTP ${d.last_status}` : ""}${d.last_status && d.last_error ? " · " : ""}${d.last_error || ""}` || "—",
+            when(d.created_at),
+            h("button", { type: "button", "data-testid": `redeliver-${d.id}`, on: { click: () => redeliver(d) } }, "↻ Re-deliver"),
+          ]),
+          { empty: "No failed deliveries.", testid: `deliveries-${hook.owner_service}` },
+        ),
+      );
+    }),
+  );
+  return h(
+    "div",
+    {},
+    h("h1", {}, "Webhooks"),
+    webhooks.length ? h("div", { class: "grid" }, sections) : h("p", { class: "muted" }, "No webhook endpoints registered."),
+  );
+}
+
+// ---- token and start-up ------------------------------------------------------------------------
+
+function showLogin(message) {
+  if (state.timer) clearInterval(state.timer);
+  state.timer = null;
+  state.renderId++;
+  document.getElementById("sign-out").hidden = true;
+  const input = h("input", { type: "password", name: "token", autocomplete: "current-password", required: true, "data-testid": "token" });
+  const form = h(
+    "form",
+    {},
+    h("label", {}, "Service token (AI_SERVICE_TOKEN)", input),
+    h("button", { type: "submit", class: "primary" }, "Open the console"),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    start();
+  });
+  document.getElementById("view").replaceChildren(
+    h(
+      "section",
+      { class: "card login" },
+      h("h1", {}, "Sign in"),
+      h("p", { class: "muted" }, "This service requires its bearer token. It is kept in this tab only (sessionStorage)."),
+      message ? h("p", { class: "error-text", role: "alert" }, message) : null,
+      form,
+    ),
+  );
+  input.focus();
+}
+
+function start() {
+  if (state.tokenRequired && !token()) {
+    showLogin("");
+    return;
+  }
+  document.getElementById("sign-out").hidden = !state.tokenRequired;
+  flash("");
+  render();
+}
+
+async function boot() {
+  document.getElementById("sign-out").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("");
+  });
+  window.addEventListener("hashchange", () => {
+    flash("");
+    if (!state.tokenRequired || token()) render();
+  });
+  try {
+    const config = await (await fetch("config.json", { headers: { Accept: "application/json" } })).json();
+    state.tokenRequired = Boolean(config.token_required);
+  } catch {
+    state.tokenRequired = true;
+  }
+  start();
+}
+
+boot();
