@@ -35,7 +35,22 @@ Scenarios
               ratio, and p95 latency of filtered GET /jobs and GET /stats at 1,000,000.
   6. llm      The built-in LLM worker (worker.app.Worker, real openai client) against a local
               OpenAI-compatible stub that answers at once: jobs/s per worker process, and the
-              worker's overhead per job beyond a bare openai client at the same concurrency.
+              worker's overhead per job beyond a bare openai client at the same concurrency, and
+              the ratio of the two rates (runs interleaved).
+  7. scheduler  The scheduler (0008), in one run. (a) Claim cost beside a backlog the claim must
+              skip: 1,000,000 jobs pending but due in an hour, and 1,000,000 due jobs of another
+              profile (claims name profile B), each as median single-claim time / the same on an
+              empty database, for claims that find nothing and for claims that find the one due
+              job created just before. (b) Fairness: owner A queues 5,000 jobs, then owner B 10;
+              one worker claims 10 at a time: jobs claimed before B's last. (c) The drain with
+              limits and fair share on (profile max_running 1000 and max_per_minute, an owner of
+              weight 2, two owners) against pgqueuer. (d) 8 claimers on their own connections
+              under max_running 3 while a sampler counts running jobs every millisecond.
+
+Jobs are created and moved through the SQL API functions only (create_jobs in large chunks,
+claim_jobs, complete_jobs, set_limit), except scale's kept finished jobs: one INSERT ... SELECT
+generate_series writes them with 3 days of timestamps, which the API cannot backdate, in seconds
+rather than the minutes that create + claim + complete of 1,000,000 jobs would take.
 
 The HTTP API and the stub each run in a separate process (this script with --serve), so the
 client's CPU is not counted against them; all traffic stays on 127.0.0.1 or Unix sockets.
@@ -66,7 +81,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm")
+SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler")
 TARGETS = {
     "drain_ratio": ">= 1.5x pgqueuer",
     "pickup_notify_p50_ms": "<= 5 ms",
@@ -77,6 +92,14 @@ TARGETS = {
     "list_p95_ms": "<= 50 ms",
     "stats_p95_ms": "<= 50 ms",
     "llm_jobs_s": ">= 500 jobs/s",
+    "llm_worker_ratio": ">= 0.9x bare client",
+    "future_claim_ratio_empty": "<= 1.5x",
+    "future_claim_ratio_one": "<= 1.5x",
+    "other_profile_claim_ratio_empty": "<= 1.5x",
+    "other_profile_claim_ratio_one": "<= 1.5x",
+    "fair_jobs_before_last_b": "<= 50 jobs",
+    "limits_drain_ratio": ">= 1.0x pgqueuer",
+    "max_running_seen": "== 3 (max_running)",
 }
 
 
@@ -111,12 +134,19 @@ class Sizes:
     scale_jobs: int
     latency_samples: int
     llm_jobs: int
+    sched_pending: int  # scheduler: jobs kept beside the claims (not yet due; another profile's)
+    sched_claims: int  # scheduler: single claims timed per database and case
+    cap_jobs: int  # scheduler: jobs run by the concurrent claimers under max_running
 
 
 SIZES = {
-    "quick": Sizes(1, 5_000, 50, 20, 2_000, 10_000, 2_000, 10_000, 100_000, 2_000, 20, 1_000),
-    "default": Sizes(3, 20_000, 200, 40, 5_000, 10_000, 5_000, 10_000, 1_000_000, 3_000, 50, 3_000),
-    "full": Sizes(5, 20_000, 200, 100, 10_000, 10_000, 10_000, 10_000, 1_000_000, 5_000, 100, 5_000),
+    "quick": Sizes(1, 5_000, 50, 20, 2_000, 10_000, 2_000, 10_000, 100_000, 2_000, 20, 1_000, 100_000, 300, 500),
+    "default": Sizes(
+        3, 20_000, 200, 40, 5_000, 10_000, 5_000, 10_000, 1_000_000, 3_000, 50, 3_000, 1_000_000, 500, 2_000
+    ),
+    "full": Sizes(
+        5, 20_000, 200, 100, 10_000, 10_000, 10_000, 10_000, 1_000_000, 5_000, 100, 5_000, 1_000_000, 1_000, 2_000
+    ),
 }
 
 
@@ -295,16 +325,24 @@ async def _pool(dsn: str, size: int = 4) -> Any:
     return await create_pool(dsn, max_size=size, application_name="aiservice-bench")
 
 
-async def enqueue_sql(store: Any, n: int, *, task_type: str = "noop", model_profile: str = "m") -> None:
+async def enqueue_sql(
+    store: Any, n: int, *, task_type: str = "noop", model_profile: str = "m", input: dict[str, Any] | None = None
+) -> None:
     from aiservice.jobs import JobCreate
 
-    spec = JobCreate(owner_service="bench", owner_ref="r", task_type=task_type, model_profile=model_profile)
+    spec = JobCreate(
+        owner_service="bench", owner_ref="r", task_type=task_type, model_profile=model_profile, input=input or {}
+    )
     for start in range(0, n, 10_000):
         await store.create_jobs([spec] * min(10_000, n - start))
 
 
-async def drain_aiservice(store: Any, batch: int, batched_complete: bool) -> int:
-    """One worker: claim a batch, complete it, as a real worker would (SQL API only)."""
+async def drain_aiservice(
+    store: Any, batch: int, batched_complete: bool, on_claimed: Callable[[list[Any]], None] | None = None
+) -> int:
+    """One worker: claim a batch, complete it, as a real worker would (SQL API only).
+
+    ``on_claimed`` sees every non-empty batch, in claim order."""
     lease = timedelta(minutes=5)
     done = 0
     result: dict[str, Any] = {}
@@ -317,6 +355,8 @@ async def drain_aiservice(store: Any, batch: int, batched_complete: bool) -> int
                 await storing
             if not jobs:
                 return done
+            if on_claimed is not None:
+                on_claimed(jobs)
             storing = asyncio.ensure_future(
                 store.complete_jobs("bench-worker", [(j.id, j.lease_token, result) for j in jobs])
             )
@@ -325,19 +365,50 @@ async def drain_aiservice(store: Any, batch: int, batched_complete: bool) -> int
         jobs = await store.claim_jobs("bench-worker", batch, lease_timeout=lease)
         if not jobs:
             return done
-        else:
-            await asyncio.gather(
-                *(store.complete_job(j.id, "bench-worker", result, lease_token=j.lease_token) for j in jobs)
-            )
+        if on_claimed is not None:
+            on_claimed(jobs)
+        await asyncio.gather(
+            *(store.complete_job(j.id, "bench-worker", result, lease_token=j.lease_token) for j in jobs)
+        )
         done += len(jobs)
 
 
-async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
+async def drain_pgqueuer(db: Databases, n: int) -> float:
+    """pgqueuer's drain rate (jobs/s): n no-op jobs, QueueManager with batch_size=10, mode=drain."""
     import asyncpg
     from pgqueuer import types as pgq_types
     from pgqueuer.qm import QueueManager
     from pgqueuer.queries import Queries
 
+    dsn = await db.fresh("pgq")
+    conn = await asyncpg.connect(dsn)
+    try:
+        queries = Queries.from_asyncpg_connection(conn)
+        for start in range(0, n, 5_000):
+            k = min(5_000, n - start)
+            await queries.enqueue(["noop"] * k, [None] * k, [0] * k)
+        qm = QueueManager(queries)
+        seen = 0
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            nonlocal seen
+            seen += 1
+
+        started = time.perf_counter()
+        await asyncio.wait_for(
+            qm.run(batch_size=10, mode=pgq_types.QueueExecutionMode.drain, log_aggregation_interval=timedelta(0)),
+            600,
+        )
+        elapsed = time.perf_counter() - started
+        assert seen == n, (seen, n)
+        return n / elapsed
+    finally:
+        await conn.close()
+        await db.drop(dsn)
+
+
+async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
     from aiservice.db.jobs import JobStore
 
     n = sz.drain_jobs
@@ -358,36 +429,8 @@ async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
             await pool.close()
             await db.drop(dsn)
 
-    async def pgqueuer_once() -> float:
-        dsn = await db.fresh("pgq")
-        conn = await asyncpg.connect(dsn)
-        try:
-            queries = Queries.from_asyncpg_connection(conn)
-            for start in range(0, n, 5_000):
-                k = min(5_000, n - start)
-                await queries.enqueue(["noop"] * k, [None] * k, [0] * k)
-            qm = QueueManager(queries)
-            seen = 0
-
-            @qm.entrypoint("noop")
-            async def noop(job: Any) -> None:
-                nonlocal seen
-                seen += 1
-
-            started = time.perf_counter()
-            await asyncio.wait_for(
-                qm.run(batch_size=10, mode=pgq_types.QueueExecutionMode.drain, log_aggregation_interval=timedelta(0)),
-                600,
-            )
-            elapsed = time.perf_counter() - started
-            assert seen == n, (seen, n)
-            return n / elapsed
-        finally:
-            await conn.close()
-            await db.drop(dsn)
-
     # Interleaved runs: machine noise hits all three alike.
-    variants: dict[str, Callable[[], Awaitable[float]]] = {"pgqueuer": pgqueuer_once}
+    variants: dict[str, Callable[[], Awaitable[float]]] = {"pgqueuer": lambda: drain_pgqueuer(db, n)}
     variants["aiservice per-job complete"] = lambda: aiservice_once(False)
     if hasattr(JobStore, "complete_jobs"):
         variants["aiservice batched complete"] = lambda: aiservice_once(True)
@@ -731,12 +774,9 @@ async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
             )
 
             async def worker_once() -> float:
-                await enqueue_sql(store, sz.llm_jobs, task_type="llm_chat", model_profile="bench-model")
-                # Inputs carry a prompt: the no-op spec has none.
-                async with pool.acquire() as conn:
-                    await conn.execute(
-                        """UPDATE aiservice.jobs SET input = '{"user": "hi"}' WHERE status = 'pending'"""
-                    )
+                await enqueue_sql(
+                    store, sz.llm_jobs, task_type="llm_chat", model_profile="bench-model", input={"user": "hi"}
+                )
                 worker = Worker(replace(settings), listener_backoff=0.1)
                 started = time.perf_counter()
                 await worker.start()
@@ -768,8 +808,14 @@ async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
                 await client.close()
                 return sz.llm_jobs / elapsed
 
-            value, values = await median_of(sz.runs, worker_once)
-            raw, raw_values = await median_of(sz.runs, client_once)
+            # Interleaved runs after a warm-up of each: machine noise hits both alike.
+            await worker_once()
+            await client_once()
+            values, raw_values = [], []
+            for _ in range(sz.runs):
+                values.append(await worker_once())
+                raw_values.append(await client_once())
+            value, raw = statistics.median(values), statistics.median(raw_values)
     finally:
         await pool.close()
         await db.drop(dsn)
@@ -778,7 +824,306 @@ async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
         Result("llm", "llm_jobs_s", value, "jobs/s", values, f"{sz.llm_jobs} jobs, claim limit {concurrency}"),
         Result("llm", "bare openai client calls/s", raw, "calls/s", raw_values, f"{concurrency} in flight"),
         Result("llm", "worker overhead per job", overhead, "ms", note="1/worker rate - 1/bare client rate"),
+        Result("llm", "llm_worker_ratio", value / raw, "x", note="worker jobs/s / bare client calls/s"),
     ]
+
+
+# --------------------------------------------------------------------------- scheduler
+
+# Every read and write below goes through the SQL API functions; jobs are seeded with
+# aiservice.create_jobs in large chunks (count(*) only: the rows are not sent back).
+CREATE_MANY = "SELECT count(*) FROM aiservice.create_jobs($1::jsonb, $2::jsonb)"
+CREATE_ONE = """SELECT (r.job).id FROM aiservice.create_job(p_owner_service => 'bench', p_owner_ref => 'r',
+    p_task_type => 'noop', p_model_profile => $1) r"""
+CLAIM_ONE = """SELECT id, lease_token
+    FROM aiservice.claim_jobs(p_worker_id => $1, p_limit => 1, p_model_profiles => $2::text[])"""
+COMPLETE = "SELECT count(*) FROM aiservice.complete_jobs($1, $2::bigint[], $3::jsonb[], $4::uuid[])"
+RUNNING = "SELECT count(*) FROM aiservice.jobs WHERE status = 'running'"
+NOOP_JOB = {"owner_service": "bench", "owner_ref": "r", "task_type": "noop", "model_profile": "m"}
+
+
+async def create_jobs_sql(conn: Any, n: int, defaults: dict[str, Any], chunk: int = 50_000) -> None:
+    """n jobs made of ``defaults`` through aiservice.create_jobs, ``chunk`` per call."""
+    for start in range(0, n, chunk):
+        await conn.fetchval(CREATE_MANY, [{}] * min(chunk, n - start), defaults)
+
+
+async def time_claims(
+    conns: dict[str, Any], samples: int, profiles: list[str] | None, due: str | None, budget_s: float = 15.0
+) -> dict[str, list[float]]:
+    """Single claims (limit 1) on each connection in turn, µs each, after a warm-up of 20 (past
+    the 5 calls after which PL/pgSQL may switch a statement to its generic plan). Stops early,
+    after at least 50 samples, when the samples have taken ``budget_s``.
+
+    With ``due`` (a model profile) one due job of that profile is created before each claim and
+    completed after it, so every claim finds exactly one job; without, every claim finds none."""
+    took: dict[str, list[float]] = {name: [] for name in conns}
+    order = list(conns.items())
+    warmup = 20
+    started_at = 0.0
+    for i in range(warmup + samples):
+        if i == warmup:
+            started_at = time.perf_counter()
+        elif i - warmup >= 50 and time.perf_counter() - started_at > budget_s:
+            break
+        for name, conn in order if i % 2 else reversed(order):  # neither database always goes first
+            if due is not None:
+                await conn.fetchval(CREATE_ONE, due)
+            started = time.perf_counter_ns()
+            rows = await conn.fetch(CLAIM_ONE, "bench-claimer", profiles)
+            elapsed = (time.perf_counter_ns() - started) / 1000
+            assert len(rows) == (0 if due is None else 1), (name, due, rows)
+            if rows:
+                await conn.fetchval(COMPLETE, "bench-claimer", [rows[0]["id"]], [{}], [rows[0]["lease_token"]])
+            if i >= warmup:
+                took[name].append(elapsed)
+    return took
+
+
+async def scheduler_claims(db: Databases, sz: Sizes) -> list[Result]:
+    """Claim cost beside a backlog the claim must not read: N scheduled jobs (due in an hour),
+    and N due jobs of another profile, each against an empty database."""
+    from datetime import UTC, datetime
+
+    from aiservice.db.pool import connect
+
+    n, k = sz.sched_pending, sz.sched_claims
+    names = ("none-1", "future", "none-2", "other")
+    dsns = {name: await db.fresh("ai") for name in names}
+    conns = {name: await connect(dsn) for name, dsn in dsns.items()}
+    out: list[Result] = []
+    try:
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        started = time.perf_counter()
+        await asyncio.gather(
+            create_jobs_sql(conns["future"], n, NOOP_JOB | {"run_at": later}),
+            create_jobs_sql(conns["other"], n, NOOP_JOB | {"model_profile": "A"}),
+        )
+        seeded = time.perf_counter() - started
+        for conn in conns.values():  # what autovacuum would do soon after such a load, done now for all alike
+            await conn.execute("VACUUM ANALYZE aiservice.jobs")
+        cases = (
+            ("future", "none-1", None, None, "m", f"{n:,} pending due in 1 h"),
+            ("other_profile", "none-2", "other", ["B"], "B", f"claims for B, {n:,} due jobs of profile A"),
+        )
+        for case, base, loaded, profiles, due_profile, what in cases:
+            loaded_name = loaded or case
+            pair = {base: conns[base], loaded_name: conns[loaded_name]}
+            for found, due in (("empty", None), ("one", due_profile)):
+                took = await time_claims(pair, k, profiles, due)
+                empty_us, loaded_us = statistics.median(took[base]), statistics.median(took[loaded_name])
+                slow = max(took[loaded_name]) / 1000
+                finds = "none" if due is None else "1 due job"
+                out.append(
+                    Result(
+                        "scheduler",
+                        f"{case}_claim_ratio_{found}",
+                        loaded_us / empty_us,
+                        "x",
+                        note=f"{what}: median claim {loaded_us:,.0f} us vs {empty_us:,.0f} us without "
+                        f"(slowest {slow:,.1f} ms); each claim finds {finds}; {len(took[base])} claims each",
+                    )
+                )
+        out.append(
+            Result(
+                "scheduler",
+                "seed create_jobs jobs/s",
+                2 * n / seeded,
+                "jobs/s",
+                note=f"2 x {n:,} jobs, 2 databases at once, {seeded:.0f}s",
+            )
+        )
+    finally:
+        for conn in conns.values():
+            await conn.close()
+        for dsn in dsns.values():
+            await db.drop(dsn)
+    return out
+
+
+async def scheduler_fairness(db: Databases, jobs_a: int = 5_000, jobs_b: int = 10) -> list[Result]:
+    """Owner A enqueues a backlog, then owner B a few jobs (same profile, priority and weight);
+    one worker claims 10 at a time and completes them with complete_jobs."""
+    from aiservice.db.jobs import JobStore
+
+    dsn = await db.fresh("ai")
+    pool = await _pool(dsn)
+    try:
+        store = JobStore(pool)
+        async with pool.acquire() as conn:
+            await create_jobs_sql(conn, jobs_a, NOOP_JOB | {"owner_service": "svc-a"})
+            await create_jobs_sql(conn, jobs_b, NOOP_JOB | {"owner_service": "svc-b"})
+        order: list[str] = []
+        while order.count("svc-b") < jobs_b:
+            jobs = await store.claim_jobs("bench-fair", 10, lease_timeout=timedelta(minutes=5))
+            assert jobs, "the queue ran dry before B's jobs were claimed"
+            order.extend(j.owner_service for j in jobs)
+            await store.complete_jobs("bench-fair", [(j.id, j.lease_token, {}) for j in jobs])
+    finally:
+        await pool.close()
+        await db.drop(dsn)
+    before = max(i for i, owner in enumerate(order) if owner == "svc-b")
+    return [
+        Result(
+            "scheduler",
+            "fair_jobs_before_last_b",
+            before,
+            "jobs",
+            note=f"A: {jobs_a:,} queued first, B: {jobs_b} after; claim 10 + complete_jobs; "
+            f"B's jobs at {[i for i, o in enumerate(order) if o == 'svc-b']}",
+        )
+    ]
+
+
+async def scheduler_drain(db: Databases, sz: Sizes) -> list[Result]:
+    """The drain scenario with limits and fair share in play, against pgqueuer in the same run."""
+    from aiservice.db.jobs import JobStore
+
+    n = sz.drain_jobs
+    owners: list[str] = []
+    marks: list[float] = []  # when each batch came back, for the slowdown along the drain
+
+    def claimed(jobs: list[Any]) -> None:
+        owners.extend(j.owner_service for j in jobs)
+        marks.append(time.perf_counter())
+
+    async def limited_once(n: int = n) -> float:
+        dsn = await db.fresh("ai")
+        pool = await _pool(dsn)
+        try:
+            store = JobStore(pool)
+            await store.set_limit("model_profile", "m", {"max_running": 1000, "max_per_minute": 100_000_000})
+            await store.set_limit("owner_service", "svc-a", {"weight": 2})
+            async with pool.acquire() as conn:
+                for start in range(0, n, 10_000):
+                    half = min(10_000, n - start) // 2
+                    await create_jobs_sql(conn, half, NOOP_JOB | {"owner_service": "svc-a"})
+                    await create_jobs_sql(conn, half, NOOP_JOB | {"owner_service": "svc-b"})
+            owners.clear()
+            started = time.perf_counter()
+            marks[:] = [started]
+            done = await drain_aiservice(store, 10, True, claimed)
+            elapsed = time.perf_counter() - started
+            assert done == n, (done, n)
+            return n / elapsed
+        finally:
+            await pool.close()
+            await db.drop(dsn)
+
+    variants: dict[str, Callable[[], Awaitable[float]]] = {
+        "pgqueuer": lambda: drain_pgqueuer(db, n),
+        "aiservice": limited_once,
+    }
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    await drain_pgqueuer(db, n // 5)  # a shorter warm-up: the drain scenario has the long one
+    await limited_once(n // 5)
+    for _ in range(sz.runs):
+        for name, once in variants.items():
+            runs[name].append(await once())
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    what = f"{n:,} jobs, 2 owners, batch 10, complete_jobs"
+    share = owners[: n // 2].count("svc-a") / (n // 2)
+    fifth = len(marks) // 5  # batches of 10: the first and the last fifth of the jobs (last run)
+    slowdown = (marks[-1] - marks[-1 - fifth]) / (marks[fifth] - marks[0])
+    return [
+        Result("scheduler", "limited aiservice jobs/s", med["aiservice"], "jobs/s", runs["aiservice"], what),
+        Result("scheduler", "limited pgqueuer jobs/s", med["pgqueuer"], "jobs/s", runs["pgqueuer"], f"{n:,} jobs"),
+        Result(
+            "scheduler",
+            "limits_drain_ratio",
+            med["aiservice"] / med["pgqueuer"],
+            "x",
+            note="profile max_running 1000 + max_per_minute 1e8, owner svc-a weight 2",
+        ),
+        Result("scheduler", "weight-2 owner share", share * 100, "%", note=f"svc-a in the first {n // 2:,} claimed"),
+        Result(
+            "scheduler",
+            "limited drain last/first fifth",
+            slowdown,
+            "x",
+            note="time to claim the last fifth of the jobs / the first fifth (last run)",
+        ),
+    ]
+
+
+async def scheduler_cap(db: Databases, sz: Sizes, claimers: int = 8, cap: int = 3) -> list[Result]:
+    """Concurrent claimers (one connection each) under max_running; a sampler counts running jobs."""
+    from aiservice.db.jobs import JobStore
+    from aiservice.db.pool import connect
+
+    n = sz.cap_jobs
+    dsn = await db.fresh("ai")
+    pool = await _pool(dsn, 1)
+    conns = [await connect(dsn) for _ in range(claimers + 1)]
+    stop = asyncio.Event()
+    finished = 0
+    seen: list[int] = []
+    try:
+        await JobStore(pool).set_limit("model_profile", "m", {"max_running": cap})
+        async with pool.acquire() as conn:
+            await create_jobs_sql(conn, n, NOOP_JOB)
+
+        async def claimer(i: int, conn: Any) -> None:
+            nonlocal finished
+            worker = f"bench-cap-{i}"
+            while not stop.is_set() and finished < n:
+                rows = await conn.fetch(CLAIM_ONE, worker, None)
+                if not rows:
+                    await asyncio.sleep(0.001)
+                    continue
+                await asyncio.sleep(0.003)  # the "work"
+                await conn.fetchval(
+                    COMPLETE, worker, [r["id"] for r in rows], [{}] * len(rows), [r["lease_token"] for r in rows]
+                )
+                finished += len(rows)
+
+        async def sampler(conn: Any) -> None:
+            while not stop.is_set():
+                seen.append(await conn.fetchval(RUNNING))
+                await asyncio.sleep(0.001)
+
+        sampling = asyncio.create_task(sampler(conns[-1]))
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(claimer(i, c) for i, c in enumerate(conns[:-1]))), 60)
+        except TimeoutError:
+            log.warning("capped claimers stopped after 60 s with %d of %d jobs done", finished, n)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await sampling
+    finally:
+        stop.set()
+        for conn in conns:
+            await conn.close()
+        await pool.close()
+        await db.drop(dsn)
+    over = sum(1 for v in seen if v > cap)
+    return [
+        Result(
+            "scheduler",
+            "max_running_seen",
+            max(seen),
+            "jobs",
+            note=f"max_running {cap}, {claimers} claimers (claim 1, 3 ms, complete), {finished:,} jobs; "
+            f"{len(seen):,} samples, {over} above the cap",
+        ),
+        Result("scheduler", "capped jobs/s", finished / elapsed, "jobs/s", note=f"at most {cap} running"),
+    ]
+
+
+async def scenario_scheduler(db: Databases, sz: Sizes) -> list[Result]:
+    out: list[Result] = []
+    parts: dict[str, Callable[[], Awaitable[list[Result]]]] = {
+        "claims beside a backlog": lambda: scheduler_claims(db, sz),
+        "fairness": lambda: scheduler_fairness(db),
+        "drain with limits": lambda: scheduler_drain(db, sz),
+        "concurrent claims under a cap": lambda: scheduler_cap(db, sz),
+    }
+    for name, part in parts.items():
+        started = time.perf_counter()
+        out.extend(await part())
+        print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -795,6 +1140,14 @@ def verdict(results: list[Result]) -> dict[str, str]:
         "scale_ratio": lambda v: v <= 1.3,
         "stats_p95_ms": lambda v: v <= 50,
         "llm_jobs_s": lambda v: v >= 500,
+        "llm_worker_ratio": lambda v: v >= 0.9,
+        "future_claim_ratio_empty": lambda v: v <= 1.5,
+        "future_claim_ratio_one": lambda v: v <= 1.5,
+        "other_profile_claim_ratio_empty": lambda v: v <= 1.5,
+        "other_profile_claim_ratio_one": lambda v: v <= 1.5,
+        "fair_jobs_before_last_b": lambda v: v <= 50,
+        "limits_drain_ratio": lambda v: v >= 1.0,
+        "max_running_seen": lambda v: v == 3,
     }
     out = {}
     for metric, ok in checks.items():
@@ -810,8 +1163,9 @@ def print_table(results: list[Result], verdicts: dict[str, str], note: str) -> N
     print()
     print(note)
     width = max(len(r.metric) for r in results) + 2
-    print(f"{'scenario':<9}{'metric':<{width}}{'median':>12}  {'unit':<7}{'target':<24}{'runs / note'}")
-    print("-" * (width + 90))
+    sw = max(len(r.scenario) for r in [*results, Result("scenario", "", 0, "")]) + 1
+    print(f"{'scenario':<{sw}}{'metric':<{width}}{'median':>12}  {'unit':<7}{'target':<25}{'runs / note'}")
+    print("-" * (width + sw + 81))
     for r in results:
         key = "list_p95_ms" if r.metric.startswith("list_p95_ms") else r.metric
         verdict_text = verdicts.get(key, "")
@@ -821,7 +1175,7 @@ def print_table(results: list[Result], verdicts: dict[str, str], note: str) -> N
         runs = ", ".join(f"{v:,.0f}" if v >= 100 else f"{v:.2f}" for v in r.runs)
         detail = "; ".join(x for x in (f"[{runs}]" if runs else "", r.note) if x)
         value = f"{r.value:,.0f}" if r.value >= 100 else f"{r.value:.2f}"
-        print(f"{r.scenario:<9}{r.metric:<{width}}{value:>12}  {r.unit:<7}{target:<25}{detail}")
+        print(f"{r.scenario:<{sw}}{r.metric:<{width}}{value:>12}  {r.unit:<7}{target:<25}{detail}")
     print()
 
 
@@ -861,6 +1215,7 @@ async def run(args: argparse.Namespace) -> int:
         "http": scenario_http,
         "scale": scenario_scale,
         "llm": scenario_llm,
+        "scheduler": scenario_scheduler,
     }
     try:
         await db.setup()
