@@ -349,6 +349,7 @@ $$;
 
 CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
     AS $$
 DECLARE
     v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
@@ -364,6 +365,8 @@ DECLARE
     v_weights integer[];
     v_quota integer[];
     v_got integer[];
+    v_pass integer[];
+    v_fair jsonb[] := '{}';  -- service to record: {profile, owner, floor, add}
     v_floor float8;
     v_best integer;
     v_owner_left bigint;
@@ -440,7 +443,7 @@ BEGIN
             LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
             LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
             v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
-            v_got := array_fill(0, ARRAY[cardinality(v_owners)]);
+            v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
             v_passes := 0;
 
             -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
@@ -448,6 +451,7 @@ BEGIN
             WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
                 v_passes := v_passes + 1;
                 v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
+                v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
                 FOR n IN 1..v_take LOOP
                     v_best := NULL;
                     FOR i IN 1..cardinality(v_owners) LOOP
@@ -485,16 +489,17 @@ BEGIN
                         END IF;
                         v_ids := v_ids || v_row.id;
                         v_got[i] := v_got[i] + 1;
+                        v_pass[i] := v_pass[i] + 1;
                         v_take := v_take - 1;
                     END LOOP;
                     IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
                         v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
-                            to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_got[i]));
+                            to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_pass[i]));
                     END IF;
                 END LOOP;
                 -- An owner that filled less than its quota has nothing more to give now.
                 FOR i IN 1..cardinality(v_owners) LOOP
-                    IF v_quota[i] > 0 AND v_got[i] < v_quota[i] THEN
+                    IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
                         v_served[i] := NULL;
                     END IF;
                 END LOOP;
@@ -503,14 +508,10 @@ BEGIN
 
             IF cardinality(v_owners) > 1 THEN
                 -- One owner alone needs no bookkeeping: the floor catches it up when others come.
-                -- excluded.served - v_floor is this claim's service to the owner (jobs / weight).
-                INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
-                SELECT v_profile, o.name, v_floor + o.got::float8 / o.weight
-                FROM unnest(v_owners, v_got, v_weights) o(name, got, weight)
-                WHERE o.got > 0
-                ORDER BY o.name
-                ON CONFLICT (model_profile, owner_service) DO UPDATE
-                    SET served = greatest(f.served, v_floor) + (excluded.served - v_floor);
+                v_fair := v_fair || ARRAY(
+                    SELECT jsonb_build_object('profile', v_profile, 'owner', o.name, 'floor', v_floor,
+                                              'add', o.got::float8 / o.weight)
+                    FROM unnest(v_owners, v_got, v_weights) o(name, got, weight) WHERE o.got > 0);
             END IF;
             EXIT profiles WHEN cardinality(v_ids) >= p_limit;
 
@@ -520,6 +521,18 @@ BEGIN
                        ORDER BY j.priority DESC LIMIT 1);
         END LOOP;
     END LOOP;
+
+    -- Service received, in one statement and one (profile, owner) order for every claimer.
+    WITH service AS (
+        SELECT e ->> 'profile' AS profile, e ->> 'owner' AS owner,
+               max((e ->> 'floor')::float8) AS floor, sum((e ->> 'add')::float8) AS add
+        FROM unnest(v_fair) e GROUP BY 1, 2
+    )
+    INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
+    SELECT profile, owner, floor + add FROM service ORDER BY profile, owner
+    ON CONFLICT (model_profile, owner_service) DO UPDATE
+        SET served = (SELECT greatest(f.served, s.floor) + s.add FROM service s
+                      WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
 
     RETURN QUERY
     WITH claimed AS (
@@ -540,7 +553,8 @@ BEGIN
         INSERT INTO aiservice.limit_usage (scope, name, starts)
         SELECT l.scope, l.name, count(*)
         FROM claimed c JOIN aiservice.limits l
-          ON v_limited AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
+          ON v_limited AND coalesce(l.max_running, l.max_per_minute, l.max_tokens_per_minute) IS NOT NULL
+         AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
         GROUP BY l.scope, l.name
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;

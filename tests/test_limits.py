@@ -258,6 +258,36 @@ async def test_weights_share_claims_between_three_owners(conn: Conn) -> None:
     assert (first["a"], first["b"], first["c"]) == (10, 20, 30)
 
 
+async def test_owners_that_run_out_leave_their_share_to_the_others(conn: Conn) -> None:
+    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
+        await jobs(conn, n, owner_service=owner)
+    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
+    assert sum(got.values()) == 40 and (got["b"], got["c"], got["d"]) == (1, 5, 12)
+
+
+async def test_an_owner_cap_is_filled_not_undercut(conn: Conn) -> None:
+    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
+        await jobs(conn, n, owner_service=owner)
+    await set_limit(conn, "owner_service", "a", max_running=20)
+    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
+    assert got == {"a": 20, "b": 1, "c": 5, "d": 12}
+
+
+async def test_fair_share_spanning_priorities_and_profiles_in_one_claim(conn: Conn) -> None:
+    for profile in ("p1", "p2"):
+        for priority in (0, 5):
+            for owner in ("a", "b"):
+                await jobs(conn, 3, owner_service=owner, model_profile=profile, priority=priority)
+    assert len(await claim(conn, limit=24)) == 24
+    served = await conn.fetch("SELECT model_profile, owner_service, served FROM aiservice.fair_share ORDER BY 1, 2")
+    assert [(r["model_profile"], r["owner_service"], r["served"]) for r in served] == [
+        ("p1", "a", 6.0),
+        ("p1", "b", 6.0),
+        ("p2", "a", 6.0),
+        ("p2", "b", 6.0),
+    ]
+
+
 async def test_priority_comes_before_fair_share(conn: Conn) -> None:
     await jobs(conn, 5, owner_service="a")
     urgent = await create(conn, owner_service="b", priority=10)
