@@ -36,6 +36,9 @@ Scenarios
   6. llm      The built-in LLM worker (worker.app.Worker, real openai client) against a local
               OpenAI-compatible stub that answers at once: jobs/s per worker process, and the
               worker's overhead per job beyond a bare openai client at the same concurrency.
+  7. delivery Result delivery through a real `aiservice serve`: wake-up latency of a waiting
+              GET /jobs/{id}?wait=, PostgreSQL connections held by 1,000 waiters and the time
+              until all answer, webhook deliveries/s (details in scripts/bench_delivery.py).
 
 The HTTP API and the stub each run in a separate process (this script with --serve), so the
 client's CPU is not counted against them; all traffic stays on 127.0.0.1 or Unix sockets.
@@ -65,8 +68,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import bench_delivery
+
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm")
+SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "delivery")
 TARGETS = {
     "drain_ratio": ">= 1.5x pgqueuer",
     "pickup_notify_p50_ms": "<= 5 ms",
@@ -78,6 +83,7 @@ TARGETS = {
     "stats_p95_ms": "<= 50 ms",
     "llm_jobs_s": ">= 500 jobs/s",
 }
+TARGETS.update(bench_delivery.TARGETS)
 
 
 def _bootstrap() -> None:
@@ -781,6 +787,10 @@ async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
     ]
 
 
+async def scenario_delivery(db: Databases, sz: Sizes) -> list[Result]:
+    return [Result("delivery", *row) for row in await bench_delivery.measure(db, sz, percentile)]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -796,6 +806,7 @@ def verdict(results: list[Result]) -> dict[str, str]:
         "stats_p95_ms": lambda v: v <= 50,
         "llm_jobs_s": lambda v: v >= 500,
     }
+    checks.update(bench_delivery.CHECKS)
     out = {}
     for metric, ok in checks.items():
         if metric in by:
@@ -861,6 +872,7 @@ async def run(args: argparse.Namespace) -> int:
         "http": scenario_http,
         "scale": scenario_scale,
         "llm": scenario_llm,
+        "delivery": scenario_delivery,
     }
     try:
         await db.setup()
