@@ -46,6 +46,9 @@ Scenarios
               limits and fair share on (profile max_running 1000 and max_per_minute, an owner of
               weight 2, two owners) against pgqueuer. (d) 8 claimers on their own connections
               under max_running 3 while a sampler counts running jobs every millisecond.
+  8. delivery Result delivery through a real `aiservice serve`: wake-up latency of a waiting
+              GET /jobs/{id}?wait=, PostgreSQL connections held by 1,000 waiters and the time
+              until all answer, webhook deliveries/s (details in scripts/bench_delivery.py).
 
 Jobs are created and moved through the SQL API functions only (create_jobs in large chunks,
 claim_jobs, complete_jobs, set_limit), except scale's kept finished jobs: one INSERT ... SELECT
@@ -80,8 +83,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import bench_delivery
+
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler")
+SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler", "delivery")
 TARGETS = {
     "drain_ratio": ">= 1.5x pgqueuer",
     "pickup_notify_p50_ms": "<= 5 ms",
@@ -101,6 +106,7 @@ TARGETS = {
     "limits_drain_ratio": ">= 1.0x pgqueuer",
     "max_running_seen": "== 3 (max_running)",
 }
+TARGETS.update(bench_delivery.TARGETS)
 
 
 def _bootstrap() -> None:
@@ -1126,6 +1132,10 @@ async def scenario_scheduler(db: Databases, sz: Sizes) -> list[Result]:
     return out
 
 
+async def scenario_delivery(db: Databases, sz: Sizes) -> list[Result]:
+    return [Result("delivery", *row) for row in await bench_delivery.measure(db, sz, percentile)]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1149,6 +1159,7 @@ def verdict(results: list[Result]) -> dict[str, str]:
         "limits_drain_ratio": lambda v: v >= 1.0,
         "max_running_seen": lambda v: v == 3,
     }
+    checks.update(bench_delivery.CHECKS)
     out = {}
     for metric, ok in checks.items():
         if metric in by:
@@ -1216,6 +1227,7 @@ async def run(args: argparse.Namespace) -> int:
         "scale": scenario_scale,
         "llm": scenario_llm,
         "scheduler": scenario_scheduler,
+        "delivery": scenario_delivery,
     }
     try:
         await db.setup()

@@ -9,7 +9,9 @@ package."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -66,6 +69,7 @@ async def test_waiters_survive_a_postgres_restart(own_postgres: OwnPostgres) -> 
     settings = Settings(database_url=dsn, migrate_on_start=False, db_pool_max_size=4)
     api = await in_process_api(settings)
     waiters = api.server.app[WAITERS]
+    requests: list[asyncio.Task[Any]] = []
     try:
         ids = {}
         for name in ("a", "b"):
@@ -80,11 +84,13 @@ async def test_waiters_survive_a_postgres_restart(own_postgres: OwnPostgres) -> 
         await wait_for(listening, what="the waiters' listener")
         by_get = asyncio.create_task(api.get(f"{API}/jobs/{ids['a']}", params={"wait": "30"}))
         by_post = asyncio.create_task(api.post(f"{API}/jobs/wait", json={"ids": [ids["b"]], "timeout": 30}))
+        requests += [by_get, by_post]
 
         async def both_waiting() -> bool:
             return waiters.waiting == 2
 
         await wait_for(both_waiting, what="both requests to wait")
+        await asyncio.sleep(0.5)  # registered first, then each reads its jobs once: let that read end
 
         await asyncio.to_thread(own_postgres.stop)
         await wait_for(lambda: _is(not waiters.connected), what="the listener to notice the outage")
@@ -128,11 +134,125 @@ async def test_waiters_survive_a_postgres_restart(own_postgres: OwnPostgres) -> 
         print(f"restart: a answered {a_waited:.2f}s after completion (listener up then: {listener_was_up}), "
               f"b {b_waited * 1000:.0f} ms")  # fmt: skip
     finally:
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
         await api.close()
 
 
 async def _is(value: bool) -> bool:
     return value
+
+
+class HoldingProxy:
+    """A TCP proxy to PostgreSQL that, when the server ends a connection, holds the client's side
+    open for ``hold`` seconds: what the client read last (a FATAL) arrives well before the close."""
+
+    def __init__(self, dsn: str, hold: float) -> None:
+        self.upstream = dsn
+        self.hold = hold
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        self._host = query.get("host", [parts.hostname or "localhost"])[0]
+        self._port = parts.port or int(query.get("port", ["0"])[0])
+        if self._host.startswith("/") and not self._port:  # the server's one socket in that directory
+            (socket_file,) = (p for p in Path(self._host).iterdir() if re.fullmatch(r"\.s\.PGSQL\.\d+", p.name))
+            self._port = int(socket_file.name.rsplit(".", 1)[1])
+        self.server_closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
+        return await asyncio.open_connection(self._host, self._port or 5432)
+
+    @property
+    def dsn(self) -> str:
+        """The upstream DSN, through the proxy."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self.upstream)
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+        userinfo = parts.netloc.rpartition("@")[0]
+        return urlunsplit((parts.scheme, f"{userinfo}@127.0.0.1:{port}", parts.path, query, ""))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await self._open_upstream()
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+        to_server = asyncio.create_task(pipe(client_reader, up_writer))
+        try:
+            with contextlib.suppress(ConnectionError):
+                await pipe(up_reader, client_writer)
+            if not to_server.done():  # the server, not the client, ended it
+                self.server_closed.set()
+                await asyncio.sleep(self.hold)
+        finally:
+            to_server.cancel()
+            client_writer.close()
+            up_writer.close()
+            self._tasks.discard(task)
+
+
+@pytest.fixture
+async def holding_proxy(database_url: str) -> AsyncIterator[HoldingProxy]:
+    proxy = HoldingProxy(database_url, hold=3.0)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_connection_ended_by_postgres_under_the_api_answers_503_not_500(
+    database_url: str, holding_proxy: HoldingProxy
+) -> None:
+    """PostgreSQL ends an idle pooled connection (a restart, pg_terminate_backend): its FATAL is read
+    before the socket's close. A query started in between failed with asyncpg's InternalClientError
+    ("cannot switch to state 12; another operation (2) is in progress"), which the API answered with
+    500 internal error: a waiter whose first read met a PostgreSQL restart got it (test above, now
+    and then). The proxy widens that moment to seconds."""
+    settings = Settings(database_url=holding_proxy.dsn, migrate_on_start=False, db_pool_max_size=1)
+    api = await in_process_api(settings)
+    try:
+        assert (await api.get(f"{API}/jobs")).status == 200
+        conn = await asyncpg.connect(database_url)
+        try:
+            ended = await conn.fetchval(
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                   WHERE datname = current_database() AND application_name = 'aiservice-api'"""
+            )
+        finally:
+            await conn.close()
+        assert ended == 1
+        await asyncio.wait_for(holding_proxy.server_closed.wait(), 5)
+        await asyncio.sleep(0.2)  # the FATAL is read; the close is still held back
+        refused = await api.get(f"{API}/jobs")
+        body = await refused.json()
+        assert (refused.status, body["error"]["code"]) == (503, "database_unavailable"), body
+
+        async def recovered() -> bool:
+            return (await api.get(f"{API}/jobs")).status == 200
+
+        await wait_for(recovered, within=10, what="the API to reconnect once the close arrived")
+    finally:
+        await api.close()
 
 
 # (b) ------------------------------------------------------------------------------------------

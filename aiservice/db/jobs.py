@@ -54,6 +54,9 @@ _CONNECTION_ERRORS = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # PostgreSQL's FATAL (a restart, pg_terminate_backend) read on an idle pooled connection just
+    # before its close: asyncpg refuses the next operation on it with this until the close arrives.
+    asyncpg.InternalClientError,
 )
 
 
