@@ -59,6 +59,14 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class ClientDisconnected(ServiceError):
+    """The client closed the connection before its request body arrived. Nobody reads the answer;
+    499 (nginx's "client closed request") keeps such requests apart in logs and metrics."""
+
+    status = 499
+    code = "client_disconnected"
+
+
 class UnsupportedMediaType(ServiceError):
     status = 415
     code = "unsupported_media_type"
@@ -74,6 +82,14 @@ class InvalidArgument(ServiceError):
 class DatabaseUnavailable(ServiceError):
     status = 503
     code = "database_unavailable"
+
+
+class Contention(ServiceError):
+    """SQLSTATE 40P01 (deadlock) or 40001 (serialization failure), still there after JobStore's retries:
+    the statement was rolled back and changed nothing, so the caller may simply send it again."""
+
+    status = 503
+    code = "contention"
 
 
 SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
@@ -94,6 +110,9 @@ SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
     "54000": InvalidArgument,  # program_limit_exceeded (jsonb too deep or too large)
     "54001": InvalidArgument,  # statement_too_complex (deep nesting)
     "2201W": InvalidArgument,  # invalid_row_count_in_limit_clause (negative limit via SQL)
+    # Rolled back for concurrent transactions: retried by JobStore, then 503, never 500.
+    "40001": Contention,  # serialization_failure
+    "40P01": Contention,  # deadlock_detected
     # PostgreSQL cannot serve us at all: readiness answers 503, requests 503, never 500.
     "08000": DatabaseUnavailable,  # connection_exception
     "08001": DatabaseUnavailable,  # sqlclient_unable_to_establish_sqlconnection

@@ -9,13 +9,15 @@ the first LABEL_VALUE_LIMIT others this process sees; any further value is count
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from aiservice.jobs import Job, Stats
+    from aiservice.jobs import Stats
 
 # One batch of 5,000 task types must not turn into 5,000 series per metric.
 LABEL_VALUE_LIMIT = 50
@@ -106,12 +108,38 @@ class BoundedHistogram(Histogram):
 # Job durations span milliseconds (stubs, cache hits) to an hour (long transcriptions).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
-JOBS_CREATED = BoundedCounter(
-    "aiservice_jobs_created_total",
-    "Jobs created through this process",
-    ["task_type", "model_profile"],
-    registry=REGISTRY,
-)
+
+class CreatedTotals(Collector):
+    """aiservice_jobs_created_total: jobs created through any door (HTTP or the SQL API), as the
+    database counts them (stats()["created"]). A Counter counts what its own process sees, which
+    missed every job created in SQL; this exposes the database's totals instead, as a counter (they
+    only grow: deleting jobs does not lower them). Every API process reports the same totals, set by
+    refresh_queue after each maintenance pass: aggregate replicas with max(), not sum()."""
+
+    NAME = "aiservice_jobs_created"
+    HELP = "Jobs created through HTTP and the SQL API alike (database counters, refreshed every MAINTENANCE_INTERVAL)"
+
+    def __init__(self) -> None:
+        self._totals: dict[tuple[str, str], int] = {}
+
+    def set(self, totals: dict[tuple[str, str], int]) -> None:
+        self._totals = dict(totals)
+
+    def value(self, task_type: str, model_profile: str) -> int:
+        return self._totals.get((task_type, model_profile), 0)
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["task_type", "model_profile"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["task_type", "model_profile"])
+        for (task_type, model_profile), count in sorted(self._totals.items()):
+            family.add_metric([task_type, model_profile], count)
+        yield family
+
+
+JOBS_CREATED = CreatedTotals()
+REGISTRY.register(JOBS_CREATED)
 JOBS_FINISHED = BoundedCounter(
     "aiservice_jobs_finished_total",
     "Job attempts finished by this process",
@@ -197,15 +225,6 @@ HTTP_SECONDS = Histogram(
 )
 
 
-def count_created(jobs: Iterable[Job]) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    for job in jobs:
-        key = (job.task_type, job.model_profile)
-        counts[key] = counts.get(key, 0) + 1
-    for (task_type, model_profile), n in counts.items():
-        JOBS_CREATED.labels(task_type, model_profile).inc(n)
-
-
 _LIMIT_FIELDS = {
     "max_running",
     "max_per_minute",
@@ -217,12 +236,17 @@ _LIMIT_FIELDS = {
 
 
 def refresh_queue(stats: Stats) -> None:
-    """Set the queue gauges from one stats() read (series that vanished are dropped); the rows that
-    share a series once bounded (``other``) are summed, and their oldest age is kept."""
+    """Set the queue gauges and the created totals from one stats() read (series that vanished are
+    dropped); the rows that share a series once bounded (``other``) are summed, and their oldest age is kept."""
     depth: dict[tuple[str, str, str], int] = {}
     for row in stats.by_status:
         key = (bounded("task_type", row.task_type), bounded("model_profile", row.model_profile), row.status.value)
         depth[key] = depth.get(key, 0) + row.count
+    created: dict[tuple[str, str], int] = {}
+    for made in stats.created:
+        pair = (bounded("task_type", made.task_type), bounded("model_profile", made.model_profile))
+        created[pair] = created.get(pair, 0) + made.count
+    JOBS_CREATED.set(created)
     oldest: dict[str, float] = {}
     for pending in stats.oldest_pending:
         task_type = bounded("task_type", pending.task_type)

@@ -14,6 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
+from aiservice import rules
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # A credential in Authorization form (RFC 7617 / RFC 6750 token68), as servers echo it in errors. Eight
@@ -236,6 +238,8 @@ def _convert(name: str, raw: str) -> object:
             raise ValueError(f"{number} is not a port number (0-65535)")
         if name in _POSITIVE_INTS and number < 1:
             raise ValueError(f"{number} must be at least 1")
+        if name == "worker_claim_limit" and number > rules.CLAIM_LIMIT_MAX:
+            raise ValueError(f"{number} is more than claim_jobs takes ({rules.CLAIM_LIMIT_MAX})")
         return number
     if kind == "bool":
         lowered = raw.strip().lower()
@@ -250,6 +254,8 @@ def _convert(name: str, raw: str) -> object:
         value = parse_duration(raw)
         if value <= timedelta(0):
             raise ValueError(f"{raw!r} must be longer than zero")
+        if name == "worker_lease_timeout" and value > rules.MAX_LEASE_TIMEOUT:
+            raise ValueError(f"{raw!r} is longer than claim_jobs allows ({format_duration(rules.MAX_LEASE_TIMEOUT)})")
         return value
     if kind == "Path":
         return Path(raw)

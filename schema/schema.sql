@@ -24,6 +24,23 @@ CREATE SCHEMA aiservice;
 
 
 --
+-- Name: job_fields; Type: TYPE; Schema: aiservice; Owner: -
+--
+
+CREATE TYPE aiservice.job_fields AS (
+	owner_service text,
+	owner_ref text,
+	task_type text,
+	model_profile text,
+	input jsonb,
+	priority integer,
+	run_at timestamp with time zone,
+	max_attempts integer,
+	idempotency_key text
+);
+
+
+--
 -- Name: job_status; Type: TYPE; Schema: aiservice; Owner: -
 --
 
@@ -263,6 +280,8 @@ $$;
 CREATE FUNCTION aiservice.cancel_jobs(p_ids bigint[] DEFAULT NULL::bigint[], p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_all boolean DEFAULT false) RETURNS SETOF bigint
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM aiservice.require_filter('cancel',
         num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
@@ -271,6 +290,9 @@ BEGIN
     IF NOT coalesce(p_statuses, '{pending,running}') <@ '{pending,running}'::aiservice.job_status[] THEN
         RAISE EXCEPTION 'only pending and running jobs can be cancelled' USING ERRCODE = 'AS422';
     END IF;
+    v_ids := aiservice.lock_matching(
+        p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+        coalesce(p_statuses, '{pending,running}'), p_created_after, p_created_before);
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'cancelled',
@@ -278,12 +300,7 @@ BEGIN
         lease_expires_at = NULL,
         finished_at = now(),
         updated_at = now()
-    FROM aiservice.list_jobs(
-        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{pending,running}'),
-        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
-        p_limit => NULL) m
-    WHERE j.id = m.id AND j.status IN ('pending', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
     RETURNING j.id;
 END;
 $$;
@@ -623,6 +640,10 @@ CREATE FUNCTION aiservice.compact_counts() RETURNS bigint
         SELECT minute, task_type, model_profile, status, error_category, sum(n)
         FROM moved WHERE minute IS NOT NULL GROUP BY 1, 2, 3, 4, 5
         ON CONFLICT (minute, task_type, model_profile, status, error_category) DO UPDATE SET n = f.n + excluded.n
+    ), creations AS (
+        INSERT INTO aiservice.job_creations AS c (task_type, model_profile, n)
+        SELECT task_type, model_profile, sum(created) FROM moved WHERE created > 0 GROUP BY 1, 2
+        ON CONFLICT (task_type, model_profile) DO UPDATE SET n = c.n + excluded.n
     ), forgotten AS (
         DELETE FROM aiservice.job_finishes WHERE minute < now() - interval '8 days'
     )
@@ -767,8 +788,8 @@ CREATE FUNCTION aiservice.count_inserted() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
-    SELECT task_type, model_profile, status, count(*) FROM new_jobs GROUP BY 1, 2, 3;
+    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n, created)
+    SELECT task_type, model_profile, status, count(*), count(*) FROM new_jobs GROUP BY 1, 2, 3;
     RETURN NULL;
 END;
 $$;
@@ -865,7 +886,8 @@ BEGIN
     IF EXISTS (
         SELECT 1 FROM jsonb_array_elements(p_jobs) e
         WHERE jsonb_typeof(e) <> 'object'
-           OR jsonb_typeof(coalesce((p_defaults || e) -> 'input', '{}'::jsonb)) <> 'object'
+           OR jsonb_typeof(coalesce(nullif(e -> 'input', 'null'), nullif(p_defaults -> 'input', 'null'), '{}'::jsonb))
+              <> 'object'
     ) THEN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
@@ -924,11 +946,19 @@ BEGIN
 
     -- Ids are drawn up front so each input row can be matched to its inserted row.
     WITH spec AS MATERIALIZED (
-        SELECT s.*, e.ord, nextval('aiservice.jobs_id_seq') AS new_id
+        SELECT coalesce(s.owner_service, d.owner_service) AS owner_service,
+               coalesce(s.owner_ref, d.owner_ref) AS owner_ref,
+               coalesce(s.task_type, d.task_type) AS task_type,
+               coalesce(s.model_profile, d.model_profile) AS model_profile,
+               coalesce(s.input, d.input) AS input,
+               coalesce(s.priority, d.priority) AS priority,
+               coalesce(s.run_at, d.run_at) AS run_at,
+               coalesce(s.max_attempts, d.max_attempts) AS max_attempts,
+               coalesce(s.idempotency_key, d.idempotency_key) AS idempotency_key,
+               e.ord, nextval('aiservice.jobs_id_seq') AS new_id
         FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
-        CROSS JOIN LATERAL jsonb_to_record(p_defaults || e.doc) AS s(
-            owner_service text, owner_ref text, task_type text, model_profile text, input jsonb,
-            priority integer, run_at timestamptz, max_attempts integer, idempotency_key text)
+        CROSS JOIN LATERAL jsonb_populate_record(NULL::aiservice.job_fields, e.doc) AS s
+        CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
         ORDER BY e.ord
     ),
     ins AS (
@@ -1130,6 +1160,7 @@ CREATE FUNCTION aiservice.expire_leases() RETURNS SETOF aiservice.jobs
     WITH expired AS (
         SELECT id FROM aiservice.jobs
         WHERE status = 'running' AND lease_expires_at < now()
+        ORDER BY id  -- the lock order of every multi-row writer
         FOR UPDATE SKIP LOCKED
     )
     UPDATE aiservice.jobs j
@@ -1512,6 +1543,37 @@ $$;
 
 
 --
+-- Name: lock_matching(bigint[], text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.lock_matching(p_ids bigint[], p_owner_service text, p_owner_ref text, p_task_type text, p_model_profile text, p_statuses aiservice.job_status[], p_created_after timestamp with time zone, p_created_before timestamp with time zone) RETURNS bigint[]
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_locked bigint[];
+BEGIN
+    v_locked := ARRAY(
+        SELECT j.id FROM aiservice.jobs j
+        WHERE j.id IN (
+            SELECT m.id FROM aiservice.list_jobs(
+                p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+                p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+                p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m)
+        ORDER BY j.id
+        FOR UPDATE OF j);
+    -- A new statement, so a newer snapshot than any lock wait above: it reads the locked jobs as
+    -- they are now, and nobody can change them any more before this transaction ends.
+    RETURN ARRAY(
+        SELECT m.id FROM aiservice.list_jobs(
+            p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+            p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+            p_created_before => p_created_before, p_ids => v_locked, p_limit => NULL) m
+        ORDER BY m.id);
+END;
+$$;
+
+
+--
 -- Name: lock_running(bigint, text, uuid); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1679,10 +1741,13 @@ DECLARE
     v_n bigint;
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
-    FROM (SELECT id FROM aiservice.jobs
-          WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
-          ORDER BY run_at LIMIT p_limit
-          FOR UPDATE SKIP LOCKED) due
+    FROM (SELECT s.id FROM aiservice.jobs s
+          WHERE s.id IN (SELECT id FROM aiservice.jobs
+                         WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
+                         ORDER BY run_at LIMIT p_limit)
+            AND s.status = 'pending' AND s.scheduled AND NOT s.blocked AND s.run_at <= now()
+          ORDER BY s.id  -- the lock order of every multi-row writer
+          FOR UPDATE OF s SKIP LOCKED) due
     WHERE j.id = due.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
@@ -1706,14 +1771,22 @@ BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 THEN
         RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
     END IF;
-    WITH doomed AS (
+    WITH oldest AS (
         SELECT id FROM aiservice.jobs
         WHERE finished_at < now() - p_older_than
           AND finished_at IS NOT NULL
           AND status IN ('completed', 'failed', 'cancelled')
         ORDER BY finished_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+    ),
+    doomed AS (
+        -- Locked in ascending id order, like every multi-row writer; a job retried meanwhile is kept.
+        SELECT j.id FROM aiservice.jobs j
+        WHERE j.id IN (SELECT id FROM oldest)
+          AND j.finished_at < now() - p_older_than
+          AND j.status IN ('completed', 'failed', 'cancelled')
+        ORDER BY j.id
+        FOR UPDATE OF j SKIP LOCKED
     )
     DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id;
     GET DIAGNOSTICS v_deleted = ROW_COUNT;
@@ -1814,7 +1887,7 @@ CREATE FUNCTION aiservice.require_filter(p_action text, p_given boolean, p_all b
 BEGIN
     IF NOT p_given AND NOT coalesce(p_all, false) THEN
         RAISE EXCEPTION 'refusing to % every job: give a filter, or p_all => true', p_action
-            USING ERRCODE = 'AS422';
+            USING ERRCODE = 'AS422', CONSTRAINT = p_action || '_jobs_filter_required';
     END IF;
 END;
 $$;
@@ -1931,6 +2004,8 @@ $$;
 CREATE FUNCTION aiservice.retry_jobs(p_ids bigint[] DEFAULT NULL::bigint[], p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_all boolean DEFAULT false) RETURNS SETOF bigint
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM aiservice.require_filter('retry',
         num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
@@ -1939,6 +2014,9 @@ BEGIN
     IF NOT coalesce(p_statuses, '{failed,running}') <@ '{failed,running}'::aiservice.job_status[] THEN
         RAISE EXCEPTION 'only failed and running jobs can be retried' USING ERRCODE = 'AS422';
     END IF;
+    v_ids := aiservice.lock_matching(
+        p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+        coalesce(p_statuses, '{failed,running}'), p_created_after, p_created_before);
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'pending',
@@ -1958,12 +2036,7 @@ BEGIN
         scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
                             WHERE d.job_id = j.id AND x.status <> 'completed'),
         updated_at = now()
-    FROM aiservice.list_jobs(
-        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{failed,running}'),
-        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
-        p_limit => NULL) m
-    WHERE j.id = m.id AND j.status IN ('failed', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status IN ('failed', 'running')
     RETURNING j.id;
 END;
 $$;
@@ -2120,6 +2193,13 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
         ORDER BY finished_at DESC
         LIMIT 5000
     ),
+    created AS (
+        SELECT task_type, model_profile, sum(n)::bigint AS n
+        FROM (SELECT task_type, model_profile, n FROM aiservice.job_creations
+              UNION ALL
+              SELECT task_type, model_profile, created FROM aiservice.job_count_deltas WHERE created > 0) c
+        GROUP BY 1, 2
+    ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age
         FROM aiservice.jobs WHERE status = 'pending' AND NOT scheduled  -- the claim index
@@ -2127,11 +2207,19 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
     )
     SELECT jsonb_build_object(
         'window_seconds', extract(epoch FROM p_window)::float8,
+        'totals', (
+            SELECT jsonb_object_agg(s.status, coalesce(t.n, 0))
+            FROM unnest(enum_range(NULL::aiservice.job_status)) s(status)
+            LEFT JOIN (SELECT status, sum(n) AS n FROM counts GROUP BY 1) t ON t.status = s.status),
         'by_status', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                 'status', status, 'task_type', task_type, 'model_profile', model_profile, 'count', n)
                 ORDER BY status, task_type, model_profile)
             FROM counts), '[]'::jsonb),
+        'created', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('task_type', task_type, 'model_profile', model_profile, 'count', n)
+                ORDER BY task_type, model_profile)
+            FROM created), '[]'::jsonb),
         'errors', coalesce((
             SELECT jsonb_agg(jsonb_build_object('error_category', error_category, 'count', n) ORDER BY error_category)
             FROM (SELECT error_category, sum(n) AS n FROM finishes WHERE status = 'failed' GROUP BY 1) e),
@@ -2247,7 +2335,8 @@ CREATE TABLE aiservice.job_count_deltas (
     status aiservice.job_status NOT NULL,
     minute timestamp with time zone,
     error_category text,
-    n bigint NOT NULL
+    n bigint NOT NULL,
+    created bigint DEFAULT 0 NOT NULL
 )
 WITH (autovacuum_vacuum_scale_factor='0', autovacuum_vacuum_threshold='1000');
 
@@ -2260,6 +2349,17 @@ CREATE TABLE aiservice.job_counts (
     task_type text NOT NULL,
     model_profile text NOT NULL,
     status aiservice.job_status NOT NULL,
+    n bigint NOT NULL
+);
+
+
+--
+-- Name: job_creations; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.job_creations (
+    task_type text NOT NULL,
+    model_profile text NOT NULL,
     n bigint NOT NULL
 );
 
@@ -2373,6 +2473,14 @@ ALTER TABLE ONLY aiservice.finished_dependencies
 
 ALTER TABLE ONLY aiservice.job_counts
     ADD CONSTRAINT job_counts_pkey PRIMARY KEY (task_type, model_profile, status);
+
+
+--
+-- Name: job_creations job_creations_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.job_creations
+    ADD CONSTRAINT job_creations_pkey PRIMARY KEY (task_type, model_profile);
 
 
 --

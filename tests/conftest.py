@@ -58,8 +58,10 @@ def _scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_metric_labels() -> None:
-    """The metrics keep the first caller-chosen label values a process sees; each test starts afresh."""
+    """The metrics keep the first caller-chosen label values a process sees, and the created totals
+    of the database they last read; each test starts afresh."""
     metrics.forget_label_values()
+    metrics.JOBS_CREATED.set({})
 
 
 @pytest.fixture(scope="session")

@@ -384,6 +384,33 @@ async def test_batch_refuses_a_job_missing_a_field_after_defaults_and_creates_no
     assert await count_jobs(api) == 0
 
 
+async def test_batch_errors_name_the_job_by_its_index(api: Client) -> None:
+    """The defaults go to SQL unmerged; what a job lacks, or holds wrongly, is still named by its index."""
+    defaults = {"owner_service": "telephony", "task_type": "t"}
+    jobs = [{"owner_ref": "a", "model_profile": "m"}, {"owner_ref": "b"}, {"model_profile": "m"}]
+    error = await refused(await api.post(f"{API}/jobs/batch", json={"defaults": defaults, "jobs": jobs}), 422)
+    assert [d["loc"] for d in error["details"]] == [["jobs", 1, "model_profile"], ["jobs", 2, "owner_ref"]]
+    assert error["message"].startswith("jobs.1.model_profile: ")
+    jobs = [{"owner_ref": "a", "model_profile": "m"}, {"owner_ref": "b", "model_profile": "m", "priority": 5000}]
+    error = await refused(await api.post(f"{API}/jobs/batch", json={"defaults": defaults, "jobs": jobs}), 422)
+    assert [d["loc"] for d in error["details"]] == [["jobs", 1, "priority"]]
+    assert await count_jobs(api) == 0
+
+
+async def test_a_batch_makes_the_same_jobs_over_http_and_over_sql(api: Client, conn: Any) -> None:
+    defaults = {"owner_service": "s", "task_type": "t", "model_profile": "m", "priority": 3, "input": {"d": 1}}
+    jobs = [
+        {"owner_ref": "a"},
+        {"owner_ref": "b", "priority": None, "input": None, "max_attempts": None},
+        {"owner_ref": "c", "priority": -4, "input": {"own": True}, "model_profile": "other", "max_attempts": 7},
+    ]
+    fields = ("owner_service", "owner_ref", "task_type", "model_profile", "input", "priority", "max_attempts")
+    over_http = (await ok(await api.post(f"{API}/jobs/batch", json={"defaults": defaults, "jobs": jobs}), 201))["jobs"]
+    over_sql = await conn.fetch("SELECT (r.job).* FROM aiservice.create_jobs($1, $2) r", jobs, defaults)
+    assert [tuple(j[f] for f in fields) for j in over_http] == [tuple(r[f] for f in fields) for r in over_sql]
+    assert [j["priority"] for j in over_http] == [3, 3, -4]
+
+
 # --- retry and cancel by filter -----------------------------------------------------
 
 
@@ -430,7 +457,8 @@ async def test_an_empty_filter_is_refused_unless_all(api: Client) -> None:
         for body in ({}, {"all": False}, {"status": []}, {"status": None}, {"owner_service": None, "ids": None}):
             response = await api.post(f"{API}/jobs/{action}", json=body)
             error = await refused(response, 422, "invalid_argument")
-            assert "all" in error["message"], (action, body)
+            # In the words of an HTTP caller, not of the SQL function (p_all => true).
+            assert error["message"] == f'refusing to {action} every job: give a filter or ids, or "all": true', body
     assert (await get(api, pending["id"]))["status"] == "pending"
     assert (await get(api, fail["id"]))["status"] == "failed"
 
@@ -788,7 +816,9 @@ async def test_stats_on_an_empty_queue(api: Client) -> None:
     stats = await ok(await api.get(f"{API}/stats"))
     assert stats == {
         "window_seconds": 3600,
+        "totals": {"pending": 0, "running": 0, "completed": 0, "failed": 0, "cancelled": 0},
         "by_status": [],
+        "created": [],
         "errors": [],
         "errors_last_hour": [],
         "oldest_pending_age_seconds": None,

@@ -33,13 +33,15 @@ async def test_metrics_are_open_and_parse(api_factory: Any) -> None:
         assert name in families
 
 
-async def test_requests_and_creations_are_counted_by_route_template(api: Any) -> None:
+async def test_requests_and_creations_are_counted_by_route_template(api: Any, store: JobStore) -> None:
     before = samples(await (await api.get("/metrics")).text())
     body = {"owner_service": "t", "owner_ref": "r1", "task_type": "metric_task", "model_profile": "m"}
     created = await (await api.post("/api/v1/jobs", json=body)).json()
-    await api.post("/api/v1/jobs", json=body | {"owner_ref": "r2"})
+    await api.post("/api/v1/jobs", json=body | {"owner_ref": "r2", "idempotency_key": "k"})
+    await api.post("/api/v1/jobs", json=body | {"owner_ref": "r2", "idempotency_key": "k"})  # a repeat: no job
     await api.get(f"/api/v1/jobs/{created['id']}")
     await api.get("/api/v1/jobs/999999")
+    metrics.refresh_queue(await store.stats())  # what the maintenance loop does every few seconds
     after = samples(await (await api.get("/metrics")).text())
 
     created_total = "aiservice_jobs_created_total"
@@ -57,6 +59,33 @@ async def test_requests_and_creations_are_counted_by_route_template(api: Any) ->
     routes = {s.labels["route"] for s in after[requests]}
     assert routes <= templates, "raw paths (with ids) must never be labels"
     assert "unmatched" in routes
+
+
+async def test_jobs_created_through_sql_are_counted_too(api: Any, store: JobStore, conn: Any) -> None:
+    """aiservice_jobs_created_total counts every job the database holds a creation of, whichever
+    door it came through, with bounded labels; deleting jobs never lowers it."""
+    before = samples(await (await api.get("/metrics")).text())
+    body = {"owner_service": "t", "owner_ref": "http", "task_type": "door_task", "model_profile": "dm"}
+    assert (await api.post("/api/v1/jobs", json=body)).status == 201
+    await conn.execute("SELECT (r.job).id FROM aiservice.create_job('t', 'sql', 'door_task', 'dm') r")
+    await conn.execute(
+        "SELECT (r.job).id FROM aiservice.create_jobs($1, $2) r",
+        [{"owner_ref": "a"}, {"owner_ref": "b"}],
+        {"owner_service": "t", "task_type": "door_task", "model_profile": "dm"},
+    )
+    metrics.refresh_queue(await store.stats())
+    after = samples(await (await api.get("/metrics")).text())
+    name = "aiservice_jobs_created_total"
+    labels = {"task_type": "door_task", "model_profile": "dm"}
+    assert value(after, name, **labels) - value(before, name, **labels) == 4
+
+    # Counters folded, then every job deleted (retention): the total stays.
+    await store.compact_counts()
+    await conn.execute("DELETE FROM aiservice.jobs")
+    metrics.refresh_queue(await store.stats())
+    after = samples(await (await api.get("/metrics")).text())
+    assert value(after, name, **labels) - value(before, name, **labels) == 4
+    assert [(c.task_type, c.model_profile, c.count) for c in (await store.stats()).created] == [("door_task", "dm", 4)]
 
 
 async def test_queue_gauges_follow_sql(store: JobStore, job_factory: Any) -> None:
@@ -92,6 +121,7 @@ async def test_caller_chosen_labels_stay_bounded(api: Any, store: JobStore) -> N
         "/api/v1/jobs", json={**jobs[0], "owner_service": "t", "owner_ref": "x", "task_type": "llm_chat"}
     )
     assert known.status == 201
+    metrics.refresh_queue(await store.stats())
 
     text = await (await api.get("/metrics")).text()
     found = samples(text)

@@ -242,3 +242,27 @@ async def test_the_document_needs_the_token_when_one_is_set(api_factory: ClientF
     response = await api.get(OPENAPI_PATH, headers={"Authorization": "Bearer s3cret"})
     assert response.status == 200
     assert await response.json() == openapi_document()
+
+
+def test_the_stats_response_is_described_field_by_field(served: dict[str, Any]) -> None:
+    """GET /stats answers Stats: every field of it, and of every object inside it, carries a
+    description, and totals names every status."""
+    operation = served["paths"]["/api/v1/stats"]["get"]
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == f"{REF_PREFIX}Stats"
+    seen: set[str] = set()
+    todo = [f"{REF_PREFIX}Stats"]
+    while todo:
+        ref = todo.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        schema = schema_of(served, ref)
+        if "enum" in schema:
+            continue
+        assert schema.get("description"), f"{ref} has no description"
+        for name, prop in schema["properties"].items():
+            assert prop.get("description"), f"{ref}.{name} has no description"
+            todo.extend(refs(prop))
+    totals = schema_of(served, f"{REF_PREFIX}StatusTotals")
+    assert set(totals["properties"]) == set(totals["required"]) == {s.value for s in JobStatus}
+    assert {f"{REF_PREFIX}{name}" for name in ("StatusTotals", "CreatedCount", "StatusCount", "Limit")} <= seen

@@ -72,6 +72,8 @@ def test_environment_is_read() -> None:
         ("WORKER_CLAIM_LIMIT", "0"),
         ("LLM_TIMEOUT", "5 minutes"),
         ("WORKER_LEASE_TIMEOUT", "0"),
+        ("WORKER_LEASE_TIMEOUT", "169h"),  # claim_jobs refuses leases over 7 days
+        ("WORKER_CLAIM_LIMIT", "1001"),  # and more than 1000 jobs a call
         ("MIGRATE_ON_START", "maybe"),
         ("LLM_BASE_URL", "not a url"),
         ("LOG_LEVEL", "LOUD"),

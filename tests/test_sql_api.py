@@ -261,7 +261,7 @@ async def test_create_jobs_refuses_bad_input(conn: Conn) -> None:
         ([JOB, 1], {}),
         ([JOB, [JOB]], {}),
         ([JOB | {"input": [1, 2]}], {}),
-        ([JOB | {"input": None}], {}),
+        ([JOB | {"input": None}], {"input": "text"}),
         ([JOB], {"input": "text"}),
         ([JOB], []),
         ([JOB], None),
@@ -269,6 +269,17 @@ async def test_create_jobs_refuses_bad_input(conn: Conn) -> None:
         args = {"jobs": jobs, "defaults": defaults}
         await refused("AS422", select(conn, "create_jobs", args, "(r.job).*, r.created"))
     assert await count(conn) == 0
+
+
+async def test_create_jobs_takes_a_default_for_a_field_given_as_null(conn: Conn) -> None:
+    """null means "not given", as in the HTTP batch: the default applies, then create_job's own."""
+    defaults = JOB | {"priority": 7, "input": {"lang": "ru"}, "max_attempts": 5}
+    (row,) = await create_jobs(
+        conn, [{"owner_ref": "n", "priority": None, "input": None, "max_attempts": None}], defaults
+    )
+    assert (row["priority"], row["input"], row["max_attempts"]) == (7, {"lang": "ru"}, 5)
+    (row,) = await create_jobs(conn, [JOB | {"owner_ref": "m", "priority": None, "input": None}], {})
+    assert (row["priority"], row["input"]) == (0, {})
 
 
 async def test_create_jobs_is_all_or_nothing(conn: Conn) -> None:
@@ -991,7 +1002,9 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
 async def test_stats(conn: Conn) -> None:
     assert await conn.fetchval("SELECT aiservice.stats()") == {
         "window_seconds": 3600,
+        "totals": {"pending": 0, "running": 0, "completed": 0, "failed": 0, "cancelled": 0},
         "by_status": [],
+        "created": [],
         "errors": [],
         "errors_last_hour": [],
         "oldest_pending_age_seconds": None,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
+from stubs import wait_for
 
 from aiservice.db.pool import connect
 
@@ -198,3 +200,77 @@ async def test_stale_worker_racing_a_reclaim_never_overwrites_the_new_result(
         assert row["status"] == "completed"
         assert row["result"] == {"by": "new" if claimed else "old"}
     assert sum(winners.values()) == 30
+
+
+async def waiting_for_a_lock(conn: Conn, pid: int) -> None:
+    """Until the backend ``pid`` waits for a lock another transaction holds."""
+
+    async def waits() -> bool:
+        return bool(await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
+
+    await wait_for(waits, what=f"backend {pid} to wait for a lock")
+
+
+async def test_writers_of_many_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
+    """complete_jobs, cancel_jobs and retry_jobs on overlapping jobs, given in different orders: all
+    lock in ascending id order, so they wait for each other but never in a cycle."""
+    completer, canceller, retrier = await connections(3)
+    outcomes: Counter[str] = Counter()
+    for round_ in range(30):
+        task_type = f"overlap_{round_}"
+        await conn.fetch(CREATE_JOBS, [{"owner_ref": str(i)} for i in range(40)], JOB | {"task_type": task_type})
+        claimed = await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w1', 40, ARRAY[$1])", task_type)
+        ids = sorted(r["id"] for r in claimed)
+        assert len(ids) == 40
+
+        async def run(c: Conn, sql: str, *args: Any) -> str:
+            try:
+                await c.fetch(sql, *args)
+            except asyncpg.PostgresError as exc:
+                return str(exc.sqlstate)
+            return "ok"
+
+        complete = "SELECT * FROM aiservice.complete_jobs('w1', $1, $2)"
+        calls = [
+            partial(run, completer, complete, ids[5:], [{"round": round_}] * 35),
+            partial(run, canceller, "SELECT * FROM aiservice.cancel_jobs(p_ids => $1)", ids[::-1][:30]),
+            partial(run, retrier, "SELECT * FROM aiservice.retry_jobs(p_ids => $1)", ids[10:][::-1]),
+        ]
+        outcomes.update(await together(calls))
+    assert outcomes == Counter({"ok": 90}), outcomes
+
+
+async def test_cancel_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Conn, connections: Connections) -> None:
+    """A claim makes the job running while cancel_jobs(statuses => pending) waits for its lock: the
+    running job is left alone."""
+    claimer, canceller = await connections(2)
+    job_id = await conn.fetchval("SELECT (r.job).id FROM aiservice.create_job('s', 'r', 'recheck', 'm') r")
+    claim = claimer.transaction()
+    await claim.start()
+    assert [r["id"] for r in await claimer.fetch("SELECT id FROM aiservice.claim_jobs('w1', 1, ARRAY['recheck'])")] == [
+        job_id
+    ]
+    cancel = asyncio.ensure_future(
+        canceller.fetch("SELECT * FROM aiservice.cancel_jobs(p_ids => $1, p_statuses => '{pending}')", [job_id])
+    )
+    await waiting_for_a_lock(conn, canceller.get_server_pid())
+    await claim.commit()
+    assert await cancel == []
+    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "running"
+
+
+async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Conn, connections: Connections) -> None:
+    """The job fails while retry_jobs(statuses => running) waits for its lock: the failed job stays failed."""
+    failer, retrier = await connections(2)
+    job_id = await conn.fetchval("SELECT (r.job).id FROM aiservice.create_job('s', 'r', 'recheck', 'm') r")
+    await conn.execute("SELECT 1 FROM aiservice.claim_jobs('w1', 1, ARRAY['recheck'])")
+    fail = failer.transaction()
+    await fail.start()
+    await failer.execute("SELECT 1 FROM aiservice.fail_job($1, 'w1', 'invalid_input', 'bad')", job_id)
+    retry = asyncio.ensure_future(
+        retrier.fetch("SELECT * FROM aiservice.retry_jobs(p_ids => $1, p_statuses => '{running}')", [job_id])
+    )
+    await waiting_for_a_lock(conn, retrier.get_server_pid())
+    await fail.commit()
+    assert await retry == []
+    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "failed"

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from aiservice.db.jobs import JobStore
-from aiservice.jobs import JobCreate
+from aiservice.jobs import JobCreate, JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -92,3 +92,18 @@ async def test_stats_over_http(api: Any, store: JobStore) -> None:
     body = await response.json()
     assert body["window_seconds"] == 60
     assert (await api.get("/api/v1/stats", params={"window": "-1"})).status == 422
+
+
+async def test_totals_hold_every_status_zeros_included(api: Any, store: JobStore, conn: Conn) -> None:
+    response = await api.get("/api/v1/stats")
+    assert response.status == 200
+    assert (await response.json())["totals"] == {s.value: 0 for s in JobStatus}
+
+    await fleet(store)
+    recount = {s.value: 0 for s in JobStatus}
+    for status, _, _, n in await conn.fetch(RECOUNT):
+        recount[status] += n
+    assert (await store.stats()).totals.model_dump() == recount
+    await store.compact_counts()
+    assert (await (await api.get("/api/v1/stats")).json())["totals"] == recount
+    assert recount["pending"] and recount["running"] and recount["completed"] and recount["failed"]

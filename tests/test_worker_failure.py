@@ -1,13 +1,22 @@
-"""Retry-After parsing and the mapping of provider HTTP statuses to failure categories."""
+"""Retry-After parsing, the mapping of provider HTTP statuses to failure categories, and who decides
+whether a failure is retried (SQL's is_retryable)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
 
+import asyncpg
 import pytest
+from conftest import JobFactory
+from stubs import wait_for
 
+from aiservice.db.jobs import JobStore
+from aiservice.jobs import Job
 from worker import failure
+from worker.runner import Runner
 
+Conn: TypeAlias = "asyncpg.Connection[Any]"
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
@@ -47,10 +56,13 @@ def test_retry_after(headers: dict[str, str], expected: timedelta | None) -> Non
         (422, "", "invalid_request", False),
     ],
 )
-def test_status_categories(status: int, detail: str, category: str, retryable: bool) -> None:
+async def test_status_categories(status: int, detail: str, category: str, retryable: bool, conn: Conn) -> None:
     fail = failure.for_status(status, detail, {}, provider="http://llm:8000/v1")
-    assert (fail.category, fail.retryable) == (category, retryable)
+    assert fail.category == category
     assert fail.message.startswith(f"http://llm:8000/v1 answered HTTP {status}")
+    # The worker has no list of its own: SQL's is_retryable decides, as the README's table says.
+    assert fail.retryable is None
+    assert await conn.fetchval("SELECT aiservice.is_retryable($1)", category) is retryable
 
 
 def test_redact_removes_secrets_and_cuts_long_messages() -> None:
@@ -74,7 +86,7 @@ def test_redact_removes_credentials_a_provider_echoes() -> None:
 )
 def test_a_400_that_means_a_refused_key_is_an_auth_error(error_type: str, code: str | None) -> None:
     fail = failure.for_status(400, "refused", {}, provider="llm", context_code=code, error_type=error_type)
-    assert (fail.category, fail.retryable) == ("auth_error", False)
+    assert fail.category == "auth_error"
 
 
 def test_only_the_code_and_type_passed_are_read() -> None:
@@ -94,3 +106,47 @@ def test_only_the_code_and_type_passed_are_read() -> None:
             400, "No connected db.", {}, provider="llm", context_code="400", error_type="no_db_connection"
         )
     assert (unnamed.category, named.category) == ("invalid_request", "auth_error")
+
+
+class TimesOut:
+    """A job kind whose every attempt times out (a category SQL retries by default)."""
+
+    name = "times_out"
+    task_types: tuple[str, ...] = ("times_out",)
+    model_profiles: tuple[str, ...] = ("m",)
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        raise failure.timeout("no answer")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_sql_is_retryable_decides_what_the_worker_retries(
+    store: JobStore, job_factory: JobFactory, conn: Conn
+) -> None:
+    """An operator who replaces aiservice.is_retryable changes what the built-in workers retry too."""
+    await conn.execute(
+        "CREATE OR REPLACE FUNCTION aiservice.is_retryable(p_category text) RETURNS boolean"
+        " LANGUAGE sql IMMUTABLE AS $$ SELECT false $$"
+    )
+    job = await job_factory(task_type="times_out", model_profile="m")
+    runner = Runner(
+        store,
+        [TimesOut()],
+        worker_id="w1",
+        claim_limit=1,
+        lease_timeout=timedelta(seconds=30),
+        poll_interval=timedelta(milliseconds=50),
+    )
+    runner.start()
+
+    async def attempted() -> bool:
+        return (await store.get_job(job.id)).error_category is not None
+
+    try:
+        await wait_for(attempted, what="the first attempt to fail")
+    finally:
+        await runner.shutdown(grace=5)
+    done = await store.get_job(job.id)
+    assert (done.status, done.error_category, done.attempts) == ("failed", "timeout", 1)

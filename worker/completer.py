@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from aiservice import errors
+from aiservice import errors, rules
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import JobStatus
 from worker.failure import JobFailure
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The most jobs aiservice.complete_jobs takes in one call.
-MAX_BATCH = 1000
+MAX_BATCH = rules.COMPLETE_BATCH_MAX
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Completer:
             outcome = await self._queued(flight, result)
         except errors.InvalidArgument as exc:
             # A result PostgreSQL cannot store (NUL characters, NaN) is the provider's output at fault.
-            await self.fail(flight, JobFailure("output_invalid", exc.message, retryable=False))
+            await self.fail(flight, JobFailure("output_invalid", exc.message))
             return
         if outcome != "completed":
             self._discarded(flight)

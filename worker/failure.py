@@ -1,4 +1,5 @@
-"""Failures of a job attempt: the category stored with the job, and whether the service retries it."""
+"""Failures of a job attempt: the category stored with the job. Whether it is retried is SQL's
+decision (aiservice.is_retryable, called by fail_job) unless a job kind says otherwise."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from aiservice import settings
+from aiservice import rules, settings
 from aiservice.jobs import Job
 from aiservice.providers import AUTH_ERROR_CODES
 
 M = TypeVar("M", bound=BaseModel)
 
-# The SQL function fail_job refuses longer delays.
-MAX_RETRY_AFTER = timedelta(days=7)
-# Enough of a provider's message to diagnose; the column holds 4000 characters.
+# Enough of a provider's message to diagnose; fail_job would keep up to rules.ERROR_MESSAGE_LENGTH.
 MESSAGE_LIMIT = 1000
 
 _CONTEXT_LENGTH = re.compile(
@@ -27,9 +26,15 @@ _CONTEXT_LENGTH = re.compile(
 
 
 class JobFailure(Exception):
-    """Raised by a job kind to fail the attempt with a category; the runner records it with fail_job."""
+    """Raised by a job kind to fail the attempt with a category; the runner records it with fail_job.
 
-    def __init__(self, category: str, message: str, *, retryable: bool, retry_after: timedelta | None = None) -> None:
+    ``retryable`` None (the default) leaves the decision to SQL: fail_job asks
+    aiservice.is_retryable(category), the one list of retryable categories, which an operator may
+    replace. True or False overrides it for this failure."""
+
+    def __init__(
+        self, category: str, message: str, *, retryable: bool | None = None, retry_after: timedelta | None = None
+    ) -> None:
         super().__init__(f"{category}: {message}")
         self.category = category
         self.message = message
@@ -38,7 +43,7 @@ class JobFailure(Exception):
 
 
 def invalid_input(message: str) -> JobFailure:
-    return JobFailure("invalid_input", message, retryable=False)
+    return JobFailure("invalid_input", message)
 
 
 def parse_input(model: type[M], job: Job) -> M:
@@ -52,15 +57,15 @@ def parse_input(model: type[M], job: Job) -> M:
 
 
 def timeout(message: str) -> JobFailure:
-    return JobFailure("timeout", message, retryable=True)
+    return JobFailure("timeout", message)
 
 
 def unavailable(message: str) -> JobFailure:
-    return JobFailure("provider_unavailable", message, retryable=True)
+    return JobFailure("provider_unavailable", message)
 
 
 def output_invalid(message: str) -> JobFailure:
-    return JobFailure("output_invalid", message, retryable=False)
+    return JobFailure("output_invalid", message)
 
 
 def for_status(
@@ -80,16 +85,16 @@ def for_status(
     (AUTH_ERROR_CODES), whatever the status: only what the caller passes is read."""
     message = f"{provider} answered HTTP {status}: {detail}".strip().rstrip(":")
     if status == 429:
-        return JobFailure("rate_limited", message, retryable=True, retry_after=retry_after(headers))
+        return JobFailure("rate_limited", message, retry_after=retry_after(headers))
     if status in (502, 503, 504):
-        return JobFailure("provider_unavailable", message, retryable=True, retry_after=retry_after(headers))
+        return JobFailure("provider_unavailable", message, retry_after=retry_after(headers))
     if status >= 500:
-        return JobFailure("provider_error", message, retryable=True)
+        return JobFailure("provider_error", message)
     if status in (401, 403) or AUTH_ERROR_CODES & _error_codes(context_code, error_type):
-        return JobFailure("auth_error", message, retryable=False)
+        return JobFailure("auth_error", message)
     if context_code == "context_length_exceeded" or _CONTEXT_LENGTH.search(detail):
-        return JobFailure("context_length_exceeded", message, retryable=False)
-    return JobFailure("invalid_request", message, retryable=False)
+        return JobFailure("context_length_exceeded", message)
+    return JobFailure("invalid_request", message)
 
 
 def _error_codes(code: str | None, error_type: str | None) -> set[str]:
@@ -112,7 +117,7 @@ def retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> t
         delay = when - (now or datetime.now(UTC))
     if delay is None:
         return None
-    return min(max(delay, timedelta(0)), MAX_RETRY_AFTER)
+    return min(max(delay, timedelta(0)), rules.MAX_RETRY_AFTER)
 
 
 def _seconds(raw: str | None, unit: float) -> timedelta | None:

@@ -87,9 +87,7 @@ class Supervisor:
         name = flight.kind.name
         log.error("job %d: the %s worker raised", flight.job.id, name, exc_info=exc)
         # The exception text may hold anything (URLs, headers): the stored message names only its type.
-        return JobFailure(
-            "worker_error", f"unexpected {type(exc).__name__} in the {name} worker; see its log", retryable=False
-        )
+        return JobFailure("worker_error", f"unexpected {type(exc).__name__} in the {name} worker; see its log")
 
     def stop_all(self, reason: str) -> None:
         for flight in self.flights:

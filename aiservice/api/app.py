@@ -64,6 +64,9 @@ def error_response(error: errors.ServiceError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except errors.ClientDisconnected as exc:
+        log.info("%s %s: %s", request.method, request.path, exc.message)  # not an error of ours: no traceback
+        return error_response(exc)
     except errors.ServiceError as exc:
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from aiservice import errors, metrics
+from aiservice import errors
 from aiservice.api.schemas import (
     Affected,
     BatchCreate,
@@ -59,9 +59,9 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def validation_error(exc: ValidationError, within: tuple[str, ...] = ()) -> errors.InvalidArgument:
+def validation_error(exc: ValidationError) -> errors.InvalidArgument:
     details = [
-        {"loc": [*within, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -72,7 +72,10 @@ def validation_error(exc: ValidationError, within: tuple[str, ...] = ()) -> erro
 async def body(request: web.Request, model: type[M]) -> M:
     if request.content_type != "application/json":
         raise errors.UnsupportedMediaType("send the body as application/json")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except ConnectionResetError as exc:  # the client went away mid-body (aiohttp: "Connection lost")
+        raise errors.ClientDisconnected("the client closed the connection before its body arrived") from exc
     try:
         # Strict UTF-8 (RFC 8259): json.loads(bytes) would also let encoded surrogates through.
         data = json.loads(raw.decode("utf-8"))
@@ -119,21 +122,16 @@ def store(request: web.Request) -> JobStore:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    spec = await body(request, JobCreate)
-    job, created = await store(request).create_job(spec)
-    if created:
-        metrics.JOBS_CREATED.labels(job.task_type, job.model_profile).inc()
+    job, created = await store(request).create_job(await body(request, JobCreate))
     return reply(job, 201 if created else 200)
 
 
 async def create_jobs(request: web.Request) -> web.Response:
     batch = await body(request, BatchCreate)
-    try:
-        specs = batch.merged()
-    except ValidationError as exc:
-        raise validation_error(exc, within=("jobs",)) from exc
-    created = await store(request).create_jobs(specs)
-    metrics.count_created(job for job, new in created if new)
+    incomplete = batch.incomplete()
+    if incomplete is not None:
+        raise validation_error(incomplete)
+    created = await store(request).create_jobs(batch.jobs, batch.defaults)
     batch_id = next((job.batch_id for job, new in created if new), None)
     return reply(BatchCreated(batch_id=batch_id, jobs=[job for job, _ in created]), 201)
 

@@ -21,7 +21,7 @@ _ERROR_TEXT = {
     413: "Body too large",
     415: "Body is not application/json",
     422: "Validation failed",
-    503: "PostgreSQL unavailable",
+    503: "PostgreSQL unavailable, or the request collided with concurrent ones: retry",
 }
 
 

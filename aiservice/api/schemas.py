@@ -4,66 +4,57 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
-from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import InitErrorDetails
 
+from aiservice import rules
 from aiservice.jobs import (
-    JOB_CREATES,
-    BatchRef,
+    REQUIRED_FIELDS,
+    BatchJob,
     Category,
     ClaimedJob,
+    Closed,
     Delivery,
     Job,
-    JobCreate,
+    JobDefaults,
     JobFilter,
     JobId,
     JobSelection,
+    LeaseToken,
     Limit,
-    MaxAttempts,
     Name,
     Payload,
-    Priority,
-    Ref,
     Strict,
-    Timestamp,
     Webhook,
     WebhookEvent,
-    no_nul,
+    text,
 )
 
-
-class JobDefaults(Strict):
-    """Fields a batch applies to every job that does not set them."""
-
-    owner_service: Name | None = None
-    owner_ref: Ref | None = None
-    task_type: Name | None = None
-    model_profile: Name | None = None
-    input: Payload | None = None
-    priority: Priority | None = None
-    run_at: Timestamp | None = None
-    max_attempts: MaxAttempts | None = None
-
-
-class BatchJob(JobDefaults):
-    idempotency_key: Ref | None = None
-    depends_on: list[JobId | BatchRef] | None = Field(
-        default=None, max_length=100, description='job ids, or "$N" for the N-th job (0-based) of this batch'
-    )
+# Seconds, as HTTP bodies give durations; SQL's bounds (aiservice.rules).
+_MAX_LEASE_SECONDS = rules.MAX_LEASE_TIMEOUT.total_seconds()
+_MAX_RETRY_AFTER_SECONDS = rules.MAX_RETRY_AFTER.total_seconds()
 
 
 class BatchCreate(Strict):
+    """The body of POST /jobs/batch: the defaults go to create_jobs as p_defaults, the jobs as p_jobs."""
+
     defaults: JobDefaults = Field(default_factory=JobDefaults)
     jobs: list[BatchJob] = Field(min_length=1, max_length=50_000)
 
-    def merged(self) -> list[JobCreate]:
-        """Each job with the defaults applied, validated as a single create (in one pass)."""
-        base = self.defaults.model_dump(exclude_none=True)
-        return JOB_CREATES.validate_python([base | job.model_dump(exclude_none=True) for job in self.jobs])
+    def incomplete(self) -> ValidationError | None:
+        """A job that lacks a required field the defaults do not supply either, named by its index."""
+        missing = [name for name in REQUIRED_FIELDS if getattr(self.defaults, name) is None]
+        errors = [
+            InitErrorDetails(type="missing", loc=("jobs", index, name), input=None)
+            for index, job in enumerate(self.jobs)
+            for name in missing
+            if getattr(job, name) is None
+        ]
+        return ValidationError.from_exception_data("BatchCreate", errors) if errors else None
 
 
-class ListQuery(JobFilter):
+class ListQuery(JobFilter):  # from the query string: values arrive as text
     batch_id: list[JobId] | None = Field(default=None, description="jobs of these batches")
     limit: int = Field(default=50, ge=1, le=500)
     cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
@@ -90,7 +81,7 @@ class BatchCreated(BaseModel):
 Seconds = Annotated[float, Field(ge=0, le=60, description="seconds, at most 60")]
 
 
-class WaitQuery(Strict):
+class WaitQuery(Closed):  # from the query string
     wait: Seconds = 0
 
 
@@ -110,7 +101,7 @@ class Webhooks(BaseModel):
     webhooks: list[Webhook]
 
 
-class DeliveryQuery(Strict):
+class DeliveryQuery(Closed):  # from the query string
     status: Literal["pending", "delivered", "failed"] | None = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
@@ -132,32 +123,37 @@ class Affected(BaseModel):
 
 class ClaimRequest(Strict):
     worker_id: Name
-    limit: int = Field(default=1, ge=1, le=1000)
+    limit: int = Field(default=1, ge=1, le=rules.CLAIM_LIMIT_MAX)
     task_types: list[Name] | None = None
     model_profiles: list[Name] | None = None
     lease_timeout: float | None = Field(
-        default=None, gt=0, le=7 * 24 * 3600, description="seconds; WORKER_LEASE_TIMEOUT when omitted"
+        default=None, gt=0, le=_MAX_LEASE_SECONDS, description="seconds; WORKER_LEASE_TIMEOUT when omitted"
     )
 
 
 class CompleteRequest(Strict):
     worker_id: Name
     result: Payload
-    lease_token: UUID | None = None
+    lease_token: LeaseToken | None = None
 
 
 class FailRequest(Strict):
     worker_id: Name
     error_category: Category
-    error_message: str | None = Field(default=None, max_length=4000)
-    retryable: bool | None = None
-    retry_after: float | None = Field(default=None, ge=0, le=7 * 24 * 3600, description="seconds")
-    lease_token: UUID | None = None
+    error_message: str | None = Field(
+        default=None,
+        description=f"stored as its first {rules.ERROR_MESSAGE_LENGTH} characters when longer (as fail_job does)",
+    )
+    retryable: bool | None = Field(
+        default=None, description="null or left out: aiservice.is_retryable(error_category) decides"
+    )
+    retry_after: float | None = Field(default=None, ge=0, le=_MAX_RETRY_AFTER_SECONDS, description="seconds")
+    lease_token: LeaseToken | None = None
 
     @field_validator("error_message")
     @classmethod
     def _message_text(cls, value: str | None) -> str | None:
-        return None if value is None else no_nul(value)
+        return None if value is None else text(value)
 
     def retry_delay(self) -> timedelta | None:
         return None if self.retry_after is None else timedelta(seconds=self.retry_after)
@@ -165,8 +161,8 @@ class FailRequest(Strict):
 
 class HeartbeatRequest(Strict):
     worker_id: Name
-    lease_timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
-    lease_token: UUID | None = None
+    lease_timeout: float | None = Field(default=None, gt=0, le=_MAX_LEASE_SECONDS, description="seconds")
+    lease_token: LeaseToken | None = None
 
 
 class Lease(BaseModel):
@@ -174,7 +170,7 @@ class Lease(BaseModel):
     lease_expires_at: datetime
 
 
-class StatsQuery(Strict):
+class StatsQuery(Closed):  # from the query string: values arrive as text
     window: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="seconds, for latency percentiles")] = 3600
 
 
@@ -214,12 +210,14 @@ class ErrorBody(BaseModel):
 class LimitChange(Strict):
     """The settable fields of a limit: a field not sent keeps its value, one sent as null is cleared."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     paused: bool | None = None
-    max_running: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
-    max_per_minute: Annotated[int, Field(ge=0, le=100_000_000)] | None = None
-    max_tokens_per_minute: Annotated[int, Field(ge=0, le=1_000_000_000_000)] | None = None
-    weight: Annotated[int, Field(ge=1, le=10_000, description="owner_service: share of claims")] | None = None
+    max_running: Annotated[int, Field(ge=0, le=rules.MAX_RUNNING_MAX)] | None = None
+    max_per_minute: Annotated[int, Field(ge=0, le=rules.MAX_PER_MINUTE_MAX)] | None = None
+    max_tokens_per_minute: Annotated[int, Field(ge=0, le=rules.MAX_TOKENS_PER_MINUTE_MAX)] | None = None
+    weight: (
+        Annotated[int, Field(ge=rules.WEIGHT_MIN, le=rules.WEIGHT_MAX, description="owner_service: share of claims")]
+        | None
+    ) = None
     cooldown: bool | None = Field(default=None, description="false: rate limits do not pause the whole profile")
     cooldown_until: None = Field(default=None, description="read-only; null ends a cool-down early")
 

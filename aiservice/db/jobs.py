@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -19,13 +20,15 @@ from aiservice import errors
 from aiservice.jobs import (
     CLAIMED_LIST,
     FINISHED,
-    JOB_CREATES,
     JOB_LIST,
+    JOB_SPECS,
     Batch,
+    BatchJob,
     ClaimedJob,
     Delivery,
     Job,
     JobCreate,
+    JobDefaults,
     JobFilter,
     JobSelection,
     JobStatus,
@@ -45,6 +48,17 @@ FINISHED_CHANNEL = "aiservice_finished"
 _JOB_AND_CREATED = "(r.job).*, r.created"
 
 UNAVAILABLE = "PostgreSQL is unavailable; retry later"
+CONTENDED = "the request collided with concurrent ones ({reason}) and was rolled back; retry it"
+
+# Errors that name a constraint are told to callers of the Python and HTTP API in their own words:
+# SQL's text speaks of its arguments (p_all) and of constraint names, which mean nothing to them.
+# SQL callers keep SQL's text. tests/test_rules.py checks that every constraint named here exists.
+CALLER_WORDS = {
+    "jobs_run_at_finite_check": "run_at is out of range",
+    "jobs_lease_finite_check": "lease_timeout is out of range",
+    "retry_jobs_filter_required": 'refusing to retry every job: give a filter or ids, or "all": true',
+    "cancel_jobs_filter_required": 'refusing to cancel every job: give a filter or ids, or "all": true',
+}
 _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
@@ -72,7 +86,11 @@ async def translate_errors() -> AsyncIterator[None]:
         if kind is errors.DatabaseUnavailable:
             # PostgreSQL's own text would name databases and users: keep it in the logs only.
             raise errors.DatabaseUnavailable(UNAVAILABLE) from exc
-        message = str(getattr(exc, "message", None) or exc)
+        if kind is errors.Contention:
+            reason = "deadlock detected" if exc.sqlstate == "40P01" else "serialization failure"
+            raise errors.Contention(CONTENDED.format(reason=reason)) from exc
+        constraint = getattr(exc, "constraint_name", None)
+        message = CALLER_WORDS.get(constraint or "") or str(getattr(exc, "message", None) or exc)
         raise kind(message) from exc
     except _CONNECTION_ERRORS as exc:
         raise errors.DatabaseUnavailable(UNAVAILABLE) from exc
@@ -111,14 +129,33 @@ def _call(function: str, args: dict[str, Any], select: str = "*") -> tuple[str, 
     return f"SELECT {select} FROM aiservice.{function}({params}) r", [args[n] for n in names]
 
 
+T = TypeVar("T")
+
+
 class JobStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """``contention_retries``: how many more times a call is made when PostgreSQL rolled it back for
+    a deadlock or a serialization failure (each call is one statement in its own transaction, so a
+    rolled-back call changed nothing); after that the caller gets errors.Contention (HTTP 503)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, contention_retries: int = 2) -> None:
         self.pool = pool
+        self.contention_retries = contention_retries
 
     async def _fetch(self, function: str, args: dict[str, Any], select: str = "*") -> list[asyncpg.Record]:
         sql, values = _call(function, args, select)
-        async with translate_errors():
-            return await self.pool.fetch(sql, *values)
+        return await self._retrying(lambda: self.pool.fetch(sql, *values))
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        for retry in range(self.contention_retries + 1):
+            try:
+                async with translate_errors():
+                    return await attempt()
+            except errors.Contention:
+                if retry == self.contention_retries:
+                    raise
+                log.info("retrying a call that PostgreSQL rolled back for contention (retry %d)", retry + 1)
+                await asyncio.sleep(random.uniform(0.01, 0.05) * (retry + 1))  # jitter
+        raise AssertionError("unreachable")
 
     async def _one(self, function: str, args: dict[str, Any]) -> Job:
         (row,) = await self._fetch(function, args)
@@ -144,9 +181,16 @@ class JobStore:
         created = row["created"]
         return _job(row), bool(created)
 
-    async def create_jobs(self, specs: Iterable[JobCreate]) -> list[tuple[Job, bool]]:
-        docs = JOB_CREATES.dump_python(list(specs), mode="json", exclude_none=True)
-        rows = await self._fetch("create_jobs", {"p_jobs": docs}, _JOB_AND_CREATED)
+    async def create_jobs(
+        self, jobs: Sequence[JobCreate | BatchJob], defaults: JobDefaults | None = None
+    ) -> list[tuple[Job, bool]]:
+        """Create the jobs in order; a field a job leaves out (or gives as null) comes from ``defaults``,
+        which create_jobs applies (p_defaults), and then from create_job's own defaults."""
+        docs = JOB_SPECS.dump_python(list(jobs), mode="json", exclude_none=True, exclude_unset=True)
+        args: dict[str, Any] = {"p_jobs": docs}
+        if defaults is not None:
+            args["p_defaults"] = defaults.model_dump(mode="json", exclude_none=True)
+        rows = await self._fetch("create_jobs", args, _JOB_AND_CREATED)
         return list(zip(_jobs(rows), (bool(r["created"]) for r in rows), strict=True))
 
     async def get_job(self, job_id: int) -> Job:

@@ -1,6 +1,47 @@
 -- schema/functions/admin.sql: Operators' actions: retry and cancel, one job or every job matching a filter.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
+-- The ids of the jobs that match a filter (list_jobs' arguments), locked FOR UPDATE in ascending id
+-- order: the order of every function that writes several jobs, so that two such calls wait for
+-- each other at most one way round, never in a cycle (deadlock). A job that changed while this
+-- waited for its lock (a claim made a pending job running) is matched again as it is now: only
+-- the jobs that still match once locked are returned. Called by retry_jobs and cancel_jobs.
+CREATE OR REPLACE FUNCTION aiservice.lock_matching(
+    p_ids bigint[],
+    p_owner_service text,
+    p_owner_ref text,
+    p_task_type text,
+    p_model_profile text,
+    p_statuses aiservice.job_status[],
+    p_created_after timestamptz,
+    p_created_before timestamptz
+)
+RETURNS bigint[]
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_locked bigint[];
+BEGIN
+    v_locked := ARRAY(
+        SELECT j.id FROM aiservice.jobs j
+        WHERE j.id IN (
+            SELECT m.id FROM aiservice.list_jobs(
+                p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+                p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+                p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m)
+        ORDER BY j.id
+        FOR UPDATE OF j);
+    -- A new statement, so a newer snapshot than any lock wait above: it reads the locked jobs as
+    -- they are now, and nobody can change them any more before this transaction ends.
+    RETURN ARRAY(
+        SELECT m.id FROM aiservice.list_jobs(
+            p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+            p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+            p_created_before => p_created_before, p_ids => v_locked, p_limit => NULL) m
+        ORDER BY m.id);
+END;
+$$;
+
 -- Reset failed and running jobs that match the filters to pending, with their
 -- attempts starting over. Returns the ids reset. p_statuses may narrow the
 -- statuses to failed or running.
@@ -18,6 +59,8 @@ CREATE OR REPLACE FUNCTION aiservice.retry_jobs(
 RETURNS SETOF bigint
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM aiservice.require_filter('retry',
         num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
@@ -26,6 +69,9 @@ BEGIN
     IF NOT coalesce(p_statuses, '{failed,running}') <@ '{failed,running}'::aiservice.job_status[] THEN
         RAISE EXCEPTION 'only failed and running jobs can be retried' USING ERRCODE = 'AS422';
     END IF;
+    v_ids := aiservice.lock_matching(
+        p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+        coalesce(p_statuses, '{failed,running}'), p_created_after, p_created_before);
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'pending',
@@ -45,12 +91,7 @@ BEGIN
         scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
                             WHERE d.job_id = j.id AND x.status <> 'completed'),
         updated_at = now()
-    FROM aiservice.list_jobs(
-        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{failed,running}'),
-        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
-        p_limit => NULL) m
-    WHERE j.id = m.id AND j.status IN ('failed', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status IN ('failed', 'running')
     RETURNING j.id;
 END;
 $$;
@@ -90,6 +131,8 @@ CREATE OR REPLACE FUNCTION aiservice.cancel_jobs(
 RETURNS SETOF bigint
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM aiservice.require_filter('cancel',
         num_nonnulls(p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
@@ -98,6 +141,9 @@ BEGIN
     IF NOT coalesce(p_statuses, '{pending,running}') <@ '{pending,running}'::aiservice.job_status[] THEN
         RAISE EXCEPTION 'only pending and running jobs can be cancelled' USING ERRCODE = 'AS422';
     END IF;
+    v_ids := aiservice.lock_matching(
+        p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
+        coalesce(p_statuses, '{pending,running}'), p_created_after, p_created_before);
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'cancelled',
@@ -105,12 +151,7 @@ BEGIN
         lease_expires_at = NULL,
         finished_at = now(),
         updated_at = now()
-    FROM aiservice.list_jobs(
-        p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-        p_model_profile => p_model_profile, p_statuses => coalesce(p_statuses, '{pending,running}'),
-        p_created_after => p_created_after, p_created_before => p_created_before, p_ids => p_ids,
-        p_limit => NULL) m
-    WHERE j.id = m.id AND j.status IN ('pending', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
     RETURNING j.id;
 END;
 $$;

@@ -12,10 +12,13 @@ DECLARE
     v_n bigint;
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
-    FROM (SELECT id FROM aiservice.jobs
-          WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
-          ORDER BY run_at LIMIT p_limit
-          FOR UPDATE SKIP LOCKED) due
+    FROM (SELECT s.id FROM aiservice.jobs s
+          WHERE s.id IN (SELECT id FROM aiservice.jobs
+                         WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
+                         ORDER BY run_at LIMIT p_limit)
+            AND s.status = 'pending' AND s.scheduled AND NOT s.blocked AND s.run_at <= now()
+          ORDER BY s.id  -- the lock order of every multi-row writer
+          FOR UPDATE OF s SKIP LOCKED) due
     WHERE j.id = due.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;

@@ -6,6 +6,8 @@
 --   AS409  job is in the wrong state for the operation
 --   AS410  lease lost: the job is no longer this worker's running job (fencing)
 --   AS422  invalid argument
+-- Every function that writes several jobs locks them in ascending id order (or skips locked
+-- ones), so that two of them never wait for each other in a cycle (deadlock).
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
 CREATE OR REPLACE FUNCTION aiservice.raise_not_found(p_id bigint) RETURNS void
@@ -32,13 +34,16 @@ AS $$
     SELECT p_category IN ('timeout', 'rate_limited', 'provider_unavailable', 'provider_error', 'lease_expired', 'worker_shutdown');
 $$;
 
+-- Refuse a retry_jobs or cancel_jobs call without a filter unless p_all is true. The error names
+-- the constraint <action>_jobs_filter_required, so that the HTTP API can say it in its own words
+-- ("all": true) while SQL callers read p_all.
 CREATE OR REPLACE FUNCTION aiservice.require_filter(p_action text, p_given boolean, p_all boolean) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
     IF NOT p_given AND NOT coalesce(p_all, false) THEN
         RAISE EXCEPTION 'refusing to % every job: give a filter, or p_all => true', p_action
-            USING ERRCODE = 'AS422';
+            USING ERRCODE = 'AS422', CONSTRAINT = p_action || '_jobs_filter_required';
     END IF;
 END;
 $$;

@@ -49,7 +49,8 @@ $$;
 -- Create many jobs in one call (one notification per kind of job).
 -- p_jobs is a JSON array of objects with the create_job fields without the p_
 -- prefix (owner_service, owner_ref, task_type, model_profile, input, priority,
--- run_at, max_attempts, idempotency_key, depends_on); p_defaults supplies what a job omits.
+-- run_at, max_attempts, idempotency_key, depends_on); p_defaults supplies what a job omits or
+-- gives as null (as the HTTP batch's defaults do), then create_job's own defaults apply.
 -- depends_on lists job ids, or "$N" for the N-th job (0-based) of this call, so a whole
 -- pipeline is created in one transaction; a job may not depend on itself or form a cycle.
 -- Returns the jobs in input order; created is false for an idempotent repeat. The jobs
@@ -79,7 +80,8 @@ BEGIN
     IF EXISTS (
         SELECT 1 FROM jsonb_array_elements(p_jobs) e
         WHERE jsonb_typeof(e) <> 'object'
-           OR jsonb_typeof(coalesce((p_defaults || e) -> 'input', '{}'::jsonb)) <> 'object'
+           OR jsonb_typeof(coalesce(nullif(e -> 'input', 'null'), nullif(p_defaults -> 'input', 'null'), '{}'::jsonb))
+              <> 'object'
     ) THEN
         RAISE EXCEPTION 'every job must be a JSON object whose input is a JSON object' USING ERRCODE = 'AS422';
     END IF;
@@ -138,11 +140,19 @@ BEGIN
 
     -- Ids are drawn up front so each input row can be matched to its inserted row.
     WITH spec AS MATERIALIZED (
-        SELECT s.*, e.ord, nextval('aiservice.jobs_id_seq') AS new_id
+        SELECT coalesce(s.owner_service, d.owner_service) AS owner_service,
+               coalesce(s.owner_ref, d.owner_ref) AS owner_ref,
+               coalesce(s.task_type, d.task_type) AS task_type,
+               coalesce(s.model_profile, d.model_profile) AS model_profile,
+               coalesce(s.input, d.input) AS input,
+               coalesce(s.priority, d.priority) AS priority,
+               coalesce(s.run_at, d.run_at) AS run_at,
+               coalesce(s.max_attempts, d.max_attempts) AS max_attempts,
+               coalesce(s.idempotency_key, d.idempotency_key) AS idempotency_key,
+               e.ord, nextval('aiservice.jobs_id_seq') AS new_id
         FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(doc, ord)
-        CROSS JOIN LATERAL jsonb_to_record(p_defaults || e.doc) AS s(
-            owner_service text, owner_ref text, task_type text, model_profile text, input jsonb,
-            priority integer, run_at timestamptz, max_attempts integer, idempotency_key text)
+        CROSS JOIN LATERAL jsonb_populate_record(NULL::aiservice.job_fields, e.doc) AS s
+        CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
         ORDER BY e.ord
     ),
     ins AS (

@@ -58,6 +58,7 @@ AS $$
     WITH expired AS (
         SELECT id FROM aiservice.jobs
         WHERE status = 'running' AND lease_expires_at < now()
+        ORDER BY id  -- the lock order of every multi-row writer
         FOR UPDATE SKIP LOCKED
     )
     UPDATE aiservice.jobs j

@@ -16,14 +16,22 @@ BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 THEN
         RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
     END IF;
-    WITH doomed AS (
+    WITH oldest AS (
         SELECT id FROM aiservice.jobs
         WHERE finished_at < now() - p_older_than
           AND finished_at IS NOT NULL
           AND status IN ('completed', 'failed', 'cancelled')
         ORDER BY finished_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+    ),
+    doomed AS (
+        -- Locked in ascending id order, like every multi-row writer; a job retried meanwhile is kept.
+        SELECT j.id FROM aiservice.jobs j
+        WHERE j.id IN (SELECT id FROM oldest)
+          AND j.finished_at < now() - p_older_than
+          AND j.status IN ('completed', 'failed', 'cancelled')
+        ORDER BY j.id
+        FOR UPDATE OF j SKIP LOCKED
     )
     DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id;
     GET DIAGNOSTICS v_deleted = ROW_COUNT;

@@ -1,15 +1,17 @@
 -- schema/functions/stats.sql: Statistics that stay fast with millions of jobs kept.
 --
 -- Statement-level triggers append count deltas (no hot counter row); compact_counts()
--- folds them into job_counts and job_finishes; stats() reads those plus the newest finishes.
+-- folds them into job_counts, job_finishes and job_creations; stats() reads those plus the
+-- newest finishes.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
+-- created counts the same rows as n, but only here: it feeds job_creations, which deletes never lower.
 CREATE OR REPLACE FUNCTION aiservice.count_inserted() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
-    SELECT task_type, model_profile, status, count(*) FROM new_jobs GROUP BY 1, 2, 3;
+    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n, created)
+    SELECT task_type, model_profile, status, count(*), count(*) FROM new_jobs GROUP BY 1, 2, 3;
     RETURN NULL;
 END;
 $$;
@@ -62,7 +64,7 @@ CREATE OR REPLACE TRIGGER jobs_count_delete
     REFERENCING OLD TABLE AS old_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_deleted();
 
--- Fold the deltas into job_counts and job_finishes, and forget per-minute
+-- Fold the deltas into job_counts, job_finishes and job_creations, and forget per-minute
 -- history older than 8 days. Returns the number of delta rows folded.
 CREATE OR REPLACE FUNCTION aiservice.compact_counts() RETURNS bigint
 LANGUAGE sql
@@ -78,6 +80,10 @@ AS $$
         SELECT minute, task_type, model_profile, status, error_category, sum(n)
         FROM moved WHERE minute IS NOT NULL GROUP BY 1, 2, 3, 4, 5
         ON CONFLICT (minute, task_type, model_profile, status, error_category) DO UPDATE SET n = f.n + excluded.n
+    ), creations AS (
+        INSERT INTO aiservice.job_creations AS c (task_type, model_profile, n)
+        SELECT task_type, model_profile, sum(created) FROM moved WHERE created > 0 GROUP BY 1, 2
+        ON CONFLICT (task_type, model_profile) DO UPDATE SET n = c.n + excluded.n
     ), forgotten AS (
         DELETE FROM aiservice.job_finishes WHERE minute < now() - interval '8 days'
     )
@@ -86,7 +92,9 @@ $$;
 
 -- Queue and error statistics as one JSON document; p_window bounds the
 -- latency percentiles. Failures are terminal failures (retried attempts are
--- visible as pending jobs carrying their last error_category).
+-- visible as pending jobs carrying their last error_category). "totals" holds
+-- every status (zeros included); "created" counts jobs created through any door
+-- (HTTP, create_job, create_jobs, a plain INSERT), which deleting jobs never lowers.
 CREATE OR REPLACE FUNCTION aiservice.stats(p_window interval DEFAULT interval '1 hour') RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
@@ -114,6 +122,13 @@ AS $$
         ORDER BY finished_at DESC
         LIMIT 5000
     ),
+    created AS (
+        SELECT task_type, model_profile, sum(n)::bigint AS n
+        FROM (SELECT task_type, model_profile, n FROM aiservice.job_creations
+              UNION ALL
+              SELECT task_type, model_profile, created FROM aiservice.job_count_deltas WHERE created > 0) c
+        GROUP BY 1, 2
+    ),
     pending AS (
         SELECT task_type, extract(epoch FROM now() - min(run_at))::float8 AS age
         FROM aiservice.jobs WHERE status = 'pending' AND NOT scheduled  -- the claim index
@@ -121,11 +136,19 @@ AS $$
     )
     SELECT jsonb_build_object(
         'window_seconds', extract(epoch FROM p_window)::float8,
+        'totals', (
+            SELECT jsonb_object_agg(s.status, coalesce(t.n, 0))
+            FROM unnest(enum_range(NULL::aiservice.job_status)) s(status)
+            LEFT JOIN (SELECT status, sum(n) AS n FROM counts GROUP BY 1) t ON t.status = s.status),
         'by_status', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                 'status', status, 'task_type', task_type, 'model_profile', model_profile, 'count', n)
                 ORDER BY status, task_type, model_profile)
             FROM counts), '[]'::jsonb),
+        'created', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('task_type', task_type, 'model_profile', model_profile, 'count', n)
+                ORDER BY task_type, model_profile)
+            FROM created), '[]'::jsonb),
         'errors', coalesce((
             SELECT jsonb_agg(jsonb_build_object('error_category', error_category, 'count', n) ORDER BY error_category)
             FROM (SELECT error_category, sum(n) AS n FROM finishes WHERE status = 'failed' GROUP BY 1) e),

@@ -1,0 +1,40 @@
+"""Python's copies of the limits the SQL API enforces, in one place.
+
+SQL is the rule: the CHECK constraints of migrations and the argument checks of schema/functions/.
+The HTTP request bodies (aiservice/api/schemas.py, aiservice/jobs.py) and the worker
+(worker/failure.py, worker/completer.py) read these copies so that they refuse, clamp or split
+exactly where SQL would, and the OpenAPI document can state the bounds. tests/test_rules.py probes
+SQL at each boundary (accepted at the limit, refused just over it) and reads the CHECK constraints
+from pg_constraint, so a copy that drifts from SQL fails the suite.
+
+Limits that only the HTTP API has (page size, batch size, JSON depth) live with its schemas."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+# CHECK constraints of aiservice.jobs (owner_service, task_type, model_profile; owner_ref,
+# idempotency_key) and of aiservice.limits (name); claim_jobs checks worker_id like a name.
+NAME_LENGTH = 200
+REF_LENGTH = 500
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 100
+
+# fail_job: the category pattern, and the delay it accepts (0 to 7 days).
+CATEGORY_LENGTH = 64
+CATEGORY_PATTERN = rf"^[a-z][a-z0-9_]{{0,{CATEGORY_LENGTH - 1}}}$"
+MAX_RETRY_AFTER = timedelta(days=7)
+# fail_job keeps the first ERROR_MESSAGE_LENGTH characters of a longer message (it does not refuse it).
+ERROR_MESSAGE_LENGTH = 4000
+
+# claim_jobs and heartbeat_job: a lease is positive and at most 7 days.
+MAX_LEASE_TIMEOUT = timedelta(days=7)
+# claim_jobs: jobs per call; complete_jobs: jobs per call.
+CLAIM_LIMIT_MAX = 1000
+COMPLETE_BATCH_MAX = 1000
+
+# CHECK constraints of aiservice.limits.
+MAX_RUNNING_MAX = 1_000_000
+MAX_PER_MINUTE_MAX = 100_000_000
+MAX_TOKENS_PER_MINUTE_MAX = 1_000_000_000_000
+WEIGHT_MIN, WEIGHT_MAX = 1, 10_000
