@@ -387,6 +387,14 @@ class Limit(BaseModel):
     tokens_last_minute: int = Field(description="LLM tokens its jobs used in the trailing minute")
 
 
+class MinuteCount(BaseModel):
+    """Jobs that finished in one minute."""
+
+    minute: datetime = Field(description="the start of the minute")
+    completed: int = Field(description="jobs completed in that minute")
+    failed: int = Field(description="jobs that failed terminally in that minute")
+
+
 class Stats(BaseModel):
     """What the SQL function stats returns. Counts come from counters kept by triggers, so no figure
     scans the whole table."""
@@ -406,6 +414,9 @@ class Stats(BaseModel):
     )
     oldest_pending: list[PendingAge] = Field(description="the same per task_type")
     completed_per_minute: Throughput = Field(description="throughput over the trailing 5 and 60 minutes")
+    per_minute: list[MinuteCount] = Field(
+        description="jobs completed and terminally failed in each of the last 60 minutes (minutes with none left out)"
+    )
     latency: list[Latency] = Field(description="wait and run percentiles per task_type over the window")
     running_by_worker: list[WorkerLoad] = Field(description="running jobs per worker_id")
     limits: list[Limit] = Field(description="every capacity limit with its live usage")

@@ -2232,6 +2232,14 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
         'oldest_pending', coalesce((
             SELECT jsonb_agg(jsonb_build_object('task_type', task_type, 'age_seconds', age) ORDER BY task_type)
             FROM pending), '[]'::jsonb),
+        'per_minute', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('minute', minute, 'completed', completed, 'failed', failed)
+                             ORDER BY minute)
+            FROM (SELECT minute,
+                         coalesce(sum(n) FILTER (WHERE status = 'completed'), 0) AS completed,
+                         coalesce(sum(n) FILTER (WHERE status = 'failed'), 0) AS failed
+                  FROM finishes WHERE minute >= date_trunc('minute', now()) - interval '59 minutes'
+                  GROUP BY minute) m), '[]'::jsonb),
         'completed_per_minute', jsonb_build_object(
             'last_5m', coalesce((SELECT sum(n) FROM finishes
                                  WHERE status = 'completed' AND minute >= now() - interval '5 minutes'), 0) / 5.0,

@@ -827,6 +827,7 @@ async def test_stats_on_an_empty_queue(api: Client) -> None:
         "latency": [],
         "running_by_worker": [],
         "limits": [],
+        "per_minute": [],
     }
 
 

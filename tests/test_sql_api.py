@@ -1013,6 +1013,7 @@ async def test_stats(conn: Conn) -> None:
         "latency": [],
         "running_by_worker": [],
         "limits": [],
+        "per_minute": [],
     }
     await _fleet(conn)
     await create(conn, owner_ref="old", run_at=datetime.now(UTC) - timedelta(hours=1))
