@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar, overload
+from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack, overload
 from urllib.parse import quote, urlencode
 from uuid import UUID
 
@@ -171,6 +171,29 @@ def _seconds(value: Seconds) -> float:
 
 def _segment(value: str | int) -> str:
     return quote(str(value), safe="")
+
+
+class Selection(TypedDict, total=False):
+    """Which jobs retry_jobs and cancel_jobs act on: ids and/or filters; all=True for every job."""
+
+    ids: Sequence[int]
+    all: bool
+    owner_service: str
+    owner_ref: str
+    task_type: str
+    model_profile: str
+    status: Statuses
+    created_after: datetime
+    created_before: datetime
+
+
+def _selection_body(s: Selection) -> dict[str, Any]:
+    body = _job_filters(
+        s.get("owner_service"), s.get("owner_ref"), s.get("task_type"), s.get("model_profile"),
+        s.get("status"), s.get("created_after"), s.get("created_before"),
+    )  # fmt: skip
+    ids = s.get("ids")
+    return body | {"ids": None if ids is None else list(ids), "all": s.get("all", False)}
 
 
 def _job_filters(
@@ -486,41 +509,13 @@ class AsyncClient:
         """POST /jobs/{id}/cancel: cancel a pending or running job (409 otherwise)."""
         return await self._call(Job, "POST", f"{API}/jobs/{_segment(job_id)}/cancel")
 
-    async def retry_jobs(
-        self,
-        *,
-        ids: Sequence[int] | None = None,
-        all: bool = False,
-        owner_service: str | None = None,
-        owner_ref: str | None = None,
-        task_type: str | None = None,
-        model_profile: str | None = None,
-        status: Statuses | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-    ) -> Affected:
+    async def retry_jobs(self, **selection: Unpack[Selection]) -> Affected:
         """POST /jobs/retry: reset the failed/running jobs selected (an empty selection needs all=True)."""
-        body = _job_filters(owner_service, owner_ref, task_type, model_profile, status, created_after, created_before)
-        body |= {"ids": None if ids is None else list(ids), "all": all}
-        return await self._call(Affected, "POST", f"{API}/jobs/retry", body)
+        return await self._call(Affected, "POST", f"{API}/jobs/retry", _selection_body(selection))
 
-    async def cancel_jobs(
-        self,
-        *,
-        ids: Sequence[int] | None = None,
-        all: bool = False,
-        owner_service: str | None = None,
-        owner_ref: str | None = None,
-        task_type: str | None = None,
-        model_profile: str | None = None,
-        status: Statuses | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-    ) -> Affected:
+    async def cancel_jobs(self, **selection: Unpack[Selection]) -> Affected:
         """POST /jobs/cancel: cancel the pending/running jobs selected (an empty selection needs all=True)."""
-        body = _job_filters(owner_service, owner_ref, task_type, model_profile, status, created_after, created_before)
-        body |= {"ids": None if ids is None else list(ids), "all": all}
-        return await self._call(Affected, "POST", f"{API}/jobs/cancel", body)
+        return await self._call(Affected, "POST", f"{API}/jobs/cancel", _selection_body(selection))
 
     # External workers
 

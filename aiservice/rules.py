@@ -16,6 +16,8 @@ from datetime import timedelta
 # CHECK constraints of aiservice.jobs (owner_service, task_type, model_profile; owner_ref,
 # idempotency_key) and of aiservice.limits (name); claim_jobs checks worker_id like a name.
 NAME_LENGTH = 200
+# Webhook endpoint URLs (aiservice.webhooks).
+WEBHOOK_URL_LENGTH = 2000
 REF_LENGTH = 500
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 100

@@ -7,7 +7,7 @@ import itertools
 import re
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, get_args
 
 import asyncpg
 import pytest
@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from aiservice import rules
 from aiservice.api.openapi import openapi_document
 from aiservice.db.jobs import CALLER_WORDS
+from aiservice.jobs import WebhookEvent
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client = TestClient[Any, Any]
@@ -28,7 +29,7 @@ REFUSALS = {"AS422", "23514"}
 _unique = itertools.count(1)
 
 # CHECK constraint -> the bounds Python copies (rules.py).
-CHECKS: dict[str, tuple[int, int]] = {
+CHECKS: dict[str, tuple[int | None, int]] = {
     "jobs_owner_service_check": (1, rules.NAME_LENGTH),
     "jobs_task_type_check": (1, rules.NAME_LENGTH),
     "jobs_model_profile_check": (1, rules.NAME_LENGTH),
@@ -41,6 +42,8 @@ CHECKS: dict[str, tuple[int, int]] = {
     "limits_max_per_minute_check": (0, rules.MAX_PER_MINUTE_MAX),
     "limits_max_tokens_per_minute_check": (0, rules.MAX_TOKENS_PER_MINUTE_MAX),
     "limits_weight_check": (rules.WEIGHT_MIN, rules.WEIGHT_MAX),
+    "webhooks_url_check": (None, rules.WEBHOOK_URL_LENGTH),
+    "webhooks_events_check": (1, len(get_args(WebhookEvent))),  # each event at most once
 }
 _BOUND = re.compile(r"([<>]=) '?(-?\d+)'?(?:::\w+)?\)")
 
@@ -53,11 +56,11 @@ async def test_check_constraints_equal_the_python_copies(conn: Conn) -> None:
         WHERE n.nspname = 'aiservice' AND c.contype = 'c'
         """
     )
-    found: dict[str, tuple[int, int]] = {}
+    found: dict[str, tuple[int | None, int]] = {}
     for row in rows:
         bounds = dict((op, int(n)) for op, n in _BOUND.findall(row["def"]))
         if "<=" in bounds:  # a range with a number at its top: Python must hold a copy
-            found[row["conname"]] = (bounds[">="], bounds["<="])
+            found[row["conname"]] = (bounds.get(">="), bounds["<="])
     assert found == CHECKS
 
 

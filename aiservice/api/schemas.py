@@ -92,7 +92,11 @@ class WaitRequest(Strict):
 
 
 class WebhookSet(Strict):
-    url: str = Field(pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2000, description="http:// or https:// only")
+    url: str = Field(
+        pattern=r"^https?://[^\s/?#]+[^\s]*$",
+        max_length=rules.WEBHOOK_URL_LENGTH,
+        description="http:// or https:// only",
+    )
     events: list[WebhookEvent] | None = Field(default=None, min_length=1, description="both when omitted")
     rotate_secret: bool = Field(default=False, description="issue a new signing secret (shown once)")
 
