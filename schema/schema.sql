@@ -366,8 +366,7 @@ $$;
 
 CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    AS $$
+    AS $_$
 DECLARE
     v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
     v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
@@ -437,23 +436,26 @@ BEGIN
 
         WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
             -- Owners with claimable jobs at this priority: one index probe each.
-            v_owners := ARRAY(
-                WITH RECURSIVE o(name) AS (
-                    SELECT min(j.owner_service) FROM aiservice.jobs j
-                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                      AND j.priority = v_prio
-                    UNION ALL
-                    SELECT (SELECT min(j.owner_service) FROM aiservice.jobs j
-                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                              AND j.priority = v_prio AND j.owner_service > o.name)
-                    FROM o WHERE o.name IS NOT NULL
-                )
-                -- Oldest head job first: ties in service go to the owner waiting longest.
-                SELECT o.name FROM o
-                WHERE o.name IS NOT NULL AND o.name <> ALL (v_zero_owners)
-                ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
-                          WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                            AND j.priority = v_prio AND j.owner_service = o.name));
+            -- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most
+            -- of the backlog walked the primary key past every finished job.
+            EXECUTE $q$
+                SELECT ARRAY(
+                    WITH RECURSIVE o(name) AS (
+                        SELECT min(j.owner_service) FROM aiservice.jobs j
+                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1 AND j.priority = $2
+                        UNION ALL
+                        SELECT (SELECT min(j.owner_service) FROM aiservice.jobs j
+                                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                  AND j.priority = $2 AND j.owner_service > o.name)
+                        FROM o WHERE o.name IS NOT NULL
+                    )
+                    -- Oldest head job first: ties in service go to the owner waiting longest.
+                    SELECT o.name FROM o
+                    WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
+                    ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
+                              WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                AND j.priority = $2 AND j.owner_service = o.name))
+            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners;
             SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
             INTO v_served, v_weights
             FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
@@ -486,16 +488,16 @@ BEGIN
                 FOR i IN 1..cardinality(v_owners) LOOP
                     CONTINUE WHEN v_quota[i] = 0;
                     v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
-                    FOR v_row IN
+                    FOR v_row IN EXECUTE $q$
                         SELECT j.id, j.task_type FROM aiservice.jobs j
-                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                          AND j.priority = v_prio AND j.owner_service = v_owners[i]
-                          AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
-                          AND j.task_type <> ALL (v_zero_types)
-                          AND j.id <> ALL (v_ids)
+                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                          AND j.priority = $2 AND j.owner_service = $3
+                          AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
+                          AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
                         ORDER BY j.id
-                        LIMIT v_owner_left
+                        LIMIT $7
                         FOR UPDATE SKIP LOCKED
+                    $q$ USING v_profile, v_prio, v_owners[i], p_task_types, v_zero_types, v_ids, v_owner_left
                     LOOP
                         IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
                             CONTINUE;  -- this task type's cap is full: leave the job for later
@@ -576,7 +578,7 @@ BEGIN
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
 END;
-$$;
+$_$;
 
 
 --
