@@ -34,8 +34,14 @@ def ensure_venv(extras: str = "") -> Path:
     return BIN
 
 
-# Real components the tests drive (tests/test_pgbouncer.py, tests/test_console.py), from Debian's packages.
-DEBIAN_PACKAGES = {"pgbouncer": ("pgbouncer", "/usr/sbin/pgbouncer"), "chromium": ("chromium", "/usr/bin/chromium")}
+# Real components the tests drive, from Debian's packages: pgbouncer (tests/test_pgbouncer.py),
+# chromium (tests/test_console.py), curl and jq (the README's walk-through, tests/test_readme.py).
+DEBIAN_PACKAGES = {
+    "pgbouncer": ("pgbouncer", "/usr/sbin/pgbouncer"),
+    "chromium": ("chromium", "/usr/bin/chromium"),
+    "curl": ("curl", "/usr/bin/curl"),
+    "jq": ("jq", "/usr/bin/jq"),
+}
 
 
 def ensure_debian_packages() -> None:
