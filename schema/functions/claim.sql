@@ -30,29 +30,40 @@ $$;
 -- index (one probe per profile), never by reading the backlog.
 CREATE OR REPLACE FUNCTION aiservice.claimable_profiles(p_model_profiles text[])
 RETURNS TABLE (model_profile text, top_priority integer)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
+BEGIN
+    -- PL/pgSQL rather than SQL: its plans are kept between calls (a claim calls this every time).
+    IF p_model_profiles IS NOT NULL THEN
+        RETURN QUERY
+        SELECT c.p, top.priority
+        FROM unnest(p_model_profiles) AS c(p)
+        CROSS JOIN LATERAL (
+            SELECT j.priority FROM aiservice.jobs j
+            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+            ORDER BY j.priority DESC LIMIT 1
+        ) top
+        ORDER BY top.priority DESC, c.p;
+        RETURN;
+    END IF;
+    RETURN QUERY
     WITH RECURSIVE seen(p) AS (
-        SELECT min(j.model_profile) FROM aiservice.jobs j
-        WHERE j.status = 'pending' AND NOT j.scheduled AND p_model_profiles IS NULL
+        SELECT min(j.model_profile) FROM aiservice.jobs j WHERE j.status = 'pending' AND NOT j.scheduled
         UNION ALL
         SELECT (SELECT min(j.model_profile) FROM aiservice.jobs j
                 WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p)
         FROM seen WHERE seen.p IS NOT NULL
-    ),
-    candidates AS (
-        SELECT p FROM seen WHERE p IS NOT NULL
-        UNION
-        SELECT unnest(p_model_profiles)
     )
-    SELECT c.p, top.priority
-    FROM candidates c
+    SELECT s.p, top.priority
+    FROM seen s
     CROSS JOIN LATERAL (
         SELECT j.priority FROM aiservice.jobs j
-        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = s.p
         ORDER BY j.priority DESC LIMIT 1
     ) top
-    ORDER BY top.priority DESC, c.p;
+    WHERE s.p IS NOT NULL
+    ORDER BY top.priority DESC, s.p;
+END;
 $$;
 
 -- Claim up to p_limit claimable jobs for a worker. The rule, in order:
