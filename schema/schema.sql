@@ -103,7 +103,7 @@ BEGIN
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         -- No kind named: every worker wakes, and its claim resolves the queue.
-        PERFORM aiservice.notify_limit('model_profile', NULL);
+        PERFORM aiservice.notify_pending(NULL, NULL, NULL);
     END IF;
 END;
 $$;
@@ -1691,12 +1691,8 @@ $$;
 CREATE FUNCTION aiservice.notify_limit(p_scope aiservice.limit_scope, p_name text, p_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS void
     LANGUAGE sql
     AS $$
-    SELECT pg_notify('aiservice_jobs', json_build_object(
-        'event', 'pending',
-        'task_type', CASE WHEN p_scope = 'task_type' THEN p_name END,
-        'model_profile', CASE WHEN p_scope = 'model_profile' THEN p_name END,
-        'run_at', CASE WHEN p_at > now() THEN p_at END
-    )::text);
+    SELECT aiservice.notify_pending(CASE WHEN p_scope = 'task_type' THEN p_name END,
+                                    CASE WHEN p_scope = 'model_profile' THEN p_name END, p_at);
 $$;
 
 
@@ -1736,7 +1732,7 @@ BEGIN
     WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
-        PERFORM aiservice.notify_limit('model_profile', NULL);
+        PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
     END IF;
     RETURN NULL;
 END;

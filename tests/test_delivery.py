@@ -121,11 +121,12 @@ async def test_batch_counts_follow_every_outcome(store: JobStore, api_factory: C
     assert (await api.get(f"{API}/batches/999999")).status == 404
 
 
-async def test_a_batch_of_repeats_only_makes_no_batch(store: JobStore) -> None:
+async def test_a_batch_of_repeats_only_makes_no_batch(store: JobStore, conn: Conn) -> None:
     spec = JobCreate.model_validate(job_spec(idempotency_key="k-1"))
     ((first, _),) = await store.create_jobs([spec])
     ((again, new),) = await store.create_jobs([spec])
     assert not new and again.batch_id == first.batch_id
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.batches") == 1
 
 
 async def test_get_with_wait_answers_at_once_for_a_finished_job(

@@ -181,12 +181,8 @@ CREATE OR REPLACE FUNCTION aiservice.notify_limit(p_scope aiservice.limit_scope,
 RETURNS void
 LANGUAGE sql
 AS $$
-    SELECT pg_notify('aiservice_jobs', json_build_object(
-        'event', 'pending',
-        'task_type', CASE WHEN p_scope = 'task_type' THEN p_name END,
-        'model_profile', CASE WHEN p_scope = 'model_profile' THEN p_name END,
-        'run_at', CASE WHEN p_at > now() THEN p_at END
-    )::text);
+    SELECT aiservice.notify_pending(CASE WHEN p_scope = 'task_type' THEN p_name END,
+                                    CASE WHEN p_scope = 'model_profile' THEN p_name END, p_at);
 $$;
 
 -- A provider said "too many requests, come back after p_retry_after": hold the whole profile

@@ -50,7 +50,7 @@ BEGIN
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         -- No kind named: every worker wakes, and its claim resolves the queue.
-        PERFORM aiservice.notify_limit('model_profile', NULL);
+        PERFORM aiservice.notify_pending(NULL, NULL, NULL);
     END IF;
 END;
 $$;
@@ -129,7 +129,7 @@ BEGIN
     WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
-        PERFORM aiservice.notify_limit('model_profile', NULL);
+        PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
     END IF;
     RETURN NULL;
 END;
