@@ -342,6 +342,17 @@ async def test_sql_examples_run_as_written_on_their_own(database_url: str) -> No
     assert await statuses(database_url) == {"telephony": ["cancelled"], "monitoring-tg": ["cancelled", "completed"]}
 
 
+def test_no_two_examples_share_a_call() -> None:
+    """Idempotency keys are made of the call's reference: two blocks enqueuing the same call with
+    different requests would collide (the second answered 409) when run one after the other."""
+    seen: dict[str, Block] = {}
+    for block in readme_blocks():
+        for call in set(re.findall(r"beeline/(\d+)", block.code)):
+            assert call not in seen, f"beeline/{call} is used by {seen[call]} and by {block}"
+            seen[call] = block
+    assert seen
+
+
 def test_the_route_table_lists_every_route() -> None:
     table = readme_section("HTTP API")
     for route in ROUTES:
