@@ -161,7 +161,7 @@ class Shell:
     def describe(self) -> str:
         return f"stdout:\n{self.transcript()}\nstderr:\n{self.err.read_text(errors='replace')}"
 
-    async def step(self, script: str, *, source: bool = True, within: float = 120) -> str:
+    async def step(self, script: str, *, source: bool = True, within: float = 60) -> str:
         """Run ``script`` in the shell (sourced from a file, so that it reads nothing of the shell's
         input); returns what it printed on stdout."""
         assert self._proc is not None and self._proc.stdin is not None
@@ -203,9 +203,13 @@ def json_lines(output: str) -> list[Any]:
     return found
 
 
+@pytest.mark.timeout(300)
 async def test_every_example_runs_as_written_in_order_on_one_dev(spawn: Spawn, tmp_path: Path) -> None:
     if shutil.which("curl") is None or shutil.which("jq") is None:
-        pytest.fail("the README's examples need curl and jq (scripts/test.py installs them)")
+        missing = "the README's examples need curl and jq (scripts/test.py installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
     port, hook_port, token = free_port(), free_port(), f"readme-{uuid.uuid4().hex}"
     dev = spawn("dev", HTTP_HOST="127.0.0.1", HTTP_PORT=str(port), AI_SERVICE_TOKEN=token)
     dsn = (await dev.wait_for_output(r"^\s*database: (\S+)", within=90)).group(1)
