@@ -134,6 +134,14 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class Shell:
     """One bash process fed step by step, like a terminal; stdout and stderr kept apart in files."""
 
@@ -262,11 +270,14 @@ async def test_every_example_runs_as_written_in_order_on_one_dev(spawn: Spawn, t
                     while not port_open(int(env[how.port])):
                         assert time.monotonic() < deadline, f"{block} not listening:\n{log.read_text()}"
                         await asyncio.sleep(0.1)
+        for key, (pid, log, how) in background.items():
+            if not how.server:  # its own work done, it ended (the shell's `wait $!` checked its exit code)
+                assert not alive(pid), f"the block with {key!r} still runs:\n{log.read_text()}"
     finally:
-        for pid, _, how in background.values():
-            if how.server:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        # The servers run until stopped; anything else has ended unless a step failed on the way.
+        for pid, _, _ in background.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         await shell.close()
     logs = {name: log.read_text(errors="replace") for name, (_, log, _) in background.items()}
 
