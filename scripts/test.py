@@ -2,8 +2,8 @@
 
 PostgreSQL: an embedded server by default; set AISERVICE_TEST_DATABASE_URL to use an existing one,
 or AISERVICE_TEST_POSTGRES=testcontainers on a machine with Docker. The pgbouncer and console tests
-drive Debian's pgbouncer and chromium packages: installed here with apt-get when missing (as root or
-with passwordless sudo)."""
+drive Debian's pgbouncer and chromium packages, the README test curl and jq: installed here with
+apt-get when missing (as root or with passwordless sudo), after saying which and for which tests."""
 
 from __future__ import annotations
 

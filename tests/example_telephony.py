@@ -1,8 +1,10 @@
-"""The README's Python client example (tests/test_client.py runs it and keeps the README copy equal)."""
+"""The README's Python client example (tests/test_client.py runs it against the API and the built-in
+workers, tests/test_readme.py as the README shows it; both keep the README copy equal)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from aiservice.client import AsyncClient
@@ -51,7 +53,8 @@ async def analysis_of(client: AsyncClient, job_id: int, seconds: float = 900) ->
 
 
 async def main() -> None:
-    async with AsyncClient("http://aiservice:8080") as client:  # token: AI_SERVICE_TOKEN
+    url = f"http://127.0.0.1:{os.environ.get('HTTP_PORT', '8080')}"
+    async with AsyncClient(url) as client:  # token: AI_SERVICE_TOKEN
         job_id = await enqueue_call(client, "42", "https://records.example/beeline/42.wav")
         print(await analysis_of(client, job_id))
 

@@ -57,3 +57,33 @@ def test_dockerfile_installs_the_wheel_not_the_source_tree() -> None:
     for part in ("COPY schema ./schema", "pip wheel", "pip install --no-cache-dir /dist/*.whl"):
         assert part in text
     assert "-e ." not in text
+
+
+PROVIDER_VARIABLES = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL", "WHISPERX_URL")
+
+
+def test_the_api_knows_the_workers_providers() -> None:
+    """GET /api/v1/providers/status runs in the API: it needs the providers the worker uses."""
+    services = compose()["services"]
+    for name in PROVIDER_VARIABLES:
+        assert name in services["worker"]["environment"], name
+        assert services["api"]["environment"].get(name) == services["worker"]["environment"][name], name
+
+
+def test_host_docker_internal_resolves_on_linux_too() -> None:
+    """Docker Desktop knows host.docker.internal; Docker Engine on Linux only with this mapping."""
+    for name, service in compose()["services"].items():
+        uses_it = any("host.docker.internal" in str(value) for value in (service.get("environment") or {}).values())
+        if uses_it:
+            assert "host.docker.internal:host-gateway" in service.get("extra_hosts", []), name
+
+
+def test_the_ports_the_readme_names_are_published() -> None:
+    services = compose()["services"]
+    assert "8080:8080" in services["api"]["ports"]
+    assert "8081:8081" in services["worker"]["ports"]
+    assert services["worker"]["environment"]["WORKER_HTTP_PORT"] == "8081"
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## docker-compose\n") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "8080" in section and "8081" in section
