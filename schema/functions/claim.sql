@@ -111,7 +111,6 @@ DECLARE
     v_best integer;
     v_owner_left bigint;
     v_row record;
-    v_passes integer;
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -173,13 +172,19 @@ BEGIN
                                   AND j.priority = $2 AND j.owner_service > o.name)
                         FROM o WHERE o.name IS NOT NULL
                     )
-                    -- Oldest head job first: ties in service go to the owner waiting longest.
+                    -- Only owners with a job this claim may take (task types served, not paused or
+                    -- full); oldest head job first: ties in service go to the owner waiting longest.
                     SELECT o.name FROM o
                     WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
+                      AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                            SELECT 1 FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                              AND j.priority = $2 AND j.owner_service = o.name
+                              AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
                     ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
                               WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
                                 AND j.priority = $2 AND j.owner_service = o.name))
-            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners;
+            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
             SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
             INTO v_served, v_weights
             FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
@@ -187,12 +192,13 @@ BEGIN
             LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
             v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
             v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-            v_passes := 0;
 
-            -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
-            -- share goes to the others in the next pass.
-            WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
-                v_passes := v_passes + 1;
+            -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
+            -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
+            -- leaves and its share goes to the others in the next pass. No cap on passes: owners
+            -- that give nothing must not use up the claim, or they would stay first in line and
+            -- starve the others. Each pass either fills the claim or loses at least one owner.
+            WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
                 v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
                 v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
                 FOR n IN 1..v_take LOOP
@@ -229,6 +235,9 @@ BEGIN
                         IF v_budgets ? ('task_type:' || v_row.task_type) THEN
                             v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
                                 to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
+                                v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
+                            END IF;
                         END IF;
                         v_ids := v_ids || v_row.id;
                         v_got[i] := v_got[i] + 1;
