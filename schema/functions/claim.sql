@@ -77,10 +77,12 @@ $$;
 --    weight (fair_share.served grows by 1/weight per job); an owner that was idle or is new
 --    starts at most 10 units behind the most-served owner present, so credit saved while idle
 --    cannot monopolize the queue. Ties go to the owner whose oldest job is oldest; within
---    one owner, oldest first.
+--    one owner, oldest first. Owners with no job at that priority that this claim may take
+--    (task types it does not serve, paused or full) are left out: they cannot hold it up.
 -- Concurrent claimers never receive the same job (SKIP LOCKED). Caps are never exceeded:
 -- a claim that a capped limit governs locks that limit's row before counting, so claims
--- under one cap take turns while others run in parallel.
+-- under one cap take turns while others run in parallel. A change to a limit waits for the
+-- claims in flight, so once a pause has committed no claim still to commit starts its jobs.
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
     p_worker_id text,
     p_limit integer DEFAULT 1,
@@ -92,7 +94,8 @@ RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
+    v_limited boolean;
+    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
     v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
     v_zero_types text[] := '{}';
     v_zero_owners text[] := '{}';
@@ -132,9 +135,18 @@ BEGIN
         PERFORM aiservice.promote_due();
     END IF;
 
+    -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
+    -- claims wait for them: once a pause or a cap has committed, no claim that began before it
+    -- is still to commit, and every later claim reads it. Claims do not wait for each other here.
+    PERFORM pg_advisory_xact_lock_shared(108105109105116);  -- "limit"
+    v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
+
     IF v_limited THEN
         -- Capped limits this claim may use, locked in one order for every claimer; the counts
-        -- read after the lock include every claim committed before ours.
+        -- read after the lock include every claim committed before ours. The trailing minute
+        -- is read, and this claim's starts are stamped, at the clock time taken under these
+        -- locks (not the transaction's start, which may be long past): a later claim under the
+        -- same cap takes the lock after ours committed, so it sees our starts in its minute.
         PERFORM 1 FROM aiservice.limits l
         WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
           AND (l.scope = 'owner_service'
@@ -142,9 +154,10 @@ BEGIN
                OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
         ORDER BY l.scope, l.name
         FOR UPDATE;
+        v_clock := clock_timestamp();
         SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
         INTO v_budgets
-        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l) AS n) b
+        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, v_clock) AS n) b
         WHERE b.n IS NOT NULL;
         v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
                               WHERE k LIKE 'task_type:%' AND v::bigint = 0);
@@ -302,8 +315,8 @@ BEGIN
     ),
     usage AS (
         -- Starts count against the trailing-minute limits that match them.
-        INSERT INTO aiservice.limit_usage (scope, name, starts)
-        SELECT l.scope, l.name, count(*)
+        INSERT INTO aiservice.limit_usage (scope, name, at, starts)
+        SELECT l.scope, l.name, v_clock, count(*)
         FROM claimed c JOIN aiservice.limits l
           ON v_limited AND coalesce(l.max_running, l.max_per_minute, l.max_tokens_per_minute) IS NOT NULL
          AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
