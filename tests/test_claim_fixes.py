@@ -179,6 +179,13 @@ async def test_a_week_long_retry_after_cools_a_profile_down_for_the_bound_only(
     assert bound - timedelta(seconds=1) < await cooldown_left(conn, "gpt") <= bound
 
 
+async def test_a_rate_limited_failure_without_retry_after_cools_nothing_down(conn: Conn) -> None:
+    (job_id,) = await jobs(conn, 1, model_profile="gpt")
+    await claim(conn)
+    await one(conn, "fail_job", id=job_id, worker_id="w1", error_category="rate_limited")
+    assert await call(conn, "list_limits") == []
+
+
 async def test_cool_down_called_directly_is_bounded_too(conn: Conn) -> None:
     await conn.execute("SELECT aiservice.cool_down('gpt', interval '7 days')")
     assert await cooldown_left(conn, "gpt") <= timedelta(minutes=5)

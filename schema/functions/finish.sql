@@ -150,7 +150,7 @@ BEGIN
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
-    IF p_error_category = 'rate_limited' AND least(p_retry_after, p_cooldown_max) > interval '0' THEN
+    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' AND p_cooldown_max > interval '0' THEN
         -- The provider behind the profile is saturated: hold the whole profile, not only this job.
         PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after, p_cooldown_max);
     END IF;

@@ -231,7 +231,7 @@ BEGIN
     IF p_cooldown_max IS NULL OR p_cooldown_max < interval '0' OR p_cooldown_max > interval '7 days' THEN
         RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
     END IF;
-    v_until := now() + least(p_retry_after, p_cooldown_max);
+    v_until := now() + CASE WHEN p_retry_after IS NOT NULL THEN least(p_retry_after, p_cooldown_max) END;
     INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
     VALUES ('model_profile', p_model_profile, v_until)
     ON CONFLICT (scope, name) DO UPDATE
