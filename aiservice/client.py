@@ -614,7 +614,9 @@ class AsyncClient:
         cooldown: bool | _Unset | None = UNSET,
         cooldown_until: _Unset | None = UNSET,
     ) -> Limit:
-        """PUT /limits/{scope}/{name}: the fields given are set (None clears one), the others kept."""
+        """PUT /limits/{scope}/{name}: the fields given are set (None clears one), the others kept.
+        ``weight`` is for owner_service limits only, ``cooldown`` and ``cooldown_until`` for
+        model_profile limits only (Invalid, 422, for another scope)."""
         fields = {
             "paused": paused,
             "max_running": max_running,

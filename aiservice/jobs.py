@@ -19,8 +19,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
+    model_serializer,
 )
 
 from aiservice import rules
@@ -368,8 +370,14 @@ class LimitScope(StrEnum):
     OWNER_SERVICE = "owner_service"
 
 
+# Fields only some scopes use (rules.LIMIT_FIELDS): a limit of another scope leaves them out.
+_SCOPE_ONLY_FIELDS = frozenset({"weight", "cooldown", "cooldown_until"})
+
+
 class Limit(BaseModel):
-    """A capacity limit with its live usage, as aiservice.list_limits() returns it."""
+    """A capacity limit with its live usage, as aiservice.list_limits() returns it. Serialized
+    with the fields its scope uses only (weight: owner_service; cooldown, cooldown_until:
+    model_profile)."""
 
     scope: LimitScope = Field(description="what the limit applies to")
     name: str = Field(description="the task_type, model_profile or owner_service it applies to")
@@ -379,12 +387,26 @@ class Limit(BaseModel):
     max_tokens_per_minute: int | None = Field(
         description="no claims while its jobs used this many LLM tokens in the trailing minute; null: no cap"
     )
-    weight: int = Field(description="owner_service: its share of claims under fair share (default 1)")
-    cooldown: bool = Field(description="whether rate_limited failures with a retry_after pause the profile")
-    cooldown_until: datetime | None = Field(description="the profile is held until then (read-only)")
+    weight: int | None = Field(
+        default=None, description="owner_service only: its share of claims under fair share (default 1)"
+    )
+    cooldown: bool | None = Field(
+        default=None,
+        description="model_profile only: whether rate_limited failures with a retry_after pause the profile",
+    )
+    cooldown_until: datetime | None = Field(
+        default=None, description="model_profile only: the profile is held until then (read-only; null: it is not)"
+    )
     running: int = Field(description="its jobs running now")
     started_last_minute: int = Field(description="its jobs started in the trailing minute")
     tokens_last_minute: int = Field(description="LLM tokens its jobs used in the trailing minute")
+
+    @model_serializer(mode="wrap")
+    def _scope_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in _SCOPE_ONLY_FIELDS.difference(rules.LIMIT_FIELDS[self.scope.value]):
+            data.pop(name, None)
+        return data
 
 
 class MinuteCount(BaseModel):

@@ -28,6 +28,8 @@ CATEGORY_PATTERN = rf"^[a-z][a-z0-9_]{{0,{CATEGORY_LENGTH - 1}}}$"
 MAX_RETRY_AFTER = timedelta(days=7)
 # fail_job keeps the first ERROR_MESSAGE_LENGTH characters of a longer message (it does not refuse it).
 ERROR_MESSAGE_LENGTH = 4000
+# fail_job and cool_down: the bound on a profile's cool-down (p_cooldown_max), 0 to 7 days.
+MAX_COOLDOWN = timedelta(days=7)
 
 # claim_jobs and heartbeat_job: a lease is positive and at most 7 days.
 MAX_LEASE_TIMEOUT = timedelta(days=7)
@@ -40,3 +42,10 @@ MAX_RUNNING_MAX = 1_000_000
 MAX_PER_MINUTE_MAX = 100_000_000
 MAX_TOKENS_PER_MINUTE_MAX = 1_000_000_000_000
 WEIGHT_MIN, WEIGHT_MAX = 1, 10_000
+# aiservice.limit_fields: the settable fields each scope uses (set_limit refuses the others).
+_CAPS = ("paused", "max_running", "max_per_minute", "max_tokens_per_minute")
+LIMIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "task_type": _CAPS,
+    "model_profile": (*_CAPS, "cooldown", "cooldown_until"),
+    "owner_service": (*_CAPS, "weight"),
+}

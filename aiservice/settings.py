@@ -156,6 +156,9 @@ class Settings:
     # or a session-mode pool), and pooled connections must not keep named prepared statements.
     database_listen_url: str | None = field(default=None, repr=False)
     database_pgbouncer: bool = False
+    # A rate_limited failure with a retry_after cools its whole model profile down for this long
+    # at most (the job itself still waits the whole retry_after).
+    cooldown_max: timedelta = timedelta(minutes=5)
 
     @classmethod
     def from_env(
@@ -256,6 +259,8 @@ def _convert(name: str, raw: str) -> object:
             raise ValueError(f"{raw!r} must be longer than zero")
         if name == "worker_lease_timeout" and value > rules.MAX_LEASE_TIMEOUT:
             raise ValueError(f"{raw!r} is longer than claim_jobs allows ({format_duration(rules.MAX_LEASE_TIMEOUT)})")
+        if name == "cooldown_max" and value > rules.MAX_COOLDOWN:
+            raise ValueError(f"{raw!r} is longer than fail_job allows ({format_duration(rules.MAX_COOLDOWN)})")
         return value
     if kind == "Path":
         return Path(raw)

@@ -368,7 +368,8 @@ CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1
     LANGUAGE plpgsql
     AS $_$
 DECLARE
-    v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
+    v_limited boolean;
+    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
     v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
     v_zero_types text[] := '{}';
     v_zero_owners text[] := '{}';
@@ -387,7 +388,6 @@ DECLARE
     v_best integer;
     v_owner_left bigint;
     v_row record;
-    v_passes integer;
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -409,9 +409,18 @@ BEGIN
         PERFORM aiservice.promote_due();
     END IF;
 
+    -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
+    -- claims wait for them: once a pause or a cap has committed, no claim that began before it
+    -- is still to commit, and every later claim reads it. Claims do not wait for each other here.
+    PERFORM pg_advisory_xact_lock_shared(108105109105116);  -- "limit"
+    v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
+
     IF v_limited THEN
         -- Capped limits this claim may use, locked in one order for every claimer; the counts
-        -- read after the lock include every claim committed before ours.
+        -- read after the lock include every claim committed before ours. The trailing minute
+        -- is read, and this claim's starts are stamped, at the clock time taken under these
+        -- locks (not the transaction's start, which may be long past): a later claim under the
+        -- same cap takes the lock after ours committed, so it sees our starts in its minute.
         PERFORM 1 FROM aiservice.limits l
         WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
           AND (l.scope = 'owner_service'
@@ -419,9 +428,10 @@ BEGIN
                OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
         ORDER BY l.scope, l.name
         FOR UPDATE;
+        v_clock := clock_timestamp();
         SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
         INTO v_budgets
-        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l) AS n) b
+        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, v_clock) AS n) b
         WHERE b.n IS NOT NULL;
         v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
                               WHERE k LIKE 'task_type:%' AND v::bigint = 0);
@@ -449,13 +459,19 @@ BEGIN
                                   AND j.priority = $2 AND j.owner_service > o.name)
                         FROM o WHERE o.name IS NOT NULL
                     )
-                    -- Oldest head job first: ties in service go to the owner waiting longest.
+                    -- Only owners with a job this claim may take (task types served, not paused or
+                    -- full); oldest head job first: ties in service go to the owner waiting longest.
                     SELECT o.name FROM o
                     WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
+                      AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                            SELECT 1 FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                              AND j.priority = $2 AND j.owner_service = o.name
+                              AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
                     ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
                               WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
                                 AND j.priority = $2 AND j.owner_service = o.name))
-            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners;
+            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
             SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
             INTO v_served, v_weights
             FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
@@ -463,12 +479,13 @@ BEGIN
             LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
             v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
             v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-            v_passes := 0;
 
-            -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
-            -- share goes to the others in the next pass.
-            WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
-                v_passes := v_passes + 1;
+            -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
+            -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
+            -- leaves and its share goes to the others in the next pass. No cap on passes: owners
+            -- that give nothing must not use up the claim, or they would stay first in line and
+            -- starve the others. Each pass either fills the claim or loses at least one owner.
+            WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
                 v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
                 v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
                 FOR n IN 1..v_take LOOP
@@ -505,6 +522,9 @@ BEGIN
                         IF v_budgets ? ('task_type:' || v_row.task_type) THEN
                             v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
                                 to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
+                                v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
+                            END IF;
                         END IF;
                         v_ids := v_ids || v_row.id;
                         v_got[i] := v_got[i] + 1;
@@ -569,8 +589,8 @@ BEGIN
     ),
     usage AS (
         -- Starts count against the trailing-minute limits that match them.
-        INSERT INTO aiservice.limit_usage (scope, name, starts)
-        SELECT l.scope, l.name, count(*)
+        INSERT INTO aiservice.limit_usage (scope, name, at, starts)
+        SELECT l.scope, l.name, v_clock, count(*)
         FROM claimed c JOIN aiservice.limits l
           ON v_limited AND coalesce(l.max_running, l.max_per_minute, l.max_tokens_per_minute) IS NOT NULL
          AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)
@@ -759,15 +779,19 @@ $$;
 
 
 --
--- Name: cool_down(text, interval); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: cool_down(text, interval, interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.cool_down(p_model_profile text, p_retry_after interval) RETURNS void
+CREATE FUNCTION aiservice.cool_down(p_model_profile text, p_retry_after interval, p_cooldown_max interval DEFAULT '00:05:00'::interval) RETURNS void
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    v_until timestamptz := now() + p_retry_after;
+    v_until timestamptz;
 BEGIN
+    IF p_cooldown_max IS NULL OR p_cooldown_max < interval '0' OR p_cooldown_max > interval '7 days' THEN
+        RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
+    END IF;
+    v_until := now() + CASE WHEN p_retry_after IS NOT NULL THEN least(p_retry_after, p_cooldown_max) END;
     INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
     VALUES ('model_profile', p_model_profile, v_until)
     ON CONFLICT (scope, name) DO UPDATE
@@ -1194,10 +1218,10 @@ $$;
 
 
 --
--- Name: fail_job(bigint, text, text, text, boolean, interval, uuid); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: fail_job(bigint, text, text, text, boolean, interval, uuid, interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.fail_job(p_id bigint, p_worker_id text, p_error_category text, p_error_message text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean, p_retry_after interval DEFAULT NULL::interval, p_lease_token uuid DEFAULT NULL::uuid) RETURNS aiservice.jobs
+CREATE FUNCTION aiservice.fail_job(p_id bigint, p_worker_id text, p_error_category text, p_error_message text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean, p_retry_after interval DEFAULT NULL::interval, p_lease_token uuid DEFAULT NULL::uuid, p_cooldown_max interval DEFAULT '00:05:00'::interval) RETURNS aiservice.jobs
     LANGUAGE plpgsql
     AS $_$
 DECLARE
@@ -1209,6 +1233,9 @@ BEGIN
     END IF;
     IF p_retry_after < interval '0' OR p_retry_after > interval '7 days' THEN
         RAISE EXCEPTION 'retry_after must be between 0 and 7 days' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_cooldown_max IS NULL OR p_cooldown_max < interval '0' OR p_cooldown_max > interval '7 days' THEN
+        RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
     END IF;
     v_job := aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     v_retry := coalesce(p_retryable, aiservice.is_retryable(p_error_category))
@@ -1226,9 +1253,9 @@ BEGIN
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
-    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' THEN
+    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' AND p_cooldown_max > interval '0' THEN
         -- The provider behind the profile is saturated: hold the whole profile, not only this job.
-        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after);
+        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after, p_cooldown_max);
     END IF;
     RETURN v_job;
 END;
@@ -1407,22 +1434,22 @@ COMMENT ON TABLE aiservice.limits IS 'Capacity limits; change them through aiser
 
 
 --
--- Name: limit_budget(aiservice.limits); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: limit_budget(aiservice.limits, timestamp with time zone); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.limit_budget(p_limit aiservice.limits) RETURNS bigint
+CREATE FUNCTION aiservice.limit_budget(p_limit aiservice.limits, p_at timestamp with time zone DEFAULT now()) RETURNS bigint
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
     v_use record;
 BEGIN
-    IF p_limit.paused OR p_limit.cooldown_until > now() THEN
+    IF p_limit.paused OR p_limit.cooldown_until > p_at THEN
         RETURN 0;
     END IF;
     IF p_limit.max_running IS NULL AND p_limit.max_per_minute IS NULL AND p_limit.max_tokens_per_minute IS NULL THEN
         RETURN NULL;
     END IF;
-    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name);
+    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name, p_at);
     IF v_use.tokens_last_minute >= p_limit.max_tokens_per_minute THEN
         RETURN 0;
     END IF;
@@ -1431,6 +1458,20 @@ BEGIN
                 THEN greatest(0, least(p_limit.max_running - v_use.running,
                                        p_limit.max_per_minute - v_use.started_last_minute)) END;
 END;
+$$;
+
+
+--
+-- Name: limit_fields(aiservice.limit_scope); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.limit_fields(p_scope aiservice.limit_scope) RETURNS text[]
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT ARRAY['paused', 'max_running', 'max_per_minute', 'max_tokens_per_minute']
+        || CASE p_scope WHEN 'owner_service' THEN ARRAY['weight']
+                        WHEN 'model_profile' THEN ARRAY['cooldown', 'cooldown_until']
+                        ELSE '{}'::text[] END;
 $$;
 
 
@@ -1452,10 +1493,10 @@ $$;
 
 
 --
--- Name: limit_usage_of(aiservice.limit_scope, text); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: limit_usage_of(aiservice.limit_scope, text, timestamp with time zone); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.limit_usage_of(p_scope aiservice.limit_scope, p_name text, OUT running bigint, OUT started_last_minute bigint, OUT tokens_last_minute bigint) RETURNS record
+CREATE FUNCTION aiservice.limit_usage_of(p_scope aiservice.limit_scope, p_name text, p_at timestamp with time zone DEFAULT now(), OUT running bigint, OUT started_last_minute bigint, OUT tokens_last_minute bigint) RETURNS record
     LANGUAGE sql STABLE
     AS $$
     SELECT (SELECT count(*) FROM aiservice.jobs j
@@ -1464,7 +1505,7 @@ CREATE FUNCTION aiservice.limit_usage_of(p_scope aiservice.limit_scope, p_name t
            coalesce(sum(u.starts), 0)::bigint,
            coalesce(sum(u.tokens), 0)::bigint
     FROM aiservice.limit_usage u
-    WHERE u.scope = p_scope AND u.name = p_name AND u.at > now() - interval '1 minute';
+    WHERE u.scope = p_scope AND u.name = p_name AND u.at > p_at - interval '1 minute';
 $$;
 
 
@@ -1546,8 +1587,10 @@ $_$;
 CREATE FUNCTION aiservice.list_limits() RETURNS SETOF aiservice.limit_state
     LANGUAGE sql STABLE
     AS $$
-    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute, l.weight,
-           l.cooldown, CASE WHEN l.cooldown_until > now() THEN l.cooldown_until END,
+    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute,
+           CASE WHEN l.scope = 'owner_service' THEN l.weight END,
+           CASE WHEN l.scope = 'model_profile' THEN l.cooldown END,
+           CASE WHEN l.scope = 'model_profile' AND l.cooldown_until > now() THEN l.cooldown_until END,
            u.running, u.started_last_minute, u.tokens_last_minute
     FROM aiservice.limits l
     CROSS JOIN LATERAL aiservice.limit_usage_of(l.scope, l.name) u
@@ -2057,7 +2100,7 @@ $$;
 
 CREATE FUNCTION aiservice.set_limit(p_scope text, p_name text, p_fields jsonb) RETURNS SETOF aiservice.limit_state
     LANGUAGE plpgsql
-    AS $$
+    AS $_$
 DECLARE
     v_scope aiservice.limit_scope := aiservice.limit_scope_of(p_scope);
     v_key text;
@@ -2066,6 +2109,12 @@ DECLARE
 BEGIN
     IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'name must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_name ~ '[\u0001-\u001f\u007f-\u009f]' THEN
+        RAISE EXCEPTION 'name must not contain control characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_name ~ '^\s|\s$' THEN
+        RAISE EXCEPTION 'name must not begin or end with white space' USING ERRCODE = 'AS422';
     END IF;
     IF p_fields IS NULL OR jsonb_typeof(p_fields) <> 'object' THEN
         RAISE EXCEPTION 'fields must be a JSON object' USING ERRCODE = 'AS422';
@@ -2094,8 +2143,15 @@ BEGIN
             RAISE EXCEPTION 'unknown field %: use paused, max_running, max_per_minute, max_tokens_per_minute, weight, cooldown', v_key
                 USING ERRCODE = 'AS422';
         END IF;
+        IF v_key <> ALL (aiservice.limit_fields(v_scope)) THEN
+            RAISE EXCEPTION '% applies only to % limits, not to % ones', v_key,
+                (SELECT string_agg(s::text, ' and ') FROM unnest(enum_range(NULL::aiservice.limit_scope)) s
+                 WHERE v_key = ANY (aiservice.limit_fields(s))), v_scope
+                USING ERRCODE = 'AS422';
+        END IF;
     END LOOP;
 
+    PERFORM pg_advisory_xact_lock(108105109105116);  -- the lock every claim shares ("limit")
     INSERT INTO aiservice.limits AS l (scope, name) VALUES (v_scope, p_name) ON CONFLICT DO NOTHING;
     UPDATE aiservice.limits l SET
         paused = CASE WHEN p_fields ? 'paused' THEN coalesce((p_fields ->> 'paused')::boolean, false) ELSE l.paused END,
@@ -2112,7 +2168,7 @@ BEGIN
     PERFORM aiservice.notify_limit(v_scope, p_name);
     RETURN QUERY SELECT * FROM aiservice.list_limits() x WHERE x.scope = v_scope AND x.name = p_name;
 END;
-$$;
+$_$;
 
 
 --
@@ -2286,8 +2342,8 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
         RETURN NULL;
     END IF;
-    INSERT INTO aiservice.limit_usage (scope, name, tokens)
-    SELECT l.scope, l.name,
+    INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
+    SELECT l.scope, l.name, clock_timestamp(),
            sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
     FROM new_jobs n
     JOIN old_jobs o ON o.id = n.id

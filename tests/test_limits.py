@@ -47,7 +47,8 @@ async def test_python_scope_enum_equals_the_sql_enum(conn: Conn) -> None:
 
 async def test_set_list_and_delete_over_sql(conn: Conn) -> None:
     first = await set_limit(conn, "model_profile", "qwen", max_running=4, paused=True)
-    assert (first["max_running"], first["paused"], first["weight"], first["running"]) == (4, True, 1, 0)
+    assert (first["max_running"], first["paused"], first["cooldown"], first["running"]) == (4, True, True, 0)
+    assert first["weight"] is None  # owner_service limits only
     kept = await set_limit(conn, "model_profile", "qwen", max_per_minute=60)  # fields not given keep their value
     assert (kept["max_running"], kept["max_per_minute"], kept["paused"]) == (4, 60, True)
     cleared = await set_limit(conn, "model_profile", "qwen", max_running=None, paused=None)
@@ -84,10 +85,9 @@ async def test_limits_over_http(api_factory: ClientFactory) -> None:
     put = await api.put(f"{API}/limits/task_type/transcribe", json={"max_running": 2, "paused": True})
     assert put.status == 200, await put.text()
     body = await put.json()
-    assert body | {"cooldown_until": None} == {
+    assert body == {  # weight and cooldown apply to other scopes: not shown
         "scope": "task_type", "name": "transcribe", "paused": True, "max_running": 2, "max_per_minute": None,
-        "max_tokens_per_minute": None, "weight": 1, "cooldown": True, "cooldown_until": None,
-        "running": 0, "started_last_minute": 0, "tokens_last_minute": 0,
+        "max_tokens_per_minute": None, "running": 0, "started_last_minute": 0, "tokens_last_minute": 0,
     }  # fmt: skip
     again = await (await api.put(f"{API}/limits/task_type/transcribe", json={"paused": None})).json()
     assert (again["paused"], again["max_running"]) == (False, 2)

@@ -186,12 +186,17 @@ async def create_sql(field: str, conn: Conn, value: Any) -> Any:
     return await conn.execute(f"SELECT 1 FROM aiservice.create_job({params})", *args.values())
 
 
+def limit_scope(field: str) -> str:
+    """A scope that uses the field (weight is owner_service's alone)."""
+    return "owner_service" if field == "weight" else "model_profile"
+
+
 async def limit_http(field: str, api: Client, conn: Conn, value: Any) -> ClientResponse:
-    return await api.put(f"{API}/limits/model_profile/m", json={field: value})
+    return await api.put(f"{API}/limits/{limit_scope(field)}/m", json={field: value})
 
 
 async def limit_sql(field: str, conn: Conn, value: Any) -> Any:
-    return await conn.execute("SELECT 1 FROM aiservice.set_limit('model_profile', 'm', $1)", {field: value})
+    return await conn.execute("SELECT 1 FROM aiservice.set_limit($1, 'm', $2)", limit_scope(field), {field: value})
 
 
 def seconds(delta: timedelta) -> float:

@@ -10,10 +10,11 @@ from typing import Any
 
 import stubs
 from conftest import JobFactory
-from stubs import WorkerFactory, wait_for, wait_for_status, wait_until_listening
+from stubs import WorkerFactory, wait_for, wait_for_outcome, wait_for_status, wait_until_listening
 
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
+from worker.failure import JobFailure
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub
@@ -102,3 +103,24 @@ async def test_a_cap_across_workers_holds_and_a_finished_job_makes_room(
     assert tally.peak == 2  # two workers with four free slots each, never more than the cap
     limit = (await store.list_limits())[0]
     assert limit.running == 0 and limit.started_last_minute == 10
+
+
+class RateLimited(Instant):
+    """Every attempt is answered 429 with a week-long Retry-After."""
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        raise JobFailure("rate_limited", "429 Too Many Requests", retry_after=timedelta(days=7))
+
+
+async def test_a_week_long_retry_after_holds_the_profile_for_cooldown_max_only(
+    store: JobStore, job_factory: JobFactory, worker_factory: WorkerFactory
+) -> None:
+    worker = await worker_factory(kinds=[RateLimited()], worker_poll_interval=POLL, cooldown_max=timedelta(seconds=30))
+    await wait_until_listening(worker)
+    job = await job_factory(task_type="instant", model_profile="m")
+    retried = await wait_for_outcome(store, job.id)
+    assert retried.status == "pending" and retried.error_category == "rate_limited"
+    (limit,) = await store.list_limits()
+    assert limit.cooldown_until is not None
+    held = limit.cooldown_until - retried.updated_at
+    assert timedelta(seconds=29) < held <= timedelta(seconds=30), held  # not the week the provider asked for

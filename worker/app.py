@@ -104,7 +104,7 @@ class Worker:
             if settings.migrate_on_start:
                 async with self._pool.acquire() as conn:
                     await migrate(conn)
-            self._store = JobStore(self._pool)
+            self._store = JobStore(self._pool, cooldown_max=settings.cooldown_max)
             self._runner = Runner(
                 self._store,
                 self.kinds,

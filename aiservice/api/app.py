@@ -129,7 +129,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)
             log.info("migrations applied: %s", applied or "none (up to date)")
-        app[STORE] = JobStore(pool)
+        app[STORE] = JobStore(pool, cooldown_max=settings.cooldown_max)
         yield
     finally:
         await pool.close()

@@ -248,6 +248,7 @@ async def fail_job(request: web.Request) -> web.Response:
         retryable=req.retryable,
         retry_after=req.retry_delay(),
         lease_token=req.lease_token,
+        cooldown_max=request.app[SETTINGS].cooldown_max,
     )
     return reply(job)
 

@@ -212,18 +212,24 @@ class ErrorBody(BaseModel):
 
 
 class LimitChange(Strict):
-    """The settable fields of a limit: a field not sent keeps its value, one sent as null is cleared."""
+    """The settable fields of a limit: a field not sent keeps its value, one sent as null is cleared.
+    weight is for owner_service limits only, cooldown and cooldown_until for model_profile limits
+    only: set_limit answers 422 for a field the scope does not use."""
 
     paused: bool | None = None
     max_running: Annotated[int, Field(ge=0, le=rules.MAX_RUNNING_MAX)] | None = None
     max_per_minute: Annotated[int, Field(ge=0, le=rules.MAX_PER_MINUTE_MAX)] | None = None
     max_tokens_per_minute: Annotated[int, Field(ge=0, le=rules.MAX_TOKENS_PER_MINUTE_MAX)] | None = None
     weight: (
-        Annotated[int, Field(ge=rules.WEIGHT_MIN, le=rules.WEIGHT_MAX, description="owner_service: share of claims")]
+        Annotated[
+            int, Field(ge=rules.WEIGHT_MIN, le=rules.WEIGHT_MAX, description="owner_service only: share of claims")
+        ]
         | None
     ) = None
-    cooldown: bool | None = Field(default=None, description="false: rate limits do not pause the whole profile")
-    cooldown_until: None = Field(default=None, description="read-only; null ends a cool-down early")
+    cooldown: bool | None = Field(
+        default=None, description="model_profile only; false: rate limits do not pause the whole profile"
+    )
+    cooldown_until: None = Field(default=None, description="model_profile only, read-only; null ends a cool-down early")
 
 
 class Limits(BaseModel):

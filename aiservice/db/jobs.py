@@ -137,9 +137,13 @@ class JobStore:
     a deadlock or a serialization failure (each call is one statement in its own transaction, so a
     rolled-back call changed nothing); after that the caller gets errors.Contention (HTTP 503)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, contention_retries: int = 2) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, contention_retries: int = 2, cooldown_max: timedelta | None = None
+    ) -> None:
         self.pool = pool
         self.contention_retries = contention_retries
+        # fail_job's bound on a profile's cool-down (COOLDOWN_MAX); None: the SQL default.
+        self.cooldown_max = cooldown_max
 
     async def _fetch(self, function: str, args: dict[str, Any], select: str = "*") -> list[asyncpg.Record]:
         sql, values = _call(function, args, select)
@@ -321,8 +325,11 @@ class JobStore:
         retryable: bool | None = None,
         retry_after: timedelta | None = None,
         lease_token: UUID | None = None,
+        cooldown_max: timedelta | None = None,
     ) -> Job:
-        args = {
+        """``cooldown_max`` bounds the cool-down of the job's profile after a rate_limited failure
+        (default: the store's, else SQL's)."""
+        args: dict[str, Any] = {
             "p_id": job_id,
             "p_worker_id": worker_id,
             "p_error_category": category,
@@ -331,6 +338,9 @@ class JobStore:
             "p_retry_after": retry_after,
             "p_lease_token": lease_token,
         }
+        bound = self.cooldown_max if cooldown_max is None else cooldown_max
+        if bound is not None:
+            args["p_cooldown_max"] = bound
         return await self._one("fail_job", args)
 
     async def release_job(self, job_id: int, worker_id: str, *, lease_token: UUID | None = None) -> Job:

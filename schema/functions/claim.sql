@@ -77,10 +77,12 @@ $$;
 --    weight (fair_share.served grows by 1/weight per job); an owner that was idle or is new
 --    starts at most 10 units behind the most-served owner present, so credit saved while idle
 --    cannot monopolize the queue. Ties go to the owner whose oldest job is oldest; within
---    one owner, oldest first.
+--    one owner, oldest first. Owners with no job at that priority that this claim may take
+--    (task types it does not serve, paused or full) are left out: they cannot hold it up.
 -- Concurrent claimers never receive the same job (SKIP LOCKED). Caps are never exceeded:
 -- a claim that a capped limit governs locks that limit's row before counting, so claims
--- under one cap take turns while others run in parallel.
+-- under one cap take turns while others run in parallel. A change to a limit waits for the
+-- claims in flight, so once a pause has committed no claim still to commit starts its jobs.
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
     p_worker_id text,
     p_limit integer DEFAULT 1,
@@ -92,7 +94,8 @@ RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_limited boolean := EXISTS (SELECT 1 FROM aiservice.limits);
+    v_limited boolean;
+    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
     v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
     v_zero_types text[] := '{}';
     v_zero_owners text[] := '{}';
@@ -111,7 +114,6 @@ DECLARE
     v_best integer;
     v_owner_left bigint;
     v_row record;
-    v_passes integer;
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -133,9 +135,18 @@ BEGIN
         PERFORM aiservice.promote_due();
     END IF;
 
+    -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
+    -- claims wait for them: once a pause or a cap has committed, no claim that began before it
+    -- is still to commit, and every later claim reads it. Claims do not wait for each other here.
+    PERFORM pg_advisory_xact_lock_shared(108105109105116);  -- "limit"
+    v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
+
     IF v_limited THEN
         -- Capped limits this claim may use, locked in one order for every claimer; the counts
-        -- read after the lock include every claim committed before ours.
+        -- read after the lock include every claim committed before ours. The trailing minute
+        -- is read, and this claim's starts are stamped, at the clock time taken under these
+        -- locks (not the transaction's start, which may be long past): a later claim under the
+        -- same cap takes the lock after ours committed, so it sees our starts in its minute.
         PERFORM 1 FROM aiservice.limits l
         WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
           AND (l.scope = 'owner_service'
@@ -143,9 +154,10 @@ BEGIN
                OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
         ORDER BY l.scope, l.name
         FOR UPDATE;
+        v_clock := clock_timestamp();
         SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
         INTO v_budgets
-        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l) AS n) b
+        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, v_clock) AS n) b
         WHERE b.n IS NOT NULL;
         v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
                               WHERE k LIKE 'task_type:%' AND v::bigint = 0);
@@ -173,13 +185,19 @@ BEGIN
                                   AND j.priority = $2 AND j.owner_service > o.name)
                         FROM o WHERE o.name IS NOT NULL
                     )
-                    -- Oldest head job first: ties in service go to the owner waiting longest.
+                    -- Only owners with a job this claim may take (task types served, not paused or
+                    -- full); oldest head job first: ties in service go to the owner waiting longest.
                     SELECT o.name FROM o
                     WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
+                      AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                            SELECT 1 FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                              AND j.priority = $2 AND j.owner_service = o.name
+                              AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
                     ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
                               WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
                                 AND j.priority = $2 AND j.owner_service = o.name))
-            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners;
+            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
             SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
             INTO v_served, v_weights
             FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
@@ -187,12 +205,13 @@ BEGIN
             LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
             v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
             v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-            v_passes := 0;
 
-            -- Shares by weighted fair queueing; an owner that runs out of jobs leaves and its
-            -- share goes to the others in the next pass.
-            WHILE v_take > 0 AND v_passes < 4 AND cardinality(v_owners) > 0 LOOP
-                v_passes := v_passes + 1;
+            -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
+            -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
+            -- leaves and its share goes to the others in the next pass. No cap on passes: owners
+            -- that give nothing must not use up the claim, or they would stay first in line and
+            -- starve the others. Each pass either fills the claim or loses at least one owner.
+            WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
                 v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
                 v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
                 FOR n IN 1..v_take LOOP
@@ -229,6 +248,9 @@ BEGIN
                         IF v_budgets ? ('task_type:' || v_row.task_type) THEN
                             v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
                                 to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
+                                v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
+                            END IF;
                         END IF;
                         v_ids := v_ids || v_row.id;
                         v_got[i] := v_got[i] + 1;
@@ -293,8 +315,8 @@ BEGIN
     ),
     usage AS (
         -- Starts count against the trailing-minute limits that match them.
-        INSERT INTO aiservice.limit_usage (scope, name, starts)
-        SELECT l.scope, l.name, count(*)
+        INSERT INTO aiservice.limit_usage (scope, name, at, starts)
+        SELECT l.scope, l.name, v_clock, count(*)
         FROM claimed c JOIN aiservice.limits l
           ON v_limited AND coalesce(l.max_running, l.max_per_minute, l.max_tokens_per_minute) IS NOT NULL
          AND aiservice.limit_applies(l.scope, l.name, c.task_type, c.model_profile, c.owner_service)

@@ -106,6 +106,8 @@ $$;
 -- Record a failed attempt. A retryable failure (p_retryable, or by default
 -- aiservice.is_retryable(category)) with attempts left goes back to pending,
 -- due after p_retry_after or aiservice.backoff(attempts); otherwise the job fails.
+-- A rate_limited failure with a retry_after also cools its whole model profile down
+-- (cool_down), for p_cooldown_max at most (0 to 7 days; the service passes COOLDOWN_MAX).
 CREATE OR REPLACE FUNCTION aiservice.fail_job(
     p_id bigint,
     p_worker_id text,
@@ -113,7 +115,8 @@ CREATE OR REPLACE FUNCTION aiservice.fail_job(
     p_error_message text DEFAULT NULL,
     p_retryable boolean DEFAULT NULL,
     p_retry_after interval DEFAULT NULL,
-    p_lease_token uuid DEFAULT NULL
+    p_lease_token uuid DEFAULT NULL,
+    p_cooldown_max interval DEFAULT interval '5 minutes'
 )
 RETURNS aiservice.jobs
 LANGUAGE plpgsql
@@ -127,6 +130,9 @@ BEGIN
     END IF;
     IF p_retry_after < interval '0' OR p_retry_after > interval '7 days' THEN
         RAISE EXCEPTION 'retry_after must be between 0 and 7 days' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_cooldown_max IS NULL OR p_cooldown_max < interval '0' OR p_cooldown_max > interval '7 days' THEN
+        RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
     END IF;
     v_job := aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     v_retry := coalesce(p_retryable, aiservice.is_retryable(p_error_category))
@@ -144,9 +150,9 @@ BEGIN
         updated_at = now()
     WHERE id = p_id
     RETURNING * INTO v_job;
-    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' THEN
+    IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' AND p_cooldown_max > interval '0' THEN
         -- The provider behind the profile is saturated: hold the whole profile, not only this job.
-        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after);
+        PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after, p_cooldown_max);
     END IF;
     RETURN v_job;
 END;

@@ -7,9 +7,10 @@
 --   max_per_minute         at most this many matching jobs started in any trailing 60 s
 --   max_tokens_per_minute  while matching jobs finished in the trailing 60 s used this many
 --                          tokens (result.usage.total_tokens) or more, none starts
---   weight                 (owner_service) share of claims among callers, default 1
---   cooldown               (model_profile) whether a rate_limited failure with a retry_after
+--   weight                 (owner_service only) share of claims among callers, default 1
+--   cooldown               (model_profile only) whether a rate_limited failure with a retry_after
 --                          pauses the whole profile until cooldown_until (default true)
+-- A field a scope does not use (limit_fields) is refused by set_limit and shown as null.
 
 -- Whether a job with these fields falls under the limit (p_scope, p_name).
 CREATE OR REPLACE FUNCTION aiservice.limit_applies(
@@ -25,10 +26,21 @@ AS $$
     END;
 $$;
 
+-- The fields a limit of this scope uses.
+CREATE OR REPLACE FUNCTION aiservice.limit_fields(p_scope aiservice.limit_scope)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY['paused', 'max_running', 'max_per_minute', 'max_tokens_per_minute']
+        || CASE p_scope WHEN 'owner_service' THEN ARRAY['weight']
+                        WHEN 'model_profile' THEN ARRAY['cooldown', 'cooldown_until']
+                        ELSE '{}'::text[] END;
+$$;
+
 -- Live usage of one limit: matching jobs running now (read from the running rows only),
--- started and tokens used in the trailing minute.
+-- started and tokens used in the minute before p_at.
 CREATE OR REPLACE FUNCTION aiservice.limit_usage_of(
-    p_scope aiservice.limit_scope, p_name text,
+    p_scope aiservice.limit_scope, p_name text, p_at timestamptz DEFAULT now(),
     OUT running bigint, OUT started_last_minute bigint, OUT tokens_last_minute bigint
 )
 LANGUAGE sql STABLE
@@ -39,25 +51,25 @@ AS $$
            coalesce(sum(u.starts), 0)::bigint,
            coalesce(sum(u.tokens), 0)::bigint
     FROM aiservice.limit_usage u
-    WHERE u.scope = p_scope AND u.name = p_name AND u.at > now() - interval '1 minute';
+    WHERE u.scope = p_scope AND u.name = p_name AND u.at > p_at - interval '1 minute';
 $$;
 
--- How many more matching jobs may start now: NULL when unlimited, 0 when paused, cooling
+-- How many more matching jobs may start at p_at: NULL when unlimited, 0 when paused, cooling
 -- down, over the token budget or at a cap.
-CREATE OR REPLACE FUNCTION aiservice.limit_budget(p_limit aiservice.limits)
+CREATE OR REPLACE FUNCTION aiservice.limit_budget(p_limit aiservice.limits, p_at timestamptz DEFAULT now())
 RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     v_use record;
 BEGIN
-    IF p_limit.paused OR p_limit.cooldown_until > now() THEN
+    IF p_limit.paused OR p_limit.cooldown_until > p_at THEN
         RETURN 0;
     END IF;
     IF p_limit.max_running IS NULL AND p_limit.max_per_minute IS NULL AND p_limit.max_tokens_per_minute IS NULL THEN
         RETURN NULL;
     END IF;
-    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name);
+    v_use := aiservice.limit_usage_of(p_limit.scope, p_limit.name, p_at);
     IF v_use.tokens_last_minute >= p_limit.max_tokens_per_minute THEN
         RETURN 0;
     END IF;
@@ -80,13 +92,15 @@ BEGIN
 END;
 $$;
 
--- Every limit with its live usage, by scope and name.
+-- Every limit with its live usage, by scope and name. A field its scope does not use is null.
 CREATE OR REPLACE FUNCTION aiservice.list_limits()
 RETURNS SETOF aiservice.limit_state
 LANGUAGE sql STABLE
 AS $$
-    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute, l.weight,
-           l.cooldown, CASE WHEN l.cooldown_until > now() THEN l.cooldown_until END,
+    SELECT l.scope, l.name, l.paused, l.max_running, l.max_per_minute, l.max_tokens_per_minute,
+           CASE WHEN l.scope = 'owner_service' THEN l.weight END,
+           CASE WHEN l.scope = 'model_profile' THEN l.cooldown END,
+           CASE WHEN l.scope = 'model_profile' AND l.cooldown_until > now() THEN l.cooldown_until END,
            u.running, u.started_last_minute, u.tokens_last_minute
     FROM aiservice.limits l
     CROSS JOIN LATERAL aiservice.limit_usage_of(l.scope, l.name) u
@@ -94,10 +108,13 @@ AS $$
 $$;
 
 -- Create or change a limit. p_fields is a JSON object with any of paused, max_running,
--- max_per_minute, max_tokens_per_minute, weight, cooldown: a field not given keeps its value,
--- a field given as null is cleared (paused false, weight 1, cooldown true). cooldown_until is
--- read-only, except that null ends a cool-down early. Workers are woken (the limit may now
--- allow more). Returns the limit as list_limits() does.
+-- max_per_minute, max_tokens_per_minute, weight (owner_service only), cooldown (model_profile
+-- only): a field not given keeps its value, a field given as null is cleared (paused false,
+-- weight 1, cooldown true). cooldown_until (model_profile only) is read-only, except that null
+-- ends a cool-down early. A field the scope does not use, and a name with control characters
+-- or white space at either end, are refused (AS422). The change waits for the claims in flight
+-- and claims wait for it: once it has committed, every claim still to commit obeys it. Workers
+-- are woken (the limit may now allow more). Returns the limit as list_limits() does.
 --   SELECT * FROM aiservice.set_limit('model_profile', 'qwen2.5-14b', '{"max_running": 4}');
 CREATE OR REPLACE FUNCTION aiservice.set_limit(p_scope text, p_name text, p_fields jsonb)
 RETURNS SETOF aiservice.limit_state
@@ -111,6 +128,12 @@ DECLARE
 BEGIN
     IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'name must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_name ~ '[\u0001-\u001f\u007f-\u009f]' THEN
+        RAISE EXCEPTION 'name must not contain control characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_name ~ '^\s|\s$' THEN
+        RAISE EXCEPTION 'name must not begin or end with white space' USING ERRCODE = 'AS422';
     END IF;
     IF p_fields IS NULL OR jsonb_typeof(p_fields) <> 'object' THEN
         RAISE EXCEPTION 'fields must be a JSON object' USING ERRCODE = 'AS422';
@@ -139,8 +162,15 @@ BEGIN
             RAISE EXCEPTION 'unknown field %: use paused, max_running, max_per_minute, max_tokens_per_minute, weight, cooldown', v_key
                 USING ERRCODE = 'AS422';
         END IF;
+        IF v_key <> ALL (aiservice.limit_fields(v_scope)) THEN
+            RAISE EXCEPTION '% applies only to % limits, not to % ones', v_key,
+                (SELECT string_agg(s::text, ' and ') FROM unnest(enum_range(NULL::aiservice.limit_scope)) s
+                 WHERE v_key = ANY (aiservice.limit_fields(s))), v_scope
+                USING ERRCODE = 'AS422';
+        END IF;
     END LOOP;
 
+    PERFORM pg_advisory_xact_lock(108105109105116);  -- the lock every claim shares ("limit")
     INSERT INTO aiservice.limits AS l (scope, name) VALUES (v_scope, p_name) ON CONFLICT DO NOTHING;
     UPDATE aiservice.limits l SET
         paused = CASE WHEN p_fields ? 'paused' THEN coalesce((p_fields ->> 'paused')::boolean, false) ELSE l.paused END,
@@ -186,14 +216,22 @@ AS $$
 $$;
 
 -- A provider said "too many requests, come back after p_retry_after": hold the whole profile
--- until then (unless its limit has cooldown false), and wake workers when it ends.
-CREATE OR REPLACE FUNCTION aiservice.cool_down(p_model_profile text, p_retry_after interval)
+-- until then, but for p_cooldown_max at most (unless its limit has cooldown false), and wake
+-- workers when it ends. One job's answer may be far off (or wrong): the bound keeps it from
+-- holding every other job of the profile for days. A cool-down is never shortened.
+CREATE OR REPLACE FUNCTION aiservice.cool_down(
+    p_model_profile text, p_retry_after interval, p_cooldown_max interval DEFAULT interval '5 minutes'
+)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_until timestamptz := now() + p_retry_after;
+    v_until timestamptz;
 BEGIN
+    IF p_cooldown_max IS NULL OR p_cooldown_max < interval '0' OR p_cooldown_max > interval '7 days' THEN
+        RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
+    END IF;
+    v_until := now() + CASE WHEN p_retry_after IS NOT NULL THEN least(p_retry_after, p_cooldown_max) END;
     INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
     VALUES ('model_profile', p_model_profile, v_until)
     ON CONFLICT (scope, name) DO UPDATE
@@ -212,8 +250,8 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
         RETURN NULL;
     END IF;
-    INSERT INTO aiservice.limit_usage (scope, name, tokens)
-    SELECT l.scope, l.name,
+    INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
+    SELECT l.scope, l.name, clock_timestamp(),
            sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
     FROM new_jobs n
     JOIN old_jobs o ON o.id = n.id

@@ -1,0 +1,312 @@
+"""Claims under limits, where they used to go wrong: owners a claim cannot serve, starts counted
+per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
+
+Real PostgreSQL; two connections where the ordering between a claim and a limit change is the point."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any, TypeAlias
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+from conftest import ClientFactory
+from test_limits import jobs, set_limit
+from test_sql_api import call, claim, one
+
+from aiservice import rules
+from aiservice.db.jobs import JobStore
+from aiservice.settings import Settings, SettingsError
+
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+API = "/api/v1"
+
+
+# -- Owners a claim cannot serve do not use up its fair-share passes ----------------------------
+
+
+async def hold_back(conn: Conn, held_by: str) -> list[str] | None:
+    """Make every transcribe job unclaimable for the claims that follow; returns their task_types."""
+    if held_by == "not_served":
+        return ["llm_chat"]
+    await set_limit(
+        conn, "task_type", "transcribe", **({"paused": True} if held_by == "paused" else {"max_running": 0})
+    )
+    return None
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize(("held_by", "owners"), [("not_served", 4), ("not_served", 16), ("paused", 16), ("capped", 4)])
+async def test_owners_a_claim_cannot_serve_do_not_starve_the_others(
+    conn: Conn, held_by: str, owners: int, batch: int
+) -> None:
+    for i in range(owners):  # older jobs than the victim's, at the same priority: first in line
+        await jobs(conn, 3, owner_service=f"held{i:02}", task_type="transcribe", priority=5)
+    await jobs(conn, 50, owner_service="victim", task_type="llm_chat", priority=5)
+    await jobs(conn, 20, owner_service="low", task_type="llm_chat", priority=0)
+    task_types = await hold_back(conn, held_by)
+    taken: list[str] = []
+    for _ in range(100):
+        taken += [r["owner_service"] for r in await claim(conn, limit=batch, task_types=task_types)]
+    assert taken.count("victim") == 50, f"{taken.count('victim')} of the victim's 50 jobs claimed"
+    # Priority first: every priority-5 job the claims could take went before any priority-0 one.
+    assert taken[:50] == ["victim"] * 50
+    assert taken.count("low") == 20 and not any(o.startswith("held") for o in taken)
+
+
+async def test_an_owner_left_without_claimable_jobs_mid_claim_leaves_the_rest_to_the_others(conn: Conn) -> None:
+    """A task-type cap filled during the claim leaves later owners of that type nothing: they drop out."""
+    for i in range(8):
+        await jobs(conn, 2, owner_service=f"t{i}", task_type="transcribe")
+    await jobs(conn, 10, owner_service="victim", task_type="llm_chat")
+    await set_limit(conn, "task_type", "transcribe", max_running=1)
+    got = [r["owner_service"] for r in await claim(conn, limit=10)]
+    assert len(got) == 10 and got.count("victim") == 9
+
+
+# -- max_per_minute counts starts at the time they happen ----------------------------------------
+
+
+async def test_starts_are_stamped_when_the_claim_takes_them_not_when_its_transaction_began(
+    conn: Conn, database_url: str
+) -> None:
+    await jobs(conn, 3, task_type="summarize")
+    await set_limit(conn, "task_type", "summarize", max_per_minute=10)
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT pg_sleep(0.05)")  # the transaction began earlier than the claim
+            before = await other.fetchval("SELECT clock_timestamp()")
+            assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 2)")) == 2
+        stamps = await conn.fetch("SELECT at, starts FROM aiservice.limit_usage WHERE starts > 0")
+        assert [r["starts"] for r in stamps] == [2]
+        assert stamps[0]["at"] >= before
+    finally:
+        await other.close()
+
+
+async def test_a_claim_in_a_long_transaction_does_not_open_a_second_minute(conn: Conn, database_url: str) -> None:
+    """Five starts under a cap of five, made by a claim whose transaction began 2 s earlier. When those
+    starts are 58.5 s old, no more may start; stamped with the transaction's start they would look
+    60.5 s old and five more would go."""
+    await jobs(conn, 20, task_type="summarize")
+    await set_limit(conn, "task_type", "summarize", max_per_minute=5)
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT pg_sleep(2)")
+            assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 10)")) == 5
+        await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '58.5 seconds'")
+        assert await claim(conn, limit=10) == []
+        started = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
+        assert started == 5
+    finally:
+        await other.close()
+
+
+# -- A pause is fenced like a cap -----------------------------------------------------------------
+
+
+async def blocked_by(conn: Conn, waiter: int, holder: int, task: asyncio.Task[Any]) -> bool:
+    """Whether ``waiter`` ends up waiting for ``holder`` before ``task`` finishes (5 s at most)."""
+    for _ in range(500):
+        if task.done():
+            return False
+        if holder in await conn.fetchval("SELECT pg_blocking_pids($1)", waiter):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("existing", [None, {"max_tokens_per_minute": 1000}, {"paused": False}])
+async def test_a_pause_waits_for_claims_in_flight(
+    conn: Conn, database_url: str, existing: dict[str, Any] | None
+) -> None:
+    await jobs(conn, 5, task_type="transcribe")
+    if existing is not None:
+        await set_limit(conn, "task_type", "transcribe", **existing)
+    claimer = await asyncpg.connect(database_url)
+    pauser = await asyncpg.connect(database_url)
+    try:
+        tx = claimer.transaction()
+        await tx.start()
+        assert len(await claimer.fetch("SELECT id FROM aiservice.claim_jobs('w1', 1)")) == 1
+        pause = asyncio.create_task(
+            pauser.fetch("SELECT * FROM aiservice.set_limit('task_type', 'transcribe', '{\"paused\": true}')")
+        )
+        # The claim has not committed: the pause must not commit before it (nor answer its caller).
+        blocked = await blocked_by(conn, pauser.get_server_pid(), claimer.get_server_pid(), pause)
+        await tx.commit()
+        await asyncio.wait_for(pause, 5)
+        assert blocked, "the pause committed while a claim that started a job of its scope was in flight"
+        assert await claim(conn, limit=10) == []
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'") == 1
+    finally:
+        await claimer.close()
+        await pauser.close()
+
+
+# -- A rate-limited failure cools a profile down for COOLDOWN_MAX at most -------------------------
+
+
+WEEK = timedelta(days=7)
+
+
+async def cooldown_left(conn: Conn, profile: str) -> timedelta:
+    (row,) = await conn.fetch(
+        "SELECT cooldown_until - now() AS left FROM aiservice.limits WHERE scope = 'model_profile' AND name = $1",
+        profile,
+    )
+    left: timedelta = row["left"]
+    return left
+
+
+@pytest.mark.parametrize(
+    ("cooldown_max", "bound"), [(None, timedelta(minutes=5)), (timedelta(seconds=90), timedelta(seconds=90))]
+)
+async def test_a_week_long_retry_after_cools_a_profile_down_for_the_bound_only(
+    conn: Conn, cooldown_max: timedelta | None, bound: timedelta
+) -> None:
+    (job_id,) = await jobs(conn, 1, model_profile="gpt")
+    await claim(conn)
+    extra = {} if cooldown_max is None else {"cooldown_max": cooldown_max}
+    failed = await one(
+        conn, "fail_job", id=job_id, worker_id="w1", error_category="rate_limited", retry_after=WEEK, **extra
+    )
+    assert failed["run_at"] - failed["updated_at"] == WEEK  # the job itself waits as the provider asked
+    assert bound - timedelta(seconds=1) < await cooldown_left(conn, "gpt") <= bound
+
+
+async def test_a_rate_limited_failure_without_retry_after_cools_nothing_down(conn: Conn) -> None:
+    (job_id,) = await jobs(conn, 1, model_profile="gpt")
+    await claim(conn)
+    await one(conn, "fail_job", id=job_id, worker_id="w1", error_category="rate_limited")
+    assert await call(conn, "list_limits") == []
+
+
+async def test_cool_down_called_directly_is_bounded_too(conn: Conn) -> None:
+    await conn.execute("SELECT aiservice.cool_down('gpt', interval '7 days')")
+    assert await cooldown_left(conn, "gpt") <= timedelta(minutes=5)
+    await conn.execute("SELECT aiservice.cool_down('gpt', interval '7 days', interval '1 hour')")
+    assert timedelta(minutes=59) < await cooldown_left(conn, "gpt") <= timedelta(hours=1)
+    await conn.execute("SELECT aiservice.cool_down('gpt', interval '10 seconds')")  # never shortened
+    assert await cooldown_left(conn, "gpt") > timedelta(minutes=59)
+
+
+@pytest.mark.parametrize("bound", [timedelta(seconds=-1), timedelta(days=8)])
+async def test_a_bad_cooldown_bound_is_refused(conn: Conn, bound: timedelta) -> None:
+    (job_id,) = await jobs(conn, 1)
+    await claim(conn)
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await conn.execute(
+            "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', p_retry_after => '1 hour',"
+            " p_cooldown_max => $2::interval)",
+            job_id,
+            bound,
+        )
+    assert refused.value.sqlstate == "AS422" and "cooldown_max" in str(refused.value)
+
+
+async def test_the_api_and_the_worker_store_bound_cool_downs_by_the_setting(
+    api_factory: ClientFactory, conn: Conn, pool: asyncpg.Pool
+) -> None:
+    api = await api_factory(cooldown_max=timedelta(seconds=30))
+    (first, second) = await jobs(conn, 2, model_profile="gpt")
+    assert len(await claim(conn, worker="w1", limit=2)) == 2
+    reply = await api.post(
+        f"{API}/jobs/{first}/fail",
+        json={"worker_id": "w1", "error_category": "rate_limited", "retry_after": WEEK.total_seconds()},
+    )
+    assert reply.status == 200, await reply.text()
+    assert timedelta(seconds=29) < await cooldown_left(conn, "gpt") <= timedelta(seconds=30)
+    (limit,) = (await (await api.get(f"{API}/limits")).json())["limits"]
+    assert limit["cooldown_until"] is not None
+
+    await conn.execute("UPDATE aiservice.limits SET cooldown_until = NULL")
+    worker_store = JobStore(pool, cooldown_max=timedelta(minutes=2))
+    await worker_store.fail_job(second, "w1", "rate_limited", "slow down", retry_after=WEEK)
+    assert timedelta(seconds=119) < await cooldown_left(conn, "gpt") <= timedelta(minutes=2)
+
+
+def test_cooldown_max_setting() -> None:
+    assert Settings().cooldown_max == timedelta(minutes=5)
+    assert Settings.from_env({"COOLDOWN_MAX": "90s"}).cooldown_max == timedelta(seconds=90)
+    assert Settings.from_env({"COOLDOWN_MAX": "168h"}).cooldown_max == rules.MAX_RETRY_AFTER
+    for bad in ("0", "169h", "soon"):
+        with pytest.raises(SettingsError, match=r"^COOLDOWN_MAX: "):
+            Settings.from_env({"COOLDOWN_MAX": bad})
+
+
+# -- Each scope has the fields it uses, and sensible names ----------------------------------------
+
+
+SCOPE_FIELDS = {
+    "task_type": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute"},
+    "model_profile": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute", "cooldown", "cooldown_until"},
+    "owner_service": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute", "weight"},
+}
+USAGE = {"scope", "name", "running", "started_last_minute", "tokens_last_minute"}
+
+
+async def test_the_fields_of_each_scope_are_equal_in_sql_and_python(conn: Conn) -> None:
+    for scope, names in SCOPE_FIELDS.items():
+        assert set(await conn.fetchval("SELECT aiservice.limit_fields($1)", scope)) == names
+        assert set(rules.LIMIT_FIELDS[scope]) == names
+
+
+@pytest.mark.parametrize(
+    ("scope", "fields", "field"),
+    [
+        ("task_type", {"weight": 2}, "weight"),
+        ("task_type", {"cooldown": False}, "cooldown"),
+        ("task_type", {"cooldown_until": None}, "cooldown_until"),
+        ("owner_service", {"cooldown": None}, "cooldown"),
+        ("model_profile", {"weight": None}, "weight"),
+        ("model_profile", {"max_running": 2, "weight": 3}, "weight"),
+    ],
+)
+async def test_a_field_another_scope_uses_is_refused(
+    conn: Conn, api_factory: ClientFactory, scope: str, fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await set_limit(conn, scope, "x", **fields)
+    assert refused.value.sqlstate == "AS422"
+    assert f"{field} " in str(refused.value) and scope in str(refused.value)
+    api = await api_factory()
+    reply = await api.put(f"{API}/limits/{scope}/x", json=fields)
+    assert reply.status == 422, await reply.text()
+    error = (await reply.json())["error"]
+    assert error["code"] == "invalid_argument" and field in error["message"] and scope in error["message"]
+    assert await call(conn, "list_limits") == []
+
+
+async def test_limits_show_only_the_fields_of_their_scope(conn: Conn, api_factory: ClientFactory) -> None:
+    await set_limit(conn, "task_type", "transcribe", max_running=2)
+    await set_limit(conn, "model_profile", "gpt", cooldown=False)
+    await set_limit(conn, "owner_service", "tel", weight=3)
+    rows = {r["scope"]: r for r in await call(conn, "list_limits")}
+    assert (rows["task_type"]["weight"], rows["task_type"]["cooldown"]) == (None, None)
+    assert (rows["owner_service"]["weight"], rows["owner_service"]["cooldown"]) == (3, None)
+    assert (rows["model_profile"]["weight"], rows["model_profile"]["cooldown"]) == (None, False)
+    api = await api_factory()
+    for listed in [
+        (await (await api.get(f"{API}/limits")).json())["limits"],
+        (await (await api.get(f"{API}/stats")).json())["limits"],
+    ]:
+        assert {x["scope"]: set(x) for x in listed} == {s: f | USAGE for s, f in SCOPE_FIELDS.items()}
+    put = await (await api.put(f"{API}/limits/task_type/transcribe", json={"paused": True})).json()
+    assert set(put) == SCOPE_FIELDS["task_type"] | USAGE
+
+
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "nul\x7f", "bell\x07", "c1\x85", " padded", "padded ", "   "])
+async def test_a_nonsense_limit_name_is_refused(conn: Conn, api_factory: ClientFactory, name: str) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await set_limit(conn, "task_type", name, paused=True)
+    assert refused.value.sqlstate == "AS422"
+    api = await api_factory()
+    reply = await api.put(f"{API}/limits/task_type/{quote(name, safe='')}", json={"paused": True})
+    assert reply.status == 422, await reply.text()
+    assert (await reply.json())["error"]["code"] == "invalid_argument"
+    assert await call(conn, "list_limits") == []
