@@ -274,3 +274,69 @@ async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Con
     await fail.commit()
     assert await retry == []
     assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "failed"
+
+
+async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
+    """Eight claimers under one max_running cap, on jobs that belong to batches, while jobs complete,
+    fail and have their leases expire: a claim's housekeeping and its claim move batch counts, and
+    batch counts never hold a lock that a claim waits on, so no deadlock, and the counts stay exact."""
+    await conn.fetch("SELECT FROM aiservice.set_limit('model_profile', $1, $2)", JOB["model_profile"], {"max_running": 3})
+    for b in range(60):
+        await conn.fetch(CREATE_JOBS, [{"owner_ref": f"{b}/{i}", "max_attempts": 2} for i in range(30)], JOB)
+    claimers = await connections(8)
+    errors: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    most_running = 0
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3.0
+
+    async def claimer(c: Conn, i: int) -> None:
+        n = 0
+        while loop.time() < until:
+            n += 1
+            try:
+                rows = await c.fetch("SELECT * FROM aiservice.claim_jobs($1, 2, p_lease_timeout => '40 ms')", f"w{i}")
+                for r in rows:
+                    kind = ("complete", "fail", "expire")[(n + r["id"]) % 3]
+                    if kind == "complete":
+                        await c.execute(
+                            "SELECT id FROM aiservice.complete_job($1, $2, '{}', $3)", r["id"], f"w{i}", r["lease_token"]
+                        )
+                    elif kind == "fail":
+                        await c.execute(
+                            "SELECT id FROM aiservice.fail_job($1, $2, 'provider_error', 'x', true, '5 ms', $3)",
+                            r["id"],
+                            f"w{i}",
+                            r["lease_token"],
+                        )
+                    outcomes[kind] += 1
+            except asyncpg.PostgresError as exc:
+                errors[str(exc.sqlstate)] += 1  # AS410: a lease expired before the worker finished
+
+    async def sampler() -> None:
+        nonlocal most_running
+        while loop.time() < until:
+            running = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
+            most_running = max(most_running, running)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(sampler(), *(claimer(c, i) for i, c in enumerate(claimers)))
+    assert errors["40P01"] == 0, errors
+    assert set(errors) <= {"AS410"}, errors
+    assert min(outcomes[k] for k in ("complete", "fail", "expire")) > 20, outcomes
+    assert most_running <= 3
+    wrong = await conn.fetch(
+        """
+        SELECT b.id FROM aiservice.batches b
+        JOIN (SELECT batch_id, count(*) AS total,
+                     count(*) FILTER (WHERE status = 'pending') AS pending,
+                     count(*) FILTER (WHERE status = 'running') AS running,
+                     count(*) FILTER (WHERE status = 'completed') AS completed,
+                     count(*) FILTER (WHERE status = 'failed') AS failed,
+                     count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+              FROM aiservice.jobs GROUP BY batch_id) c ON c.batch_id = b.id
+        WHERE (b.total, b.pending, b.running, b.completed, b.failed, b.cancelled)
+              <> (c.total, c.pending, c.running, c.completed, c.failed, c.cancelled)
+        """
+    )
+    assert wrong == []

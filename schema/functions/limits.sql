@@ -205,6 +205,8 @@ $$;
 
 -- Tokens of completed jobs count against the limits that match them; a job leaving
 -- 'running' under a max_running cap frees a place, so workers are woken for its kind.
+-- Dynamic SQL, planned for this statement's row count (a plan kept from a one-row update joins
+-- the transition tables of a large one by nested loop).
 CREATE OR REPLACE FUNCTION aiservice.usage_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -212,23 +214,28 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
         RETURN NULL;
     END IF;
-    INSERT INTO aiservice.limit_usage (scope, name, tokens)
-    SELECT l.scope, l.name,
-           sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
-    FROM new_jobs n
-    JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service)
-    WHERE n.status = 'completed' AND o.status = 'running'
-      AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
-    GROUP BY l.scope, l.name;
-
-    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, NULL)
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running' AND n.status <> 'running'
-      AND EXISTS (SELECT 1 FROM aiservice.limits l
-                  WHERE l.max_running IS NOT NULL
-                    AND aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service))
-    GROUP BY n.task_type, n.model_profile;
+    EXECUTE $q$
+        WITH left_running AS MATERIALIZED (
+            SELECT n.task_type, n.model_profile, n.owner_service, n.status, n.result
+            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            WHERE o.status = 'running' AND n.status <> 'running'
+        ),
+        usage AS (
+            INSERT INTO aiservice.limit_usage (scope, name, tokens)
+            SELECT l.scope, l.name,
+                   sum(least(greatest((r.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
+            FROM left_running r
+            JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service)
+            WHERE r.status = 'completed' AND jsonb_typeof(r.result #> '{usage,total_tokens}') = 'number'
+            GROUP BY l.scope, l.name
+        )
+        SELECT count(aiservice.notify_pending(k.task_type, k.model_profile, NULL))
+        FROM (SELECT r.task_type, r.model_profile FROM left_running r
+              WHERE EXISTS (SELECT 1 FROM aiservice.limits l
+                            WHERE l.max_running IS NOT NULL
+                              AND aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service))
+              GROUP BY r.task_type, r.model_profile) k
+    $q$;
     RETURN NULL;
 END;
 $$;

@@ -37,22 +37,35 @@ CREATE OR REPLACE TRIGGER jobs_notify_insert
 -- Jobs that became claimable again (retry, lease expiry, backoff) wake workers;
 -- a running job taken from its worker (cancel, manual retry, lease expiry) tells that
 -- worker to abort. A job its worker gave back itself (fail_job, release_job) does not.
+-- Dynamic SQL, planned for this statement's row count (a plan kept from a one-row update joins
+-- the transition tables of a large one by nested loop).
 CREATE OR REPLACE FUNCTION aiservice.jobs_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, min(n.run_at))
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE n.status = 'pending' AND (o.status <> 'pending' OR o.run_at <> n.run_at)
-    GROUP BY n.task_type, n.model_profile;
-
-    PERFORM pg_notify('aiservice_jobs', json_build_object(
-        'event', 'abort', 'id', n.id, 'worker_id', o.worker_id, 'status', n.status)::text)
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running'
-      AND (n.status = 'cancelled'
-           OR (n.status = 'pending' AND n.error_category IS NULL)
-           OR n.error_category = 'lease_expired');
+    EXECUTE $q$
+        WITH moved AS MATERIALIZED (
+            SELECT n.id, n.task_type, n.model_profile, n.status, n.run_at, n.error_category,
+                   o.status AS was, o.run_at AS was_run_at, o.worker_id AS was_worker
+            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            WHERE (n.status = 'pending' AND (o.status <> 'pending' OR o.run_at <> n.run_at)) OR o.status = 'running'
+        ),
+        pending AS (
+            SELECT aiservice.notify_pending(m.task_type, m.model_profile, min(m.run_at))
+            FROM moved m
+            WHERE m.status = 'pending' AND (m.was <> 'pending' OR m.was_run_at <> m.run_at)
+            GROUP BY m.task_type, m.model_profile
+        )
+        SELECT count(*) FROM pending
+        UNION ALL  -- in this order: wake-ups first, then the aborts
+        SELECT count(pg_notify('aiservice_jobs', json_build_object(
+                   'event', 'abort', 'id', m.id, 'worker_id', m.was_worker, 'status', m.status)::text))
+        FROM moved m
+        WHERE m.was = 'running'
+          AND (m.status = 'cancelled'
+               OR (m.status = 'pending' AND m.error_category IS NULL)
+               OR m.error_category = 'lease_expired')
+    $q$;
     RETURN NULL;
 END;
 $$;

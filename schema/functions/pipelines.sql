@@ -113,22 +113,32 @@ END;
 $$;
 
 -- A finished job with dependents is queued for resolution, and workers are woken to resolve it.
+-- Dynamic SQL, planned for this statement's row count (a plan kept from a one-row update joins
+-- the transition tables of a large one by nested loop).
 CREATE OR REPLACE FUNCTION aiservice.pipeline_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_queued bigint;
 BEGIN
-    INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-      AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
-    -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
-    UNION
-    SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.job_dependencies d ON d.job_id = n.id
-    JOIN aiservice.jobs x ON x.id = d.depends_on
-    WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
+    EXECUTE $q$
+        WITH queued AS (
+            INSERT INTO aiservice.finished_dependencies (job_id)
+            SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
+              AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
+            -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
+            UNION
+            SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            JOIN aiservice.job_dependencies d ON d.job_id = n.id
+            JOIN aiservice.jobs x ON x.id = d.depends_on
+            WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        )
+        SELECT count(*) FROM queued
+    $q$ INTO v_queued;
+    IF v_queued > 0 THEN
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
     END IF;
     RETURN NULL;
