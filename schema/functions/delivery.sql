@@ -91,57 +91,70 @@ CREATE OR REPLACE TRIGGER jobs_delivery_insert
 -- Jobs that changed status: finished jobs are announced on 'aiservice_finished' and queued for
 -- their owner's webhook, and batch counts move: the moves are appended to batch_count_deltas
 -- (no lock) and fold_batch_counts applies them when the transaction commits.
--- Statements over the transition tables run as dynamic SQL, planned for this statement's row
--- count: a plan kept from a one-row update joins 10,000 rows by nested loop (quadratic).
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.delivery_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_sent bigint;
 BEGIN
-    EXECUTE $q$
-        WITH moved AS MATERIALIZED (
-            SELECT n.id, n.owner_service, n.owner_ref, n.status, n.batch_id, o.status AS was, o.batch_id AS was_batch
-            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE n.status <> o.status
-        ),
-        finished AS MATERIALIZED (
-            SELECT * FROM moved WHERE aiservice.is_finished(status) AND NOT aiservice.is_finished(was)
-        ),
-        hooks AS (
-            INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
-            SELECT f.owner_service, 'job.finished', f.id, f.batch_id
-            FROM finished f JOIN aiservice.webhooks w ON w.owner_service = f.owner_service
-            WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
-            ORDER BY f.id
-        ),
-        deltas AS (
-            INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
-            SELECT batch_id,
-                   coalesce(sum(d) FILTER (WHERE status = 'pending'), 0),
-                   coalesce(sum(d) FILTER (WHERE status = 'running'), 0),
-                   coalesce(sum(d) FILTER (WHERE status = 'completed'), 0),
-                   coalesce(sum(d) FILTER (WHERE status = 'failed'), 0),
-                   coalesce(sum(d) FILTER (WHERE status = 'cancelled'), 0)
-            FROM (SELECT batch_id, status, 1 AS d FROM moved WHERE batch_id IS NOT NULL
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.owner_service) FILTER (WHERE x.after) AS owner_service,
+                   min(x.owner_ref) FILTER (WHERE x.after) AS owner_ref,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.batch_id) FILTER (WHERE x.after) AS batch_id,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was,
+                   min(x.batch_id) FILTER (WHERE NOT x.after) AS was_batch
+            FROM (SELECT true AS after, n.id, n.owner_service, n.owner_ref, n.status, n.batch_id FROM new_jobs n
                   UNION ALL
-                  SELECT was_batch, was, -1 FROM moved WHERE was_batch IS NOT NULL) m
-            GROUP BY batch_id
-        )
-        SELECT count(pg_notify('aiservice_finished', json_build_object('jobs', p.docs)::text))
-        FROM (
-            SELECT json_agg(c.doc ORDER BY c.id) AS docs
-            FROM (
-                SELECT f.id, d.doc,
-                       -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
-                       (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY f.id)) / 7000 AS chunk
-                FROM finished f
-                CROSS JOIN LATERAL (SELECT json_build_object('id', f.id, 'owner_service', f.owner_service,
-                                                             'owner_ref', f.owner_ref, 'status', f.status,
-                                                             'batch_id', f.batch_id) AS doc) d
-            ) c
-            GROUP BY c.chunk
-            ORDER BY c.chunk
+                  SELECT false, o.id, o.owner_service, o.owner_ref, o.status, o.batch_id FROM old_jobs o) x
+            GROUP BY x.id
         ) p
-    $q$;
+        WHERE p.status <> p.was
+    ),
+    finished AS MATERIALIZED (
+        SELECT * FROM moved WHERE aiservice.is_finished(status) AND NOT aiservice.is_finished(was)
+    ),
+    hooks AS (
+        INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
+        SELECT f.owner_service, 'job.finished', f.id, f.batch_id
+        FROM finished f JOIN aiservice.webhooks w ON w.owner_service = f.owner_service
+        WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+        ORDER BY f.id
+    ),
+    deltas AS (
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+        SELECT batch_id,
+               coalesce(sum(d) FILTER (WHERE status = 'pending'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'running'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'completed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'failed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'cancelled'), 0)
+        FROM (SELECT batch_id, status, 1 AS d FROM moved WHERE batch_id IS NOT NULL
+              UNION ALL
+              SELECT was_batch, was, -1 FROM moved WHERE was_batch IS NOT NULL) m
+        GROUP BY batch_id
+    )
+    SELECT count(pg_notify('aiservice_finished', json_build_object('jobs', p.docs)::text))
+    FROM (
+        SELECT json_agg(c.doc ORDER BY c.id) AS docs
+        FROM (
+            SELECT f.id, d.doc,
+                   -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
+                   (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY f.id)) / 7000 AS chunk
+            FROM finished f
+            CROSS JOIN LATERAL (SELECT json_build_object('id', f.id, 'owner_service', f.owner_service,
+                                                         'owner_ref', f.owner_ref, 'status', f.status,
+                                                         'batch_id', f.batch_id) AS doc) d
+        ) c
+        GROUP BY c.chunk
+        ORDER BY c.chunk
+    ) p
+    INTO STRICT v_sent;
     RETURN NULL;
 END;
 $$;

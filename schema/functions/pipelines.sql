@@ -147,32 +147,41 @@ END;
 $$;
 
 -- A finished job with dependents is queued for resolution, and workers are woken to resolve it.
--- Dynamic SQL, planned for this statement's row count (a plan kept from a one-row update joins
--- the transition tables of a large one by nested loop).
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.pipeline_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    v_queued bigint;
 BEGIN
-    EXECUTE $q$
-        WITH queued AS (
-            INSERT INTO aiservice.finished_dependencies (job_id)
-            SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-              AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
-            -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
-            UNION
-            SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            JOIN aiservice.job_dependencies d ON d.job_id = n.id
-            JOIN aiservice.jobs x ON x.id = d.depends_on
-            WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
-            ON CONFLICT DO NOTHING
-            RETURNING 1
-        )
-        SELECT count(*) FROM queued
-    $q$ INTO v_queued;
-    IF v_queued > 0 THEN
+    WITH moved AS MATERIALIZED (
+        SELECT x.id,
+               min(x.status) FILTER (WHERE x.after) AS status,
+               bool_or(x.blocked) FILTER (WHERE x.after) AS blocked,
+               min(x.status) FILTER (WHERE NOT x.after) AS was,
+               bool_or(x.blocked) FILTER (WHERE NOT x.after) AS was_blocked
+        FROM (SELECT true AS after, n.id, n.status, n.blocked FROM new_jobs n
+              UNION ALL
+              SELECT false, o.id, o.status, o.blocked FROM old_jobs o) x
+        GROUP BY x.id
+    )
+    -- The lookups below are index probes per changed job (LIMIT and OFFSET 0 keep them out of
+    -- joins the planner could turn into a scan of every dependency).
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT m.id FROM moved m
+    WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
+      AND (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = m.id LIMIT 1)
+    -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
+    UNION
+    SELECT f.depends_on FROM moved m
+    CROSS JOIN LATERAL (
+        SELECT d.depends_on FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+        WHERE d.job_id = m.id AND aiservice.is_finished(x.status)
+        OFFSET 0
+    ) f
+    WHERE m.blocked AND NOT m.was_blocked
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
     END IF;
     RETURN NULL;
