@@ -115,10 +115,13 @@ async def test_one_resolve_pass_fails_a_whole_chain_and_unblocks_only_direct_dep
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", chain[0]["id"])
     assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") == 1  # one pass
     rows = await conn.fetch(
-        "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs WHERE id = ANY ($1) ORDER BY id",
+        "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs"
+        " WHERE id = ANY ($1) ORDER BY id",
         [j["id"] for j in chain[1:]],
     )
-    assert [(r["status"], r["blocked"], r["error_category"]) for r in rows] == [("failed", False, "dependency_failed")] * 999
+    assert [(r["status"], r["blocked"], r["error_category"]) for r in rows] == [
+        ("failed", False, "dependency_failed")
+    ] * 999
     assert rows[0]["error_message"] == f"dependency {chain[0]['id']} is cancelled"
     assert rows[-1]["error_message"] == f"dependency {chain[-2]['id']} is failed"
 

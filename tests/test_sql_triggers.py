@@ -53,9 +53,7 @@ async def counting_rows(conn: Conn) -> list[dict[str, Any]]:
 
 async def test_a_large_cancel_after_a_one_row_update_reads_rows_linearly(conn: Conn) -> None:
     n = 10_000
-    await conn.fetch(
-        "SELECT 1 FROM aiservice.create_jobs($1, $2)", [{"owner_ref": f"call/{i}"} for i in range(n)], JOB
-    )
+    await conn.fetch("SELECT 1 FROM aiservice.create_jobs($1, $2)", [{"owner_ref": f"call/{i}"} for i in range(n)], JOB)
     batch = await conn.fetchval("SELECT max(id) FROM aiservice.batches")
     (other,) = await conn.fetch("SELECT (j.job).id FROM aiservice.create_jobs($1, $2) j", [{"owner_ref": "x"}], JOB)
     # One ordinary one-row update first, in the same session: every trigger plans its statements.
