@@ -840,16 +840,34 @@ CREATE FUNCTION aiservice.count_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
+                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.finished_at) FILTER (WHERE x.after) AS finished_at,
+                   min(x.error_category) FILTER (WHERE x.after) AS error_category,
+                   min(x.task_type) FILTER (WHERE NOT x.after) AS was_task_type,
+                   min(x.model_profile) FILTER (WHERE NOT x.after) AS was_model_profile,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was
+            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.status, n.finished_at, n.error_category
+                  FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.task_type, o.model_profile, o.status, NULL, NULL FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.status <> p.was
+    )
     INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
     SELECT task_type, model_profile, status, minute, error_category, sum(d) FROM (
-        SELECT n.task_type, n.model_profile, n.status,
-               CASE WHEN n.finished_at IS NOT NULL THEN date_trunc('minute', n.finished_at) END AS minute,
-               CASE WHEN n.finished_at IS NOT NULL THEN coalesce(n.error_category, '') END AS error_category,
+        SELECT task_type, model_profile, status,
+               CASE WHEN finished_at IS NOT NULL THEN date_trunc('minute', finished_at) END AS minute,
+               CASE WHEN finished_at IS NOT NULL THEN coalesce(error_category, '') END AS error_category,
                1 AS d
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id WHERE n.status <> o.status
+        FROM moved
         UNION ALL
-        SELECT o.task_type, o.model_profile, o.status, NULL, NULL, -1
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id WHERE n.status <> o.status
+        SELECT was_task_type, was_model_profile, was, NULL, NULL, -1 FROM moved
     ) moves
     GROUP BY 1, 2, 3, 4, 5
     HAVING sum(d) <> 0;
@@ -1109,65 +1127,63 @@ CREATE FUNCTION aiservice.delivery_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 DECLARE
-    v_batch record;
-    v_was timestamptz;
-    v_row aiservice.batches;
+    v_sent bigint;
 BEGIN
-    PERFORM pg_notify('aiservice_finished', json_build_object('jobs', json_agg(f.doc ORDER BY f.id))::text)
-    FROM (
-        SELECT n.id, d.doc,
-               -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
-               (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY n.id)) / 7000 AS chunk
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        CROSS JOIN LATERAL (SELECT json_build_object('id', n.id, 'owner_service', n.owner_service,
-                                                     'owner_ref', n.owner_ref, 'status', n.status,
-                                                     'batch_id', n.batch_id) AS doc) d
-        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-    ) f
-    GROUP BY f.chunk;
-
-    IF EXISTS (SELECT 1 FROM aiservice.webhooks) THEN
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.owner_service) FILTER (WHERE x.after) AS owner_service,
+                   min(x.owner_ref) FILTER (WHERE x.after) AS owner_ref,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.batch_id) FILTER (WHERE x.after) AS batch_id,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was,
+                   min(x.batch_id) FILTER (WHERE NOT x.after) AS was_batch
+            FROM (SELECT true AS after, n.id, n.owner_service, n.owner_ref, n.status, n.batch_id FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.owner_service, o.owner_ref, o.status, o.batch_id FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.status <> p.was
+    ),
+    finished AS MATERIALIZED (
+        SELECT * FROM moved WHERE aiservice.is_finished(status) AND NOT aiservice.is_finished(was)
+    ),
+    hooks AS (
         INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
-        SELECT n.owner_service, 'job.finished', n.id, n.batch_id
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
-        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-          AND w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
-        ORDER BY n.id;
-    END IF;
-
-    -- Batches: lock in id order (concurrent statements over the same batches wait, never deadlock).
-    FOR v_batch IN
-        WITH moves AS (
-            SELECT n.batch_id, n.status, 1 AS d FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE n.batch_id IS NOT NULL AND n.status <> o.status
-            UNION ALL
-            SELECT o.batch_id, o.status, -1 FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE o.batch_id IS NOT NULL AND n.status <> o.status
-        )
+        SELECT f.owner_service, 'job.finished', f.id, f.batch_id
+        FROM finished f JOIN aiservice.webhooks w ON w.owner_service = f.owner_service
+        WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+        ORDER BY f.id
+    ),
+    deltas AS (
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
         SELECT batch_id,
-               sum(d) FILTER (WHERE status = 'pending')::integer AS pending,
-               sum(d) FILTER (WHERE status = 'running')::integer AS running,
-               sum(d) FILTER (WHERE status = 'completed')::integer AS completed,
-               sum(d) FILTER (WHERE status = 'failed')::integer AS failed,
-               sum(d) FILTER (WHERE status = 'cancelled')::integer AS cancelled
-        FROM moves GROUP BY batch_id ORDER BY batch_id
-    LOOP
-        SELECT finished_at INTO v_was FROM aiservice.batches WHERE id = v_batch.batch_id FOR UPDATE;
-        UPDATE aiservice.batches b
-        SET pending = b.pending + coalesce(v_batch.pending, 0),
-            running = b.running + coalesce(v_batch.running, 0),
-            completed = b.completed + coalesce(v_batch.completed, 0),
-            failed = b.failed + coalesce(v_batch.failed, 0),
-            cancelled = b.cancelled + coalesce(v_batch.cancelled, 0),
-            finished_at = CASE WHEN b.pending + coalesce(v_batch.pending, 0) + b.running + coalesce(v_batch.running, 0) = 0
-                               THEN coalesce(b.finished_at, now()) END
-        WHERE b.id = v_batch.batch_id
-        RETURNING b.* INTO v_row;
-        IF v_was IS NULL AND v_row.finished_at IS NOT NULL THEN
-            PERFORM aiservice.batch_finished(v_row);
-        END IF;
-    END LOOP;
+               coalesce(sum(d) FILTER (WHERE status = 'pending'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'running'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'completed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'failed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'cancelled'), 0)
+        FROM (SELECT batch_id, status, 1 AS d FROM moved WHERE batch_id IS NOT NULL
+              UNION ALL
+              SELECT was_batch, was, -1 FROM moved WHERE was_batch IS NOT NULL) m
+        GROUP BY batch_id
+    )
+    SELECT count(pg_notify('aiservice_finished', json_build_object('jobs', p.docs)::text))
+    FROM (
+        SELECT json_agg(c.doc ORDER BY c.id) AS docs
+        FROM (
+            SELECT f.id, d.doc,
+                   -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
+                   (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY f.id)) / 7000 AS chunk
+            FROM finished f
+            CROSS JOIN LATERAL (SELECT json_build_object('id', f.id, 'owner_service', f.owner_service,
+                                                         'owner_ref', f.owner_ref, 'status', f.status,
+                                                         'batch_id', f.batch_id) AS doc) d
+        ) c
+        GROUP BY c.chunk
+        ORDER BY c.chunk
+    ) p
+    INTO STRICT v_sent;
     RETURN NULL;
 END;
 $$;
@@ -1263,6 +1279,56 @@ $_$;
 
 
 --
+-- Name: fold_batch_counts(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.fold_batch_counts() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_ids bigint[];
+    v_pending integer[];
+    v_running integer[];
+    v_completed integer[];
+    v_failed integer[];
+    v_cancelled integer[];
+    v_was timestamptz;
+    v_row aiservice.batches;
+BEGIN
+    WITH mine AS (
+        DELETE FROM aiservice.batch_count_deltas WHERE xact = pg_current_xact_id() RETURNING *
+    )
+    SELECT array_agg(batch_id ORDER BY batch_id), array_agg(pending ORDER BY batch_id),
+           array_agg(running ORDER BY batch_id), array_agg(completed ORDER BY batch_id),
+           array_agg(failed ORDER BY batch_id), array_agg(cancelled ORDER BY batch_id)
+    INTO v_ids, v_pending, v_running, v_completed, v_failed, v_cancelled
+    FROM (SELECT batch_id, sum(pending)::integer AS pending, sum(running)::integer AS running,
+                 sum(completed)::integer AS completed, sum(failed)::integer AS failed,
+                 sum(cancelled)::integer AS cancelled
+          FROM mine GROUP BY batch_id) m;
+    FOR i IN 1..coalesce(cardinality(v_ids), 0) LOOP
+        SELECT finished_at INTO v_was FROM aiservice.batches WHERE id = v_ids[i] FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        UPDATE aiservice.batches b
+        SET pending = b.pending + v_pending[i],
+            running = b.running + v_running[i],
+            completed = b.completed + v_completed[i],
+            failed = b.failed + v_failed[i],
+            cancelled = b.cancelled + v_cancelled[i],
+            finished_at = CASE WHEN b.pending + v_pending[i] + b.running + v_running[i] = 0
+                               THEN coalesce(b.finished_at, now()) END
+        WHERE b.id = v_ids[i]
+        RETURNING b.* INTO v_row;
+        IF v_was IS NULL AND v_row.finished_at IS NOT NULL THEN
+            PERFORM aiservice.batch_finished(v_row);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+
+--
 -- Name: get_batch(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1271,10 +1337,23 @@ CREATE FUNCTION aiservice.get_batch(p_id bigint) RETURNS jsonb
     AS $$
 DECLARE
     v_batch aiservice.batches;
+    v_moves integer;
 BEGIN
     SELECT * INTO v_batch FROM aiservice.batches WHERE id = p_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'batch % not found', p_id USING ERRCODE = 'AS404';
+    END IF;
+    -- This transaction's own moves, folded into the row only when it commits; nobody else's
+    -- are visible (they are folded before their jobs' new statuses are).
+    SELECT count(*), v_batch.pending + coalesce(sum(d.pending), 0), v_batch.running + coalesce(sum(d.running), 0),
+           v_batch.completed + coalesce(sum(d.completed), 0), v_batch.failed + coalesce(sum(d.failed), 0),
+           v_batch.cancelled + coalesce(sum(d.cancelled), 0)
+    INTO v_moves, v_batch.pending, v_batch.running, v_batch.completed, v_batch.failed, v_batch.cancelled
+    FROM aiservice.batch_count_deltas d
+    WHERE d.xact = pg_current_xact_id_if_assigned() AND d.batch_id = p_id;
+    IF v_moves > 0 THEN
+        v_batch.finished_at := CASE WHEN v_batch.pending + v_batch.running = 0
+                                    THEN coalesce(v_batch.finished_at, now()) END;
     END IF;
     RETURN aiservice.batch_json(v_batch);
 END;
@@ -1369,19 +1448,47 @@ $$;
 CREATE FUNCTION aiservice.jobs_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_woken bigint;
+    v_aborted bigint;
 BEGIN
-    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, min(n.run_at))
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE n.status = 'pending' AND (o.status <> 'pending' OR o.run_at <> n.run_at)
-    GROUP BY n.task_type, n.model_profile;
-
-    PERFORM pg_notify('aiservice_jobs', json_build_object(
-        'event', 'abort', 'id', n.id, 'worker_id', o.worker_id, 'status', n.status)::text)
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running'
-      AND (n.status = 'cancelled'
-           OR (n.status = 'pending' AND n.error_category IS NULL)
-           OR n.error_category = 'lease_expired');
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
+                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.run_at) FILTER (WHERE x.after) AS run_at,
+                   min(x.error_category) FILTER (WHERE x.after) AS error_category,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was,
+                   min(x.run_at) FILTER (WHERE NOT x.after) AS was_run_at,
+                   min(x.worker_id) FILTER (WHERE NOT x.after) AS was_worker
+            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.status, n.run_at, n.error_category,
+                         n.worker_id
+                  FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.task_type, o.model_profile, o.status, o.run_at, o.error_category, o.worker_id
+                  FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE (p.status = 'pending' AND (p.was <> 'pending' OR p.was_run_at <> p.run_at)) OR p.was = 'running'
+    ),
+    woken AS (
+        SELECT aiservice.notify_pending(m.task_type, m.model_profile, min(m.run_at))
+        FROM moved m
+        WHERE m.status = 'pending' AND (m.was <> 'pending' OR m.was_run_at <> m.run_at)
+        GROUP BY m.task_type, m.model_profile
+    )
+    -- In this order: wake-ups first, then the aborts.
+    SELECT (SELECT count(*) FROM woken),
+           (SELECT count(pg_notify('aiservice_jobs', json_build_object(
+                       'event', 'abort', 'id', m.id, 'worker_id', m.was_worker, 'status', m.status)::text))
+            FROM moved m
+            WHERE m.was = 'running'
+              AND (m.status = 'cancelled'
+                   OR (m.status = 'pending' AND m.error_category IS NULL)
+                   OR m.error_category = 'lease_expired'))
+    INTO STRICT v_woken, v_aborted;
     RETURN NULL;
 END;
 $$;
@@ -1763,16 +1870,32 @@ CREATE FUNCTION aiservice.pipeline_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT x.id,
+               min(x.status) FILTER (WHERE x.after) AS status,
+               bool_or(x.blocked) FILTER (WHERE x.after) AS blocked,
+               min(x.status) FILTER (WHERE NOT x.after) AS was,
+               bool_or(x.blocked) FILTER (WHERE NOT x.after) AS was_blocked
+        FROM (SELECT true AS after, n.id, n.status, n.blocked FROM new_jobs n
+              UNION ALL
+              SELECT false, o.id, o.status, o.blocked FROM old_jobs o) x
+        GROUP BY x.id
+    )
+    -- The lookups below are index probes per changed job (LIMIT and OFFSET 0 keep them out of
+    -- joins the planner could turn into a scan of every dependency).
     INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-      AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
+    SELECT m.id FROM moved m
+    WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
+      AND (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = m.id LIMIT 1)
     -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
     UNION
-    SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.job_dependencies d ON d.job_id = n.id
-    JOIN aiservice.jobs x ON x.id = d.depends_on
-    WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
+    SELECT f.depends_on FROM moved m
+    CROSS JOIN LATERAL (
+        SELECT d.depends_on FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+        WHERE d.job_id = m.id AND aiservice.is_finished(x.status)
+        OFFSET 0
+    ) f
+    WHERE m.blocked AND NOT m.was_blocked
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
@@ -1953,11 +2076,14 @@ CREATE FUNCTION aiservice.resolve_dependencies(p_limit integer DEFAULT 100) RETU
     LANGUAGE plpgsql
     AS $$
 DECLARE
+    v_bound constant integer := 10000;
     v_done bigint[];
     v_ids bigint[];
     v_ready boolean[];
     v_broken bigint[];
     v_status text[];
+    v_failed bigint[];
+    v_walked bigint;
 BEGIN
     WITH taken AS (
         DELETE FROM aiservice.finished_dependencies f
@@ -1970,20 +2096,43 @@ BEGIN
         RETURN 0;
     END IF;
 
-    SELECT array_agg(s.id ORDER BY s.id), array_agg(s.ready ORDER BY s.id),
-           array_agg(s.broken ORDER BY s.id), array_agg(s.broken_status ORDER BY s.id)
-    INTO v_ids, v_ready, v_broken, v_status
+    WITH RECURSIVE direct AS (
+        SELECT s.id, s.ready, s.broken, s.broken_status
+        FROM (
+            SELECT dep.job_id AS id,
+                   bool_and(j.status = 'completed') AS ready,
+                   min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
+                   min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
+            FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
+            JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
+            JOIN aiservice.jobs j ON j.id = dep.depends_on
+            GROUP BY dep.job_id
+        ) s
+        WHERE s.ready OR s.broken IS NOT NULL
+    ),
+    -- The jobs failing now, then the blocked jobs depending on them, level by level (each
+    -- (job, dependency) pair once, so a diamond is not walked twice).
+    doomed(id, broken, broken_status) AS (
+        SELECT id, broken, broken_status FROM direct WHERE NOT ready
+        UNION
+        SELECT d.job_id, d.depends_on, 'failed'
+        FROM doomed x
+        JOIN aiservice.job_dependencies d ON d.depends_on = x.id
+        JOIN aiservice.jobs j ON j.id = d.job_id
+        WHERE j.status = 'pending' AND j.blocked
+    ),
+    bounded AS (
+        SELECT * FROM doomed LIMIT v_bound
+    )
+    SELECT array_agg(r.id ORDER BY r.id), array_agg(r.ready ORDER BY r.id),
+           array_agg(r.broken ORDER BY r.id), array_agg(r.broken_status ORDER BY r.id),
+           array_agg(r.id ORDER BY r.id) FILTER (WHERE NOT r.ready), (SELECT count(*) FROM bounded)
+    INTO v_ids, v_ready, v_broken, v_status, v_failed, v_walked
     FROM (
-        SELECT dep.job_id AS id,
-               bool_and(j.status = 'completed') AS ready,
-               min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
-               min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
-        FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
-        JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
-        JOIN aiservice.jobs j ON j.id = dep.depends_on
-        GROUP BY dep.job_id
-    ) s
-    WHERE s.ready OR s.broken IS NOT NULL;
+        SELECT id, true AS ready, NULL::bigint AS broken, NULL::text AS broken_status FROM direct WHERE ready
+        UNION ALL
+        (SELECT DISTINCT ON (id) id, false, broken, broken_status FROM bounded ORDER BY id, broken)
+    ) r;
 
     -- Locked in id order, like every multi-row writer.
     PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
@@ -1998,6 +2147,11 @@ BEGIN
         updated_at = now()
     FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
     WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+
+    IF v_walked < v_bound THEN
+        -- The whole cascade is done: the jobs failed here need no pass of their own.
+        DELETE FROM aiservice.finished_dependencies WHERE job_id = ANY (v_failed);
+    END IF;
     RETURN cardinality(v_done);
 END;
 $$;
@@ -2338,30 +2492,66 @@ $$;
 CREATE FUNCTION aiservice.usage_updated() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_woken bigint;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
         RETURN NULL;
     END IF;
-    INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
-    SELECT l.scope, l.name, clock_timestamp(),
-           sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
-    FROM new_jobs n
-    JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service)
-    WHERE n.status = 'completed' AND o.status = 'running'
-      AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
-    GROUP BY l.scope, l.name;
-
-    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, NULL)
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running' AND n.status <> 'running'
-      AND EXISTS (SELECT 1 FROM aiservice.limits l
-                  WHERE l.max_running IS NOT NULL
-                    AND aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service))
-    GROUP BY n.task_type, n.model_profile;
+    WITH left_running AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
+                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
+                   min(x.owner_service) FILTER (WHERE x.after) AS owner_service,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.tokens) FILTER (WHERE x.after) AS tokens,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was
+            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.owner_service, n.status,
+                         CASE WHEN jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
+                              THEN least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000)
+                         END AS tokens
+                  FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.task_type, o.model_profile, o.owner_service, o.status, NULL
+                  FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.was = 'running' AND p.status <> 'running'
+    ),
+    usage AS (
+        INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
+        SELECT l.scope, l.name, clock_timestamp(), sum(r.tokens)::bigint
+        FROM left_running r
+        JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service)
+        WHERE r.status = 'completed' AND r.tokens IS NOT NULL
+        GROUP BY l.scope, l.name
+    )
+    SELECT count(aiservice.notify_pending(k.task_type, k.model_profile, NULL))
+    INTO STRICT v_woken
+    FROM (SELECT r.task_type, r.model_profile FROM left_running r
+          WHERE EXISTS (SELECT 1 FROM aiservice.limits l
+                        WHERE l.max_running IS NOT NULL
+                          AND aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service))
+          GROUP BY r.task_type, r.model_profile) k;
     RETURN NULL;
 END;
 $$;
+
+
+--
+-- Name: batch_count_deltas; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.batch_count_deltas (
+    xact xid8 DEFAULT pg_current_xact_id() NOT NULL,
+    batch_id bigint NOT NULL,
+    pending integer DEFAULT 0 NOT NULL,
+    running integer DEFAULT 0 NOT NULL,
+    completed integer DEFAULT 0 NOT NULL,
+    failed integer DEFAULT 0 NOT NULL,
+    cancelled integer DEFAULT 0 NOT NULL
+);
 
 
 --
@@ -2613,6 +2803,13 @@ ALTER TABLE ONLY aiservice.webhooks
 
 
 --
+-- Name: batch_count_deltas_xact_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX batch_count_deltas_xact_idx ON aiservice.batch_count_deltas USING btree (xact, batch_id);
+
+
+--
 -- Name: job_dependencies_on_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
@@ -2708,6 +2905,13 @@ CREATE INDEX webhook_deliveries_due_idx ON aiservice.webhook_deliveries USING bt
 --
 
 CREATE INDEX webhook_deliveries_owner_idx ON aiservice.webhook_deliveries USING btree (owner_service, status, id);
+
+
+--
+-- Name: batch_count_deltas batch_count_deltas_fold; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE CONSTRAINT TRIGGER batch_count_deltas_fold AFTER INSERT ON aiservice.batch_count_deltas DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION aiservice.fold_batch_counts();
 
 
 --

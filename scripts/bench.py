@@ -49,6 +49,10 @@ Scenarios
   8. delivery Result delivery through a real `aiservice serve`: wake-up latency of a waiting
               GET /jobs/{id}?wait=, PostgreSQL connections held by 1,000 waiters and the time
               until all answer, webhook deliveries/s (details in scripts/bench_delivery.py).
+  9. cancel   POST /batches/{id}/cancel of a 10,000-job batch (made by POST /jobs/batch) through
+              an API process whose pooled connections each ran one-row updates first (single
+              cancels), while 100 requests wait on jobs of the batch (GET /jobs/{id}?wait=):
+              seconds until the cancel answers, and until every waiter has answered.
 
 Jobs are created and moved through the SQL API functions only (create_jobs in large chunks,
 claim_jobs, complete_jobs, set_limit), except scale's kept finished jobs: one INSERT ... SELECT
@@ -86,7 +90,7 @@ from urllib.parse import urlsplit, urlunsplit
 import bench_delivery
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler", "delivery")
+SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler", "delivery", "cancel")
 TARGETS = {
     "drain_ratio": ">= 1.5x pgqueuer",
     "pickup_notify_p50_ms": "<= 5 ms",
@@ -1132,6 +1136,50 @@ async def scenario_scheduler(db: Databases, sz: Sizes) -> list[Result]:
     return out
 
 
+async def scenario_cancel(db: Databases, sz: Sizes, n: int = 10_000, waiters: int = 100) -> list[Result]:
+    import aiohttp
+
+    dsn = await db.fresh("ai")
+    cancel_s: list[float] = []
+    answered_s: list[float] = []
+    try:
+        async with (
+            serve("api", dsn) as base,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session,
+        ):
+            spec = {"owner_service": "bench", "owner_ref": "r", "task_type": "noop", "model_profile": "m"}
+            for _ in range(1 + sz.runs):  # the first is the warm-up
+                made = await http_json(
+                    session, "POST", f"{base}/api/v1/jobs/batch", {"defaults": spec, "jobs": [{}] * n}
+                )
+                ids = [job["id"] for job in made["jobs"]]
+                # One-row updates on every pooled connection first (several at once, twice the pool).
+                singles = [await http_json(session, "POST", f"{base}/api/v1/jobs", spec) for _ in range(20)]
+                await asyncio.gather(
+                    *(http_json(session, "POST", f"{base}/api/v1/jobs/{j['id']}/cancel") for j in singles)
+                )
+                waiting = [
+                    asyncio.create_task(http_json(session, "GET", f"{base}/api/v1/jobs/{job_id}?wait=60"))
+                    for job_id in random.sample(ids, waiters)
+                ]
+                await asyncio.sleep(0.5)  # the waiters are registered
+                started = time.perf_counter()
+                batch = await http_json(session, "POST", f"{base}/api/v1/batches/{made['batch_id']}/cancel")
+                cancel_s.append(time.perf_counter() - started)
+                assert batch["counts"]["cancelled"] == n, batch
+                answers = await asyncio.gather(*waiting)
+                answered_s.append(time.perf_counter() - started)
+                late = sum(a["status"] != "cancelled" for a in answers)
+                print(f"  cancel {cancel_s[-1]:.2f}s, waiters {answered_s[-1]:.2f}s ({late} timed out)", flush=True)
+    finally:
+        await db.drop(dsn)
+    note = f"{n:,} jobs, {waiters} waiters, pool warmed by one-row updates"
+    return [
+        Result("cancel", "batch_cancel_http_s", statistics.median(cancel_s[1:]), "s", cancel_s[1:], note),
+        Result("cancel", "batch_cancel_waiters_s", statistics.median(answered_s[1:]), "s", answered_s[1:], note),
+    ]
+
+
 async def scenario_delivery(db: Databases, sz: Sizes) -> list[Result]:
     return [Result("delivery", *row) for row in await bench_delivery.measure(db, sz, percentile)]
 
@@ -1228,6 +1276,7 @@ async def run(args: argparse.Namespace) -> int:
         "llm": scenario_llm,
         "scheduler": scenario_scheduler,
         "delivery": scenario_delivery,
+        "cancel": scenario_cancel,
     }
     try:
         await db.setup()

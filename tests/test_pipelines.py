@@ -107,6 +107,33 @@ async def test_a_cancelled_dependency_fails_its_dependents(conn: Conn) -> None:
     assert await status(conn, b["id"]) == ("failed", False, "dependency_failed", f"dependency {a['id']} is cancelled")
 
 
+async def test_one_resolve_pass_fails_a_whole_chain_and_unblocks_only_direct_dependents(conn: Conn) -> None:
+    chain = await sql_jobs(conn, [{"owner_ref": "c0"}] + [{"owner_ref": f"c{i}", "depends_on": [f"${i - 1}"]}
+                                                          for i in range(1, 1000)])  # fmt: skip
+    done = await sql_jobs(conn, [{"owner_ref": "d0"}, {"owner_ref": "d1", "depends_on": ["$0"]},
+                                 {"owner_ref": "d2", "depends_on": ["$1"]}])  # fmt: skip
+    await conn.execute("SELECT FROM aiservice.cancel_job($1)", chain[0]["id"])
+    assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") == 1  # one pass
+    rows = await conn.fetch(
+        "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs"
+        " WHERE id = ANY ($1) ORDER BY id",
+        [j["id"] for j in chain[1:]],
+    )
+    assert [(r["status"], r["blocked"], r["error_category"]) for r in rows] == [
+        ("failed", False, "dependency_failed")
+    ] * 999
+    assert rows[0]["error_message"] == f"dependency {chain[0]['id']} is cancelled"
+    assert rows[-1]["error_message"] == f"dependency {chain[-2]['id']} is failed"
+
+    # Completing a job unblocks its direct dependents only: the next waits for them to complete.
+    (got,) = await claim(conn, limit=1)
+    assert got["id"] == done[0]["id"]
+    await complete(conn, done[0]["id"], {"ok": True})
+    assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") >= 1
+    assert [(await status(conn, j["id"]))[:2] for j in done[1:]] == [("pending", False), ("pending", True)]
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.finished_dependencies") == 0
+
+
 async def test_a_job_may_depend_on_finished_jobs_made_earlier(conn: Conn) -> None:
     done = await create(conn)
     (got,) = await claim(conn, limit=10)

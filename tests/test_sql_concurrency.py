@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -274,3 +275,119 @@ async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Con
     await fail.commit()
     assert await retry == []
     assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "failed"
+
+
+async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
+    """Eight claimers under one max_running cap, on jobs that belong to batches, while jobs complete,
+    fail and have their leases expire: a claim's housekeeping and its claim move batch counts, and
+    batch counts never hold a lock that a claim waits on, so no deadlock, and the counts stay exact."""
+    await conn.fetch(
+        "SELECT FROM aiservice.set_limit('model_profile', $1, $2)", JOB["model_profile"], {"max_running": 3}
+    )
+    for b in range(60):
+        await conn.fetch(CREATE_JOBS, [{"owner_ref": f"{b}/{i}", "max_attempts": 2} for i in range(30)], JOB)
+    claimers = await connections(8)
+    errors: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    most_running = 0
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3.0
+
+    async def claimer(c: Conn, i: int) -> None:
+        n = 0
+        while loop.time() < until:
+            n += 1
+            try:
+                rows = await c.fetch("SELECT * FROM aiservice.claim_jobs($1, 2, p_lease_timeout => '40 ms')", f"w{i}")
+                for r in rows:
+                    kind = ("complete", "fail", "expire")[(n + r["id"]) % 3]
+                    if kind == "complete":
+                        await c.execute(
+                            "SELECT id FROM aiservice.complete_job($1, $2, '{}', $3)",
+                            r["id"],
+                            f"w{i}",
+                            r["lease_token"],
+                        )
+                    elif kind == "fail":
+                        await c.execute(
+                            "SELECT id FROM aiservice.fail_job($1, $2, 'provider_error', 'x', true, '5 ms', $3)",
+                            r["id"],
+                            f"w{i}",
+                            r["lease_token"],
+                        )
+                    outcomes[kind] += 1
+            except asyncpg.PostgresError as exc:
+                errors[str(exc.sqlstate)] += 1  # AS410: a lease expired before the worker finished
+
+    async def sampler() -> None:
+        nonlocal most_running
+        while loop.time() < until:
+            running = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
+            most_running = max(most_running, running)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(sampler(), *(claimer(c, i) for i, c in enumerate(claimers)))
+    assert errors["40P01"] == 0, errors
+    assert set(errors) <= {"AS410"}, errors
+    assert min(outcomes[k] for k in ("complete", "fail", "expire")) > 20, outcomes
+    assert most_running <= 3
+    wrong = await conn.fetch(
+        """
+        SELECT b.id FROM aiservice.batches b
+        JOIN (SELECT batch_id, count(*) AS total,
+                     count(*) FILTER (WHERE status = 'pending') AS pending,
+                     count(*) FILTER (WHERE status = 'running') AS running,
+                     count(*) FILTER (WHERE status = 'completed') AS completed,
+                     count(*) FILTER (WHERE status = 'failed') AS failed,
+                     count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+              FROM aiservice.jobs GROUP BY batch_id) c ON c.batch_id = b.id
+        WHERE (b.total, b.pending, b.running, b.completed, b.failed, b.cancelled)
+              <> (c.total, c.pending, c.running, c.completed, c.failed, c.cancelled)
+        """
+    )
+    assert wrong == []
+
+
+async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
+    conn: Conn, connections: Connections, database_url: str
+) -> None:
+    """Four workers complete the four jobs of each of 40 batches at the same time: every batch is
+    finished, announced and queued for its webhook exactly once."""
+    await conn.fetch(
+        "SELECT FROM aiservice.set_webhook($1, 'http://127.0.0.1:9/hook', $2)", JOB["owner_service"], "s" * 32
+    )
+    batches = []
+    for b in range(40):
+        rows = await conn.fetch(CREATE_JOBS, [{"owner_ref": f"{b}/{i}"} for i in range(4)], JOB)
+        batches.append(sorted(r["id"] for r in rows))
+    claimed = {
+        r["id"]: r["lease_token"]
+        for r in await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', 160)")
+    }
+    assert len(claimed) == 160
+    heard: list[dict[str, Any]] = []
+    listener = await connect(database_url)
+    await listener.add_listener("aiservice_finished", lambda *args: heard.append(json.loads(args[-1])))
+    workers = await connections(4)
+
+    async def work(c: Conn, i: int) -> None:
+        for ids in batches:
+            await c.fetch("SELECT id FROM aiservice.complete_job($1, 'w', '{}', $2)", ids[i], claimed[ids[i]])
+
+    try:
+        await together([partial(work, c, i) for i, c in enumerate(workers)])
+        finished = await conn.fetch("SELECT id FROM aiservice.batches WHERE finished_at IS NOT NULL AND completed = 4")
+        assert len(finished) == 40
+        hooks = await conn.fetch(
+            "SELECT batch_id, count(*) AS n FROM aiservice.webhook_deliveries WHERE event = 'batch.finished' GROUP BY 1"
+        )
+        assert sorted(r["n"] for r in hooks) == [1] * 40
+
+        async def all_heard() -> bool:
+            return sum(1 for p in heard if p.get("batch_finished")) >= 40
+
+        await wait_for(all_heard, what="40 batch_finished notifications")
+        announced = Counter(p["batch_id"] for p in heard if p.get("batch_finished"))
+        assert sorted(announced.values()) == [1] * 40
+    finally:
+        await listener.close()

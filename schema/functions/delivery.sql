@@ -32,10 +32,23 @@ LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     v_batch aiservice.batches;
+    v_moves integer;
 BEGIN
     SELECT * INTO v_batch FROM aiservice.batches WHERE id = p_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'batch % not found', p_id USING ERRCODE = 'AS404';
+    END IF;
+    -- This transaction's own moves, folded into the row only when it commits; nobody else's
+    -- are visible (they are folded before their jobs' new statuses are).
+    SELECT count(*), v_batch.pending + coalesce(sum(d.pending), 0), v_batch.running + coalesce(sum(d.running), 0),
+           v_batch.completed + coalesce(sum(d.completed), 0), v_batch.failed + coalesce(sum(d.failed), 0),
+           v_batch.cancelled + coalesce(sum(d.cancelled), 0)
+    INTO v_moves, v_batch.pending, v_batch.running, v_batch.completed, v_batch.failed, v_batch.cancelled
+    FROM aiservice.batch_count_deltas d
+    WHERE d.xact = pg_current_xact_id_if_assigned() AND d.batch_id = p_id;
+    IF v_moves > 0 THEN
+        v_batch.finished_at := CASE WHEN v_batch.pending + v_batch.running = 0
+                                    THEN coalesce(v_batch.finished_at, now()) END;
     END IF;
     RETURN aiservice.batch_json(v_batch);
 END;
@@ -75,72 +88,73 @@ CREATE OR REPLACE TRIGGER jobs_delivery_insert
     REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION aiservice.delivery_inserted();
 
--- Jobs that changed status: batch counts move, finished jobs are announced on
--- 'aiservice_finished' and queued for their owner's webhook, and a batch whose last job
--- finished is announced (and queued) once.
+-- Jobs that changed status: finished jobs are announced on 'aiservice_finished' and queued for
+-- their owner's webhook, and batch counts move: the moves are appended to batch_count_deltas
+-- (no lock) and fold_batch_counts applies them when the transaction commits.
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.delivery_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_batch record;
-    v_was timestamptz;
-    v_row aiservice.batches;
+    v_sent bigint;
 BEGIN
-    PERFORM pg_notify('aiservice_finished', json_build_object('jobs', json_agg(f.doc ORDER BY f.id))::text)
-    FROM (
-        SELECT n.id, d.doc,
-               -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
-               (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY n.id)) / 7000 AS chunk
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        CROSS JOIN LATERAL (SELECT json_build_object('id', n.id, 'owner_service', n.owner_service,
-                                                     'owner_ref', n.owner_ref, 'status', n.status,
-                                                     'batch_id', n.batch_id) AS doc) d
-        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-    ) f
-    GROUP BY f.chunk;
-
-    IF EXISTS (SELECT 1 FROM aiservice.webhooks) THEN
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.owner_service) FILTER (WHERE x.after) AS owner_service,
+                   min(x.owner_ref) FILTER (WHERE x.after) AS owner_ref,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.batch_id) FILTER (WHERE x.after) AS batch_id,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was,
+                   min(x.batch_id) FILTER (WHERE NOT x.after) AS was_batch
+            FROM (SELECT true AS after, n.id, n.owner_service, n.owner_ref, n.status, n.batch_id FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.owner_service, o.owner_ref, o.status, o.batch_id FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.status <> p.was
+    ),
+    finished AS MATERIALIZED (
+        SELECT * FROM moved WHERE aiservice.is_finished(status) AND NOT aiservice.is_finished(was)
+    ),
+    hooks AS (
         INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
-        SELECT n.owner_service, 'job.finished', n.id, n.batch_id
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
-        WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-          AND w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
-        ORDER BY n.id;
-    END IF;
-
-    -- Batches: lock in id order (concurrent statements over the same batches wait, never deadlock).
-    FOR v_batch IN
-        WITH moves AS (
-            SELECT n.batch_id, n.status, 1 AS d FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE n.batch_id IS NOT NULL AND n.status <> o.status
-            UNION ALL
-            SELECT o.batch_id, o.status, -1 FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            WHERE o.batch_id IS NOT NULL AND n.status <> o.status
-        )
+        SELECT f.owner_service, 'job.finished', f.id, f.batch_id
+        FROM finished f JOIN aiservice.webhooks w ON w.owner_service = f.owner_service
+        WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+        ORDER BY f.id
+    ),
+    deltas AS (
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
         SELECT batch_id,
-               sum(d) FILTER (WHERE status = 'pending')::integer AS pending,
-               sum(d) FILTER (WHERE status = 'running')::integer AS running,
-               sum(d) FILTER (WHERE status = 'completed')::integer AS completed,
-               sum(d) FILTER (WHERE status = 'failed')::integer AS failed,
-               sum(d) FILTER (WHERE status = 'cancelled')::integer AS cancelled
-        FROM moves GROUP BY batch_id ORDER BY batch_id
-    LOOP
-        SELECT finished_at INTO v_was FROM aiservice.batches WHERE id = v_batch.batch_id FOR UPDATE;
-        UPDATE aiservice.batches b
-        SET pending = b.pending + coalesce(v_batch.pending, 0),
-            running = b.running + coalesce(v_batch.running, 0),
-            completed = b.completed + coalesce(v_batch.completed, 0),
-            failed = b.failed + coalesce(v_batch.failed, 0),
-            cancelled = b.cancelled + coalesce(v_batch.cancelled, 0),
-            finished_at = CASE WHEN b.pending + coalesce(v_batch.pending, 0) + b.running + coalesce(v_batch.running, 0) = 0
-                               THEN coalesce(b.finished_at, now()) END
-        WHERE b.id = v_batch.batch_id
-        RETURNING b.* INTO v_row;
-        IF v_was IS NULL AND v_row.finished_at IS NOT NULL THEN
-            PERFORM aiservice.batch_finished(v_row);
-        END IF;
-    END LOOP;
+               coalesce(sum(d) FILTER (WHERE status = 'pending'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'running'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'completed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'failed'), 0),
+               coalesce(sum(d) FILTER (WHERE status = 'cancelled'), 0)
+        FROM (SELECT batch_id, status, 1 AS d FROM moved WHERE batch_id IS NOT NULL
+              UNION ALL
+              SELECT was_batch, was, -1 FROM moved WHERE was_batch IS NOT NULL) m
+        GROUP BY batch_id
+    )
+    SELECT count(pg_notify('aiservice_finished', json_build_object('jobs', p.docs)::text))
+    FROM (
+        SELECT json_agg(c.doc ORDER BY c.id) AS docs
+        FROM (
+            SELECT f.id, d.doc,
+                   -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
+                   (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY f.id)) / 7000 AS chunk
+            FROM finished f
+            CROSS JOIN LATERAL (SELECT json_build_object('id', f.id, 'owner_service', f.owner_service,
+                                                         'owner_ref', f.owner_ref, 'status', f.status,
+                                                         'batch_id', f.batch_id) AS doc) d
+        ) c
+        GROUP BY c.chunk
+        ORDER BY c.chunk
+    ) p
+    INTO STRICT v_sent;
     RETURN NULL;
 END;
 $$;
@@ -149,6 +163,55 @@ CREATE OR REPLACE TRIGGER jobs_delivery_update
     AFTER UPDATE ON aiservice.jobs
     REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION aiservice.delivery_updated();
+
+-- Fold this transaction's batch moves into batches: run (deferred) when it commits, so the
+-- batches rows are the last locks it takes, taken in id order; a batch whose last job finished
+-- is announced (and queued) once, by the transaction that finished it. Fires once per delta
+-- row; the first firing folds them all and the others find nothing.
+CREATE OR REPLACE FUNCTION aiservice.fold_batch_counts() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_ids bigint[];
+    v_pending integer[];
+    v_running integer[];
+    v_completed integer[];
+    v_failed integer[];
+    v_cancelled integer[];
+    v_was timestamptz;
+    v_row aiservice.batches;
+BEGIN
+    WITH mine AS (
+        DELETE FROM aiservice.batch_count_deltas WHERE xact = pg_current_xact_id() RETURNING *
+    )
+    SELECT array_agg(batch_id ORDER BY batch_id), array_agg(pending ORDER BY batch_id),
+           array_agg(running ORDER BY batch_id), array_agg(completed ORDER BY batch_id),
+           array_agg(failed ORDER BY batch_id), array_agg(cancelled ORDER BY batch_id)
+    INTO v_ids, v_pending, v_running, v_completed, v_failed, v_cancelled
+    FROM (SELECT batch_id, sum(pending)::integer AS pending, sum(running)::integer AS running,
+                 sum(completed)::integer AS completed, sum(failed)::integer AS failed,
+                 sum(cancelled)::integer AS cancelled
+          FROM mine GROUP BY batch_id) m;
+    FOR i IN 1..coalesce(cardinality(v_ids), 0) LOOP
+        SELECT finished_at INTO v_was FROM aiservice.batches WHERE id = v_ids[i] FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        UPDATE aiservice.batches b
+        SET pending = b.pending + v_pending[i],
+            running = b.running + v_running[i],
+            completed = b.completed + v_completed[i],
+            failed = b.failed + v_failed[i],
+            cancelled = b.cancelled + v_cancelled[i],
+            finished_at = CASE WHEN b.pending + v_pending[i] + b.running + v_running[i] = 0
+                               THEN coalesce(b.finished_at, now()) END
+        WHERE b.id = v_ids[i]
+        RETURNING b.* INTO v_row;
+        IF v_was IS NULL AND v_row.finished_at IS NOT NULL THEN
+            PERFORM aiservice.batch_finished(v_row);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
 
 CREATE OR REPLACE FUNCTION aiservice.batch_finished(p_batch aiservice.batches) RETURNS void
 LANGUAGE sql

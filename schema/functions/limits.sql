@@ -243,30 +243,54 @@ $$;
 
 -- Tokens of completed jobs count against the limits that match them; a job leaving
 -- 'running' under a max_running cap frees a place, so workers are woken for its kind.
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.usage_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_woken bigint;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM aiservice.limits) THEN
         RETURN NULL;
     END IF;
-    INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
-    SELECT l.scope, l.name, clock_timestamp(),
-           sum(least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000))::bigint
-    FROM new_jobs n
-    JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service)
-    WHERE n.status = 'completed' AND o.status = 'running'
-      AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
-    GROUP BY l.scope, l.name;
-
-    PERFORM aiservice.notify_pending(n.task_type, n.model_profile, NULL)
-    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE o.status = 'running' AND n.status <> 'running'
-      AND EXISTS (SELECT 1 FROM aiservice.limits l
-                  WHERE l.max_running IS NOT NULL
-                    AND aiservice.limit_applies(l.scope, l.name, n.task_type, n.model_profile, n.owner_service))
-    GROUP BY n.task_type, n.model_profile;
+    WITH left_running AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
+                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
+                   min(x.owner_service) FILTER (WHERE x.after) AS owner_service,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.tokens) FILTER (WHERE x.after) AS tokens,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was
+            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.owner_service, n.status,
+                         CASE WHEN jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
+                              THEN least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000)
+                         END AS tokens
+                  FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.task_type, o.model_profile, o.owner_service, o.status, NULL
+                  FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.was = 'running' AND p.status <> 'running'
+    ),
+    usage AS (
+        INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
+        SELECT l.scope, l.name, clock_timestamp(), sum(r.tokens)::bigint
+        FROM left_running r
+        JOIN aiservice.limits l ON aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service)
+        WHERE r.status = 'completed' AND r.tokens IS NOT NULL
+        GROUP BY l.scope, l.name
+    )
+    SELECT count(aiservice.notify_pending(k.task_type, k.model_profile, NULL))
+    INTO STRICT v_woken
+    FROM (SELECT r.task_type, r.model_profile FROM left_running r
+          WHERE EXISTS (SELECT 1 FROM aiservice.limits l
+                        WHERE l.max_running IS NOT NULL
+                          AND aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service))
+          GROUP BY r.task_type, r.model_profile) k;
     RETURN NULL;
 END;
 $$;

@@ -56,18 +56,24 @@ END;
 $$;
 
 -- Resolve the dependents of up to p_limit finished jobs: unblock those whose dependencies all
--- completed, fail those with a failed or cancelled dependency. Returns how many finished jobs
+-- completed (direct dependents only: theirs wait for them to complete), fail those with a
+-- failed or cancelled dependency, and with them, in the same pass, every blocked job that
+-- depends on them in turn, down the whole pipeline (at most 10,000 jobs a pass; jobs failed at
+-- that bound stay queued, so the next pass goes on from there). Returns how many finished jobs
 -- were taken from the queue.
 CREATE OR REPLACE FUNCTION aiservice.resolve_dependencies(p_limit integer DEFAULT 100)
 RETURNS bigint
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_bound constant integer := 10000;
     v_done bigint[];
     v_ids bigint[];
     v_ready boolean[];
     v_broken bigint[];
     v_status text[];
+    v_failed bigint[];
+    v_walked bigint;
 BEGIN
     WITH taken AS (
         DELETE FROM aiservice.finished_dependencies f
@@ -80,20 +86,43 @@ BEGIN
         RETURN 0;
     END IF;
 
-    SELECT array_agg(s.id ORDER BY s.id), array_agg(s.ready ORDER BY s.id),
-           array_agg(s.broken ORDER BY s.id), array_agg(s.broken_status ORDER BY s.id)
-    INTO v_ids, v_ready, v_broken, v_status
+    WITH RECURSIVE direct AS (
+        SELECT s.id, s.ready, s.broken, s.broken_status
+        FROM (
+            SELECT dep.job_id AS id,
+                   bool_and(j.status = 'completed') AS ready,
+                   min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
+                   min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
+            FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
+            JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
+            JOIN aiservice.jobs j ON j.id = dep.depends_on
+            GROUP BY dep.job_id
+        ) s
+        WHERE s.ready OR s.broken IS NOT NULL
+    ),
+    -- The jobs failing now, then the blocked jobs depending on them, level by level (each
+    -- (job, dependency) pair once, so a diamond is not walked twice).
+    doomed(id, broken, broken_status) AS (
+        SELECT id, broken, broken_status FROM direct WHERE NOT ready
+        UNION
+        SELECT d.job_id, d.depends_on, 'failed'
+        FROM doomed x
+        JOIN aiservice.job_dependencies d ON d.depends_on = x.id
+        JOIN aiservice.jobs j ON j.id = d.job_id
+        WHERE j.status = 'pending' AND j.blocked
+    ),
+    bounded AS (
+        SELECT * FROM doomed LIMIT v_bound
+    )
+    SELECT array_agg(r.id ORDER BY r.id), array_agg(r.ready ORDER BY r.id),
+           array_agg(r.broken ORDER BY r.id), array_agg(r.broken_status ORDER BY r.id),
+           array_agg(r.id ORDER BY r.id) FILTER (WHERE NOT r.ready), (SELECT count(*) FROM bounded)
+    INTO v_ids, v_ready, v_broken, v_status, v_failed, v_walked
     FROM (
-        SELECT dep.job_id AS id,
-               bool_and(j.status = 'completed') AS ready,
-               min(j.id) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken,
-               min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
-        FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
-        JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
-        JOIN aiservice.jobs j ON j.id = dep.depends_on
-        GROUP BY dep.job_id
-    ) s
-    WHERE s.ready OR s.broken IS NOT NULL;
+        SELECT id, true AS ready, NULL::bigint AS broken, NULL::text AS broken_status FROM direct WHERE ready
+        UNION ALL
+        (SELECT DISTINCT ON (id) id, false, broken, broken_status FROM bounded ORDER BY id, broken)
+    ) r;
 
     -- Locked in id order, like every multi-row writer.
     PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
@@ -108,25 +137,49 @@ BEGIN
         updated_at = now()
     FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
     WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+
+    IF v_walked < v_bound THEN
+        -- The whole cascade is done: the jobs failed here need no pass of their own.
+        DELETE FROM aiservice.finished_dependencies WHERE job_id = ANY (v_failed);
+    END IF;
     RETURN cardinality(v_done);
 END;
 $$;
 
 -- A finished job with dependents is queued for resolution, and workers are woken to resolve it.
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.pipeline_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT x.id,
+               min(x.status) FILTER (WHERE x.after) AS status,
+               bool_or(x.blocked) FILTER (WHERE x.after) AS blocked,
+               min(x.status) FILTER (WHERE NOT x.after) AS was,
+               bool_or(x.blocked) FILTER (WHERE NOT x.after) AS was_blocked
+        FROM (SELECT true AS after, n.id, n.status, n.blocked FROM new_jobs n
+              UNION ALL
+              SELECT false, o.id, o.status, o.blocked FROM old_jobs o) x
+        GROUP BY x.id
+    )
+    -- The lookups below are index probes per changed job (LIMIT and OFFSET 0 keep them out of
+    -- joins the planner could turn into a scan of every dependency).
     INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT n.id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    WHERE aiservice.is_finished(n.status) AND NOT aiservice.is_finished(o.status)
-      AND EXISTS (SELECT 1 FROM aiservice.job_dependencies d WHERE d.depends_on = n.id)
+    SELECT m.id FROM moved m
+    WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
+      AND (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = m.id LIMIT 1)
     -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
     UNION
-    SELECT d.depends_on FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-    JOIN aiservice.job_dependencies d ON d.job_id = n.id
-    JOIN aiservice.jobs x ON x.id = d.depends_on
-    WHERE n.blocked AND NOT o.blocked AND aiservice.is_finished(x.status)
+    SELECT f.depends_on FROM moved m
+    CROSS JOIN LATERAL (
+        SELECT d.depends_on FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
+        WHERE d.job_id = m.id AND aiservice.is_finished(x.status)
+        OFFSET 0
+    ) f
+    WHERE m.blocked AND NOT m.was_blocked
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue

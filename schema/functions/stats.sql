@@ -16,20 +16,41 @@ BEGIN
 END;
 $$;
 
+-- Old and new rows are paired by grouping both transition tables by id, never by joining them:
+-- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
+-- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
 CREATE OR REPLACE FUNCTION aiservice.count_updated() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT p.* FROM (
+            SELECT x.id,
+                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
+                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
+                   min(x.status) FILTER (WHERE x.after) AS status,
+                   min(x.finished_at) FILTER (WHERE x.after) AS finished_at,
+                   min(x.error_category) FILTER (WHERE x.after) AS error_category,
+                   min(x.task_type) FILTER (WHERE NOT x.after) AS was_task_type,
+                   min(x.model_profile) FILTER (WHERE NOT x.after) AS was_model_profile,
+                   min(x.status) FILTER (WHERE NOT x.after) AS was
+            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.status, n.finished_at, n.error_category
+                  FROM new_jobs n
+                  UNION ALL
+                  SELECT false, o.id, o.task_type, o.model_profile, o.status, NULL, NULL FROM old_jobs o) x
+            GROUP BY x.id
+        ) p
+        WHERE p.status <> p.was
+    )
     INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
     SELECT task_type, model_profile, status, minute, error_category, sum(d) FROM (
-        SELECT n.task_type, n.model_profile, n.status,
-               CASE WHEN n.finished_at IS NOT NULL THEN date_trunc('minute', n.finished_at) END AS minute,
-               CASE WHEN n.finished_at IS NOT NULL THEN coalesce(n.error_category, '') END AS error_category,
+        SELECT task_type, model_profile, status,
+               CASE WHEN finished_at IS NOT NULL THEN date_trunc('minute', finished_at) END AS minute,
+               CASE WHEN finished_at IS NOT NULL THEN coalesce(error_category, '') END AS error_category,
                1 AS d
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id WHERE n.status <> o.status
+        FROM moved
         UNION ALL
-        SELECT o.task_type, o.model_profile, o.status, NULL, NULL, -1
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id WHERE n.status <> o.status
+        SELECT was_task_type, was_model_profile, was, NULL, NULL, -1 FROM moved
     ) moves
     GROUP BY 1, 2, 3, 4, 5
     HAVING sum(d) <> 0;
