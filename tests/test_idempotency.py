@@ -66,9 +66,7 @@ async def create(conn: Conn, **args: Any) -> asyncpg.Record:
 
 
 async def create_jobs(conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Any]:
-    return await conn.fetch(
-        "SELECT (r.job).*, r.created FROM aiservice.create_jobs($1, $2) r", jobs, defaults or {}
-    )
+    return await conn.fetch("SELECT (r.job).*, r.created FROM aiservice.create_jobs($1, $2) r", jobs, defaults or {})
 
 
 async def refused(conn: Conn, call: Any) -> asyncpg.PostgresError:
@@ -133,7 +131,8 @@ async def test_run_at_compares_as_requested_not_as_the_job_moved(conn: Conn) -> 
     asked = datetime.now(UTC) - timedelta(minutes=5)  # due: claimable now
     job = await create(conn, run_at=asked, idempotency_key="scheduled")
     (claimed,) = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w1')")
-    await conn.execute("SELECT FROM aiservice.fail_job($1, 'w1', 'timeout', 'slow', p_retry_after => '1 hour')", job["id"])
+    backoff = "SELECT FROM aiservice.fail_job($1, 'w1', 'timeout', 'slow', p_retry_after => '1 hour')"
+    await conn.execute(backoff, job["id"])
     moved = await conn.fetchval("SELECT run_at FROM aiservice.jobs WHERE id = $1", job["id"])
     assert claimed["id"] == job["id"] and moved > datetime.now(UTC)
     # The job's run_at moved with its backoff; the request is still the same.
@@ -150,7 +149,8 @@ async def test_dependencies_are_part_of_the_request(conn: Conn) -> None:
     await create(conn, depends_on=[a["id"], b["id"]], idempotency_key="after")
     assert (await create(conn, depends_on=[a["id"], b["id"]], idempotency_key="after"))["created"] is False
     for other in ([b["id"], a["id"]], [a["id"]], None):
-        assert "different depends_on" in str(await refused(conn, create(conn, depends_on=other, idempotency_key="after")))
+        error = await refused(conn, create(conn, depends_on=other, idempotency_key="after"))
+        assert "different depends_on" in str(error)
     assert (await counts(conn))[0] == 3
 
 
@@ -195,7 +195,7 @@ async def test_a_repeat_whose_dependency_is_new_is_refused(conn: Conn) -> None:
     # A new transcription (another key): "$0" is a new job, which the existing analysis does not depend on.
     jobs = [body["jobs"][0] | {"idempotency_key": "beeline/44/transcribe-again"}, body["jobs"][1]]
     error = await refused(conn, create_jobs(conn, jobs, body["defaults"]))
-    assert f"jobs[1]: " in str(error) and f"job {first[1]['id']}" in str(error) and "depends_on" in str(error)
+    assert "jobs[1]: " in str(error) and f"job {first[1]['id']}" in str(error) and "depends_on" in str(error)
     assert await counts(conn) == before
 
 

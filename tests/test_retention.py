@@ -98,8 +98,7 @@ async def test_retention_off_keeps_everything(
 
 async def sql_create(conn: Conn, owner_ref: str, depends_on: list[int] | None = None) -> int:
     job_id: int = await conn.fetchval(
-        "SELECT (r.job).id FROM aiservice.create_job('telephony', $1, 'llm_chat', 'qwen2.5-14b',"
-        " p_depends_on => $2) r",
+        "SELECT (r.job).id FROM aiservice.create_job('telephony', $1, 'llm_chat', 'qwen2.5-14b', p_depends_on => $2) r",
         owner_ref,
         depends_on,
     )
