@@ -20,6 +20,9 @@ from test_limits import rows_read
 from test_sql_api import claim, create, create_jobs
 
 from aiservice.db.jobs import JobStore
+from aiservice.jobs import Job
+from worker.failure import JobFailure
+from worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
@@ -270,6 +273,13 @@ async def test_a_job_listed_twice_in_depends_on_is_refused(conn: Conn, api_facto
 
 
 MIB = 1024 * 1024
+JOB_ROW: dict[str, Any] = {
+    "owner_service": "s", "owner_ref": "r", "task_type": "t", "model_profile": "m", "input": {}, "result": None,
+    "status": "completed", "priority": 0, "run_at": "2030-01-01T00:00:00Z", "attempts": 1, "max_attempts": 3,
+    "error_category": None, "error_message": None, "worker_id": None, "lease_token": None, "lease_expires_at": None,
+    "idempotency_key": None, "created_at": "2030-01-01T00:00:00Z", "started_at": None, "finished_at": None,
+    "updated_at": "2030-01-01T00:00:00Z", "batch_id": None, "blocked": False,
+}  # fmt: skip
 
 
 async def finished_with(conn: Conn, results: list[dict[str, Any]]) -> list[int]:
@@ -372,3 +382,34 @@ async def test_a_placeholder_for_a_deleted_dependency_fails_the_job_naming_it(
     assert failed.error_category == "invalid_input"
     assert failed.error_message is not None
     assert f"dependency 0 (job {a})" in failed.error_message and "no longer exists" in failed.error_message
+
+
+async def test_placeholders_read_only_the_left_out_results_they_use() -> None:
+    dependencies = [
+        {"id": 1, "task_type": "t", "model_profile": "m", "status": "completed", "result": None,
+         "result_omitted": True},
+        {"id": 2, "task_type": "t", "model_profile": "m", "status": "completed", "result": None,
+         "result_omitted": True},
+        {"id": 3, "task_type": None, "model_profile": None, "status": None, "result": None, "deleted": True},
+    ]  # fmt: skip
+    reads: list[int] = []
+
+    async def read(job_id: int) -> Job:
+        reads.append(job_id)
+        return Job.model_validate(JOB_ROW | {"id": job_id, "result": {"text": f"result of {job_id}"}})
+
+    filled = await fill_messages([{"role": "user", "content": "{{dependencies.1.result.text}} {{dependencies.0.id}}"}],
+                                 dependencies, read)  # fmt: skip
+    assert filled[0]["content"] == "result of 2 1"
+    assert reads == [2]  # dependency 0's result was not used, so not read
+
+    for content, expected in [
+        ("{{dependencies.2.result.text}}", "names dependency 2 (job 3), which no longer exists"),
+        ("{{dependencies.2.id}}", "names dependency 2 (job 3), which no longer exists"),
+    ]:
+        with pytest.raises(JobFailure) as failed:
+            await fill_messages([{"role": "user", "content": content}], dependencies, read)
+        assert failed.value.category == "invalid_input" and expected in failed.value.message
+    with pytest.raises(JobFailure) as failed:  # no reader: named, never filled with null
+        await fill_messages([{"role": "user", "content": "{{dependencies.0.result}}"}], dependencies, None)
+    assert "was not read" in failed.value.message

@@ -13,6 +13,8 @@ from stubs import wait_for
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
+from aiservice.db.migrate import load_migrations, migrate
+from aiservice.db.pool import connect
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -148,3 +150,34 @@ async def test_a_purged_job_takes_its_dependency_rows_along(store: JobStore, con
     await conn.execute("SELECT aiservice.maintain()")
     assert await store.purge_jobs(timedelta(days=30)) == 2
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_dependencies") == 0
+
+
+async def test_the_upgrade_fails_jobs_left_blocked_on_a_deleted_dependency(empty_database_url: str) -> None:
+    """Before 0014 retention could delete a dependency its dependents still waited for; the upgrade
+    fails them as resolving that dependency would have, and forgets deleted jobs' dependency rows."""
+    conn = await connect(empty_database_url)
+    try:
+        await migrate(conn, [m for m in load_migrations() if m.name < "0014"], functions=[])
+        await conn.execute(
+            "INSERT INTO aiservice.jobs (id, owner_service, owner_ref, task_type, model_profile, status, blocked,"
+            " scheduled) OVERRIDING SYSTEM VALUE VALUES"
+            " (1, 's', 'stranded', 't', 'm', 'pending', true, true),"
+            " (2, 's', 'waiting', 't', 'm', 'pending', true, true),"
+            " (3, 's', 'running dependency', 't', 'm', 'pending', false, false)"
+        )
+        await conn.execute(
+            "INSERT INTO aiservice.job_dependencies (job_id, position, depends_on)"
+            " VALUES (1, 0, 3), (1, 1, 99), (2, 0, 3), (77, 0, 3)"  # 99 and 77 were deleted
+        )
+        await migrate(conn)
+        rows = await conn.fetch(
+            "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs ORDER BY id"
+        )
+        assert [tuple(r) for r in rows] == [
+            (1, "failed", False, "dependency_failed", "dependency 99 no longer exists"),
+            (2, "pending", True, None, None),
+            (3, "pending", False, None, None),
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.job_dependencies WHERE job_id = 77") == 0
+    finally:
+        await conn.close()

@@ -22,7 +22,8 @@ from aiservice.jobs import Job
 from worker.failure import JobFailure
 
 _TOKEN = re.compile(r"\\\{\{|\{\{\s*([^{}]*?)\s*\}\}")
-_RESULT_PATH = re.compile(r"^dependencies\.(\d+)\.result(?:\.|$)")
+# Paths that read a dependency's result: into it, the whole dependency, or the whole list.
+_RESULT_PATH = re.compile(r"^dependencies(?:\.(\d+)(?:\.result(?:\.|$)|$)|$)")
 
 # Reads a job (its full result) by id.
 ReadJob = Callable[[int], Awaitable[Job]]
@@ -45,7 +46,7 @@ def _lookup(context: Any, path: str) -> Any:
         if depth == 1 and parts[0] == "dependencies" and isinstance(value, dict):
             if value.get("deleted"):
                 raise _unresolved(path, f"names dependency {part} (job {value.get('id')}), which no longer exists")
-            if value.get("result_omitted") and len(parts) > 2 and parts[2] == "result":
+            if value.get("result_omitted") and (len(parts) == 2 or parts[2] == "result"):
                 raise _unresolved(path, f"names the result of dependency {part}, which was not read")
     return value
 
@@ -73,12 +74,13 @@ async def read_omitted(
     messages: list[dict[str, Any]], dependencies: list[dict[str, Any]], read: ReadJob | None
 ) -> list[dict[str, Any]]:
     """The dependencies with the results the placeholders need and the claim left out read in full."""
-    wanted = {
-        int(found.group(1))
+    found = [
+        path.group(1)
         for text in _texts(messages)
         for match in _TOKEN.finditer(text)
-        if match.group(1) is not None and (found := _RESULT_PATH.match(match.group(1)))
-    }
+        if match.group(1) is not None and (path := _RESULT_PATH.match(match.group(1)))
+    ]
+    wanted = set(range(len(dependencies))) if None in found else {int(i) for i in found if i is not None}
     complete = list(dependencies)
     for index in sorted(i for i in wanted if i < len(complete) and complete[i].get("result_omitted")):
         if read is None:
