@@ -857,6 +857,7 @@ CREATE FUNCTION aiservice.create_job(p_owner_service text, p_owner_ref text, p_t
 DECLARE
     v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
     v_differs text;
+    v_twice text;
 BEGIN
     IF p_input IS NULL OR jsonb_typeof(p_input) <> 'object' THEN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
@@ -865,10 +866,10 @@ BEGIN
         RAISE EXCEPTION 'depends_on lists more than 100 jobs' USING ERRCODE = 'AS422';
     END IF;
     PERFORM aiservice.check_dependencies(p_depends_on);
-    SELECT format('depends_on lists job %s more than once', d) INTO v_differs
+    SELECT format('depends_on lists job %s more than once', d) INTO v_twice
     FROM unnest(p_depends_on) d GROUP BY d HAVING count(*) > 1 ORDER BY min(d) LIMIT 1;
-    IF v_differs IS NOT NULL THEN
-        RAISE EXCEPTION '%', v_differs USING ERRCODE = 'AS422';
+    IF v_twice IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_twice USING ERRCODE = 'AS422';
     END IF;
     INSERT INTO aiservice.jobs AS j
         (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,

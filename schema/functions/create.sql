@@ -32,9 +32,10 @@ AS $$
                   IS DISTINCT FROM coalesce(p_depends_on, '{}'::bigint[]) THEN 'depends_on' END);
 $$;
 
--- Refuse an idempotent repeat that is not the same request (SQLSTATE AS412). p_where names the
--- job in the caller's terms ('' for create_job, 'jobs[3]: ' for create_jobs); the detail is JSON
--- for programs: {"idempotency_key", "job_id", "fields", "index"}.
+-- Refuse an idempotent repeat that is not the same request (SQLSTATE AS412): p_job is the job the
+-- key names, p_fields what differs, p_index the repeat's index in a create_jobs call (the message
+-- then starts "jobs[3]: "). The DETAIL is JSON for programs: {"idempotency_key", "job_id",
+-- "fields", "index"}; the HTTP API answers it as the error's details.
 CREATE OR REPLACE FUNCTION aiservice.raise_idempotency_conflict(
     p_job aiservice.jobs, p_fields text, p_index integer DEFAULT NULL
 )
@@ -74,6 +75,7 @@ AS $$
 DECLARE
     v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
     v_differs text;
+    v_twice text;
 BEGIN
     IF p_input IS NULL OR jsonb_typeof(p_input) <> 'object' THEN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
@@ -82,10 +84,10 @@ BEGIN
         RAISE EXCEPTION 'depends_on lists more than 100 jobs' USING ERRCODE = 'AS422';
     END IF;
     PERFORM aiservice.check_dependencies(p_depends_on);
-    SELECT format('depends_on lists job %s more than once', d) INTO v_differs
+    SELECT format('depends_on lists job %s more than once', d) INTO v_twice
     FROM unnest(p_depends_on) d GROUP BY d HAVING count(*) > 1 ORDER BY min(d) LIMIT 1;
-    IF v_differs IS NOT NULL THEN
-        RAISE EXCEPTION '%', v_differs USING ERRCODE = 'AS422';
+    IF v_twice IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_twice USING ERRCODE = 'AS422';
     END IF;
     INSERT INTO aiservice.jobs AS j
         (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
