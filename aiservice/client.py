@@ -70,6 +70,7 @@ __all__ = [
     "AsyncClient",
     "BadRequest",
     "Conflict",
+    "IdempotencyConflict",
     "Invalid",
     "LeaseLost",
     "NotFound",
@@ -118,6 +119,11 @@ class LeaseLost(Conflict):
     """409 lease_lost: the job is no longer this worker's running job (fencing)."""
 
 
+class IdempotencyConflict(Conflict):
+    """409 idempotency_conflict: the idempotency_key names a job another request created; ``details``
+    holds idempotency_key, job_id, the fields that differ and, in a batch, the job's index."""
+
+
 class Invalid(AiserviceError):
     """422: validation failed; ``details`` lists the fields."""
 
@@ -151,6 +157,8 @@ def error_from(status: int, body: bytes) -> AiserviceError:
         pass
     if status == 409 and code == "lease_lost":
         return LeaseLost(status, code, message, details)
+    if status == 409 and code == "idempotency_conflict":
+        return IdempotencyConflict(status, code, message, details)
     return _BY_STATUS.get(status, AiserviceError)(status, code, message, details)
 
 

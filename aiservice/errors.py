@@ -54,6 +54,14 @@ class LeaseLost(ServiceError):
     code = "lease_lost"
 
 
+class IdempotencyConflict(ServiceError):
+    """SQLSTATE AS412: the idempotency_key names a job that another request created (details:
+    idempotency_key, job_id, the fields that differ and, in a batch, the job's index)."""
+
+    status = 409
+    code = "idempotency_conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
@@ -96,6 +104,7 @@ SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
     "AS404": JobNotFound,
     "AS409": InvalidState,
     "AS410": LeaseLost,
+    "AS412": IdempotencyConflict,
     "AS422": InvalidArgument,
     "23514": InvalidArgument,  # check_violation
     "23502": InvalidArgument,  # not_null_violation

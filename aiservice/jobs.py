@@ -162,11 +162,18 @@ class Job(BaseModel):
 
 
 class Dependency(BaseModel):
+    """A claimed job's dependency. Element N of the list is the dependency at position N."""
+
     id: int
-    task_type: str
-    model_profile: str
-    status: JobStatus
+    task_type: str | None = Field(description="null when the job no longer exists (deleted)")
+    model_profile: str | None
+    status: JobStatus | None = Field(description="null when the job no longer exists (deleted)")
     result: dict[str, Any] | None
+    result_omitted: bool = Field(
+        default=False,
+        description="left out to keep the claim's answer within its size bound: read it with GET /jobs/{id}",
+    )
+    deleted: bool = Field(default=False, description="the job no longer exists")
 
 
 class ClaimedJob(Job):

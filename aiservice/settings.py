@@ -140,6 +140,9 @@ class Settings:
     infra_sidecar_token: str | None = field(default=None, repr=False)
     # Beyond the spec: operational knobs with safe defaults.
     http_max_body_bytes: int = 16 * 1024 * 1024
+    # The results of dependencies one claim answers carry at most (claim_jobs_v2's bound, whose SQL
+    # default is the same); the rest are left out and read with get_job when needed.
+    claim_dependency_bytes: int = 8 * 1024 * 1024
     maintenance_interval: timedelta = timedelta(seconds=5)
     # Finished jobs older than this are deleted by the API's maintenance loop; "0" keeps them forever.
     job_retention: timedelta | None = timedelta(days=30)
@@ -224,7 +227,7 @@ _ENV_NAMES = {
 _SECRETS = {"service_token", "llm_api_key", "infra_sidecar_token"}
 _URLS = {"database_url", "database_listen_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
-_POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency"}
+_POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency", "claim_dependency_bytes"}
 _PORTS = {"http_port", "worker_http_port"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 

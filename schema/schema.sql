@@ -227,6 +227,7 @@ CREATE TABLE aiservice.jobs (
     scheduled boolean DEFAULT false NOT NULL,
     batch_id bigint,
     blocked boolean DEFAULT false NOT NULL,
+    requested_run_at timestamp with time zone,
     CONSTRAINT jobs_attempts_check CHECK (((attempts >= 0) AND (attempts <= max_attempts))),
     CONSTRAINT jobs_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 500))),
     CONSTRAINT jobs_lease_check CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL)))),
@@ -311,7 +312,7 @@ $$;
 --
 
 CREATE FUNCTION aiservice.check_dependencies(p_depends_on bigint[]) RETURNS void
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql
     AS $$
 DECLARE
     v_unknown bigint[];
@@ -322,6 +323,7 @@ BEGIN
     IF array_position(p_depends_on, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
     END IF;
+    PERFORM FROM aiservice.jobs j WHERE j.id = ANY (p_depends_on) ORDER BY j.id FOR KEY SHARE;
     v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
                        WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
     IF cardinality(v_unknown) > 0 THEN
@@ -602,14 +604,25 @@ $_$;
 
 
 --
--- Name: claim_jobs_v2(text, integer, text[], text[], interval); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: claim_jobs_v2(text, integer, text[], text[], interval, bigint); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.claim_jobs_v2(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS TABLE(job aiservice.jobs, dependencies jsonb)
+CREATE FUNCTION aiservice.claim_jobs_v2(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval, p_max_dependency_bytes bigint DEFAULT 8388608) RETURNS TABLE(job aiservice.jobs, dependencies jsonb)
     LANGUAGE sql
     AS $$
-    SELECT c, aiservice.dependencies_of(c.id)
-    FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c;
+    WITH claimed AS MATERIALIZED (
+        SELECT c AS job, row_number() OVER () AS n
+        FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c
+    ),
+    cut AS (
+        SELECT * FROM aiservice.dependency_results_cut(
+            ARRAY(SELECT (job).id FROM claimed ORDER BY n), p_max_dependency_bytes)
+    )
+    SELECT c.job,
+           aiservice.dependencies_of((c.job).id, CASE WHEN c.n = cut.cut_at THEN cut.cut_from
+                                                      WHEN c.n > cut.cut_at THEN 0 END)
+    FROM claimed c CROSS JOIN cut
+    ORDER BY c.n;
 $$;
 
 
@@ -885,18 +898,28 @@ CREATE FUNCTION aiservice.create_job(p_owner_service text, p_owner_ref text, p_t
     AS $$
 DECLARE
     v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
+    v_differs text;
+    v_twice text;
 BEGIN
     IF p_input IS NULL OR jsonb_typeof(p_input) <> 'object' THEN
         RAISE EXCEPTION 'input must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
+    IF cardinality(p_depends_on) > 100 THEN
+        RAISE EXCEPTION 'depends_on lists more than 100 jobs' USING ERRCODE = 'AS422';
+    END IF;
     PERFORM aiservice.check_dependencies(p_depends_on);
+    SELECT format('depends_on lists job %s more than once', d) INTO v_twice
+    FROM unnest(p_depends_on) d GROUP BY d HAVING count(*) > 1 ORDER BY min(d) LIMIT 1;
+    IF v_twice IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_twice USING ERRCODE = 'AS422';
+    END IF;
     INSERT INTO aiservice.jobs AS j
         (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-         scheduled, blocked)
+         scheduled, blocked, requested_run_at)
     VALUES
         (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
          coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
-         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked)
+         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked, p_run_at)
     ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING j.* INTO job;
     created := FOUND;
@@ -908,6 +931,11 @@ BEGIN
     IF NOT created THEN
         SELECT j.* INTO job FROM aiservice.jobs j
         WHERE j.owner_service = p_owner_service AND j.idempotency_key = p_idempotency_key;
+        v_differs := aiservice.idempotency_differences(job, p_owner_ref, p_task_type, p_model_profile, p_input,
+                                                       p_priority, p_run_at, p_max_attempts, p_depends_on);
+        IF v_differs <> '' THEN
+            PERFORM aiservice.raise_idempotency_conflict(job, v_differs);
+        END IF;
     END IF;
 END;
 $$;
@@ -931,6 +959,9 @@ DECLARE
     v_dep_pos integer[];
     v_dep_ref jsonb[];
     v_bad text;
+    v_index integer;
+    v_existing_id bigint;
+    v_existing aiservice.jobs;
 BEGIN
     IF p_jobs IS NULL OR jsonb_typeof(p_jobs) <> 'array' THEN
         RAISE EXCEPTION 'jobs must be a JSON array' USING ERRCODE = 'AS422';
@@ -1019,12 +1050,12 @@ BEGIN
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-             scheduled, batch_id, blocked)
+             scheduled, batch_id, blocked, requested_run_at)
         OVERRIDING SYSTEM VALUE
         SELECT new_id, owner_service, owner_ref, task_type, model_profile, coalesce(input, '{}'::jsonb),
                coalesce(priority, 0), coalesce(run_at, now()), coalesce(max_attempts, 3), idempotency_key,
                coalesce(run_at > now(), false) OR coalesce(ord = ANY (v_dep_ord), false), v_batch,
-               coalesce(ord = ANY (v_dep_ord), false)
+               coalesce(ord = ANY (v_dep_ord), false), run_at
         FROM spec
         -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
         ORDER BY owner_service, idempotency_key, ord
@@ -1039,19 +1070,61 @@ BEGIN
     -- Every job was an idempotent repeat (or there were none): no batch.
     DELETE FROM aiservice.batches WHERE id = v_batch AND total = 0;
 
+    -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
+    v_final := ARRAY(
+        SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
+        FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
+        LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+        ORDER BY u.ord);
+
     IF v_dep_ord IS NOT NULL THEN
-        -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
-        v_final := ARRAY(
-            SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
-            FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
-            LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
-            ORDER BY u.ord);
+        -- Each reference as a job id, "$N" being the job that item N answers.
+        v_dep_ref := ARRAY(
+            SELECT CASE WHEN jsonb_typeof(u.ref) = 'number' THEN u.ref
+                        ELSE to_jsonb(v_final[substr(u.ref #>> '{}', 2)::integer + 1]) END
+            FROM unnest(v_dep_ref) WITH ORDINALITY AS u(ref, n) ORDER BY u.n);
+        SELECT format('jobs[%s].depends_on lists job %s more than once', u.ord - 1, u.ref) INTO v_bad
+        FROM unnest(v_dep_ord, v_dep_ref) AS u(ord, ref)
+        GROUP BY u.ord, u.ref HAVING count(*) > 1 ORDER BY u.ord LIMIT 1;
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION '%', v_bad USING ERRCODE = 'AS422';
+        END IF;
         PERFORM aiservice.add_dependencies(
             array_agg(v_final[u.ord] ORDER BY u.ord, u.pos), array_agg(u.pos ORDER BY u.ord, u.pos),
-            array_agg(CASE WHEN jsonb_typeof(u.ref) = 'number' THEN (u.ref #>> '{}')::bigint
-                           ELSE v_final[substr(u.ref #>> '{}', 2)::integer + 1] END ORDER BY u.ord, u.pos))
+            array_agg((u.ref #>> '{}')::bigint ORDER BY u.ord, u.pos))
         FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
         WHERE v_new[u.ord];
+    END IF;
+
+    IF false = ANY (v_new) THEN
+        -- Every repeat must be the request that made its job; the first that is not is refused.
+        WITH deps AS (
+            SELECT u.ord, array_agg((u.ref #>> '{}')::bigint ORDER BY u.pos) AS ids
+            FROM unnest(v_dep_ord, v_dep_pos, v_dep_ref) AS u(ord, pos, ref)
+            GROUP BY u.ord
+        )
+        SELECT r.ord - 1, r.id, r.differs INTO v_index, v_existing_id, v_bad
+        FROM (
+            SELECT u.ord, b.id,
+                   aiservice.idempotency_differences(
+                       b, coalesce(s.owner_ref, d.owner_ref), coalesce(s.task_type, d.task_type),
+                       coalesce(s.model_profile, d.model_profile), coalesce(s.input, d.input),
+                       coalesce(s.priority, d.priority), coalesce(s.run_at, d.run_at),
+                       coalesce(s.max_attempts, d.max_attempts), deps.ids) AS differs
+            FROM unnest(v_new, v_final) WITH ORDINALITY AS u(is_new, final_id, ord)
+            JOIN aiservice.jobs b ON b.id = u.final_id
+            CROSS JOIN LATERAL jsonb_populate_record(NULL::aiservice.job_fields, p_jobs -> (u.ord::integer - 1)) AS s
+            CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
+            LEFT JOIN deps ON deps.ord = u.ord
+            WHERE NOT u.is_new
+        ) r
+        WHERE r.differs <> ''
+        ORDER BY r.ord
+        LIMIT 1;
+        IF v_bad IS NOT NULL THEN
+            SELECT j.* INTO v_existing FROM aiservice.jobs j WHERE j.id = v_existing_id;
+            PERFORM aiservice.raise_idempotency_conflict(v_existing, v_bad, v_index);
+        END IF;
     END IF;
 
     RETURN QUERY
@@ -1190,16 +1263,66 @@ $$;
 
 
 --
--- Name: dependencies_of(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: dependencies_of(bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.dependencies_of(p_id bigint) RETURNS jsonb
+CREATE FUNCTION aiservice.dependencies_of(p_id bigint, p_omit_results_from integer DEFAULT NULL::integer) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
-    SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
-                                        'status', j.status, 'result', j.result) ORDER BY d.position)
-    FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+    SELECT jsonb_agg(
+        CASE WHEN j.id IS NULL THEN
+                 jsonb_build_object('id', d.depends_on, 'task_type', NULL, 'model_profile', NULL, 'status', NULL,
+                                    'result', NULL, 'deleted', true)
+             WHEN j.result IS NOT NULL AND d.position >= p_omit_results_from THEN
+                 jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                    'status', j.status, 'result', NULL, 'result_omitted', true)
+             ELSE
+                 jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                    'status', j.status, 'result', j.result)
+        END ORDER BY d.position)
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.jobs j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
+$$;
+
+
+--
+-- Name: dependency_results_cut(bigint[], bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.dependency_results_cut(p_ids bigint[], p_max_bytes bigint, OUT cut_at integer, OUT cut_from integer) RETURNS record
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_left bigint := p_max_bytes;
+    v_size bigint;
+    r record;
+BEGIN
+    IF p_max_bytes IS NULL OR p_max_bytes < 0 THEN
+        RAISE EXCEPTION 'max_dependency_bytes must be 0 or more' USING ERRCODE = 'AS422';
+    END IF;
+    FOR r IN
+        SELECT c.n, d.position, d.depends_on, pg_column_size(x.result) AS stored
+        FROM unnest(p_ids) WITH ORDINALITY AS c(id, n)
+        JOIN aiservice.job_dependencies d ON d.job_id = c.id
+        JOIN aiservice.jobs x ON x.id = d.depends_on
+        WHERE x.result IS NOT NULL
+        ORDER BY c.n, d.position
+    LOOP
+        -- A result stored in more bytes than are left is taken as too large without reading it
+        -- (its JSON text may be somewhat shorter: the bound errs on the small side, never over).
+        IF r.stored > v_left THEN
+            v_size := r.stored;
+        ELSE
+            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.jobs x WHERE x.id = r.depends_on;
+        END IF;
+        IF v_size > v_left THEN
+            cut_at := r.n;
+            cut_from := r.position;
+            RETURN;
+        END IF;
+        v_left := v_left - v_size;
+    END LOOP;
+END;
 $$;
 
 
@@ -1399,6 +1522,27 @@ BEGIN
     RETURNING lease_expires_at INTO v_expires;
     RETURN v_expires;
 END;
+$$;
+
+
+--
+-- Name: idempotency_differences(aiservice.jobs, text, text, text, jsonb, integer, timestamp with time zone, integer, bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.idempotency_differences(p_job aiservice.jobs, p_owner_ref text, p_task_type text, p_model_profile text, p_input jsonb, p_priority integer, p_run_at timestamp with time zone, p_max_attempts integer, p_depends_on bigint[]) RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT concat_ws(', ',
+        CASE WHEN p_job.owner_ref IS DISTINCT FROM p_owner_ref THEN 'owner_ref' END,
+        CASE WHEN p_job.task_type IS DISTINCT FROM p_task_type THEN 'task_type' END,
+        CASE WHEN p_job.model_profile IS DISTINCT FROM p_model_profile THEN 'model_profile' END,
+        CASE WHEN p_job.input IS DISTINCT FROM coalesce(p_input, '{}'::jsonb) THEN 'input' END,
+        CASE WHEN p_job.priority IS DISTINCT FROM coalesce(p_priority, 0) THEN 'priority' END,
+        CASE WHEN p_job.requested_run_at IS DISTINCT FROM p_run_at THEN 'run_at' END,
+        CASE WHEN p_job.max_attempts IS DISTINCT FROM coalesce(p_max_attempts, 3) THEN 'max_attempts' END,
+        CASE WHEN ARRAY(SELECT d.depends_on FROM aiservice.job_dependencies d
+                        WHERE d.job_id = p_job.id ORDER BY d.position)
+                  IS DISTINCT FROM coalesce(p_depends_on, '{}'::bigint[]) THEN 'depends_on' END);
 $$;
 
 
@@ -1947,11 +2091,13 @@ BEGIN
         RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
     END IF;
     WITH oldest AS (
-        SELECT id FROM aiservice.jobs
-        WHERE finished_at < now() - p_older_than
-          AND finished_at IS NOT NULL
-          AND status IN ('completed', 'failed', 'cancelled')
-        ORDER BY finished_at
+        SELECT o.id FROM aiservice.jobs o
+        WHERE o.finished_at < now() - p_older_than
+          AND o.finished_at IS NOT NULL
+          AND o.status IN ('completed', 'failed', 'cancelled')
+          AND NOT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id
+                          WHERE d.depends_on = o.id AND x.status IN ('pending', 'running'))
+        ORDER BY o.finished_at
         LIMIT p_limit
     ),
     doomed AS (
@@ -1963,9 +2109,34 @@ BEGIN
         ORDER BY j.id
         FOR UPDATE OF j SKIP LOCKED
     )
-    DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id;
-    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    , gone AS (
+        DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id
+        RETURNING j.id
+    ),
+    forgotten AS (
+        DELETE FROM aiservice.job_dependencies d WHERE d.job_id IN (SELECT id FROM gone)
+    )
+    SELECT count(*) INTO v_deleted FROM gone;
     RETURN v_deleted;
+END;
+$$;
+
+
+--
+-- Name: raise_idempotency_conflict(aiservice.jobs, text, integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.raise_idempotency_conflict(p_job aiservice.jobs, p_fields text, p_index integer DEFAULT NULL::integer) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RAISE EXCEPTION '%idempotency_key % already names job %, created with a different %',
+        CASE WHEN p_index IS NULL THEN '' ELSE format('jobs[%s]: ', p_index) END,
+        to_jsonb(p_job.idempotency_key), p_job.id, p_fields
+        USING ERRCODE = 'AS412',
+              DETAIL = jsonb_build_object('idempotency_key', p_job.idempotency_key, 'job_id', p_job.id,
+                                          'fields', string_to_array(p_fields, ', '), 'index', p_index)::text,
+              HINT = 'send the same request again, or use another idempotency_key';
 END;
 $$;
 

@@ -169,10 +169,15 @@ async def test_create_takes_priority_run_at_max_attempts_and_idempotency_key(api
 
 
 async def test_repeated_idempotency_key_returns_the_existing_job_and_creates_nothing(api: Client) -> None:
-    first = await ok(await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42")), 201)
+    spec = job_spec(idempotency_key="call-42")
+    first = await ok(await api.post(f"{API}/jobs", json=spec), 201)
 
-    again = await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42", input={"other": True}))
+    again = await api.post(f"{API}/jobs", json=spec)
     assert await ok(again, 200) == first
+    assert await count_jobs(api) == 1
+    # Another request under the same key is refused (test_idempotency.py has the details).
+    other_input = await api.post(f"{API}/jobs", json=spec | {"input": {"other": True}})
+    await refused(other_input, 409, "idempotency_conflict")
     assert await count_jobs(api) == 1
 
     # The key is unique per owner_service: another caller may use the same key.
@@ -182,7 +187,7 @@ async def test_repeated_idempotency_key_returns_the_existing_job_and_creates_not
 
     # The existing job is returned whatever became of it.
     await api.post(f"{API}/jobs/{first['id']}/cancel")
-    repeat = await ok(await api.post(f"{API}/jobs", json=job_spec(idempotency_key="call-42")), 200)
+    repeat = await ok(await api.post(f"{API}/jobs", json=spec), 200)
     assert repeat["id"] == first["id"]
     assert repeat["status"] == "cancelled"
     assert await count_jobs(api) == 2
@@ -363,12 +368,10 @@ async def test_batch_merges_defaults_and_returns_201_with_the_jobs_in_order(api:
 
 
 async def test_batch_without_defaults_and_with_idempotency_keys(api: Client) -> None:
-    existing = await create(api, owner_service="telephony", idempotency_key="k1")
-    jobs = [
-        job_spec(owner_service="telephony", idempotency_key="k1"),
-        job_spec(owner_service="telephony", idempotency_key="k2"),
-        job_spec(owner_service="telephony", idempotency_key="k2"),
-    ]
+    k1 = job_spec(owner_service="telephony", idempotency_key="k1")
+    k2 = job_spec(owner_service="telephony", idempotency_key="k2")
+    existing = await ok(await api.post(f"{API}/jobs", json=k1), 201)
+    jobs = [k1, k2, k2]
     reply = await ok(await api.post(f"{API}/jobs/batch", json={"jobs": jobs}), 201)
     first, second, third = reply["jobs"]
     assert first == existing

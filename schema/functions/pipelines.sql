@@ -12,9 +12,11 @@
 -- Completing a job never reads its dependents: it queues its id in finished_dependencies (one
 -- index probe), and claims and maintain() resolve the queue in small steps (SKIP LOCKED).
 
--- Refuse dependency lists that are too long, hold nulls or name jobs that do not exist.
+-- Refuse dependency lists that hold nulls or name jobs that do not exist. The jobs named are
+-- locked FOR KEY SHARE until the caller commits, so retention (purge_jobs skips locked rows)
+-- cannot delete a dependency while the job that depends on it is being created.
 CREATE OR REPLACE FUNCTION aiservice.check_dependencies(p_depends_on bigint[]) RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 AS $$
 DECLARE
     v_unknown bigint[];
@@ -25,6 +27,7 @@ BEGIN
     IF array_position(p_depends_on, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
     END IF;
+    PERFORM FROM aiservice.jobs j WHERE j.id = ANY (p_depends_on) ORDER BY j.id FOR KEY SHARE;
     v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
                        WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
     IF cardinality(v_unknown) > 0 THEN
@@ -193,28 +196,102 @@ CREATE OR REPLACE TRIGGER jobs_pipeline_update
     REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION aiservice.pipeline_updated();
 
--- The dependencies of a job as a claim returns them, in the order they were listed.
-CREATE OR REPLACE FUNCTION aiservice.dependencies_of(p_id bigint) RETURNS jsonb
+-- The dependencies of a job as a claim returns them: element N is the dependency at position N
+-- (the order they were listed in), so {{dependencies.N...}} always names the same job. A job that
+-- no longer exists (deleted by hand, or by retention before it kept the jobs unfinished jobs
+-- depend on) stays in its place as {"id", "deleted": true} with null fields. p_omit_results_from:
+-- the positions from which a result is left out ("result": null, "result_omitted": true).
+CREATE OR REPLACE FUNCTION aiservice.dependencies_of(p_id bigint, p_omit_results_from integer DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
-    SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
-                                        'status', j.status, 'result', j.result) ORDER BY d.position)
-    FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+    SELECT jsonb_agg(
+        CASE WHEN j.id IS NULL THEN
+                 jsonb_build_object('id', d.depends_on, 'task_type', NULL, 'model_profile', NULL, 'status', NULL,
+                                    'result', NULL, 'deleted', true)
+             WHEN j.result IS NOT NULL AND d.position >= p_omit_results_from THEN
+                 jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                    'status', j.status, 'result', NULL, 'result_omitted', true)
+             ELSE
+                 jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
+                                    'status', j.status, 'result', j.result)
+        END ORDER BY d.position)
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.jobs j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
 $$;
 
--- claim_jobs with each claimed job's dependencies (id, task_type, model_profile, status, result)
--- in the same round trip; NULL for a job without dependencies.
+-- Where a claim's answer starts leaving dependency results out: the dependency results of the jobs
+-- p_ids (in claim order; their dependencies in position order) are taken until the next one would
+-- bring their JSON text past p_max_bytes. Answers the index in p_ids (1-based) and the position
+-- from which results are left out, or nulls when every result fits. Sizes are measured only up to
+-- the bound, so a claim never reads every result to find out.
+CREATE OR REPLACE FUNCTION aiservice.dependency_results_cut(
+    p_ids bigint[], p_max_bytes bigint, OUT cut_at integer, OUT cut_from integer
+)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_left bigint := p_max_bytes;
+    v_size bigint;
+    r record;
+BEGIN
+    IF p_max_bytes IS NULL OR p_max_bytes < 0 THEN
+        RAISE EXCEPTION 'max_dependency_bytes must be 0 or more' USING ERRCODE = 'AS422';
+    END IF;
+    FOR r IN
+        SELECT c.n, d.position, d.depends_on, pg_column_size(x.result) AS stored
+        FROM unnest(p_ids) WITH ORDINALITY AS c(id, n)
+        JOIN aiservice.job_dependencies d ON d.job_id = c.id
+        JOIN aiservice.jobs x ON x.id = d.depends_on
+        WHERE x.result IS NOT NULL
+        ORDER BY c.n, d.position
+    LOOP
+        -- A result stored in more bytes than are left is taken as too large without reading it
+        -- (its JSON text may be somewhat shorter: the bound errs on the small side, never over).
+        IF r.stored > v_left THEN
+            v_size := r.stored;
+        ELSE
+            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.jobs x WHERE x.id = r.depends_on;
+        END IF;
+        IF v_size > v_left THEN
+            cut_at := r.n;
+            cut_from := r.position;
+            RETURN;
+        END IF;
+        v_left := v_left - v_size;
+    END LOOP;
+END;
+$$;
+
+-- claim_jobs with each claimed job's dependencies (dependencies_of: id, task_type, model_profile,
+-- status, result) in the same round trip; NULL for a job without dependencies.
+-- The results of all dependencies in one answer are bounded by p_max_dependency_bytes (their JSON
+-- text; default 8 MiB): they are included in claim order, job by job and each job's in position
+-- order, until the next would pass the bound (dependency_results_cut); from there on each comes
+-- without its result, with "result_omitted": true, and the worker reads it with get_job
+-- (GET /api/v1/jobs/{id}).
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs_v2(
     p_worker_id text,
     p_limit integer DEFAULT 1,
     p_task_types text[] DEFAULT NULL,
     p_model_profiles text[] DEFAULT NULL,
-    p_lease_timeout interval DEFAULT interval '15 minutes'
+    p_lease_timeout interval DEFAULT interval '15 minutes',
+    p_max_dependency_bytes bigint DEFAULT 8388608
 )
 RETURNS TABLE (job aiservice.jobs, dependencies jsonb)
 LANGUAGE sql
 AS $$
-    SELECT c, aiservice.dependencies_of(c.id)
-    FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c;
+    WITH claimed AS MATERIALIZED (
+        SELECT c AS job, row_number() OVER () AS n
+        FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c
+    ),
+    cut AS (
+        SELECT * FROM aiservice.dependency_results_cut(
+            ARRAY(SELECT (job).id FROM claimed ORDER BY n), p_max_dependency_bytes)
+    )
+    SELECT c.job,
+           aiservice.dependencies_of((c.job).id, CASE WHEN c.n = cut.cut_at THEN cut.cut_from
+                                                      WHEN c.n > cut.cut_at THEN 0 END)
+    FROM claimed c CROSS JOIN cut
+    ORDER BY c.n;
 $$;

@@ -18,7 +18,7 @@ from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
 from worker import failure
 from worker.failure import JobFailure
-from worker.placeholders import fill_messages
+from worker.placeholders import ReadJob, fill_messages
 
 TASK_TYPES = ("llm_chat", "chat_completion", "call_analysis")
 # Models often fence JSON in Markdown even when asked for JSON; one surrounding fence is tolerated.
@@ -84,8 +84,13 @@ class LLMKind:
     name = "llm"
     task_types: tuple[str, ...] = TASK_TYPES
 
-    def __init__(self, *, base_url: str, api_key: str | None, model: str, timeout: timedelta) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str | None, model: str, timeout: timedelta, read_job: ReadJob | None = None
+    ) -> None:
         self.model = model
+        # Reads a dependency whose result the claim left out (JobStore.get_job; the worker sets it
+        # once its store exists). Without it such a placeholder fails the job with invalid_input.
+        self.read_job = read_job
         self.model_profiles: tuple[str, ...] = (model,)
         self._where = mask_url(base_url) or "the LLM server"
         self._secrets = (api_key, *url_secrets(base_url))
@@ -99,7 +104,9 @@ class LLMKind:
     async def run(self, job: Job) -> dict[str, Any]:
         chat = parse_input(job)
         dependencies = getattr(job, "dependencies", None)  # a claimed job of a pipeline
-        messages = fill_messages(chat.chat_messages(), [d.model_dump(mode="json") for d in dependencies or ()])
+        messages = await fill_messages(
+            chat.chat_messages(), [d.model_dump(mode="json") for d in dependencies or ()], self.read_job
+        )
         started = time.monotonic()
         outcome = "error"
         try:
