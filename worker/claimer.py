@@ -69,9 +69,14 @@ class Claimer:
 
     async def _loop(self) -> None:
         while not self.stopping:
+            # A database not (or no longer) at this code's schema is waited out here, logged by the
+            # schema gate once a minute, instead of failing every claim.
+            await self.store.schema_ready()
             self.wakeup.clear()
             try:
                 await self._claim()
+            except errors.SchemaMismatch:
+                pass  # the gate has logged it; the next round waits in schema_ready()
             except Exception:
                 log.exception("claim failed")
             if self.stopping:
@@ -101,6 +106,8 @@ class Claimer:
                     task_types=list(kind.task_types),
                     model_profiles=list(kind.model_profiles),
                 )
+            except errors.SchemaMismatch:
+                raise
             except errors.DatabaseUnavailable:
                 log.warning("claim skipped: PostgreSQL unavailable")
                 return

@@ -185,7 +185,12 @@ async def migrate(
         ledger = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM aiservice.migrations")}
         unknown = {n for n in ledger if not n.startswith("functions/")} - {m.name for m in todo}
         if unknown:
-            raise MigrationError(f"the database has migrations this code does not know: {sorted(unknown)}")
+            found = max((int(n[:4]) for n in ledger if _NAME.match(n)), default=0)
+            known = max((int(m.name[:4]) for m in todo if _NAME.match(m.name)), default=0)
+            raise MigrationError(
+                f"the database is at migration {found}, this code knows up to {known} "
+                f"(unknown: {', '.join(sorted(unknown))}): upgrade aiservice"
+            )
         applied = []
         for migration in todo:
             if migration.name in ledger:
