@@ -125,6 +125,7 @@ class SchemaGate:
         self.state: SchemaState | None = None  # None until read (or when PostgreSQL did not answer)
         self.readings = 0
         self._read_at = float("-inf")
+        self._prompted_at = float("-inf")
         self._logged_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -158,10 +159,15 @@ class SchemaGate:
         elif before is not None and not before.ok:
             log.info("the database is at migration %d now: starting", state.found)
 
-    async def _check_soon(self) -> None:
-        """Read the ledger unless another caller did less than ``recheck`` seconds ago."""
+    async def _check_soon(self, *, prompted: bool = False) -> None:
+        """Read the ledger unless another caller did less than ``recheck`` seconds ago (for a failed
+        call, ``prompted``: unless another failed call did)."""
         async with self._lock:
-            if asyncio.get_running_loop().time() - self._read_at >= self.recheck:
+            loop = asyncio.get_running_loop()
+            last = self._prompted_at if prompted else self._read_at
+            if loop.time() - last >= self.recheck:
+                if prompted:
+                    self._prompted_at = loop.time()
                 # Unreachable: the next reading will tell; callers see PostgreSQL's state themselves.
                 with contextlib.suppress(errors.DatabaseUnavailable):
                     await self.check()
@@ -180,6 +186,6 @@ class SchemaGate:
         raise the schema's error if that is why; otherwise return (the caller re-raises)."""
         if exc.sqlstate not in MISSING_OBJECT:
             return
-        await self._check_soon()
+        await self._check_soon(prompted=True)
         if self.state is not None and not self.state.ok:
             raise self.state.error() from exc
