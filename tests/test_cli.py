@@ -257,7 +257,7 @@ def postmaster(pgdata: Path) -> int:
 @pytest.fixture
 def dev_postgres(tmp_path: Path) -> Iterator[Path]:
     """The data directory of `aiservice dev` under `spawn`; a server a failed test left running is stopped."""
-    pgdata = tmp_path / "dev" / "pgdata"
+    pgdata = (tmp_path / "dev" / "pgdata").resolve()
     yield pgdata
     if (pgdata / "postmaster.pid").exists() and embedded.alive(pid := postmaster(pgdata)):
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown
@@ -282,7 +282,7 @@ async def test_a_second_dev_on_the_same_data_directory_says_it_shares_the_runnin
     await second.wait_for_output("serving on")
     out = second.output()
     assert "starting embedded PostgreSQL" not in out, out
-    assert f"already running in {dev_postgres.resolve()} (pid {pid})" in out and str(first.proc.pid) in out, out
+    assert f"already running in {dev_postgres} (pid {pid})" in out and str(first.proc.pid) in out, out
 
     assert await second.interrupt() == 0, second.output()
     out = second.output()
