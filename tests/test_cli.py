@@ -19,7 +19,6 @@ import pytest
 from conftest import SERVICE_VARIABLES
 from processes import Spawn, free_port, listening_addresses, require_proc_net, run
 
-from aiservice import embedded
 from aiservice.cli import DEV_DEFAULTS, main
 from aiservice.settings import Settings, mask_url
 from aiservice.sidecar import SidecarSettings
@@ -250,6 +249,16 @@ async def test_a_refused_connection_is_not_retried(
     assert refusal in last and "not retried" in last, last
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; an exited one not yet reaped (a zombie) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def postmaster(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
 
@@ -259,13 +268,13 @@ def dev_postgres(tmp_path: Path) -> Iterator[Path]:
     """The data directory of `aiservice dev` under `spawn`; a server a failed test left running is stopped."""
     pgdata = (tmp_path / "dev" / "pgdata").resolve()
     yield pgdata
-    if (pgdata / "postmaster.pid").exists() and embedded.alive(pid := postmaster(pgdata)):
+    if (pgdata / "postmaster.pid").exists() and alive(pid := postmaster(pgdata)):
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown
 
 
 async def stopped(pid: int) -> bool:
     for _ in range(200):
-        if not embedded.alive(pid):
+        if not alive(pid):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -287,7 +296,7 @@ async def test_a_second_dev_on_the_same_data_directory_says_it_shares_the_runnin
     assert await second.interrupt() == 0, second.output()
     out = second.output()
     assert f"leaving embedded PostgreSQL running: the aiservice dev with pid {first.proc.pid}" in out, out
-    assert "stopping embedded PostgreSQL" not in out and embedded.alive(pid), out
+    assert "stopping embedded PostgreSQL" not in out and alive(pid), out
 
     assert await first.interrupt() == 0, first.output()
     assert "stopping embedded PostgreSQL" in first.output()
@@ -300,7 +309,7 @@ async def test_dev_takes_over_the_postgresql_a_killed_dev_left_running(spawn: Sp
     pid = postmaster(dev_postgres)
     killed.proc.kill()
     killed.proc.wait()
-    assert embedded.alive(pid)  # orphaned
+    assert alive(pid)  # orphaned
 
     later = spawn("dev", HTTP_PORT="0")
     await later.wait_for_output("serving on")
