@@ -72,8 +72,10 @@ _COMMANDS = {
         "run the HTTP API (needs DATABASE_URL)",
         "Run the HTTP API on HTTP_HOST:HTTP_PORT: /api/v1 (jobs, limits, stats, providers, infra; bearer "
         "AI_SERVICE_TOKEN when set), and the open /healthz, /readyz and /metrics. Applies pending migrations "
-        "at start (MIGRATE_ON_START) and runs maintenance (lease expiry, JOB_RETENTION, counters) every "
-        "MAINTENANCE_INTERVAL. Needs DATABASE_URL.",
+        "at start (MIGRATE_ON_START); with MIGRATE_ON_START=false on a database `aiservice migrate` has not "
+        "brought to this version, /readyz and the API answer 503 (schema_not_migrated) until it has. Runs "
+        "maintenance (lease expiry, JOB_RETENTION, counters) every MAINTENANCE_INTERVAL. Needs DATABASE_URL "
+        "(waits up to DATABASE_CONNECT_WAIT for it).",
         ignores=_WORKER_ONLY | _DEV_ONLY,
         needs_database=True,
     ),
@@ -83,14 +85,17 @@ _COMMANDS = {
         "transcription against WhisperX at WHISPERX_URL (at least one must be set). Claims up to "
         "WORKER_CLAIM_LIMIT jobs at a time and serves /healthz, /readyz, /worker/status and /metrics on "
         "WORKER_HTTP_HOST:WORKER_HTTP_PORT. SIGTERM lets jobs in flight finish within WORKER_SHUTDOWN_GRACE "
-        "and hands the rest back. Needs DATABASE_URL.",
+        "and hands the rest back. Applies pending migrations at start (MIGRATE_ON_START); with "
+        "MIGRATE_ON_START=false it waits, not ready, until `aiservice migrate` has run. Needs DATABASE_URL "
+        "(waits up to DATABASE_CONNECT_WAIT for it).",
         ignores=_API_ONLY | _DEV_ONLY,
         needs_database=True,
     ),
     "migrate": _Command(
         "apply pending schema migrations (needs DATABASE_URL)",
-        "Apply pending schema migrations to the database at DATABASE_URL and exit.",
-        reads_only={"database_url", "log_level"},
+        "Apply pending schema migrations to the database at DATABASE_URL (waiting up to DATABASE_CONNECT_WAIT "
+        "for it to accept connections) and exit.",
+        reads_only={"database_url", "database_connect_wait", "log_level"},
         needs_database=True,
     ),
     "dev": _Command(
@@ -153,7 +158,12 @@ def _environment(name: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiservice", description="PostgreSQL-native job service for AI workloads")
+    parser = argparse.ArgumentParser(
+        prog="aiservice",
+        description="PostgreSQL-native job service for AI workloads",
+        epilog="exit codes: 0 done or stopped by a signal; 1 a migration failed; 2 a configuration error or a "
+        "busy port; 3 PostgreSQL unreachable (after DATABASE_CONNECT_WAIT) or refused the connection",
+    )
     parser.add_argument("--version", action="version", version=f"aiservice {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in _COMMANDS.items():

@@ -48,7 +48,7 @@ HELP = {
         ["WORKER_HTTP_PORT", "WORKER_CLAIM_LIMIT", "AISERVICE_DEV_DIR"],
     ),
     "worker": (
-        ["LLM_BASE_URL", "WHISPERX_URL", "MIGRATE_ON_START"],
+        ["LLM_BASE_URL", "WHISPERX_URL", "migrations", "(MIGRATE_ON_START)", "MIGRATE_ON_START=false"],
         [
             "DATABASE_URL",
             "LLM_BASE_URL",
@@ -60,7 +60,7 @@ HELP = {
         ],
         ["HTTP_PORT", "AI_SERVICE_TOKEN", "AISERVICE_DEV_DIR"],
     ),
-    "migrate": (["migrations"], ["DATABASE_URL"], ["HTTP_PORT", "WORKER_HTTP_PORT"]),
+    "migrate": (["migrations"], ["DATABASE_URL", "DATABASE_CONNECT_WAIT"], ["HTTP_PORT", "WORKER_HTTP_PORT"]),
     "dev": (["embedded PostgreSQL", "psql", "127.0.0.1"], SERVICE_VARIABLES, []),
     "schema-dump": (["schema/schema.sql"], [], ["DATABASE_URL", "HTTP_PORT"]),
     "sidecar": (["GPU", "vLLM"], [*SidecarSettings().public(), "VLLM_API_KEY"], ["DATABASE_URL", "HTTP_PORT"]),
