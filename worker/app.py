@@ -212,11 +212,9 @@ class Worker:
         listener = self._listener.state if self._listener is not None else "stopped"
         report: dict[str, Any] = {"database": database, "listener": listener}
         schema = self._schema.state if self._schema is not None else None
-        if schema is not None:
-            report["schema"] = schema.status
-            report["expected_migration"], report["found_migration"] = schema.expected, schema.found
-            if not schema.ok:
-                report["message"] = schema.message
+        if schema is not None and not schema.ok:  # the last reading: no query here
+            report |= {"schema": schema.status, "message": schema.message}
+            report |= {"expected_migration": schema.expected, "found_migration": schema.found}
         ready = database == "ok" and listener == "connected" and (schema is None or schema.ok)
         return {"ready": ready, **report}
 
