@@ -271,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatabaseUnreachable as exc:
         print(f"aiservice: {exc}", file=sys.stderr)
         return EXIT_NO_DATABASE
+    except KeyboardInterrupt:  # Ctrl-C while migrate waits for PostgreSQL: no traceback
+        return 130
     return 0
 
 

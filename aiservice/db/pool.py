@@ -137,7 +137,7 @@ async def open_waiting(
                 raise DatabaseUnreachable(f"cannot connect to {server}: {reason}; {waited}") from exc
             pause = min(delay, left)
             log.warning(
-                "waiting for %s to accept connections (%s): next try in %.1fs, giving up %.0fs from now (%s=%s)",
+                "waiting for %s to accept connections (%s): next try in %.1fs, giving up %.1fs from now (%s=%s)",
                 server,
                 reason,
                 pause,
