@@ -190,18 +190,22 @@ def _listening(variable: str, host: str, port: int) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise CannotListen(_busy(variable, host, port)) from exc
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(_busy(variable, host, port)) from exc
+        # Not a local address, a name that does not resolve, a port below 1024 without the right:
+        reason = exc.strerror or str(exc)
+        host_variable = variable.replace("_PORT", "_HOST")
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason} (set {host_variable} or {variable})") from exc
 
 
 def _bind(variable: str, host: str, port: int) -> list[socket.socket]:
     """Sockets bound to every address of ``host`` (not yet listening), so that a busy port stops a
     command before it connects to anything. Bound as asyncio's create_server would bind them."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    with _listening(variable, host, port):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     bound: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], i[3], i[4]) for i in infos):
+        for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -98,7 +98,17 @@ def running(pgdata: Path) -> Running | None:
     if pid is None:
         return None
     handles = [h for h in _handles(pgdata) if h != os.getpid()]
-    return Running(pid, tuple(h for h in handles if alive(h)), tuple(h for h in handles if not alive(h)))
+    return Running(pid, tuple(h for h in handles if _user(h)), tuple(h for h in handles if not _user(h)))
+
+
+def _user(pid: int) -> bool:
+    """Whether ``pid`` still runs aiservice (and is not an unrelated process that took a dead one's pid)."""
+    if not alive(pid):
+        return False
+    try:
+        return b"aiservice" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc here
 
 
 @contextlib.contextmanager
@@ -116,7 +126,7 @@ def forget_gone_owners(pgdata: Path) -> list[int]:
         return []
     with _locked():
         handles = _handles(pgdata)
-        gone = [h for h in handles if h != os.getpid() and not alive(h)]
+        gone = [h for h in handles if h != os.getpid() and not _user(h)]
         if gone:
             path.write_text(json.dumps([h for h in handles if h not in gone]))
     return gone
