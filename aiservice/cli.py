@@ -11,12 +11,14 @@ import logging
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import textwrap
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,7 +27,7 @@ from aiohttp import web
 from aiservice import embedded, logs
 from aiservice.api.app import create_app
 from aiservice.db.migrate import MigrationError, dump_schema, migrate
-from aiservice.db.pool import connect
+from aiservice.db.pool import CONNECT_TIMEOUT, DatabaseUnreachable, connect, open_waiting
 from aiservice.settings import Settings, SettingsError, format_duration, mask_url, variable_name
 from aiservice.sidecar import SidecarSettings
 from aiservice.sidecar import run as run_sidecar
@@ -33,6 +35,10 @@ from worker.app import Worker
 from worker.kinds import describe
 
 log = logging.getLogger("aiservice")
+
+# Exit codes: 0 done (or stopped by a signal); 1 a migration failed; 2 a configuration error or a
+# busy port; 3 PostgreSQL cannot be reached or refused the connection (DATABASE_URL).
+EXIT_NO_DATABASE = 3
 
 
 # `aiservice dev` runs on a developer's machine, usually without a token: it listens on loopback
@@ -66,8 +72,10 @@ _COMMANDS = {
         "run the HTTP API (needs DATABASE_URL)",
         "Run the HTTP API on HTTP_HOST:HTTP_PORT: /api/v1 (jobs, limits, stats, providers, infra; bearer "
         "AI_SERVICE_TOKEN when set), and the open /healthz, /readyz and /metrics. Applies pending migrations "
-        "at start (MIGRATE_ON_START) and runs maintenance (lease expiry, JOB_RETENTION, counters) every "
-        "MAINTENANCE_INTERVAL. Needs DATABASE_URL.",
+        "at start (MIGRATE_ON_START); with MIGRATE_ON_START=false on a database `aiservice migrate` has not "
+        "brought to this version, /readyz and the API answer 503 (schema_not_migrated) until it has. Runs "
+        "maintenance (lease expiry, JOB_RETENTION, counters) every MAINTENANCE_INTERVAL. Needs DATABASE_URL "
+        "(waits up to DATABASE_CONNECT_WAIT for it).",
         ignores=_WORKER_ONLY | _DEV_ONLY,
         needs_database=True,
     ),
@@ -77,14 +85,17 @@ _COMMANDS = {
         "transcription against WhisperX at WHISPERX_URL (at least one must be set). Claims up to "
         "WORKER_CLAIM_LIMIT jobs at a time and serves /healthz, /readyz, /worker/status and /metrics on "
         "WORKER_HTTP_HOST:WORKER_HTTP_PORT. SIGTERM lets jobs in flight finish within WORKER_SHUTDOWN_GRACE "
-        "and hands the rest back. Needs DATABASE_URL.",
+        "and hands the rest back. Applies pending migrations at start (MIGRATE_ON_START); with "
+        "MIGRATE_ON_START=false it waits, not ready, until `aiservice migrate` has run. Needs DATABASE_URL "
+        "(waits up to DATABASE_CONNECT_WAIT for it).",
         ignores=_API_ONLY | _DEV_ONLY,
         needs_database=True,
     ),
     "migrate": _Command(
         "apply pending schema migrations (needs DATABASE_URL)",
-        "Apply pending schema migrations to the database at DATABASE_URL and exit.",
-        reads_only={"database_url", "log_level"},
+        "Apply pending schema migrations to the database at DATABASE_URL (waiting up to DATABASE_CONNECT_WAIT "
+        "for it to accept connections) and exit.",
+        reads_only={"database_url", "database_connect_wait", "log_level"},
         needs_database=True,
     ),
     "dev": _Command(
@@ -147,7 +158,12 @@ def _environment(name: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiservice", description="PostgreSQL-native job service for AI workloads")
+    parser = argparse.ArgumentParser(
+        prog="aiservice",
+        description="PostgreSQL-native job service for AI workloads",
+        epilog="exit codes: 0 done or stopped by a signal; 1 a migration failed; 2 a configuration error or a "
+        "busy port; 3 PostgreSQL unreachable (after DATABASE_CONNECT_WAIT) or refused the connection",
+    )
     parser.add_argument("--version", action="version", version=f"aiservice {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in _COMMANDS.items():
@@ -165,16 +181,51 @@ class CannotListen(Exception):
     """A server's port is taken; the message names the variable that moves it."""
 
 
+def _busy(variable: str, host: str, port: int) -> str:
+    return f"port {port} on {host} is already in use: set {variable} to a free port (or stop what listens there)"
+
+
 @contextlib.contextmanager
 def _listening(variable: str, host: str, port: int) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise CannotListen(
-            f"port {port} on {host} is already in use: set {variable} to a free port (or stop what listens there)"
-        ) from exc
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(_busy(variable, host, port)) from exc
+        # Not a local address, a name that does not resolve, a port below 1024 without the right:
+        reason = exc.strerror or str(exc)
+        host_variable = variable.replace("_PORT", "_HOST")
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason} (set {host_variable} or {variable})") from exc
+
+
+def _bind(variable: str, host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` (not yet listening), so that a busy port stops a
+    command before it connects to anything. Bound as asyncio's create_server would bind them."""
+    with _listening(variable, host, port):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            with _listening(variable, host, port):
+                sock.bind(address)
+            if port == 0:  # the other addresses take the port the kernel chose for the first
+                port = int(sock.getsockname()[1])
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _url(host: str, sockets: Sequence[socket.socket]) -> str:
+    port = int(sockets[0].getsockname()[1])
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,14 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings.require_database()
-            with _listening("HTTP_PORT", settings.http_host, settings.http_port):
-                web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+            sockets = _bind("HTTP_PORT", settings.http_host, settings.http_port)
+            url = _url(settings.http_host, sockets)
+            # Printed once the database is connected (and migrated) and the port accepts requests.
+            listening = partial(_say, f"listening on {url}")
+            web.run_app(create_app(settings), sock=sockets, print=lambda _banner: listening())
         elif args.command == "worker":
             settings.require_database()
-            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
-                return asyncio.run(_work(settings))
+            sockets = _bind("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port)
+            return asyncio.run(_work(settings, sockets))
         elif args.command == "migrate":
-            applied = asyncio.run(_migrate(settings.require_database()))
+            wait = settings.database_connect_wait.total_seconds()
+            applied = asyncio.run(_migrate(settings.require_database(), wait=wait))
             print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
         elif args.command == "schema-dump":
             print(_dump(), end="")
@@ -217,11 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"aiservice: migration failed: {exc}", file=sys.stderr)
         return 1
+    except DatabaseUnreachable as exc:
+        print(f"aiservice: {exc}", file=sys.stderr)
+        return EXIT_NO_DATABASE
+    except KeyboardInterrupt:  # Ctrl-C while migrate waits for PostgreSQL: no traceback
+        return 130
     return 0
 
 
-async def _migrate(dsn: str) -> list[str]:
-    conn = await connect(dsn)
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _migrate(dsn: str, *, wait: float = 0.0) -> list[str]:
+    conn = await open_waiting(partial(connect, dsn, timeout=CONNECT_TIMEOUT), dsn, wait=wait)
     try:
         return await migrate(conn)
     finally:
@@ -252,11 +316,21 @@ def _on_signals(stop: asyncio.Event, hurry: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, handle)
 
 
-async def _work(settings: Settings) -> int:
+async def _work(settings: Settings, sockets: Sequence[socket.socket]) -> int:
     worker = Worker(settings)
     stop = asyncio.Event()
     _on_signals(stop, worker.hurry)
-    await worker.start()
+    # A signal while start() still waits for PostgreSQL stops the wait too.
+    starting = asyncio.create_task(worker.start(http_sockets=sockets))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await worker.stop(grace=0)
+        return 0
+    stopped.cancel()
+    starting.result()  # raises what start() raised
     await stop.wait()
     log.info("stopping: no new claims; jobs in flight get %s", format_duration(settings.worker_shutdown_grace))
     await worker.stop()
@@ -285,14 +359,35 @@ def _psql_command(dsn: str) -> str:
 
 
 def _dev(settings: Settings) -> int:
+    # Both ports first: a taken one stops dev before it starts (or joins) a database.
+    workers_on = bool(settings.llm_base_url or settings.whisperx_url)
+    ports = [("HTTP_PORT", settings.http_host, settings.http_port)]
+    if workers_on:
+        ports.append(("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port))
+    sockets: list[list[socket.socket]] = []
+    busy: list[str] = []
+    for variable, host, port in ports:
+        try:
+            sockets.append(_bind(variable, host, port))
+        except CannotListen as exc:
+            busy.append(str(exc))
+    if busy:
+        for bound in sockets:
+            for sock in bound:
+                sock.close()
+        if workers_on:
+            busy.append("(dev serves the API on HTTP_PORT and, with a provider set, the workers on WORKER_HTTP_PORT)")
+        raise CannotListen("; ".join(busy))
+    api_sockets, worker_sockets = sockets[0], sockets[1] if workers_on else []
+
     server = None
+    pgdata = (settings.dev_data_dir / "pgdata").resolve()
     if settings.database_url:
         # The URL may hold a password: show it masked, and let psql read it from the environment.
         print(f"database: {mask_url(settings.database_url)} (DATABASE_URL)", flush=True)
         print(f'psql:     {shlex.quote(_psql_path())} "$DATABASE_URL"', flush=True)
     else:
-        pgdata = (settings.dev_data_dir / "pgdata").resolve()
-        print(f"starting embedded PostgreSQL in {pgdata} ...", flush=True)
+        _say(_joining(pgdata))
         server = embedded.start(pgdata)
         dsn = embedded.database_url(server, "aiservice")
         settings = replace(settings, database_url=dsn, migrate_on_start=True)
@@ -301,29 +396,59 @@ def _dev(settings: Settings) -> int:
         print(f"database: {dsn.replace(':@', '@', 1)}", flush=True)
         print(f"psql:     {_psql_command(dsn)}", flush=True)
     try:
-        asyncio.run(_serve_dev(settings))
+        asyncio.run(_serve_dev(settings, api_sockets, worker_sockets))
     finally:
         if server is not None:
-            print("stopping embedded PostgreSQL (data is kept for the next start)", flush=True)
+            others = embedded.running(pgdata)
+            if others is not None and others.owners:
+                users = ", ".join(map(str, others.owners))
+                _say(f"leaving embedded PostgreSQL running: the aiservice dev with pid {users} still uses it")
+            else:
+                _say("stopping embedded PostgreSQL (data is kept for the next start)")
             server.cleanup()
     return 0
 
 
-async def _serve_dev(settings: Settings) -> None:
+def _joining(pgdata: Path) -> str:
+    """What dev is about to do with the embedded PostgreSQL in ``pgdata``: start one, share the one
+    another dev runs, or take over one whose dev was killed (it stops that one when it stops)."""
+    gone = embedded.forget_gone_owners(pgdata)
+    found = embedded.running(pgdata)
+    if found is None:
+        return f"starting embedded PostgreSQL in {pgdata} ..."
+    if found.owners:
+        users = ", ".join(map(str, found.owners))
+        return (
+            f"using the embedded PostgreSQL already running in {pgdata} (pid {found.pid}) for the aiservice dev "
+            f"with pid {users}; it keeps running until both have stopped"
+        )
+    left_by = (
+        f"left running by an aiservice dev that is gone (pid {', '.join(map(str, gone))})"
+        if gone
+        else ("that no running aiservice dev started")
+    )
+    return (
+        f"found an embedded PostgreSQL (pid {found.pid}) in {pgdata} {left_by}: "
+        "using it, and stopping it when this dev stops"
+    )
+
+
+async def _serve_dev(
+    settings: Settings, api_sockets: Sequence[socket.socket], worker_sockets: Sequence[socket.socket]
+) -> None:
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
     worker: Worker | None = None
     try:
-        with _listening("HTTP_PORT", settings.http_host, settings.http_port):
-            await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        for sock in api_sockets:
+            await web.SockSite(runner, sock).start()
         _print_dev_banner(settings, port=int(runner.addresses[0][1]))
         stop = asyncio.Event()
         _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
-        if settings.llm_base_url or settings.whisperx_url:
+        if worker_sockets:
             # The API has migrated already; the workers share its database and event loop.
             started = Worker(replace(settings, migrate_on_start=False))
-            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
-                await started.start()
+            await started.start(http_sockets=worker_sockets)
             worker = started
             served = describe(worker.kinds)
             print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)

@@ -92,6 +92,25 @@ class DatabaseUnavailable(ServiceError):
     code = "database_unavailable"
 
 
+class SchemaMismatch(DatabaseUnavailable):
+    """The database's schema is not the one this code was written for (see aiservice.db.schema). A
+    DatabaseUnavailable too, so loops that wait out an unreachable PostgreSQL wait this out as well."""
+
+    code = "schema_mismatch"
+
+
+class SchemaNotMigrated(SchemaMismatch):
+    """The database lacks migrations this code needs: `aiservice migrate` has not run yet."""
+
+    code = "schema_not_migrated"
+
+
+class SchemaTooNew(SchemaMismatch):
+    """The database has migrations this code does not know: it was migrated by a newer aiservice."""
+
+    code = "schema_too_new"
+
+
 class Contention(ServiceError):
     """SQLSTATE 40P01 (deadlock) or 40001 (serialization failure), still there after JobStore's retries:
     the statement was rolled back and changed nothing, so the caller may simply send it again."""

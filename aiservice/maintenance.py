@@ -37,10 +37,13 @@ async def maintain_forever(
     """Run passes until cancelled; ``after`` runs after each pass (the API refreshes its queue gauges)."""
     while True:
         await asyncio.sleep(settings.maintenance_interval.total_seconds())
+        await store.schema_ready()  # a database not (or no longer) at this code's schema is waited out
         try:
             await run_pass(store, settings)
             if after is not None:
                 await after()
+        except errors.SchemaMismatch:
+            pass  # logged by the schema gate; the next pass waits in schema_ready()
         except errors.DatabaseUnavailable:
             log.warning("maintenance skipped: PostgreSQL unavailable")
         except Exception:

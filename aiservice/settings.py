@@ -16,8 +16,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from aiservice import rules
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_FORMAT = "a number and a unit (ms, s, m, h, d), combined as in 1h30m: 500ms, 2s, 5m, 12h, 30d"
 # A credential in Authorization form (RFC 7617 / RFC 6750 token68), as servers echo it in errors. Eight
 # characters at least, so that "Bearer token" or 'Basic realm="x"' in a message stay readable.
 _AUTH_CREDENTIAL = re.compile(r"\b(Basic|Bearer)(\s+)[A-Za-z0-9\-._~+/]{8,}=*", re.IGNORECASE)
@@ -28,7 +29,7 @@ class SettingsError(ValueError):
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse a Go-style duration such as ``500ms``, ``2s``, ``5m`` or ``1h30m``."""
+    """Parse a Go-style duration such as ``500ms``, ``2s``, ``5m`` or ``1h30m``, plus days (``30d``)."""
     value = text.strip()
     if value == "0":
         return timedelta(0)
@@ -40,7 +41,7 @@ def parse_duration(text: str) -> timedelta:
         seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
     if pos == 0 or pos != len(value):
-        raise ValueError(f"{text!r} is not a duration like 500ms, 2s, 5m or 1h30m")
+        raise ValueError(f"{text!r} is not a duration: {DURATION_FORMAT}")
     return timedelta(seconds=seconds)
 
 
@@ -48,9 +49,15 @@ def format_duration(value: timedelta) -> str:
     seconds = value.total_seconds()
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    parts = [f"{int(hours)}h" if hours else "", f"{int(minutes)}m" if minutes else "", f"{secs:g}s" if secs else ""]
+    parts = [
+        f"{int(days)}d" if days else "",
+        f"{int(hours)}h" if hours else "",
+        f"{int(minutes)}m" if minutes else "",
+        f"{secs:g}s" if secs else "",
+    ]
     return "".join(parts) or "0s"
 
 
@@ -162,6 +169,9 @@ class Settings:
     # A rate_limited failure with a retry_after cools its whole model profile down for this long
     # at most (the job itself still waits the whole retry_after).
     cooldown_max: timedelta = timedelta(minutes=5)
+    # How long serve, worker, migrate and dev wait at start for PostgreSQL to accept connections
+    # (it may still be starting); "0" tries once. A refused password or a missing database is not waited for.
+    database_connect_wait: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(
@@ -229,6 +239,7 @@ _URLS = {"database_url", "database_listen_url", "llm_base_url", "whisperx_url", 
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
 _POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency", "claim_dependency_bytes"}
 _PORTS = {"http_port", "worker_http_port"}
+_ZERO_ALLOWED = {"database_connect_wait"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
@@ -256,6 +267,8 @@ def _convert(name: str, raw: str) -> object:
         raise ValueError(f"{raw!r} is not a boolean (true/false)")
     if name == "job_retention" and raw.strip() == "0":
         return None
+    if name in _ZERO_ALLOWED and raw.strip() == "0":
+        return timedelta(0)
     if kind in ("timedelta", "timedelta | None"):
         value = parse_duration(raw)
         if value <= timedelta(0):

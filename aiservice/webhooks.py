@@ -89,9 +89,12 @@ class Sender:
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout.total_seconds())
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
+                await self.store.schema_ready()
                 try:
                     if await self.send_due(session) == BATCH:
                         continue  # more may be due
+                except errors.SchemaMismatch:
+                    pass  # logged by the schema gate; the next round waits in schema_ready()
                 except errors.DatabaseUnavailable:
                     log.warning("webhooks: PostgreSQL unavailable")
                 except Exception:

@@ -3,11 +3,15 @@ listen, what `dev` prints about its database, and a busy port."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+import os
 import re
 import shlex
+import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import processes
@@ -44,11 +48,19 @@ HELP = {
         ["WORKER_HTTP_PORT", "WORKER_CLAIM_LIMIT", "AISERVICE_DEV_DIR"],
     ),
     "worker": (
-        ["LLM_BASE_URL", "WHISPERX_URL"],
-        ["DATABASE_URL", "LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL", "WORKER_HTTP_PORT", "WORKER_CLAIM_LIMIT"],
+        ["LLM_BASE_URL", "WHISPERX_URL", "migrations", "(MIGRATE_ON_START)", "MIGRATE_ON_START=false"],
+        [
+            "DATABASE_URL",
+            "LLM_BASE_URL",
+            "LLM_API_KEY",
+            "LLM_MODEL",
+            "WORKER_HTTP_PORT",
+            "WORKER_CLAIM_LIMIT",
+            "MIGRATE_ON_START",
+        ],
         ["HTTP_PORT", "AI_SERVICE_TOKEN", "AISERVICE_DEV_DIR"],
     ),
-    "migrate": (["migrations"], ["DATABASE_URL"], ["HTTP_PORT", "WORKER_HTTP_PORT"]),
+    "migrate": (["migrations"], ["DATABASE_URL", "DATABASE_CONNECT_WAIT"], ["HTTP_PORT", "WORKER_HTTP_PORT"]),
     "dev": (["embedded PostgreSQL", "psql", "127.0.0.1"], SERVICE_VARIABLES, []),
     "schema-dump": (["schema/schema.sql"], [], ["DATABASE_URL", "HTTP_PORT"]),
     "sidecar": (["GPU", "vLLM"], [*SidecarSettings().public(), "VLLM_API_KEY"], ["DATABASE_URL", "HTTP_PORT"]),
@@ -167,4 +179,145 @@ async def test_a_busy_port_names_the_variable_to_change(
     assert await started.exit_code() == 2, started.output()
     out = started.output()
     assert re.search(rf"(?<![A-Z_]){variable}\b", out) and str(busy_port) in out and "in use" in out, out
-    assert "Traceback" not in out, out
+    assert "Traceback" not in out and "exception" not in out.lower(), out
+    # Found before anything else started: no database connection, no embedded PostgreSQL.
+    assert "starting embedded PostgreSQL" not in out and "database:" not in out, out
+
+
+async def test_a_busy_port_stops_dev_before_it_starts_its_postgresql(spawn: Spawn, busy_port: int) -> None:
+    dev = spawn("dev", HTTP_HOST="127.0.0.1", HTTP_PORT=str(busy_port))
+    assert await dev.exit_code() == 2, dev.output()
+    out = dev.output()
+    assert "HTTP_PORT" in out and "embedded PostgreSQL" not in out, out
+
+
+async def test_serve_says_where_it_listens(database_url: str, spawn: Spawn) -> None:
+    api = spawn("serve", DATABASE_URL=database_url, HTTP_HOST="127.0.0.1", HTTP_PORT="0")
+    port = int((await api.wait_for_output(r"^listening on http://127\.0\.0\.1:(\d+)$")).group(1))
+    await api.wait_until_ready(f"http://127.0.0.1:{port}/readyz")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound and released: connections to it are refused)."""
+    return free_port()
+
+
+ALL_DATABASE_COMMANDS = ["migrate", "serve", "worker", "dev"]
+ANYWHERE = {"HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0", "WORKER_HTTP_HOST": "127.0.0.1", "WORKER_HTTP_PORT": "0"}
+
+
+@pytest.mark.parametrize("command", ALL_DATABASE_COMMANDS)
+async def test_an_unreachable_database_is_waited_for_then_one_line_and_exit_3(spawn: Spawn, command: str) -> None:
+    port = closed_port()
+    dsn = f"postgresql://aiservice:s3cret-pw@127.0.0.1:{port}/aiservice"
+    started = spawn(command, DATABASE_URL=dsn, DATABASE_CONNECT_WAIT="1s", LLM_BASE_URL=NOWHERE, **ANYWHERE)
+
+    assert await started.exit_code() == 3, started.output()
+    out = started.output()
+    assert "Traceback" not in out and "s3cret-pw" not in out, out
+    waits = [line for line in out.splitlines() if "waiting for PostgreSQL" in line]
+    assert waits and all(f"127.0.0.1:{port}" in w and "DATABASE_CONNECT_WAIT" in w for w in waits), out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"aiservice: cannot connect to PostgreSQL at 127.0.0.1:{port}"), out
+    assert f"DATABASE_URL=postgresql://aiservice:***@127.0.0.1:{port}/aiservice" in last, last
+    assert "connection refused" in last and "gave up after 1s" in last, last
+    assert len(out.splitlines()) < 12, out
+
+
+@pytest.mark.parametrize("command", ALL_DATABASE_COMMANDS)
+@pytest.mark.parametrize(
+    ("user", "database", "refusal"),
+    [
+        pytest.param(None, "aiservice_no_such_db", 'database "aiservice_no_such_db" does not exist', id="database"),
+        pytest.param("aiservice_no_such_role", None, 'role "aiservice_no_such_role" does not exist', id="role"),
+    ],
+)
+async def test_a_refused_connection_is_not_retried(
+    pg_server: str, spawn: Spawn, command: str, user: str | None, database: str | None, refusal: str
+) -> None:
+    parts = urlsplit(pg_server)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{user or parts.username or 'postgres'}:pw@{host}"
+    dsn = urlunsplit((parts.scheme, netloc, f"/{database or 'postgres'}", parts.query, ""))
+    started = spawn(command, DATABASE_URL=dsn, DATABASE_CONNECT_WAIT="30s", LLM_BASE_URL=NOWHERE, **ANYWHERE)
+
+    assert await started.exit_code(within=20) == 3, started.output()
+    out = started.output()
+    assert "Traceback" not in out and "waiting for PostgreSQL" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("aiservice: PostgreSQL at ") and "(DATABASE_URL=" in last and ":***@" in last, last
+    assert refusal in last and "not retried" in last, last
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; an exited one not yet reaped (a zombie) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def postmaster(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+@pytest.fixture
+def dev_postgres(tmp_path: Path) -> Iterator[Path]:
+    """The data directory of `aiservice dev` under `spawn`; a server a failed test left running is stopped."""
+    pgdata = (tmp_path / "dev" / "pgdata").resolve()
+    yield pgdata
+    if (pgdata / "postmaster.pid").exists() and alive(pid := postmaster(pgdata)):
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+
+
+async def stopped(pid: int) -> bool:
+    for _ in range(200):
+        if not alive(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_second_dev_on_the_same_data_directory_says_it_shares_the_running_postgresql(
+    spawn: Spawn, dev_postgres: Path
+) -> None:
+    first = spawn("dev", HTTP_PORT="0")
+    await first.wait_for_output("serving on", within=120)
+    pid = postmaster(dev_postgres)
+
+    second = spawn("dev", HTTP_PORT="0")
+    await second.wait_for_output("serving on")
+    out = second.output()
+    assert "starting embedded PostgreSQL" not in out, out
+    assert f"already running in {dev_postgres} (pid {pid})" in out and str(first.proc.pid) in out, out
+
+    assert await second.interrupt() == 0, second.output()
+    out = second.output()
+    assert f"leaving embedded PostgreSQL running: the aiservice dev with pid {first.proc.pid}" in out, out
+    assert "stopping embedded PostgreSQL" not in out and alive(pid), out
+
+    assert await first.interrupt() == 0, first.output()
+    assert "stopping embedded PostgreSQL" in first.output()
+    assert await stopped(pid), "the last dev did not stop PostgreSQL"
+
+
+async def test_dev_takes_over_the_postgresql_a_killed_dev_left_running(spawn: Spawn, dev_postgres: Path) -> None:
+    killed = spawn("dev", HTTP_PORT="0")
+    await killed.wait_for_output("serving on", within=120)
+    pid = postmaster(dev_postgres)
+    killed.proc.kill()
+    killed.proc.wait()
+    assert alive(pid)  # orphaned
+
+    later = spawn("dev", HTTP_PORT="0")
+    await later.wait_for_output("serving on")
+    out = later.output()
+    assert "starting embedded PostgreSQL" not in out, out
+    assert f"found an embedded PostgreSQL (pid {pid})" in out and f"gone (pid {killed.proc.pid})" in out, out
+    assert "stopping it when this dev stops" in out, out
+
+    assert await later.interrupt() == 0, later.output()
+    assert "stopping embedded PostgreSQL" in later.output()
+    assert await stopped(pid), "the orphaned PostgreSQL is still running"

@@ -27,6 +27,9 @@ from aiservice.settings import (
         ("1.5s", 1.5),
         ("0", 0),
         ("250us", 0.00025),
+        ("30d", 30 * 86400),
+        ("1d12h", 36 * 3600),
+        ("1.5d", 36 * 3600),
     ],
 )
 def test_go_durations(text: str, seconds: float) -> None:
@@ -40,8 +43,29 @@ def test_bad_durations(text: str) -> None:
 
 
 def test_format_round_trips() -> None:
-    for text in ["500ms", "2s", "5m", "1h30m", "15m"]:
+    for text in ["500ms", "2s", "5m", "1h30m", "15m", "30d", "1d2h3m4s"]:
         assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+    assert format_duration(timedelta(days=30)) == "30d"
+
+
+@pytest.mark.parametrize("name", ["JOB_RETENTION", "WEBHOOK_MAX_AGE", "LLM_TIMEOUT", "WORKER_LEASE_TIMEOUT"])
+def test_every_duration_setting_takes_days(name: str) -> None:
+    field = name.lower()
+    assert getattr(Settings.from_env({name: "2d"}), field) == timedelta(days=2)
+
+
+def test_a_bad_duration_names_the_accepted_format() -> None:
+    with pytest.raises(SettingsError, match=r"^JOB_RETENTION: '30 days' is not a duration: .*\b30d\b") as raised:
+        Settings.from_env({"JOB_RETENTION": "30 days"})
+    assert all(unit in str(raised.value) for unit in ("ms", "s", "m", "h", "d"))
+
+
+def test_database_connect_wait() -> None:
+    assert Settings.from_env({}).database_connect_wait == timedelta(seconds=30)
+    assert Settings.from_env({"DATABASE_CONNECT_WAIT": "0"}).database_connect_wait == timedelta(0)
+    assert Settings.from_env({"DATABASE_CONNECT_WAIT": "2m"}).database_connect_wait == timedelta(minutes=2)
+    with pytest.raises(SettingsError, match=r"^DATABASE_CONNECT_WAIT: "):
+        Settings.from_env({"DATABASE_CONNECT_WAIT": "soon"})
 
 
 def test_spec_defaults() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from aiservice import errors
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
+from aiservice.db.schema import SchemaGate
 from aiservice.maintenance import maintain_forever
 from aiservice.settings import Settings, SettingsError
 from worker import http, status
@@ -73,6 +75,7 @@ class Worker:
         self._listener_backoff = listener_backoff
         self._listener_check_interval = listener_check_interval
         self._pool: Pool | None = None
+        self._schema: SchemaGate | None = None
         self._store: JobStore | None = None
         self._runner: Runner | None = None
         self._listener: Listener | None = None
@@ -92,19 +95,27 @@ class Worker:
         assert self._listener is not None, "Worker.start() first"
         return self._listener
 
-    async def start(self) -> None:
+    async def start(self, http_sockets: Sequence[socket.socket] = ()) -> None:
+        """Connect, migrate when MIGRATE_ON_START, serve the probes, and claim once the database's
+        schema is this code's: until then the worker waits (its /readyz says why) instead of failing
+        every claim. ``http_sockets``: the probes' sockets, bound by the caller (else WORKER_HTTP_*)."""
         settings = self.settings
         self._pool = await create_pool(
             self.dsn,
             max_size=settings.db_pool_max_size,
             application_name=_app_name("aiservice-worker", settings),
             pgbouncer=settings.database_pgbouncer,
+            wait=settings.database_connect_wait.total_seconds(),
         )
         try:
             if settings.migrate_on_start:
                 async with self._pool.acquire() as conn:
-                    await migrate(conn)
-            self._store = JobStore(self._pool, cooldown_max=settings.cooldown_max)
+                    applied = await migrate(conn)
+                log.info("migrations applied: %s", applied or "none (up to date)")
+            self._schema = SchemaGate(self._pool)
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await self._schema.check()  # logs once when the schema is wrong
+            self._store = JobStore(self._pool, schema=self._schema, cooldown_max=settings.cooldown_max)
             for kind in self.kinds:
                 if isinstance(kind, LLMKind) and kind.read_job is None:
                     kind.read_job = self._store.get_job  # results a claim left out, for placeholders
@@ -127,13 +138,17 @@ class Worker:
                 check_interval=self._listener_check_interval,
             )
             self._tasks.append(asyncio.create_task(self._listener.run(), name="aiservice-listener"))
-            # Lease expiry, retention and counters happen even where no API process runs.
-            maintenance = maintain_forever(self._store, settings)
-            self._tasks.append(asyncio.create_task(maintenance, name="aiservice-maintenance"))
-            self._runner.start()
+            if self._schema.ok:
+                self._begin()
+            else:
+                self._tasks.append(asyncio.create_task(self._begin_when_ready(), name="aiservice-schema-wait"))
             self._http = web.AppRunner(http.create_app(self), access_log=None)
             await self._http.setup()
-            await web.TCPSite(self._http, settings.worker_http_host, settings.worker_http_port).start()
+            sites: list[web.BaseSite] = [web.SockSite(self._http, sock) for sock in http_sockets]
+            if not sites:
+                sites.append(web.TCPSite(self._http, settings.worker_http_host, settings.worker_http_port))
+            for site in sites:
+                await site.start()
             self.http_port = int(self._http.addresses[0][1])
         except BaseException:
             await self._close()
@@ -145,6 +160,20 @@ class Worker:
             settings.worker_http_host,
             self.http_port,
         )
+
+    def _begin(self) -> None:
+        """Claim, and run maintenance (lease expiry, retention and counters happen even where no API runs)."""
+        assert self._store is not None and self._runner is not None
+        maintenance = maintain_forever(self._store, self.settings)
+        self._tasks.append(asyncio.create_task(maintenance, name="aiservice-maintenance"))
+        self._runner.start()
+
+    async def _begin_when_ready(self) -> None:
+        assert self._store is not None
+        await self._store.schema_ready()
+        if not self._stopped:
+            log.info("worker %s claiming now", self.settings.worker_id)
+            self._begin()
 
     def hurry(self) -> None:
         """Skip what is left of the shutdown grace period."""
@@ -185,7 +214,13 @@ class Worker:
                 await self._store.ping()
                 database = "ok"
         listener = self._listener.state if self._listener is not None else "stopped"
-        return {"ready": database == "ok" and listener == "connected", "database": database, "listener": listener}
+        report: dict[str, Any] = {"database": database, "listener": listener}
+        schema = self._schema.state if self._schema is not None else None
+        if schema is not None and not schema.ok:  # the last reading: no query here
+            report |= {"schema": schema.status, "message": schema.message}
+            report |= {"expected_migration": schema.expected, "found_migration": schema.found}
+        ready = database == "ok" and listener == "connected" and (schema is None or schema.ok)
+        return {"ready": ready, **report}
 
     def status(self) -> dict[str, Any]:
         return {

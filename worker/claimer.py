@@ -71,9 +71,14 @@ class Claimer:
 
     async def _loop(self) -> None:
         while not self.stopping:
+            # A database not (or no longer) at this code's schema is waited out here, logged by the
+            # schema gate once a minute, instead of failing every claim.
+            await self.store.schema_ready()
             self.wakeup.clear()
             try:
                 await self._claim()
+            except errors.SchemaMismatch:
+                pass  # the gate has logged it; the next round waits in schema_ready()
             except Exception:
                 log.exception("claim failed")
             if self.stopping:
@@ -104,6 +109,8 @@ class Claimer:
                     model_profiles=list(kind.model_profiles),
                     max_dependency_bytes=self.max_dependency_bytes,
                 )
+            except errors.SchemaMismatch:
+                raise
             except errors.DatabaseUnavailable:
                 log.warning("claim skipped: PostgreSQL unavailable")
                 return

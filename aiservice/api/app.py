@@ -20,6 +20,7 @@ from aiservice.auth import bearer_middleware
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
+from aiservice.db.schema import SchemaGate
 from aiservice.infra import InfraStatus
 from aiservice.maintenance import maintain_forever
 from aiservice.providers import ProviderStatus
@@ -123,13 +124,19 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         max_size=settings.db_pool_max_size,
         application_name="aiservice-api",
         pgbouncer=settings.database_pgbouncer,
+        wait=settings.database_connect_wait.total_seconds(),
     )
     try:
         if settings.migrate_on_start:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)
             log.info("migrations applied: %s", applied or "none (up to date)")
-        app[STORE] = JobStore(pool, cooldown_max=settings.cooldown_max)
+        # Read once here (it logs when the schema is wrong); requests answer 503 from this reading
+        # until the maintenance loop, waiting in store.schema_ready(), sees the schema arrive.
+        schema = SchemaGate(pool)
+        with contextlib.suppress(errors.DatabaseUnavailable):
+            await schema.check()
+        app[STORE] = JobStore(pool, schema=schema, cooldown_max=settings.cooldown_max)
         yield
     finally:
         await pool.close()

