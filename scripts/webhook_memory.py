@@ -113,7 +113,7 @@ async def main(dsn: str, mib: int) -> None:
         (job,) = await store.claim_jobs("w", 1, lease_timeout=timedelta(minutes=5))
         started = time.monotonic()
         await store.complete_job(job.id, "w", {})
-        while not await pool.fetchval("SELECT last_status FROM aiservice.webhook_deliveries"):
+        while not await pool.fetchval("SELECT last_status FROM aiservice.webhook_deliveries"):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         took = time.monotonic() - started
         after = memory_kib(proc.pid)
