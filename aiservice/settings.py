@@ -187,7 +187,7 @@ class Settings:
     # Deliveries in flight per API process, in all and to one endpoint (owner_service): a slow
     # receiver holds at most its own share of the slots; each delivery is recorded when it ends.
     webhook_concurrency: int = 50
-    webhook_endpoint_concurrency: int = 8
+    webhook_endpoint_concurrency: int = 16
     # Behind pgbouncer in transaction pooling mode: LISTEN needs a session of its own (a direct DSN,
     # or a session-mode pool), and pooled connections must not keep named prepared statements.
     database_listen_url: str | None = field(default=None, repr=False)

@@ -120,10 +120,12 @@ class Sender:
             self._held_back = True
             return 0
         per_endpoint = self.settings.webhook_endpoint_concurrency
-        due = await self.store.claim_deliveries(free, self.settings.webhook_timeout * 2, per_endpoint, self.in_flight)
+        busy = Counter(self.in_flight)  # as the claim saw it (deliveries may end while it runs)
+        due = await self.store.claim_deliveries(free, self.settings.webhook_timeout * 2, per_endpoint, busy)
         for delivery in due:
             self._start(session, delivery)
-        self._held_back = len(due) == free or any(n >= per_endpoint for n in self.in_flight.values())
+            busy[delivery["owner_service"]] += 1
+        self._held_back = len(due) == free or any(n >= per_endpoint for n in busy.values())
         return len(due)
 
     async def run(self) -> None:
