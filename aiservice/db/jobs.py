@@ -245,12 +245,13 @@ class JobStore:
         await self._fetch("delete_webhook", {"p_owner_service": owner_service})
 
     async def claim_deliveries(
-        self, limit: int, lease: timedelta, per_endpoint: int, in_flight: Mapping[str, int]
+        self, limit: int, lease: timedelta, per_endpoint: int | None = None, in_flight: Mapping[str, int] | None = None
     ) -> list[asyncpg.Record]:
-        """Up to ``limit`` due deliveries, at most ``per_endpoint`` of an endpoint counting the
-        caller's ``in_flight`` ones (by owner_service): claim_deliveries_v2."""
+        """Up to ``limit`` due deliveries, at most ``per_endpoint`` (default: ``limit``) of an endpoint
+        counting the caller's ``in_flight`` ones (by owner_service): claim_deliveries_v2."""
+        in_flight = in_flight or {}
         owners = list(in_flight)
-        args = {"p_limit": limit, "p_lease": lease, "p_per_endpoint": per_endpoint}
+        args = {"p_limit": limit, "p_lease": lease, "p_per_endpoint": per_endpoint or limit}
         args |= {"p_busy_owners": owners, "p_busy_counts": [in_flight[o] for o in owners]}
         return await self._fetch("claim_deliveries_v2", args)
 
