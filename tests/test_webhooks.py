@@ -389,3 +389,8 @@ async def test_a_url_s_secrets_are_masked_wherever_it_is_shown(
         for secret in ("query-secret-1", "hook-password-1", "aG9va3VzZXI6aG9vay1wYXNzd29yZC0x"):
             assert secret not in text, (secret, text)
     assert delivery["last_error"].startswith("no route for /hook?token=***&v=***"), delivery["last_error"]
+
+    # An error recorded unmasked (by an earlier release, or an SQL caller) is masked when listed.
+    await conn.execute("UPDATE aiservice.webhook_deliveries SET last_error = $1", f"could not reach {url}")
+    (delivery,) = (await (await api.get(f"{API}/webhooks/masked/deliveries")).json())["deliveries"]
+    assert delivery["last_error"] == f"could not reach {shown}"
