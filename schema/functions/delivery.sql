@@ -332,7 +332,7 @@ BEGIN
     -- once it committed (the row is checked again when locked).
     due AS (
         SELECT d.id FROM aiservice.webhook_deliveries d
-        WHERE d.id IN (SELECT candidates.id FROM candidates)
+        WHERE d.id = ANY (ARRAY(SELECT candidates.id FROM candidates))  -- primary key lookups
           AND d.status = 'pending' AND d.next_attempt_at <= now()
         FOR UPDATE SKIP LOCKED
     ),
