@@ -161,13 +161,22 @@ async def attempt(session: aiohttp.ClientSession, delivery: Any) -> tuple[int | 
             if 200 <= resp.status < 300:
                 return resp.status, None
             if 300 <= resp.status < 400:
-                location = resp.headers.get("location")
-                target = mask_url_values(str(resp.url.join(URL(location)))) if location else "no Location"
                 resp.close()
-                return resp.status, f"redirect to {target} not followed"
+                return resp.status, f"redirect to {_location(resp)} not followed"
             return resp.status, await _head(resp)
     except Exception as exc:  # network errors, timeouts, a URL aiohttp refuses: a failed attempt
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _location(resp: aiohttp.ClientResponse) -> str:
+    """Where a redirect points, absolute and masked like the endpoint's own URL."""
+    location = resp.headers.get("location")
+    if not location:
+        return "no Location"
+    try:
+        return mask_url_values(str(resp.url.join(URL(location))))
+    except ValueError:
+        return "an unparseable Location"
 
 
 async def _head(resp: aiohttp.ClientResponse) -> str:

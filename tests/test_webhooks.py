@@ -394,3 +394,19 @@ async def test_a_url_s_secrets_are_masked_wherever_it_is_shown(
     await conn.execute("UPDATE aiservice.webhook_deliveries SET last_error = $1", f"could not reach {url}")
     (delivery,) = (await (await api.get(f"{API}/webhooks/masked/deliveries")).json())["deliveries"]
     assert delivery["last_error"] == f"could not reach {shown}"
+
+
+def test_the_concurrency_settings_are_checked_at_start() -> None:
+    from aiservice.settings import Settings, SettingsError
+
+    got = Settings.from_env({"WEBHOOK_CONCURRENCY": "20", "WEBHOOK_ENDPOINT_CONCURRENCY": "4"})
+    assert (got.webhook_concurrency, got.webhook_endpoint_concurrency) == (20, 4)
+    assert (Settings().webhook_concurrency, Settings().webhook_endpoint_concurrency) == (50, 16)
+    for name, bad in (
+        ("WEBHOOK_CONCURRENCY", "0"),
+        ("WEBHOOK_CONCURRENCY", "1001"),
+        ("WEBHOOK_ENDPOINT_CONCURRENCY", "-1"),
+        ("WEBHOOK_ENDPOINT_CONCURRENCY", "many"),
+    ):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})
