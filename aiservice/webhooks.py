@@ -164,7 +164,9 @@ async def attempt(session: aiohttp.ClientSession, delivery: Any) -> tuple[int | 
                 resp.close()
                 return resp.status, f"redirect to {_location(resp)} not followed"
             return resp.status, await _head(resp)
-    except Exception as exc:  # network errors, timeouts, a URL aiohttp refuses: a failed attempt
+    except TimeoutError:
+        return None, f"TimeoutError: no complete answer within {session.timeout.total:g} s"
+    except Exception as exc:  # network errors, a URL aiohttp refuses: a failed attempt
         return None, f"{type(exc).__name__}: {exc}"
 
 

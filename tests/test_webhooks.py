@@ -155,6 +155,23 @@ async def test_deliveries_in_flight_are_bounded_overall_and_per_endpoint(
     assert attempts == 1  # claimed only when a slot was free: never leased and left waiting
 
 
+async def test_a_receiver_that_does_not_answer_in_time_is_recorded_with_the_timeout(
+    store: JobStore, api_factory: ClientFactory, receivers: list[Receiver], conn: asyncpg.Connection[Any]
+) -> None:
+    api = await api_factory(webhook_timeout=timedelta(milliseconds=500))
+    silent: HeldReceiver = await started(receivers, HeldReceiver())
+    await register(api, silent, owner="silent", events=["job.finished"])
+    await finish_jobs(store, {"silent": 1})
+
+    async def recorded() -> bool:
+        return bool(await conn.fetchval("SELECT last_error FROM aiservice.webhook_deliveries"))
+
+    await wait_for(recorded, what="the timed-out attempt to be recorded")
+    (row,) = await conn.fetch("SELECT * FROM aiservice.webhook_deliveries")
+    assert (row["status"], row["last_status"]) == ("pending", None)
+    assert row["last_error"] == "TimeoutError: no complete answer within 0.5 s"
+
+
 # --- 2. redirects are not followed -----------------------------------------------------------------
 
 
