@@ -346,7 +346,7 @@ class Webhook(BaseModel):
     """An owner_service's endpoint; the secret is shown only when created or rotated."""
 
     owner_service: str
-    url: str
+    url: str = Field(description="userinfo and query values shown as ***: they may be credentials")
     events: list[WebhookEvent]
     disabled_at: datetime | None = Field(description="set when the receiver answered 410 Gone")
     created_at: datetime

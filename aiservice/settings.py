@@ -78,6 +78,38 @@ def mask_url(url: str | None) -> str | None:
         return "***"
 
 
+def mask_url_values(url: str) -> str:
+    """A URL as it may be shown: its userinfo and every query value replaced by ``***`` (the query's
+    keys kept), the fragment dropped. Text that does not parse as a URL is shown as ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = "***@" + netloc.rsplit("@", 1)[1]
+        query = "&".join(
+            f"{pair.split('=', 1)[0]}=***" if "=" in pair else (pair and "***") for pair in parts.query.split("&")
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "***"
+
+
+def redact_url(text: str, url: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` (an error message, a receiver's answer) with whatever of ``url`` may be secret masked:
+    the URL itself and its query string as written shown masked, its query values, its userinfo and the
+    basic credentials made of it blanked, and ``secrets`` too."""
+    masked = mask_url_values(url)
+    text = text.replace(url, masked)
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        if len(parts.query) >= 3:
+            text = text.replace(parts.query, urlsplit(masked).query)
+        raw_values = [pair.split("=", 1)[-1] for pair in parts.query.split("&")]
+        userinfo = [parts.netloc.rsplit("@", 1)[0]] if "@" in parts.netloc else []
+        secrets = [*secrets, *raw_values, *userinfo, *(unquote(v) for v in raw_values + userinfo)]
+    return redact(text, [*secrets, *url_secrets(url)])
+
+
 def url_secrets(url: str | None) -> list[str]:
     """What in a URL may be a credential: the whole URL, its password (as written and decoded), its
     query values, and the user:password pair in the base64 form HTTP basic auth sends."""
@@ -162,6 +194,10 @@ class Settings:
     # Webhooks: a delivery is retried with backoff until this long after its event, then failed.
     webhook_max_age: timedelta = timedelta(hours=24)
     webhook_timeout: timedelta = timedelta(seconds=10)
+    # Deliveries in flight per API process, in all and to one endpoint (owner_service): a slow
+    # receiver holds at most its own share of the slots; each delivery is recorded when it ends.
+    webhook_concurrency: int = 50
+    webhook_endpoint_concurrency: int = 16
     # Behind pgbouncer in transaction pooling mode: LISTEN needs a session of its own (a direct DSN,
     # or a session-mode pool), and pooled connections must not keep named prepared statements.
     database_listen_url: str | None = field(default=None, repr=False)
@@ -238,6 +274,7 @@ _SECRETS = {"service_token", "llm_api_key", "infra_sidecar_token"}
 _URLS = {"database_url", "database_listen_url", "llm_base_url", "whisperx_url", "infra_sidecar_url"}
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
 _POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency", "claim_dependency_bytes"}
+_POSITIVE_INTS |= {"webhook_concurrency", "webhook_endpoint_concurrency"}
 _PORTS = {"http_port", "worker_http_port"}
 _ZERO_ALLOWED = {"database_connect_wait"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
@@ -257,6 +294,8 @@ def _convert(name: str, raw: str) -> object:
             raise ValueError(f"{number} must be at least 1")
         if name == "worker_claim_limit" and number > rules.CLAIM_LIMIT_MAX:
             raise ValueError(f"{number} is more than claim_jobs takes ({rules.CLAIM_LIMIT_MAX})")
+        if name == "webhook_concurrency" and number > rules.CLAIM_LIMIT_MAX:
+            raise ValueError(f"{number} is more than claim_deliveries takes ({rules.CLAIM_LIMIT_MAX})")
         return number
     if kind == "bool":
         lowered = raw.strip().lower()

@@ -363,6 +363,68 @@ $$;
 
 
 --
+-- Name: claim_deliveries_v2(integer, interval, integer, text[], integer[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claim_deliveries_v2(p_limit integer, p_lease interval, p_per_endpoint integer, p_busy_owners text[] DEFAULT '{}'::text[], p_busy_counts integer[] DEFAULT '{}'::integer[]) RETURNS TABLE(id bigint, owner_service text, event text, attempts integer, created_at timestamp with time zone, url text, secret text, job jsonb, batch jsonb)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 1000' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_per_endpoint IS NULL OR p_per_endpoint < 1 THEN
+        RAISE EXCEPTION 'per_endpoint must be at least 1' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_lease IS NULL OR p_lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be positive' USING ERRCODE = 'AS422';
+    END IF;
+    RETURN QUERY
+    WITH busy AS (
+        SELECT b.owner_service, sum(b.n)::integer AS n
+        FROM unnest(p_busy_owners, p_busy_counts) AS b(owner_service, n)
+        GROUP BY b.owner_service
+    ),
+    -- Per endpoint, its oldest due deliveries up to its free slots (webhook_deliveries_owner_due_idx);
+    -- the webhooks table has a row per owner_service, few.
+    candidates AS (
+        SELECT c.id
+        FROM aiservice.webhooks w
+        LEFT JOIN busy ON busy.owner_service = w.owner_service
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.next_attempt_at FROM aiservice.webhook_deliveries d
+            WHERE d.owner_service = w.owner_service AND d.status = 'pending' AND d.next_attempt_at <= now()
+            ORDER BY d.next_attempt_at
+            LIMIT greatest(p_per_endpoint - coalesce(busy.n, 0), 0)
+        ) c
+        ORDER BY c.next_attempt_at
+        LIMIT p_limit
+    ),
+    -- Another sender may have taken some meanwhile: skipped while it holds them, and no longer due
+    -- once it committed (the row is checked again when locked).
+    due AS (
+        SELECT d.id FROM aiservice.webhook_deliveries d
+        WHERE d.id = ANY (ARRAY(SELECT candidates.id FROM candidates))  -- primary key lookups
+          AND d.status = 'pending' AND d.next_attempt_at <= now()
+        FOR UPDATE SKIP LOCKED
+    ),
+    taken AS (
+        UPDATE aiservice.webhook_deliveries d
+        SET next_attempt_at = now() + p_lease, attempts = d.attempts + 1
+        FROM due WHERE d.id = due.id
+        RETURNING d.*
+    )
+    SELECT t.id, t.owner_service, t.event, t.attempts, t.created_at, w.url, w.secret, to_jsonb(j),
+           (SELECT aiservice.batch_json(b) FROM aiservice.batches b WHERE b.id = t.batch_id)
+    FROM taken t
+    JOIN aiservice.webhooks w ON w.owner_service = t.owner_service
+    LEFT JOIN aiservice.jobs j ON j.id = t.job_id AND t.event = 'job.finished'
+    ORDER BY t.id;
+END;
+$$;
+
+
+--
 -- Name: claim_jobs(text, integer, text[], text[], interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -2519,20 +2581,29 @@ CREATE TABLE aiservice.webhooks (
 
 CREATE FUNCTION aiservice.set_webhook(p_owner_service text, p_url text, p_secret text, p_events text[] DEFAULT NULL::text[], p_rotate boolean DEFAULT false) RETURNS TABLE(hook aiservice.webhooks, secret_shown boolean)
     LANGUAGE plpgsql
-    AS $_$
+    AS $$
 DECLARE
     v_hook aiservice.webhooks;
     v_new boolean;
+    v_problem text;
 BEGIN
-    IF p_url IS NULL OR p_url !~ '^https?://[^\s/?#]+[^\s]*$' OR length(p_url) > 2000 THEN
-        RAISE EXCEPTION 'url must be an http:// or https:// URL of at most 2000 characters' USING ERRCODE = 'AS422';
+    v_problem := aiservice.webhook_url_problem(p_url);
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_problem USING ERRCODE = 'AS422';
     END IF;
     IF p_events IS NOT NULL
        AND (NOT p_events <@ '{job.finished,batch.finished}' OR cardinality(p_events) NOT BETWEEN 1 AND 2) THEN
         RAISE EXCEPTION 'events must be a non-empty list of job.finished, batch.finished' USING ERRCODE = 'AS422';
     END IF;
+    IF cardinality(p_events) <> (SELECT count(DISTINCT e) FROM unnest(p_events) e) THEN
+        RAISE EXCEPTION 'events must not repeat an event' USING ERRCODE = 'AS422';
+    END IF;
     IF p_owner_service IS NULL OR length(p_owner_service) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'owner_service must be 1 to 200 characters' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_owner_service IN ('.', '..') THEN
+        RAISE EXCEPTION 'owner_service "%" cannot have a webhook: it cannot be a segment of a URL path', p_owner_service
+            USING ERRCODE = 'AS422';
     END IF;
     IF p_secret IS NULL OR length(p_secret) < 16 THEN
         RAISE EXCEPTION 'secret must be at least 16 characters' USING ERRCODE = 'AS422';
@@ -2549,7 +2620,7 @@ BEGIN
     RETURNING * INTO v_hook;
     RETURN QUERY SELECT v_hook, v_new OR coalesce(p_rotate, false);
 END;
-$_$;
+$$;
 
 
 --
@@ -2708,6 +2779,58 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+
+--
+-- Name: webhook_url_problem(text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.webhook_url_problem(p_url text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+DECLARE
+    v_parts text[];
+    v_host text;
+    v_port text;
+BEGIN
+    IF p_url IS NULL OR length(p_url) > 2000 THEN
+        RETURN 'url must be an http:// or https:// URL of at most 2000 characters';
+    END IF;
+    v_parts := regexp_match(p_url, '^https?://([^/?#]*)(.*)$');
+    IF v_parts IS NULL THEN
+        RETURN 'url must be an http:// or https:// URL';
+    END IF;
+    IF p_url ~ '\s' THEN
+        RETURN 'url must not contain whitespace';
+    END IF;
+    v_host := regexp_replace(v_parts[1], '^.*@', '');  -- without the userinfo
+    IF v_host LIKE '[%' THEN
+        v_parts := regexp_match(v_host, '^\[([0-9A-Fa-f:.]+)\](:(.*))?$');
+        IF v_parts IS NULL OR v_parts[1] !~ ':' THEN
+            RETURN format('url: the host %s is not an IPv6 address in brackets', v_host);
+        END IF;
+        BEGIN
+            PERFORM v_parts[1]::inet;
+        EXCEPTION WHEN invalid_text_representation THEN
+            RETURN format('url: the host [%s] is not an IPv6 address', v_parts[1]);
+        END;
+        v_port := v_parts[3];
+    ELSE
+        v_parts := regexp_match(v_host, '^([^:]*)(:(.*))?$');
+        IF v_parts[1] = '' THEN
+            RETURN 'url: the host is empty';
+        END IF;
+        IF v_parts[1] ~ '[][\\<>"{}|^`]' THEN
+            RETURN format('url: the host %s holds characters a host name cannot', v_parts[1]);
+        END IF;
+        v_port := v_parts[3];
+    END IF;
+    IF v_port <> '' AND (v_port !~ '^[0-9]{1,5}$' OR v_port::integer NOT BETWEEN 1 AND 65535) THEN
+        RETURN format('url: the port %s is not a number from 1 to 65535', v_port);
+    END IF;
+    RETURN NULL;
+END;
+$_$;
 
 
 --
@@ -3069,6 +3192,13 @@ CREATE INDEX limit_usage_idx ON aiservice.limit_usage USING btree (scope, name, 
 --
 
 CREATE INDEX webhook_deliveries_due_idx ON aiservice.webhook_deliveries USING btree (next_attempt_at) WHERE (status = 'pending'::text);
+
+
+--
+-- Name: webhook_deliveries_owner_due_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX webhook_deliveries_owner_due_idx ON aiservice.webhook_deliveries USING btree (owner_service, next_attempt_at) WHERE (status = 'pending'::text);
 
 
 --

@@ -17,6 +17,10 @@ aiservice*.
            local aiohttp receiver in this process that answers 204, cancelled in one
            cancel_batch call: deliveries per second from the cancel's commit to the last
            delivered_at (PostgreSQL's clock), median of the measured runs after a warm-up.
+  mixed    On a fresh database, min(http_jobs, 1,000) jobs of a fast owner and a tenth as many of
+           a slow owner (its receiver answers after 1 s), interleaved in one batch and cancelled
+           at once: the fast owner's deliveries/s, and when the slow owner's last was delivered.
+           One run.
 
 bench.py wraps each (metric, value, unit, runs, note) row returned by measure() in its Result.
 """
@@ -288,6 +292,69 @@ async def webhook_rate(base: str, store: Any, conn: Any, n: int, runs: int) -> t
         await runner.cleanup()
 
 
+SLOW_ANSWER = 1.0  # seconds a slow receiver takes to answer
+
+
+async def webhook_rate_beside_a_slow_receiver(base: str, store: Any, conn: Any, n: int) -> tuple[float, float]:
+    """One batch of n jobs of a fast owner and n/10 of a slow one, interleaved (one slow job after
+    each ten fast ones), cancelled at once: the fast owner's deliveries/s (its first event to its
+    last delivered_at) and the seconds until the slow owner's last delivery (its receiver answers
+    after SLOW_ANSWER s)."""
+    import aiohttp
+    from aiohttp import web
+
+    from aiservice.jobs import JobCreate
+
+    async def fast(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=204)
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(SLOW_ANSWER)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/fast", fast)
+    app.router.add_post("/slow", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for owner in ("fast", "slow"):
+                endpoint = {"url": f"{url}/{owner}", "events": ["job.finished"]}
+                async with session.put(f"{base}{API}/webhooks/bench-{owner}", json=endpoint) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"webhook registration: {r.status} {await r.text()}")
+        specs = [
+            JobCreate(owner_service="bench-slow" if i % 11 == 10 else "bench-fast", owner_ref="r",
+                      task_type="noop", model_profile="mixed")
+            for i in range(n + n // 10)
+        ]  # fmt: skip
+        created = await store.create_jobs(specs)
+        await store.cancel_batch(created[0][0].batch_id)
+        deadline = time.monotonic() + 600
+        while await conn.fetchval("SELECT count(*) FROM aiservice.webhook_deliveries WHERE status = 'pending'"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("deliveries still pending after 600 s")
+            await asyncio.sleep(0.05)
+        rows = {
+            r["owner_service"]: r
+            for r in await conn.fetch(
+                """SELECT owner_service, count(*) AS n,
+                          extract(epoch FROM max(delivered_at) - min(created_at)) AS seconds
+                   FROM aiservice.webhook_deliveries WHERE status = 'delivered' GROUP BY 1"""
+            )
+        }
+        if rows["bench-fast"]["n"] != n or rows["bench-slow"]["n"] != n // 10:
+            raise RuntimeError(f"not every delivery was delivered: {dict(rows)}")
+        return n / float(rows["bench-fast"]["seconds"]), float(rows["bench-slow"]["seconds"])
+    finally:
+        await runner.cleanup()
+
+
 async def measure(db: Any, sz: Any, percentile: Callable[[list[float], float], float]) -> list[Row]:
     """The scenario: ``db`` is bench.py's Databases, ``sz`` its Sizes."""
     import aiohttp
@@ -328,6 +395,20 @@ async def measure(db: Any, sz: Any, percentile: Callable[[list[float], float], f
                  f"{sz.http_jobs:,} jobs cancelled at once -> last delivered_at, receiver answers 204; "
                  f"{received:,} requests for {sz.http_jobs * (sz.runs + 1):,} deliveries")
             )  # fmt: skip
+
+        # A database of its own: the outbox above is full of delivered rows.
+        mixed = await db.fresh("ai")
+        mixed_pool = await create_pool(mixed, max_size=4, application_name="bench-delivery")
+        try:
+            async with aiservice_serve(mixed) as base, mixed_pool.acquire() as conn:
+                n = min(sz.http_jobs, 1_000)
+                fast_rate, slow_seconds = await webhook_rate_beside_a_slow_receiver(base, JobStore(mixed_pool), conn, n)
+            note = f"{n:,} to a receiver answering at once, {n // 10} interleaved to one taking {SLOW_ANSWER:g} s"
+            rows.append(("webhook_fast_beside_slow_s", fast_rate, "msg/s", [], note))
+            rows.append(("webhook_slow_all_delivered_s", slow_seconds, "s", [], note))
+        finally:
+            await mixed_pool.close()
+            await db.drop(mixed)
     finally:
         await pool.close()
         await db.drop(dsn)

@@ -282,6 +282,36 @@ async def test_batch_and_webhook_redelivery_without_secrets(
     console.assert_no_errors()
 
 
+async def test_webhook_owners_with_path_characters_each_get_their_card(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, conn: Any
+) -> None:
+    """A name with "/", "?" or "#" travels percent-encoded; an endpoint named ".." (refused by
+    set_webhook now, but possibly registered before) cannot be addressed, and only its card says so."""
+    odd = "tel/ephony?x#1"
+    await store.set_webhook(odd, "http://127.0.0.1:9/hook", new_secret(), events=["job.finished"], rotate=False)
+    await conn.execute(
+        "INSERT INTO aiservice.webhooks (owner_service, url, secret) VALUES ('..', 'http://127.0.0.1:9/', $1)",
+        new_secret(),
+    )
+    await store.create_job(JobCreate.model_validate({"owner_service": odd, "owner_ref": "r", "task_type": "odd",
+                                                     "model_profile": "m"}))  # fmt: skip
+    job = await claimed(store, "odd")
+    await store.complete_job(job.id, "console-worker", {"ok": True})
+    (delivery,) = await store.claim_deliveries(10, timedelta(minutes=1))
+    assert await store.record_delivery(delivery["id"], 500, "receiver said no", timedelta(0)) == "failed"
+
+    api = await api_factory(service_token=TOKEN)
+    console = await sign_in(browser, api)
+    page = console.page
+    await console.open("webhooks")
+    await expect(page.get_by_test_id(f"deliveries-{odd}")).to_contain_text("HTTP 500 · receiver said no")
+    await expect(page.get_by_test_id("deliveries-..")).to_contain_text("could not be read")
+    await page.get_by_test_id(f"redeliver-{delivery['id']}").click()
+    await expect(page.locator("#flash")).to_contain_text(f"Delivery {delivery['id']} queued again.")
+    (after,) = await store.list_deliveries(odd, status=None, before_id=None, limit=10)
+    assert after.status != "failed"
+
+
 async def test_the_console_is_open_and_the_api_still_needs_the_token(api_factory: ClientFactory) -> None:
     api = await api_factory(service_token=TOKEN)
     root = await api.get("/", allow_redirects=False)

@@ -447,8 +447,8 @@ async def test_two_replicas_deliver_each_event_exactly_once(
     claimed_by: Counter[int] = Counter()
     claim = JobStore.claim_deliveries
 
-    async def counting_claim(self: JobStore, limit: int, lease: timedelta) -> list[asyncpg.Record]:
-        rows = await claim(self, limit, lease)
+    async def counting_claim(self: JobStore, *args: Any) -> list[asyncpg.Record]:
+        rows = await claim(self, *args)
         if rows:
             claimed_by[id(self)] += len(rows)
         return rows

@@ -103,14 +103,15 @@ def query(request: web.Request, model: type[M]) -> M:
         raise validation_error(exc) from exc
 
 
-def job_id(request: web.Request) -> int:
+def path_id(request: web.Request, noun: str = "job") -> int:
+    """The {id} of the path, a bigint; errors name it for what it is ("batch id", "delivery id")."""
     raw = request.match_info["id"]
     # ASCII digits only: int() alone also takes " 1", "+1", "1_0" and digits of other scripts.
     if not (raw.isascii() and raw.isdigit()):
-        raise errors.InvalidArgument(f"job id must be a positive integer, got {raw[:40]!r}")
+        raise errors.InvalidArgument(f"{noun} id must be a positive integer, got {raw[:40]!r}")
     value = int(raw) if len(raw) <= 19 else 0
     if not 1 <= value < 2**63:
-        raise errors.InvalidArgument("job id is out of range")
+        raise errors.InvalidArgument(f"{noun} id is out of range")
     return value
 
 
@@ -146,7 +147,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     wait = query(request, WaitQuery).wait
-    job = await store(request).get_job(job_id(request))
+    job = await store(request).get_job(path_id(request))
     if wait and job.status not in FINISHED:
         await request.app[WAITERS].wait([job.id], "any", wait)
         job = await store(request).get_job(job.id)
@@ -172,11 +173,11 @@ async def _jobs_in_order(request: web.Request, ids: list[int]) -> list[Job]:
 
 
 async def get_batch(request: web.Request) -> web.Response:
-    return reply(await store(request).get_batch(job_id(request)))
+    return reply(await store(request).get_batch(path_id(request, "batch")))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    return reply(await store(request).cancel_batch(job_id(request)))
+    return reply(await store(request).cancel_batch(path_id(request, "batch")))
 
 
 async def set_webhook(request: web.Request) -> web.Response:
@@ -210,7 +211,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def retry_delivery(request: web.Request) -> web.Response:
     owner = request.match_info["owner_service"]
-    return reply(await store(request).retry_delivery(owner, job_id(request)))
+    return reply(await store(request).retry_delivery(owner, path_id(request, "delivery")))
 
 
 async def claim_jobs(request: web.Request) -> web.Response:
@@ -229,7 +230,7 @@ async def claim_jobs(request: web.Request) -> web.Response:
 
 
 async def heartbeat_job(request: web.Request) -> web.Response:
-    jid = job_id(request)
+    jid = path_id(request)
     req = await body(request, HeartbeatRequest)
     settings = request.app[SETTINGS]
     lease = settings.worker_lease_timeout if req.lease_timeout is None else _seconds(req.lease_timeout)
@@ -238,13 +239,13 @@ async def heartbeat_job(request: web.Request) -> web.Response:
 
 
 async def complete_job(request: web.Request) -> web.Response:
-    jid = job_id(request)
+    jid = path_id(request)
     req = await body(request, CompleteRequest)
     return reply(await store(request).complete_job(jid, req.worker_id, req.result, lease_token=req.lease_token))
 
 
 async def fail_job(request: web.Request) -> web.Response:
-    jid = job_id(request)
+    jid = path_id(request)
     req = await body(request, FailRequest)
     job = await store(request).fail_job(
         jid,
@@ -260,11 +261,11 @@ async def fail_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    return reply(await store(request).retry_job(job_id(request)))
+    return reply(await store(request).retry_job(path_id(request)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    return reply(await store(request).cancel_job(job_id(request)))
+    return reply(await store(request).cancel_job(path_id(request)))
 
 
 async def retry_jobs(request: web.Request) -> web.Response:

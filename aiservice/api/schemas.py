@@ -93,12 +93,28 @@ class WaitRequest(Strict):
 
 class WebhookSet(Strict):
     url: str = Field(
-        pattern=r"^https?://[^\s/?#]+[^\s]*$",
         max_length=rules.WEBHOOK_URL_LENGTH,
-        description="http:// or https:// only",
+        description="http:// or https:// only, with a host and (when given) a port from 1 to 65535",
     )
-    events: list[WebhookEvent] | None = Field(default=None, min_length=1, description="both when omitted")
+    events: list[WebhookEvent] | None = Field(
+        default=None, min_length=1, description="both when omitted; each at most once"
+    )
     rotate_secret: bool = Field(default=False, description="issue a new signing secret (shown once)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        problem = rules.webhook_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, events: list[WebhookEvent] | None) -> list[WebhookEvent] | None:
+        if events is not None and len(set(events)) != len(events):
+            raise ValueError("events must not repeat an event")
+        return events
 
 
 class Webhooks(BaseModel):

@@ -801,8 +801,17 @@ async function renderWebhooks() {
   const { webhooks } = await api("GET", "/webhooks");
   const sections = await Promise.all(
     webhooks.map(async (hook) => {
+      // Any name travels percent-encoded; an endpoint whose deliveries cannot be read (one named
+      // "." or "..", registered before such names were refused) says so in its own card.
       const owner = encodeURIComponent(hook.owner_service);
-      const { deliveries } = await api("GET", `/webhooks/${owner}/deliveries?status=failed`);
+      let deliveries = [];
+      let unreadable = null;
+      try {
+        ({ deliveries } = await api("GET", `/webhooks/${owner}/deliveries?status=failed`));
+      } catch (exc) {
+        if (exc.status === 401) throw exc;
+        unreadable = `Its deliveries could not be read: ${exc.message}`;
+      }
       const redeliver = async (d) => {
         try {
           await api("POST", `/webhooks/${owner}/deliveries/${d.id}/retry`);
@@ -825,7 +834,7 @@ async function renderWebhooks() {
           ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
         ),
         h("h2", {}, `Failed deliveries (${deliveries.length}${deliveries.length === 50 ? "+" : ""})`),
-        table(
+        unreadable ? h("p", { class: "muted", "data-testid": `deliveries-${hook.owner_service}` }, unreadable) : table(
           [{ label: "Delivery" }, { label: "Event" }, { label: "Of" }, { label: "Attempts", num: true }, { label: "Last answer" }, { label: "Created" }, { label: "" }],
           deliveries.map((d) => [
             `#${d.id}`,

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +36,7 @@ from aiservice.jobs import (
     Stats,
     Webhook,
 )
+from aiservice.settings import mask_url_values, redact_url
 
 if TYPE_CHECKING:
     from aiservice.db.schema import SchemaGate, SchemaState
@@ -133,6 +134,12 @@ def _filter_args(f: JobFilter) -> dict[str, Any]:
         "p_created_after": f.created_after,
         "p_created_before": f.created_before,
     }
+
+
+def _webhook(row: dict[str, Any], *, secret: str | None) -> Webhook:
+    """An endpoint as answers show it: its URL's userinfo and query values masked (they may be
+    credentials), the secret only where given."""
+    return Webhook.model_validate(row | {"url": mask_url_values(row["url"]), "secret": secret})
 
 
 def _call(function: str, args: dict[str, Any], select: str = "*") -> tuple[str, list[Any]]:
@@ -269,17 +276,25 @@ class JobStore:
         args = {"p_owner_service": owner_service, "p_url": url, "p_secret": secret, "p_events": events and list(events)}
         (row,) = await self._fetch("set_webhook", args | {"p_rotate": rotate}, "(r.hook).*, r.secret_shown")
         hook = dict(row)
-        return Webhook.model_validate(hook | {"secret": hook["secret"] if hook["secret_shown"] else None})
+        return _webhook(hook, secret=hook["secret"] if hook["secret_shown"] else None)
 
     async def list_webhooks(self) -> list[Webhook]:
         rows = await self._retrying(lambda: self.pool.fetch("SELECT * FROM aiservice.webhooks ORDER BY owner_service"))
-        return [Webhook.model_validate(dict(r) | {"secret": None}) for r in rows]
+        return [_webhook(dict(r), secret=None) for r in rows]
 
     async def delete_webhook(self, owner_service: str) -> None:
         await self._fetch("delete_webhook", {"p_owner_service": owner_service})
 
-    async def claim_deliveries(self, limit: int, lease: timedelta) -> list[asyncpg.Record]:
-        return await self._fetch("claim_deliveries", {"p_limit": limit, "p_lease": lease})
+    async def claim_deliveries(
+        self, limit: int, lease: timedelta, per_endpoint: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[asyncpg.Record]:
+        """Up to ``limit`` due deliveries, at most ``per_endpoint`` (default: ``limit``) of an endpoint
+        counting the caller's ``in_flight`` ones (by owner_service): claim_deliveries_v2."""
+        in_flight = in_flight or {}
+        owners = list(in_flight)
+        args = {"p_limit": limit, "p_lease": lease, "p_per_endpoint": per_endpoint or limit}
+        args |= {"p_busy_owners": owners, "p_busy_counts": [in_flight[o] for o in owners]}
+        return await self._fetch("claim_deliveries_v2", args)
 
     async def record_delivery(self, delivery_id: int, status: int | None, error: str | None, max_age: timedelta) -> str:
         args = {"p_id": delivery_id, "p_status": status, "p_error": error, "p_max_age": max_age}
@@ -290,7 +305,16 @@ class JobStore:
         self, owner_service: str, *, status: str | None, before_id: int | None, limit: int
     ) -> list[Delivery]:
         args = {"p_owner_service": owner_service, "p_status": status, "p_before_id": before_id, "p_limit": limit}
-        return [Delivery.model_validate(dict(r)) for r in await self._fetch("list_deliveries", args)]
+        # The sender records errors masked; the endpoint's URL masks what an earlier release recorded.
+        url = "(SELECT w.url FROM aiservice.webhooks w WHERE w.owner_service = r.owner_service) AS endpoint_url"
+        deliveries = []
+        for row in await self._fetch("list_deliveries", args, f"r.*, {url}"):
+            delivery = dict(row)
+            endpoint, error = delivery.pop("endpoint_url"), delivery["last_error"]
+            if endpoint and error:
+                delivery["last_error"] = redact_url(error, endpoint)
+            deliveries.append(Delivery.model_validate(delivery))
+        return deliveries
 
     async def retry_delivery(self, owner_service: str, delivery_id: int) -> Delivery:
         (row,) = await self._fetch("retry_delivery", {"p_owner_service": owner_service, "p_id": delivery_id})
