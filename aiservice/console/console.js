@@ -146,7 +146,7 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
-async function api(method, path, body) {
+async function api(method, target, body) {
   const headers = { Accept: "application/json" };
   if (token()) headers.Authorization = `Bearer ${token()}`;
   const init = { method, headers };
@@ -156,7 +156,7 @@ async function api(method, path, body) {
   }
   let response;
   try {
-    response = await fetch(API + path, init);
+    response = await fetch(API + target, init);
   } catch (exc) {
     throw new ApiError(0, "network", `The API did not answer (${exc.message}).`);
   }
