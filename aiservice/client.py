@@ -41,8 +41,10 @@ from yarl import URL
 from aiservice.api.schemas import (
     Affected,
     BatchCreated,
+    BatchPage,
     ClaimedJobs,
     DeliveryPage,
+    DependenciesPage,
     InfraReport,
     JobPage,
     Jobs,
@@ -402,6 +404,7 @@ class AsyncClient:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         batch_id: int | Iterable[int] | None = None,
+        error_category: str | None = None,
         limit: int | None = None,
         cursor: str | int | None = None,
     ) -> JobPage:
@@ -409,6 +412,8 @@ class AsyncClient:
         params = _job_filters(owner_service, owner_ref, task_type, model_profile, status, created_after, created_before)
         if batch_id is not None:
             params["batch_id"] = [batch_id] if isinstance(batch_id, int) else list(batch_id)
+        if error_category is not None:
+            params["error_category"] = error_category
         if limit is not None:
             params["limit"] = limit
         if cursor is not None:
@@ -450,6 +455,14 @@ class AsyncClient:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    async def list_dependencies(
+        self, job_id: int, *, limit: int | None = None, cursor: str | int | None = None
+    ) -> DependenciesPage:
+        """GET /jobs/{id}/dependencies: the jobs it depends on, and a page of those that depend on it."""
+        fields = {"limit": limit, "cursor": cursor}
+        query = _query({key: value for key, value in fields.items() if value is not None})
+        return await self._call(DependenciesPage, "GET", f"{API}/jobs/{_segment(job_id)}/dependencies{query}")
 
     async def wait_jobs(
         self,
@@ -646,6 +659,14 @@ class AsyncClient:
     async def get_batch(self, batch_id: int) -> Batch:
         return await self._call(Batch, "GET", f"{API}/batches/{_segment(batch_id)}")
 
+    async def list_batches(
+        self, *, owner_service: str | None = None, limit: int | None = None, cursor: str | int | None = None
+    ) -> BatchPage:
+        """GET /batches: one page, newest first; pass ``next_cursor`` back as ``cursor`` for the next."""
+        fields = {"owner_service": owner_service, "limit": limit, "cursor": cursor}
+        query = _query({key: value for key, value in fields.items() if value is not None})
+        return await self._call(BatchPage, "GET", f"{API}/batches{query}")
+
     async def cancel_batch(self, batch_id: int) -> Batch:
         """POST /batches/{id}/cancel: cancel its pending and running jobs; answers the batch."""
         return await self._call(Batch, "POST", f"{API}/batches/{_segment(batch_id)}/cancel")
@@ -677,7 +698,7 @@ class AsyncClient:
         self,
         owner_service: str,
         *,
-        status: Literal["pending", "delivered", "failed"] | None = None,
+        status: Literal["pending", "retrying", "delivered", "failed"] | None = None,
         limit: int | None = None,
         cursor: str | int | None = None,
     ) -> DeliveryPage:

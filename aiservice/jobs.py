@@ -339,6 +339,23 @@ class Batch(BaseModel):
     counts: BatchCounts
 
 
+class JobLink(BaseModel):
+    """A job that another one depends on, or that depends on it."""
+
+    id: int
+    task_type: str
+    model_profile: str
+    status: JobStatus
+
+
+class Dependencies(BaseModel):
+    """What a job waits for and what waits for it (aiservice.list_dependencies)."""
+
+    id: int = Field(description="the job")
+    depends_on: list[JobLink] = Field(description="the jobs it depends on, in the order given at creation")
+    dependents: list[JobLink] = Field(description="jobs that depend on it, by id (one page of them)")
+
+
 WebhookEvent = Literal["job.finished", "batch.finished"]
 
 

@@ -1823,6 +1823,32 @@ $$;
 
 
 --
+-- Name: list_batches(text, bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_batches(p_owner_service text DEFAULT NULL::text, p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50) RETURNS SETOF jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    IF p_limit < 0 THEN
+        RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_owner_service IS NULL THEN
+        RETURN QUERY
+        SELECT aiservice.batch_json(b) FROM aiservice.batches b
+        WHERE b.id < coalesce(p_before_id, 9223372036854775807)
+        ORDER BY b.id DESC LIMIT p_limit;
+    ELSE
+        RETURN QUERY
+        SELECT aiservice.batch_json(b) FROM aiservice.batches b
+        WHERE b.owner_service = p_owner_service AND b.id < coalesce(p_before_id, 9223372036854775807)
+        ORDER BY b.id DESC LIMIT p_limit;
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: webhook_deliveries; Type: TABLE; Schema: aiservice; Owner: -
 --
 
@@ -1854,7 +1880,9 @@ CREATE FUNCTION aiservice.list_deliveries(p_owner_service text, p_status text DE
     AS $$
     SELECT * FROM aiservice.webhook_deliveries d
     WHERE d.owner_service = p_owner_service
-      AND (p_status IS NULL OR d.status = p_status)
+      AND (p_status IS NULL OR d.status = CASE WHEN p_status = 'retrying' THEN 'pending' ELSE p_status END)
+      AND (p_status IS DISTINCT FROM 'retrying'
+           OR (d.attempts > 0 AND (d.last_status IS NOT NULL OR d.last_error IS NOT NULL)))
       AND (p_before_id IS NULL OR d.id < p_before_id)
     ORDER BY d.id DESC
     LIMIT p_limit;
@@ -1862,10 +1890,42 @@ $$;
 
 
 --
--- Name: list_jobs(text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone, bigint[], bigint, integer, bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: list_dependencies(bigint, bigint, integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_ids bigint[] DEFAULT NULL::bigint[], p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50, p_batch_ids bigint[] DEFAULT NULL::bigint[]) RETURNS SETOF aiservice.jobs
+CREATE FUNCTION aiservice.list_dependencies(p_id bigint, p_after_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 100) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    IF p_limit < 0 THEN
+        RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
+    END IF;
+    PERFORM aiservice.get_job(p_id);
+    RETURN jsonb_build_object(
+        'id', p_id,
+        'depends_on', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
+                                                'model_profile', j.model_profile, 'status', j.status)
+                             ORDER BY d.position)
+            FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+            WHERE d.job_id = p_id), '[]'::jsonb),
+        'dependents', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
+                                                'model_profile', j.model_profile, 'status', j.status)
+                             ORDER BY j.id)
+            FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d
+                  WHERE d.depends_on = p_id AND d.job_id > coalesce(p_after_id, 0)
+                  ORDER BY d.job_id LIMIT p_limit) x
+            JOIN aiservice.jobs j ON j.id = x.job_id), '[]'::jsonb));
+END;
+$$;
+
+
+--
+-- Name: list_jobs(text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone, bigint[], bigint, integer, bigint[], text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_owner_ref text DEFAULT NULL::text, p_task_type text DEFAULT NULL::text, p_model_profile text DEFAULT NULL::text, p_statuses aiservice.job_status[] DEFAULT NULL::aiservice.job_status[], p_created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, p_created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, p_ids bigint[] DEFAULT NULL::bigint[], p_before_id bigint DEFAULT NULL::bigint, p_limit integer DEFAULT 50, p_batch_ids bigint[] DEFAULT NULL::bigint[], p_error_category text DEFAULT NULL::text) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
@@ -1874,7 +1934,8 @@ BEGIN
     IF p_limit < 0 THEN
         RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
     END IF;
-    -- Only the filters given become predicates; values stay parameters ($1..$11).
+    -- Only the filters given become predicates; values stay parameters ($1..$12). Each filter has
+    -- an index to walk newest first (error_category: jobs_error_idx, holding only jobs that have one).
     IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
     IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
     IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
@@ -1885,10 +1946,12 @@ BEGIN
     IF p_ids IS NOT NULL THEN v_sql := v_sql || ' AND id = ANY ($8)'; END IF;
     IF p_before_id IS NOT NULL THEN v_sql := v_sql || ' AND id < $9'; END IF;
     IF p_batch_ids IS NOT NULL THEN v_sql := v_sql || ' AND batch_id = ANY ($11)'; END IF;
+    IF p_error_category IS NOT NULL THEN v_sql := v_sql || ' AND error_category = $12'; END IF;
     v_sql := v_sql || ' ORDER BY id DESC LIMIT $10';
     RETURN QUERY EXECUTE v_sql
         USING p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_statuses,
-              p_created_after, p_created_before, p_ids, p_before_id, p_limit, p_batch_ids;
+              p_created_after, p_created_before, p_ids, p_before_id, p_limit, p_batch_ids,
+              p_error_category;
 END;
 $_$;
 
@@ -3104,6 +3167,13 @@ CREATE INDEX batch_count_deltas_xact_idx ON aiservice.batch_count_deltas USING b
 
 
 --
+-- Name: batches_owner_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX batches_owner_idx ON aiservice.batches USING btree (owner_service, id);
+
+
+--
 -- Name: job_dependencies_on_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
@@ -3129,6 +3199,13 @@ CREATE INDEX jobs_claim_idx ON aiservice.jobs USING btree (model_profile, priori
 --
 
 CREATE INDEX jobs_created_idx ON aiservice.jobs USING btree (created_at);
+
+
+--
+-- Name: jobs_error_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX jobs_error_idx ON aiservice.jobs USING btree (error_category, id) WHERE (error_category IS NOT NULL);
 
 
 --

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job, JobCreate, JobStatus
@@ -26,8 +26,9 @@ JobFactory = Callable[..., Awaitable[Job]]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TOKEN = "console-test-token"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+NARROW: ViewportSize = {"width": 720, "height": 800}  # two narrow columns of cards
 
 
 @pytest.fixture
@@ -332,3 +333,212 @@ async def test_the_console_is_open_and_the_api_still_needs_the_token(api_factory
 
     open_api = await api_factory()
     assert await (await open_api.get("/ui/config.json")).json() == {"token_required": False}
+
+
+async def test_batches_list_pages_newest_first_and_filters_by_owner(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, conn: Any
+) -> None:
+    spec = {"task_type": "batch_task", "model_profile": "m", "owner_ref": "r"}
+    made = []
+    for owner, n in [("telephony", 2), ("monitoring-tg", 1), ("telephony", 3)]:
+        created = await store.create_jobs([JobCreate.model_validate(spec | {"owner_service": owner})] * n)
+        made.append(created[0][0].batch_id)
+    # Enough older batches for a second page (50 a page).
+    await conn.execute(
+        "INSERT INTO aiservice.batches (owner_service, total) SELECT 'bulk', 0 FROM generate_series(1, 50)"
+    )
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+
+    await page.get_by_role("link", name="Batches", exact=True).click()
+    rows = page.get_by_test_id("batches").locator("tbody tr")
+    await expect(rows).to_have_count(50)
+    newest = rows.first
+    await expect(newest).to_contain_text("bulk")
+    await page.get_by_test_id("next-page").click()
+    await expect(rows).to_have_count(3)  # the three made first, newest first
+    await expect(rows.nth(0)).to_contain_text(f"#{made[2]}")
+    await expect(rows.nth(0)).to_contain_text("telephony")
+    await expect(rows.nth(0)).to_contain_text("◷ in progress")
+    await expect(rows.nth(0).locator("[data-label=Jobs]")).to_contain_text("3")
+    await expect(rows.nth(2)).to_contain_text(f"#{made[0]}")
+
+    await page.get_by_test_id("filter-batch-owner_service").fill("telephony")
+    await page.get_by_role("button", name="Apply filter").click()
+    await expect(rows).to_have_count(2)
+    assert "owner_service=telephony" in page.url
+    await console.screenshot("console-batches-1280x800")
+    await page.set_viewport_size(PHONE)
+    assert await console.fits_the_width()
+    await console.screenshot("console-batches-phone")
+    await page.set_viewport_size(DESKTOP)
+
+    await page.get_by_role("link", name=f"#{made[0]}", exact=True).click()
+    await expect(page.get_by_test_id("batch-counts")).to_contain_text("total2")
+    console.assert_no_errors()
+
+
+async def test_jobs_list_shows_and_filters_by_error_category(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, job_factory: JobFactory
+) -> None:
+    made = await some_jobs(store, job_factory)
+    await job_factory(task_type="llm_chat")
+    timed_out = await claimed(store, "llm_chat")
+    await store.fail_job(timed_out.id, "console-worker", "timeout", "no answer in 300 s", retryable=False)
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+
+    await console.open("jobs")
+    table = page.get_by_test_id("jobs")
+    await expect(table.locator("thead")).to_contain_text("Error")
+    cell = page.get_by_test_id(f"error-{made['failed'][0].id}")
+    await expect(cell).to_have_text("invalid_input")
+    await expect(cell).to_have_attribute("title", "no audio_url <b>0</b>")
+
+    await page.get_by_test_id("filter-error_category").fill("timeout")
+    await page.get_by_role("button", name="Apply filter").click()
+    rows = table.locator("tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text(f"#{timed_out.id}")
+    assert "error_category=timeout" in page.url
+    # Retry and cancel by filter do not take error_category: the buttons say so rather than fail.
+    await expect(page.get_by_role("button", name="↻ Retry matching")).to_be_disabled()
+
+    # The overview's error categories lead to their jobs.
+    await console.open("overview")
+    await page.get_by_test_id("errors").get_by_role("link", name="invalid_input").click()
+    await expect(table.locator("tbody tr")).to_have_count(2)
+    console.assert_no_errors()
+
+
+async def test_job_page_links_dependencies_dependents_and_the_dependency_named_in_the_error(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, job_factory: JobFactory
+) -> None:
+    first = await job_factory(task_type="transcribe")
+    second = await job_factory(task_type="transcribe")
+    analysis = await job_factory(task_type="call_analysis", depends_on=[first.id, second.id])
+    await store.cancel_job(second.id)
+    await store.maintain(None)  # resolves the dependents: the analysis fails naming its dependency
+    failed = await store.get_job(analysis.id)
+    assert failed.error_message == f"dependency {second.id} is cancelled"
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+
+    await console.open(f"jobs/{analysis.id}")
+    depends = page.get_by_test_id("depends-on")
+    await expect(depends.get_by_role("link")).to_have_count(2)
+    await expect(depends).to_contain_text("⊘ cancelled")
+    await expect(page.get_by_test_id("dependents")).to_contain_text("None")
+    error_link = page.get_by_test_id("job-error").get_by_role("link", name=f"dependency {second.id}")
+    await expect(error_link).to_have_attribute("href", f"#/jobs/{second.id}")
+    await console.screenshot("console-job-dependencies-1280x800")
+    await error_link.click()
+    await expect(page.get_by_role("heading", name=f"Job #{second.id}")).to_be_visible()
+    await page.get_by_test_id("dependents").get_by_role("link", name=f"#{analysis.id}").click()
+    await expect(page.get_by_role("heading", name=f"Job #{analysis.id}")).to_be_visible()
+    await depends.get_by_role("link", name=f"#{first.id}").click()
+    await expect(page.get_by_role("heading", name=f"Job #{first.id}")).to_be_visible()
+    await expect(page.get_by_test_id("dependents").get_by_role("link")).to_have_count(1)
+    console.assert_no_errors()
+
+
+async def test_webhooks_show_retrying_deliveries_and_owners_with_url_characters(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, conn: Any
+) -> None:
+    odd = "a b%2F/?#.."  # a space, a percent sign, a slash, a question mark, a hash
+    for owner in ("telephony", odd, ".."):
+        # Directly in the table: the API may refuse some of these names, endpoints made earlier keep them.
+        await conn.execute(
+            "INSERT INTO aiservice.webhooks (owner_service, url, secret) VALUES ($1, 'http://127.0.0.1:9/hook', $2)",
+            owner, new_secret(),
+        )  # fmt: skip
+    for owner in ("telephony", odd):
+        job, _ = await store.create_job(JobCreate(owner_service=owner, owner_ref="r", task_type="t", model_profile="m"))
+        await store.cancel_job(job.id)
+    deliveries = {d["owner_service"]: d for d in await store.claim_deliveries(10, timedelta(minutes=1))}
+    # telephony's receiver refuses every connection: the delivery stays pending and is tried again.
+    retrying = deliveries["telephony"]
+    assert await store.record_delivery(retrying["id"], None, "connection refused", timedelta(hours=24)) == "pending"
+    gone = deliveries[odd]
+    assert await store.record_delivery(gone["id"], 500, "receiver said no", timedelta(0)) == "failed"
+
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+    await console.open("webhooks")
+    telephony = page.get_by_test_id("webhook-telephony")
+    await expect(telephony.get_by_role("heading", name="Retrying deliveries (1)")).to_be_visible()
+    await expect(page.get_by_test_id("retrying-telephony")).to_contain_text("connection refused")
+    await expect(page.get_by_test_id("retrying-telephony")).to_contain_text(f"#{retrying['id']}")
+    state = page.get_by_test_id("state-telephony")
+    await expect(state).to_contain_text("retrying")
+    await expect(state).not_to_contain_text("✓")
+
+    await expect(page.get_by_test_id(f"deliveries-{odd}")).to_contain_text("HTTP 500 · receiver said no")
+    await expect(page.get_by_test_id(f"state-{odd}")).to_contain_text("✓ enabled")
+    await expect(page.get_by_test_id("webhook-..")).to_contain_text("cannot be named in a URL")
+    await console.screenshot("console-webhooks-retrying-1280x800")
+    await page.get_by_test_id(f"redeliver-{gone['id']}").click()
+    await expect(page.locator("#flash")).to_contain_text(f"Delivery {gone['id']} queued again.")
+    (after,) = await store.list_deliveries(odd, status=None, before_id=None, limit=10)
+    assert after.status == "pending"
+
+    await page.set_viewport_size(PHONE)
+    await telephony.get_by_role("heading", name="Retrying deliveries (1)").scroll_into_view_if_needed()
+    assert await console.fits_the_width()
+    await console.screenshot("console-webhooks-phone")
+    console.assert_no_errors()
+
+
+async def test_latency_task_types_never_break_mid_word(
+    browser: Browser, api_factory: ClientFactory, store: JobStore, job_factory: JobFactory
+) -> None:
+    for task_type in ("call_analysis", "transcribe_and_diarize"):
+        await job_factory(task_type=task_type)
+        job = await claimed(store, task_type)
+        await store.complete_job(job.id, "console-worker", {"ok": True})
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+    latency = page.get_by_test_id("latency")
+    await expect(latency).to_contain_text("transcribe_and_diarize")
+    for viewport in (DESKTOP, NARROW, PHONE):
+        await page.set_viewport_size(viewport)
+        for cell in await latency.locator("tbody td:first-child").all():
+            lines = await cell.evaluate(
+                "td => { const r = document.createRange(); r.selectNodeContents(td);"
+                " return new Set([...r.getClientRects()].map((b) => Math.round(b.top))).size; }"
+            )
+            assert lines == 1, (viewport, await cell.inner_text())
+        assert await console.fits_the_width()
+    console.assert_no_errors()
+
+
+async def test_the_limit_editor_shows_only_the_fields_of_its_scope(
+    browser: Browser, api_factory: ClientFactory, store: JobStore
+) -> None:
+    await store.set_limit("task_type", "transcribe", {"max_running": 2})
+    console = await sign_in(browser, await api_factory(service_token=TOKEN))
+    page = console.page
+    await console.open("limits")
+    editor = page.get_by_test_id("limit-editor")
+
+    await page.get_by_test_id("edit-task_type-transcribe").click()
+    await expect(editor.locator("input[name=max_running]")).to_be_visible()
+    await expect(editor.locator("input[name=weight]")).to_have_count(0)
+    await expect(editor.locator("input[name=cooldown]")).to_have_count(0)
+    await editor.get_by_role("button", name="Close").click()
+
+    await page.get_by_role("button", name="+ New limit").click()
+    scope = editor.locator("select[name=scope]")
+    expected = {"task_type": (0, 0), "owner_service": (1, 0), "model_profile": (0, 1)}
+    for name, (weights, cooldowns) in expected.items():
+        await scope.select_option(name)
+        await expect(editor.locator("input[name=weight]:visible")).to_have_count(weights)
+        await expect(editor.locator("input[name=cooldown]:visible")).to_have_count(cooldowns)
+        await expect(editor.locator("input[name=max_tokens_per_minute]")).to_be_visible()
+    await editor.locator("input[name=name]").fill("qwen")
+    await editor.locator("input[name=cooldown]").uncheck()
+    await editor.get_by_role("button", name="Save").click()
+    await expect(page.get_by_test_id("limits")).to_contain_text("qwen")
+    (limit,) = [x for x in await store.list_limits() if x.name == "qwen"]
+    assert (limit.scope, limit.cooldown, limit.weight) == ("model_profile", False, 1)
+    console.assert_no_errors()

@@ -18,11 +18,15 @@ from aiservice.api.schemas import (
     Affected,
     BatchCreate,
     BatchCreated,
+    BatchPage,
+    BatchQuery,
     ClaimedJobs,
     ClaimRequest,
     CompleteRequest,
     DeliveryPage,
     DeliveryQuery,
+    DependenciesPage,
+    DependenciesQuery,
     FailRequest,
     FilterAction,
     Health,
@@ -140,7 +144,9 @@ async def create_jobs(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     q = query(request, ListQuery)
-    found = await store(request).list_jobs(q, before_id=q.cursor, limit=q.limit, batch_ids=q.batch_id)
+    found = await store(request).list_jobs(
+        q, before_id=q.cursor, limit=q.limit, batch_ids=q.batch_id, error_category=q.error_category
+    )
     cursor = str(found[-1].id) if len(found) == q.limit else None
     return reply(JobPage(jobs=found, next_cursor=cursor))
 
@@ -152,6 +158,14 @@ async def get_job(request: web.Request) -> web.Response:
         await request.app[WAITERS].wait([job.id], "any", wait)
         job = await store(request).get_job(job.id)
     return reply(job)
+
+
+async def list_dependencies(request: web.Request) -> web.Response:
+    jid = job_id(request)
+    q = query(request, DependenciesQuery)
+    found = await store(request).list_dependencies(jid, after_id=q.cursor, limit=q.limit)
+    cursor = str(found.dependents[-1].id) if len(found.dependents) == q.limit else None
+    return reply(DependenciesPage(**dict(found), next_cursor=cursor))
 
 
 async def wait_jobs(request: web.Request) -> web.Response:
@@ -174,6 +188,13 @@ async def _jobs_in_order(request: web.Request, ids: list[int]) -> list[Job]:
 
 async def get_batch(request: web.Request) -> web.Response:
     return reply(await store(request).get_batch(path_id(request, "batch")))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    q = query(request, BatchQuery)
+    found = await store(request).list_batches(q.owner_service, before_id=q.cursor, limit=q.limit)
+    cursor = str(found[-1].id) if len(found) == q.limit else None
+    return reply(BatchPage(batches=found, next_cursor=cursor))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
@@ -421,6 +442,15 @@ ROUTES: tuple[Route, ...] = (
         errors=(404, 422),
     ),
     Route(
+        "GET",
+        f"{API}/jobs/{{id}}/dependencies",
+        list_dependencies,
+        "The jobs it depends on, and those that depend on it (paged by cursor)",
+        DependenciesPage,
+        query=DependenciesQuery,
+        errors=(404, 422),
+    ),
+    Route(
         "POST",
         f"{API}/jobs/{{id}}/complete",
         complete_job,
@@ -487,6 +517,15 @@ ROUTES: tuple[Route, ...] = (
         Jobs,
         body=WaitRequest,
         errors=(400, 404, 415, 422),
+    ),
+    Route(
+        "GET",
+        f"{API}/batches",
+        list_batches,
+        "Batches, newest first, optionally of one owner_service, with keyset pagination",
+        BatchPage,
+        query=BatchQuery,
+        errors=(422,),
     ),
     Route("GET", f"{API}/batches/{{id}}", get_batch, "A batch with its counts", Batch, errors=(404, 422)),
     Route(

@@ -11,11 +11,13 @@ from pydantic_core import InitErrorDetails
 from aiservice import rules
 from aiservice.jobs import (
     REQUIRED_FIELDS,
+    Batch,
     BatchJob,
     Category,
     ClaimedJob,
     Closed,
     Delivery,
+    Dependencies,
     Job,
     JobDefaults,
     JobFilter,
@@ -56,6 +58,9 @@ class BatchCreate(Strict):
 
 class ListQuery(JobFilter):  # from the query string: values arrive as text
     batch_id: list[JobId] | None = Field(default=None, description="jobs of these batches")
+    error_category: Category | None = Field(
+        default=None, description="jobs whose last failure had this category (failed, or pending a retry)"
+    )
     limit: int = Field(default=50, ge=1, le=500)
     cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
 
@@ -67,6 +72,26 @@ class JobPage(BaseModel):
 
 class Jobs(BaseModel):
     jobs: list[Job]
+
+
+class DependenciesQuery(Closed):  # from the query string
+    limit: int = Field(default=100, ge=1, le=1000, description="dependents per page")
+    cursor: JobId | None = Field(default=None, description="next_cursor of the previous page (dependents)")
+
+
+class DependenciesPage(Dependencies):
+    next_cursor: str | None = Field(description="more dependents follow: pass it as cursor")
+
+
+class BatchQuery(Closed):  # from the query string
+    owner_service: Name | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
+
+
+class BatchPage(BaseModel):
+    batches: list[Batch]
+    next_cursor: str | None
 
 
 class ClaimedJobs(BaseModel):
@@ -122,7 +147,9 @@ class Webhooks(BaseModel):
 
 
 class DeliveryQuery(Closed):  # from the query string
-    status: Literal["pending", "delivered", "failed"] | None = None
+    status: Literal["pending", "retrying", "delivered", "failed"] | None = Field(
+        default=None, description="retrying: pending after a failed attempt"
+    )
     limit: int = Field(default=50, ge=1, le=500)
     cursor: JobId | None = Field(default=None, description="next_cursor of the previous page")
 

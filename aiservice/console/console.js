@@ -8,6 +8,8 @@ const REFRESH_MS = 5000;
 const STATUSES = ["pending", "running", "completed", "failed", "cancelled"];
 const STATUS_ICON = { pending: "◷", running: "▶", completed: "✓", failed: "✗", cancelled: "⊘" };
 const FILTER_FIELDS = ["owner_service", "owner_ref", "task_type", "model_profile"];
+// Filters of the list that POST /jobs/retry and /jobs/cancel do not take.
+const LIST_ONLY_FIELDS = ["error_category", "batch_id"];
 const SVG = "http://www.w3.org/2000/svg";
 
 const state = { tokenRequired: false, timer: null, renderId: 0 };
@@ -77,7 +79,8 @@ function between(from, to) {
 }
 
 function table(columns, rows, options) {
-  // columns: [{label, num?}], rows: arrays of cells (string or Node); stacks into cards on a phone.
+  // columns: [{label, num?, nowrap?}], rows: arrays of cells (string or Node); stacks into cards on a
+  // phone. A nowrap column (names, categories) never breaks inside a word: the table scrolls instead.
   const opts = options || {};
   if (!rows.length) return h("p", { class: "muted" }, opts.empty || "Nothing here.");
   const head = h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null, scope: "col" }, c.label)));
@@ -85,7 +88,17 @@ function table(columns, rows, options) {
     h(
       "tr",
       {},
-      cells.map((cell, i) => h("td", { class: columns[i].num ? "num" : "wrap", "data-label": columns[i].label }, cell)),
+      cells.map((cell, i) =>
+        h(
+          "td",
+          {
+            class: columns[i].num ? "num" : columns[i].nowrap ? "nowrap" : "wrap",
+            title: columns[i].nowrap && typeof cell === "string" ? cell : null,
+            "data-label": columns[i].label,
+          },
+          cell,
+        ),
+      ),
     ),
   );
   return h("div", { class: "scroll" }, h("table", { class: "stack", "data-testid": opts.testid }, h("thead", {}, head), h("tbody", {}, body)));
@@ -93,6 +106,13 @@ function table(columns, rows, options) {
 
 function card(title, ...children) {
   return h("section", { class: "card" }, h("h2", {}, title), ...children);
+}
+
+function wide(title, ...children) {
+  // A card that spans two grid columns where there is room (its table has many columns).
+  const section = card(title, ...children);
+  section.classList.add("wide");
+  return section;
 }
 
 function flash(message, isError) {
@@ -126,7 +146,7 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
-async function api(method, path, body) {
+async function api(method, target, body) {
   const headers = { Accept: "application/json" };
   if (token()) headers.Authorization = `Bearer ${token()}`;
   const init = { method, headers };
@@ -136,7 +156,7 @@ async function api(method, path, body) {
   }
   let response;
   try {
-    response = await fetch(API + path, init);
+    response = await fetch(API + target, init);
   } catch (exc) {
     throw new ApiError(0, "network", `The API did not answer (${exc.message}).`);
   }
@@ -149,6 +169,19 @@ async function api(method, path, body) {
     showLogin("The token was refused. Enter the service token again.");
   }
   throw new ApiError(response.status, error.code || "http_error", error.message || `HTTP ${response.status}`);
+}
+
+// A path of the API or of the console, each segment encoded: names may hold "/", "?", "#", "%" or
+// spaces. "." and ".." cannot travel as a segment at all (every URL parser resolves them away, even
+// encoded), so they are refused here rather than sent to another route.
+function path(...segments) {
+  return segments
+    .map((segment) => {
+      const text = String(segment);
+      if (text === "." || text === "..") throw new Error(`"${text}" cannot be named in a URL path`);
+      return `/${encodeURIComponent(text)}`;
+    })
+    .join("");
 }
 
 function qs(params) {
@@ -164,8 +197,17 @@ function qs(params) {
 
 function route() {
   const raw = location.hash.replace(/^#\/?/, "");
-  const [path, query] = raw.split("?");
-  const parts = path.split("/").filter(Boolean);
+  const [where, query] = raw.split("?");
+  const parts = where
+    .split("/")
+    .filter(Boolean)
+    .map((part) => {
+      try {
+        return decodeURIComponent(part);
+      } catch {
+        return part;
+      }
+    });
   return { parts, params: new URLSearchParams(query || "") };
 }
 
@@ -173,7 +215,7 @@ const VIEWS = {
   overview: renderOverview,
   jobs: (r) => (r.parts[1] ? renderJob(r.parts[1]) : renderJobs(r.params)),
   limits: renderLimits,
-  batches: (r) => (r.parts[1] ? renderBatch(r.parts[1]) : renderBatchForm()),
+  batches: (r) => (r.parts[1] ? renderBatch(r.parts[1]) : renderBatches(r.params)),
   webhooks: renderWebhooks,
 };
 
@@ -254,7 +296,7 @@ function minuteChart(minutes) {
 async function renderOverview() {
   const container = h("div", {});
   const draw = async () => {
-    const stats = await api("GET", "/stats");
+    const stats = await api("GET", path("stats"));
     container.replaceChildren(overview(stats));
   };
   await draw();
@@ -267,7 +309,7 @@ function overview(stats) {
   const totalCards = STATUSES.map((s) =>
     h(
       "a",
-      { class: `total status-${s}`, href: `#/jobs?status=${s}`, "data-testid": `total-${s}` },
+      { class: `total status-${s}`, href: `#/jobs${qs({ status: s })}`, "data-testid": `total-${s}` },
       statusBadge(s),
       h("span", { class: "count" }, String(totals[s])),
     ),
@@ -308,8 +350,12 @@ function overview(stats) {
       card(
         "Errors by category",
         table(
-          [{ label: "Category" }, { label: "Last hour", num: true }, { label: "Last day", num: true }],
-          [...categories.entries()].map(([c, n]) => [dash(c), String(n.hour), String(n.day)]),
+          [{ label: "Category", nowrap: true }, { label: "Last hour", num: true }, { label: "Last day", num: true }],
+          [...categories.entries()].map(([c, n]) => [
+            c ? h("a", { href: `#/jobs${qs({ error_category: c, status: "failed" })}`, title: `Failed jobs of ${c}` }, c) : "—",
+            String(n.hour),
+            String(n.day),
+          ]),
           { empty: "No terminal failures in the last day.", testid: "errors" },
         ),
       ),
@@ -317,7 +363,7 @@ function overview(stats) {
         "Oldest pending",
         h("p", { class: "muted" }, `Overall: ${duration(stats.oldest_pending_age_seconds)}`),
         table(
-          [{ label: "Task type" }, { label: "Age", num: true }],
+          [{ label: "Task type", nowrap: true }, { label: "Age", num: true }],
           (stats.oldest_pending || []).map((p) => [p.task_type, duration(p.age_seconds)]),
           { empty: "No pending jobs.", testid: "oldest-pending" },
         ),
@@ -325,16 +371,16 @@ function overview(stats) {
       card(
         "Running by worker",
         table(
-          [{ label: "Worker" }, { label: "Running", num: true }],
+          [{ label: "Worker", nowrap: true }, { label: "Running", num: true }],
           (stats.running_by_worker || []).map((w) => [w.worker_id, String(w.count)]),
           { empty: "No running jobs.", testid: "workers" },
         ),
       ),
-      card(
+      wide(
         "Latency (finished in the window)",
         table(
           [
-            { label: "Task type" },
+            { label: "Task type", nowrap: true },
             { label: "Jobs", num: true },
             { label: "Wait p50", num: true },
             { label: "Wait p95", num: true },
@@ -349,7 +395,7 @@ function overview(stats) {
             duration(l.run_p50_ms / 1000),
             duration(l.run_p95_ms / 1000),
           ]),
-          { empty: "No jobs finished in the window." },
+          { empty: "No jobs finished in the window.", testid: "latency" },
         ),
       ),
     ),
@@ -364,13 +410,19 @@ function filterFrom(params) {
   for (const f of FILTER_FIELDS) if (params.get(f)) filter[f] = params.get(f);
   const statuses = params.getAll("status").filter((s) => STATUSES.includes(s));
   if (statuses.length) filter.status = statuses;
-  if (params.get("batch_id")) filter.batch_id = params.get("batch_id");
+  for (const f of LIST_ONLY_FIELDS) if (params.get(f)) filter[f] = params.get(f);
   return filter;
 }
 
 function filterForm(filter) {
   const inputs = FILTER_FIELDS.map((f) =>
     h("label", {}, f, h("input", { name: f, value: filter[f] || "", autocomplete: "off", "data-testid": `filter-${f}` })),
+  );
+  const category = h(
+    "label",
+    {},
+    "error_category",
+    h("input", { name: "error_category", value: filter.error_category || "", autocomplete: "off", "data-testid": "filter-error_category" }),
   );
   const batch = h("label", {}, "batch_id", h("input", { name: "batch_id", inputmode: "numeric", value: filter.batch_id || "" }));
   const statuses = h(
@@ -390,6 +442,7 @@ function filterForm(filter) {
     "form",
     { class: "filters", role: "search", "data-testid": "job-filters" },
     inputs,
+    category,
     batch,
     statuses,
     h("div", { class: "row-actions" }, h("button", { type: "submit", class: "primary" }, "Apply filter"), h("a", { href: "#/jobs" }, "Clear")),
@@ -398,22 +451,28 @@ function filterForm(filter) {
     event.preventDefault();
     const data = new FormData(form);
     const params = {};
-    for (const f of [...FILTER_FIELDS, "batch_id"]) params[f] = String(data.get(f) || "").trim();
+    for (const f of [...FILTER_FIELDS, ...LIST_ONLY_FIELDS]) params[f] = String(data.get(f) || "").trim();
     params.status = data.getAll("status");
     location.hash = `#/jobs${qs(params)}`;
   });
   return form;
 }
 
+function jobLink(id, text) {
+  return h("a", { href: `#${path("jobs", id)}` }, text || `#${id}`);
+}
+
 function jobRows(jobs) {
   return jobs.map((j) => [
-    h("a", { href: `#/jobs/${j.id}` }, `#${j.id}`),
+    jobLink(j.id),
     h("span", {}, statusBadge(j.status), j.blocked ? h("span", { class: "blocked" }, " ⋯ blocked") : null),
     j.owner_service,
     j.owner_ref,
     j.task_type,
     j.model_profile,
     `${j.attempts}/${j.max_attempts}`,
+    // The category, with the message on hover (a title is text, never markup).
+    h("span", { "data-testid": `error-${j.id}`, title: j.error_message || null, class: j.error_category ? "error-text" : "muted" }, dash(j.error_category)),
     when(j.created_at),
   ]);
 }
@@ -426,34 +485,35 @@ const JOB_COLUMNS = [
   { label: "Task type" },
   { label: "Model profile" },
   { label: "Attempts", num: true },
+  { label: "Error", nowrap: true },
   { label: "Created" },
 ];
 
 async function renderJobs(params) {
   const filter = filterFrom(params);
   const cursor = params.get("cursor");
-  const page = await api("GET", `/jobs${qs({ ...filter, cursor, limit: 50 })}`);
+  const page = await api("GET", `${path("jobs")}${qs({ ...filter, cursor, limit: 50 })}`);
   const hasFilter = Object.keys(filter).length > 0;
 
   const bulk = async (action) => {
     const selection = { ...filter };
-    delete selection.batch_id;
     const what = action === "retry" ? "Retry every failed or running job" : "Cancel every pending or running job";
     const ok = await confirmAction(`${what} matching this filter? ${JSON.stringify(selection)}`, action === "retry" ? "Retry them" : "Cancel them");
     if (!ok) return;
     try {
-      const done = await api("POST", `/jobs/${action}`, selection);
+      const done = await api("POST", path("jobs", action), selection);
       flash(`${action === "retry" ? "Retried" : "Cancelled"} ${done.count} job(s).`);
       render();
     } catch (exc) {
       flash(`${action} failed: ${exc.message}`, true);
     }
   };
-  const bulkAllowed = hasFilter && !filter.batch_id;
+  const listOnly = LIST_ONLY_FIELDS.filter((f) => filter[f]);
+  const bulkAllowed = hasFilter && !listOnly.length;
   const bulkNote = !hasFilter
     ? "Set a filter to retry or cancel by filter."
-    : filter.batch_id
-      ? "Retry and cancel by filter do not take batch_id: use the batch page, or remove batch_id."
+    : listOnly.length
+      ? `Retry and cancel by filter do not take ${listOnly.join(" or ")}: remove it${filter.batch_id ? ", or use the batch page" : ""}.`
       : "";
 
   const next = page.next_cursor ? `#/jobs${qs({ ...filter, cursor: page.next_cursor })}` : null;
@@ -481,13 +541,17 @@ async function renderJobs(params) {
 
 async function renderJob(rawId) {
   if (!/^[0-9]+$/.test(rawId)) throw new Error("a job id is a number");
-  const job = await api("GET", `/jobs/${rawId}`);
+  const [job, links] = await Promise.all([
+    api("GET", path("jobs", rawId)),
+    // A server without the route answers 404: the page then goes without the pipeline card.
+    api("GET", `${path("jobs", rawId, "dependencies")}${qs({ limit: 100 })}`).catch((exc) => (exc.status === 404 ? null : Promise.reject(exc))),
+  ]);
 
   const act = async (action) => {
     const text = action === "retry" ? `Retry job #${job.id}? It goes back to pending with attempts starting over.` : `Cancel job #${job.id}?`;
     if (!(await confirmAction(text, action === "retry" ? "Retry" : "Cancel job"))) return;
     try {
-      const updated = await api("POST", `/jobs/${job.id}/${action}`);
+      const updated = await api("POST", path("jobs", job.id, action));
       flash(`Job #${updated.id} is now ${updated.status}.`);
       render();
     } catch (exc) {
@@ -543,7 +607,7 @@ async function renderJob(rawId) {
             ["Worker", dash(job.worker_id)],
             ["Lease expires", when(job.lease_expires_at)],
             ["Idempotency key", dash(job.idempotency_key)],
-            ["Batch", job.batch_id ? h("a", { href: `#/batches/${job.batch_id}` }, `batch #${job.batch_id}`) : "—"],
+            ["Batch", job.batch_id ? h("a", { href: `#${path("batches", job.batch_id)}` }, `batch #${job.batch_id}`) : "—"],
             ["Updated", when(job.updated_at)],
           ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
         ),
@@ -556,10 +620,11 @@ async function renderJob(rawId) {
               "div",
               { class: "error-text", "data-testid": "job-error" },
               h("p", {}, h("strong", {}, "✗ Last error: "), dash(job.error_category)),
-              h("pre", { class: "json" }, dash(job.error_message)),
+              h("pre", { class: "json" }, job.error_message ? linkedText(job.error_message) : "—"),
             )
           : h("p", { class: "muted" }, "No error recorded."),
       ),
+      links && (links.depends_on.length || links.dependents.length) ? pipelineCard(links) : null,
       card("Input", h("pre", { class: "json", "data-testid": "job-input" }, JSON.stringify(job.input, null, 2))),
       card(
         "Result",
@@ -569,9 +634,49 @@ async function renderJob(rawId) {
   );
 }
 
+// Error messages that name a job ("dependency 22 is cancelled") link to it; the rest stays text.
+function linkedText(text) {
+  const nodes = [];
+  let last = 0;
+  for (const match of text.matchAll(/\bdependency (\d+)\b/g)) {
+    nodes.push(text.slice(last, match.index), jobLink(match[1], match[0]));
+    last = match.index + match[0].length;
+  }
+  nodes.push(text.slice(last));
+  return nodes;
+}
+
+function linkList(items, testid, more) {
+  if (!items.length) return h("p", { class: "muted", "data-testid": testid }, "None");
+  return h(
+    "ul",
+    { class: "links", "data-testid": testid },
+    items.map((j) => h("li", {}, jobLink(j.id), " ", statusBadge(j.status), " ", h("span", { class: "mono" }, j.task_type))),
+    more ? h("li", { class: "muted" }, more) : null,
+  );
+}
+
+function pipelineCard(links) {
+  return card(
+    "Pipeline",
+    h("h3", {}, "Depends on"),
+    linkList(links.depends_on, "depends-on"),
+    h("h3", {}, "Needed by"),
+    linkList(links.dependents, "dependents", links.next_cursor ? `… and more (the first ${links.dependents.length} shown)` : null),
+  );
+}
+
 // ---- Limits ------------------------------------------------------------------------------------
 
 const CAP_FIELDS = ["max_running", "max_per_minute", "max_tokens_per_minute"];
+// The fields each scope uses (schema/functions/limits.sql): caps everywhere, the fair-share weight
+// for callers, the cool-down switch for model profiles. The editor shows only these.
+const SCOPES = ["task_type", "model_profile", "owner_service"];
+const SCOPE_FIELDS = {
+  task_type: [...CAP_FIELDS],
+  model_profile: [...CAP_FIELDS, "cooldown"],
+  owner_service: [...CAP_FIELDS, "weight"],
+};
 
 async function renderLimits() {
   const container = h("div", {});
@@ -579,7 +684,7 @@ async function renderLimits() {
 
   const save = async (scope, name, fields) => {
     try {
-      await api("PUT", `/limits/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`, fields);
+      await api("PUT", path("limits", scope, name), fields);
       flash(`Saved ${scope} ${name}.`);
       return true;
     } catch (exc) {
@@ -591,28 +696,34 @@ async function renderLimits() {
   const editor = (limit, onDone) => {
     const isNew = !limit;
     const current = limit || { scope: "task_type", name: "", weight: 1, cooldown: true };
-    const scope = isNew
-      ? h("label", {}, "scope", h("select", { name: "scope" }, ["task_type", "model_profile", "owner_service"].map((s) => h("option", { value: s }, s))))
-      : null;
+    const select = isNew ? h("select", { name: "scope" }, SCOPES.map((s) => h("option", { value: s }, s))) : null;
+    const scope = isNew ? h("label", {}, "scope", select) : null;
     const nameInput = isNew ? h("label", {}, "name", h("input", { name: "name", required: true, autocomplete: "off" })) : null;
     const caps = CAP_FIELDS.map((f) =>
       h("label", {}, `${f} (empty: none)`, h("input", { name: f, type: "number", min: 0, step: 1, value: current[f] ?? "" })),
     );
-    const weight = h("label", {}, "weight (owner_service)", h("input", { name: "weight", type: "number", min: 1, step: 1, value: current.weight ?? 1 }));
+    const weight = h("label", {}, "weight (share of claims)", h("input", { name: "weight", type: "number", min: 1, step: 1, value: current.weight ?? 1 }));
     const cooldown = h(
       "label",
       { class: "check" },
       h("input", { type: "checkbox", name: "cooldown", checked: current.cooldown !== false }),
-      "cool-down on rate limits (model_profile)",
+      "cool-down on rate limits",
     );
+    // An existing limit shows its scope's fields only; a new one follows the scope chosen.
+    const extras = { weight, cooldown };
+    const showScope = (s) => {
+      for (const [field, label] of Object.entries(extras)) label.hidden = !SCOPE_FIELDS[s].includes(field);
+    };
+    showScope(current.scope);
+    if (select) select.addEventListener("change", () => showScope(select.value));
     const form = h(
       "form",
       { class: "filters", "data-testid": "limit-editor" },
       scope,
       nameInput,
       caps,
-      weight,
-      cooldown,
+      isNew || SCOPE_FIELDS[current.scope].includes("weight") ? weight : null,
+      isNew || SCOPE_FIELDS[current.scope].includes("cooldown") ? cooldown : null,
       h(
         "div",
         { class: "row-actions" },
@@ -630,15 +741,15 @@ async function renderLimits() {
         const raw = String(data.get(f) || "").trim();
         fields[f] = raw === "" ? null : Number(raw);
       }
-      if (s === "owner_service") fields.weight = Number(data.get("weight") || 1);
-      if (s === "model_profile") fields.cooldown = data.get("cooldown") === "on";
+      if (SCOPE_FIELDS[s].includes("weight")) fields.weight = Number(data.get("weight") || 1);
+      if (SCOPE_FIELDS[s].includes("cooldown")) fields.cooldown = data.get("cooldown") === "on";
       if (await save(s, n, fields)) onDone(true);
     });
     return form;
   };
 
   const draw = async () => {
-    const { limits } = await api("GET", "/limits");
+    const { limits } = await api("GET", path("limits"));
     const slot = h("div", {});
     const openEditor = (limit) => {
       editing = true;
@@ -720,27 +831,89 @@ async function renderLimits() {
 
 // ---- Batches -----------------------------------------------------------------------------------
 
-function renderBatchForm() {
-  const form = h(
+function batchState(batch) {
+  return batch.status === "finished" ? "✓ finished" : "◷ in progress";
+}
+
+async function renderBatches(params) {
+  const owner = params.get("owner_service") || "";
+  const cursor = params.get("cursor");
+  const page = await api("GET", `${path("batches")}${qs({ owner_service: owner, cursor, limit: 50 })}`);
+
+  const filter = h(
+    "form",
+    { class: "filters", role: "search", "data-testid": "batch-filters" },
+    h("label", {}, "owner_service", h("input", { name: "owner_service", value: owner, autocomplete: "off", "data-testid": "filter-batch-owner_service" })),
+    h("div", { class: "row-actions" }, h("button", { type: "submit", class: "primary" }, "Apply filter"), h("a", { href: "#/batches" }, "Clear")),
+  );
+  filter.addEventListener("submit", (event) => {
+    event.preventDefault();
+    location.hash = `#/batches${qs({ owner_service: String(new FormData(filter).get("owner_service") || "").trim() })}`;
+  });
+  const open = h(
     "form",
     { class: "filters" },
     h("label", {}, "Batch id", h("input", { name: "id", inputmode: "numeric", required: true, pattern: "[0-9]+" })),
-    h("div", { class: "row-actions" }, h("button", { type: "submit", class: "primary" }, "Open")),
+    h("div", { class: "row-actions" }, h("button", { type: "submit" }, "Open")),
   );
-  form.addEventListener("submit", (event) => {
+  open.addEventListener("submit", (event) => {
     event.preventDefault();
-    location.hash = `#/batches/${String(new FormData(form).get("id")).trim()}`;
+    location.hash = `#${path("batches", String(new FormData(open).get("id")).trim())}`;
   });
-  return h("div", {}, h("h1", {}, "Batches"), h("p", { class: "muted" }, "Open a batch by its id (a job page links to its batch)."), form);
+
+  const rows = page.batches.map((b) => [
+    h("a", { href: `#${path("batches", b.id)}` }, `#${b.id}`),
+    b.owner_service,
+    h("span", { class: b.status === "finished" ? "status status-completed" : "status status-pending" }, batchState(b)),
+    String(b.counts.total),
+    String(b.counts.pending),
+    String(b.counts.running),
+    String(b.counts.completed),
+    String(b.counts.failed),
+    String(b.counts.cancelled),
+    when(b.created_at),
+  ]);
+  const next = page.next_cursor ? `#/batches${qs({ owner_service: owner, cursor: page.next_cursor })}` : null;
+  return h(
+    "div",
+    {},
+    h("h1", {}, "Batches"),
+    h("p", { class: "muted" }, "Newest first. A batch is the jobs one POST /jobs/batch made; its owner is its first job's owner_service."),
+    filter,
+    table(
+      [
+        { label: "Batch" },
+        { label: "Owner service", nowrap: true },
+        { label: "State" },
+        { label: "Jobs", num: true },
+        { label: "Pending", num: true },
+        { label: "Running", num: true },
+        { label: "Completed", num: true },
+        { label: "Failed", num: true },
+        { label: "Cancelled", num: true },
+        { label: "Created" },
+      ],
+      rows,
+      { empty: owner ? `No batches of ${owner}.` : "No batches yet.", testid: "batches" },
+    ),
+    h(
+      "div",
+      { class: "actions" },
+      cursor ? h("a", { href: `#/batches${qs({ owner_service: owner })}` }, "⇤ Newest") : null,
+      next ? h("a", { href: next, "data-testid": "next-page" }, "Older →") : h("span", { class: "muted" }, "End of list."),
+    ),
+    h("h2", {}, "Open a batch by its id"),
+    open,
+  );
 }
 
 async function renderBatch(rawId) {
   if (!/^[0-9]+$/.test(rawId)) throw new Error("a batch id is a number");
-  const [batch, page] = await Promise.all([api("GET", `/batches/${rawId}`), api("GET", `/jobs${qs({ batch_id: rawId, limit: 50 })}`)]);
+  const [batch, page] = await Promise.all([api("GET", path("batches", rawId)), api("GET", `${path("jobs")}${qs({ batch_id: rawId, limit: 50 })}`)]);
   const cancel = async () => {
     if (!(await confirmAction(`Cancel the pending and running jobs of batch #${batch.id}?`, "Cancel batch"))) return;
     try {
-      await api("POST", `/batches/${batch.id}/cancel`);
+      await api("POST", path("batches", batch.id, "cancel"));
       flash(`Batch #${batch.id} cancelled.`);
       render();
     } catch (exc) {
@@ -752,7 +925,7 @@ async function renderBatch(rawId) {
     "div",
     {},
     h("p", {}, h("a", { href: "#/batches" }, "← Batches")),
-    h("h1", {}, `Batch #${batch.id} — ${batch.status === "finished" ? "✓ finished" : "◷ in progress"}`),
+    h("h1", {}, `Batch #${batch.id} — ${batchState(batch)}`),
     h(
       "div",
       { class: "grid" },
@@ -762,7 +935,7 @@ async function renderBatch(rawId) {
           "dl",
           { class: "kv" },
           [
-            ["Owner service", batch.owner_service],
+            ["Owner service", h("a", { href: `#/batches${qs({ owner_service: batch.owner_service })}` }, batch.owner_service)],
             ["Created", when(batch.created_at)],
             ["Finished", when(batch.finished_at)],
           ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
@@ -786,6 +959,8 @@ async function renderBatch(rawId) {
 
 // ---- Webhooks ----------------------------------------------------------------------------------
 
+const DELIVERY_PAGE = 50;
+
 function safeUrl(raw) {
   // Credentials and query strings may hold secrets: show neither.
   try {
@@ -797,64 +972,132 @@ function safeUrl(raw) {
   }
 }
 
-async function renderWebhooks() {
-  const { webhooks } = await api("GET", "/webhooks");
-  const sections = await Promise.all(
-    webhooks.map(async (hook) => {
-      // Any name travels percent-encoded; an endpoint whose deliveries cannot be read (one named
-      // "." or "..", registered before such names were refused) says so in its own card.
-      const owner = encodeURIComponent(hook.owner_service);
-      let deliveries = [];
-      let unreadable = null;
-      try {
-        ({ deliveries } = await api("GET", `/webhooks/${owner}/deliveries?status=failed`));
-      } catch (exc) {
-        if (exc.status === 401) throw exc;
-        unreadable = `Its deliveries could not be read: ${exc.message}`;
-      }
-      const redeliver = async (d) => {
-        try {
-          await api("POST", `/webhooks/${owner}/deliveries/${d.id}/retry`);
-          flash(`Delivery ${d.id} queued again.`);
-          render();
-        } catch (exc) {
-          flash(`Re-deliver failed: ${exc.message}`, true);
-        }
-      };
-      return card(
-        hook.owner_service,
-        h(
-          "dl",
-          { class: "kv" },
+function deliveryOf(d) {
+  if (d.job_id) return jobLink(d.job_id, `job #${d.job_id}`);
+  if (d.batch_id) return h("a", { href: `#${path("batches", d.batch_id)}` }, `batch #${d.batch_id}`);
+  return "—";
+}
+
+function lastAnswer(d) {
+  return `${d.last_status ? `HTTP ${d.last_status}` : ""}${d.last_status && d.last_error ? " · " : ""}${d.last_error || ""}` || "—";
+}
+
+function counted(list) {
+  return `${list.length}${list.length === DELIVERY_PAGE ? "+" : ""}`;
+}
+
+async function webhookCard(hook) {
+  const owner = hook.owner_service;
+  const send = async (d, what) => {
+    try {
+      await api("POST", path("webhooks", owner, "deliveries", d.id, "retry"));
+      flash(`Delivery ${d.id} ${what}.`);
+      render();
+    } catch (exc) {
+      flash(`Re-deliver failed: ${exc.message}`, true);
+    }
+  };
+  let failed = null;
+  let retrying = null;
+  let problem = null;
+  try {
+    const list = (status) => api("GET", `${path("webhooks", owner, "deliveries")}${qs({ status, limit: DELIVERY_PAGE })}`);
+    [failed, retrying] = (await Promise.all([list("failed"), list("retrying")])).map((page) => page.deliveries);
+  } catch (exc) {
+    // One endpoint the console cannot read (a name no URL can carry) leaves the others readable.
+    problem = `${exc.message}${exc.status === undefined ? " (SQL: aiservice.list_deliveries)" : ""}`;
+  }
+
+  let stateText = "✓ enabled";
+  let stateClass = "status status-completed";
+  if (hook.disabled_at) {
+    stateText = `⊘ disabled (410 Gone) since ${when(hook.disabled_at)}`;
+    stateClass = "status status-cancelled";
+  } else if (problem) {
+    stateText = "? enabled; its deliveries could not be read";
+    stateClass = "blocked";
+  } else if (retrying.length) {
+    stateText = `⚠ enabled, ${counted(retrying)} ${retrying.length === 1 ? "delivery" : "deliveries"} retrying: the receiver is not taking them`;
+    stateClass = "blocked";
+  }
+
+  const sections = problem
+    ? [h("p", { class: "error-text", role: "alert" }, `Deliveries unavailable: ${problem}.`)]
+    : [
+        h("h2", {}, `Retrying deliveries (${counted(retrying)})`),
+        table(
           [
-            ["URL", h("span", { class: "mono" }, safeUrl(hook.url))],
-            ["Events", hook.events.join(", ")],
-            ["State", hook.disabled_at ? `⊘ disabled (410 Gone) since ${when(hook.disabled_at)}` : "✓ enabled"],
-            ["Updated", when(hook.updated_at)],
-          ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
-        ),
-        h("h2", {}, `Failed deliveries (${deliveries.length}${deliveries.length === 50 ? "+" : ""})`),
-        unreadable ? h("p", { class: "muted", "data-testid": `deliveries-${hook.owner_service}` }, unreadable) : table(
-          [{ label: "Delivery" }, { label: "Event" }, { label: "Of" }, { label: "Attempts", num: true }, { label: "Last answer" }, { label: "Created" }, { label: "" }],
-          deliveries.map((d) => [
+            { label: "Delivery", nowrap: true },
+            { label: "Event", nowrap: true },
+            { label: "Of", nowrap: true },
+            { label: "Attempts", num: true },
+            { label: "Next attempt" },
+            { label: "Last answer" },
+            { label: "Created" },
+            { label: "" },
+          ],
+          retrying.map((d) => [
             `#${d.id}`,
             d.event,
-            d.job_id ? h("a", { href: `#/jobs/${d.job_id}` }, `job #${d.job_id}`) : d.batch_id ? h("a", { href: `#/batches/${d.batch_id}` }, `batch #${d.batch_id}`) : "—",
+            deliveryOf(d),
             String(d.attempts),
-            `${d.last_status ? `HTTP ${d.last_status}` : ""}${d.last_status && d.last_error ? " · " : ""}${d.last_error || ""}` || "—",
+            when(d.next_attempt_at),
+            lastAnswer(d),
             when(d.created_at),
-            h("button", { type: "button", "data-testid": `redeliver-${d.id}`, on: { click: () => redeliver(d) } }, "↻ Re-deliver"),
+            h("button", { type: "button", "data-testid": `send-now-${d.id}`, on: { click: () => send(d, "will be sent now") } }, "↻ Send now"),
           ]),
-          { empty: "No failed deliveries.", testid: `deliveries-${hook.owner_service}` },
+          { empty: "No deliveries retrying.", testid: `retrying-${owner}` },
         ),
-      );
-    }),
+        h("h2", {}, `Failed deliveries (${counted(failed)})`),
+        table(
+          [
+            { label: "Delivery", nowrap: true },
+            { label: "Event", nowrap: true },
+            { label: "Of", nowrap: true },
+            { label: "Attempts", num: true },
+            { label: "Last answer" },
+            { label: "Created" },
+            { label: "" },
+          ],
+          failed.map((d) => [
+            `#${d.id}`,
+            d.event,
+            deliveryOf(d),
+            String(d.attempts),
+            lastAnswer(d),
+            when(d.created_at),
+            h("button", { type: "button", "data-testid": `redeliver-${d.id}`, on: { click: () => send(d, "queued again") } }, "↻ Re-deliver"),
+          ]),
+          { empty: "No failed deliveries.", testid: `deliveries-${owner}` },
+        ),
+      ];
+  return h(
+    "section",
+    { class: "card", "data-testid": `webhook-${owner}` },
+    h("h2", {}, "Endpoint of ", h("span", { class: "mono name" }, owner)),
+    h(
+      "dl",
+      { class: "kv" },
+      [
+        ["URL", h("span", { class: "mono" }, safeUrl(hook.url))],
+        ["Events", hook.events.join(", ")],
+        ["State", h("span", { class: stateClass, "data-testid": `state-${owner}` }, stateText)],
+        ["Updated", when(hook.updated_at)],
+      ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+    ),
+    sections,
   );
+}
+
+async function renderWebhooks() {
+  const { webhooks } = await api("GET", path("webhooks"));
+  const sections = await Promise.all(webhooks.map(webhookCard));
   return h(
     "div",
     {},
     h("h1", {}, "Webhooks"),
-    webhooks.length ? h("div", { class: "grid" }, sections) : h("p", { class: "muted" }, "No webhook endpoints registered."),
+    h("p", { class: "muted" }, "Deliveries are retried (5 s doubling, at most 1 h) until WEBHOOK_MAX_AGE after the event, then fail."),
+    webhooks.length ? h("div", { class: "cards" }, sections) : h("p", { class: "muted" }, "No webhook endpoints registered."),
   );
 }
 

@@ -26,6 +26,7 @@ from aiservice.jobs import (
     BatchJob,
     ClaimedJob,
     Delivery,
+    Dependencies,
     Job,
     JobCreate,
     JobDefaults,
@@ -253,9 +254,15 @@ class JobStore:
         limit: int,
         batch_ids: list[int] | None = None,
         ids: list[int] | None = None,
+        error_category: str | None = None,
     ) -> list[Job]:
         args = _filter_args(f) | {"p_before_id": before_id, "p_limit": limit, "p_batch_ids": batch_ids, "p_ids": ids}
-        return _jobs(await self._fetch("list_jobs", args))
+        return _jobs(await self._fetch("list_jobs", args | {"p_error_category": error_category}))
+
+    async def list_dependencies(self, job_id: int, *, after_id: int | None, limit: int) -> Dependencies:
+        """The jobs ``job_id`` depends on, and a page of those that depend on it (ids after ``after_id``)."""
+        (row,) = await self._fetch("list_dependencies", {"p_id": job_id, "p_after_id": after_id, "p_limit": limit})
+        return Dependencies.model_validate(row[0])
 
     async def finished(self, ids: list[int]) -> list[Job]:
         """Those of ``ids`` that are completed, failed or cancelled."""
@@ -265,6 +272,10 @@ class JobStore:
     async def get_batch(self, batch_id: int) -> Batch:
         (row,) = await self._fetch("get_batch", {"p_id": batch_id})
         return Batch.model_validate(row[0])
+
+    async def list_batches(self, owner_service: str | None, *, before_id: int | None, limit: int) -> list[Batch]:
+        args = {"p_owner_service": owner_service, "p_before_id": before_id, "p_limit": limit}
+        return [Batch.model_validate(r[0]) for r in await self._fetch("list_batches", args)]
 
     async def cancel_batch(self, batch_id: int) -> Batch:
         (row,) = await self._fetch("cancel_batch", {"p_id": batch_id})

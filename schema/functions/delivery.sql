@@ -54,6 +54,33 @@ BEGIN
 END;
 $$;
 
+-- Batches newest first, each as get_batch shows it, optionally of one owner_service; keyset
+-- paging: p_before_id is the last id of the previous page. Each branch walks an index
+-- (the primary key, or batches_owner_idx) and reads p_limit rows.
+CREATE OR REPLACE FUNCTION aiservice.list_batches(
+    p_owner_service text DEFAULT NULL, p_before_id bigint DEFAULT NULL, p_limit integer DEFAULT 50
+)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_limit < 0 THEN
+        RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
+    END IF;
+    IF p_owner_service IS NULL THEN
+        RETURN QUERY
+        SELECT aiservice.batch_json(b) FROM aiservice.batches b
+        WHERE b.id < coalesce(p_before_id, 9223372036854775807)
+        ORDER BY b.id DESC LIMIT p_limit;
+    ELSE
+        RETURN QUERY
+        SELECT aiservice.batch_json(b) FROM aiservice.batches b
+        WHERE b.owner_service = p_owner_service AND b.id < coalesce(p_before_id, 9223372036854775807)
+        ORDER BY b.id DESC LIMIT p_limit;
+    END IF;
+END;
+$$;
+
 -- Cancel the batch's pending and running jobs (their workers get an 'abort'); returns the batch.
 CREATE OR REPLACE FUNCTION aiservice.cancel_batch(p_id bigint) RETURNS jsonb
 LANGUAGE plpgsql
@@ -487,7 +514,10 @@ BEGIN
 END;
 $$;
 
--- Deliveries of an owner's endpoint, newest first (keyset paging with p_before_id).
+-- Deliveries of an owner's endpoint, newest first (keyset paging with p_before_id). p_status
+-- 'retrying' selects the pending deliveries whose last attempt failed (attempts > 0 with an answer
+-- or an error recorded): an endpoint that refuses every request shows there long before its
+-- deliveries fail for good.
 CREATE OR REPLACE FUNCTION aiservice.list_deliveries(
     p_owner_service text, p_status text DEFAULT NULL, p_before_id bigint DEFAULT NULL, p_limit integer DEFAULT 50
 )
@@ -496,7 +526,9 @@ LANGUAGE sql STABLE
 AS $$
     SELECT * FROM aiservice.webhook_deliveries d
     WHERE d.owner_service = p_owner_service
-      AND (p_status IS NULL OR d.status = p_status)
+      AND (p_status IS NULL OR d.status = CASE WHEN p_status = 'retrying' THEN 'pending' ELSE p_status END)
+      AND (p_status IS DISTINCT FROM 'retrying'
+           OR (d.attempts > 0 AND (d.last_status IS NOT NULL OR d.last_error IS NOT NULL)))
       AND (p_before_id IS NULL OR d.id < p_before_id)
     ORDER BY d.id DESC
     LIMIT p_limit;
