@@ -161,7 +161,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def list_dependencies(request: web.Request) -> web.Response:
-    jid = job_id(request)
+    jid = path_id(request)
     q = query(request, DependenciesQuery)
     found = await store(request).list_dependencies(jid, after_id=q.cursor, limit=q.limit)
     cursor = str(found.dependents[-1].id) if len(found.dependents) == q.limit else None
