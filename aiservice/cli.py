@@ -20,10 +20,9 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from aiohttp import web
-
 from aiservice import embedded, logs
 from aiservice.api.app import create_app
+from aiservice.api.server import serve
 from aiservice.db.migrate import MigrationError, dump_schema, migrate
 from aiservice.db.pool import connect
 from aiservice.settings import Settings, SettingsError, format_duration, mask_url, variable_name
@@ -47,6 +46,8 @@ _WORKER_ONLY = {
 }  # fmt: skip
 _API_ONLY = {
     "http_host", "http_port", "service_token", "infra_sidecar_url", "infra_sidecar_token", "http_max_body_bytes",
+    "http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_connections",
+    "wait_max_concurrent", "wait_max_per_caller",
 }  # fmt: skip
 _DEV_ONLY = {"dev_data_dir"}
 
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             settings.require_database()
             with _listening("HTTP_PORT", settings.http_host, settings.http_port):
-                web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+                asyncio.run(_serve(settings))
         elif args.command == "worker":
             settings.require_database()
             with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
@@ -218,6 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aiservice: migration failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _serve(settings: Settings) -> None:
+    """The API until SIGTERM or SIGINT; connections go through the guard of aiservice.api.server."""
+    stop = asyncio.Event()
+    _on_signals(stop, lambda: None)
+    async with serve(create_app(settings), settings.http_host, settings.http_port):
+        await stop.wait()
 
 
 async def _migrate(dsn: str) -> list[str]:
@@ -310,30 +319,28 @@ def _dev(settings: Settings) -> int:
 
 
 async def _serve_dev(settings: Settings) -> None:
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
     worker: Worker | None = None
-    try:
+    async with contextlib.AsyncExitStack() as api:
         with _listening("HTTP_PORT", settings.http_host, settings.http_port):
-            await web.TCPSite(runner, settings.http_host, settings.http_port).start()
-        _print_dev_banner(settings, port=int(runner.addresses[0][1]))
+            port = await api.enter_async_context(serve(create_app(settings), settings.http_host, settings.http_port))
+        _print_dev_banner(settings, port=port)
         stop = asyncio.Event()
         _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
-        if settings.llm_base_url or settings.whisperx_url:
-            # The API has migrated already; the workers share its database and event loop.
-            started = Worker(replace(settings, migrate_on_start=False))
-            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
-                await started.start()
-            worker = started
-            served = describe(worker.kinds)
-            print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
-        else:
-            print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)
-        await stop.wait()
-    finally:
-        if worker is not None:
-            await worker.stop()
-        await runner.cleanup()
+        try:
+            if settings.llm_base_url or settings.whisperx_url:
+                # The API has migrated already; the workers share its database and event loop.
+                started = Worker(replace(settings, migrate_on_start=False))
+                with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
+                    await started.start()
+                worker = started
+                served = describe(worker.kinds)
+                print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
+            else:
+                print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)
+            await stop.wait()
+        finally:
+            if worker is not None:
+                await worker.stop()
 
 
 def _print_dev_banner(settings: Settings, port: int) -> None:
