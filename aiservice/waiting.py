@@ -25,13 +25,14 @@ from typing import Any, Literal
 
 from aiservice import errors
 from aiservice.db.jobs import FINISHED_CHANNEL, JobEvents, JobStore
-from aiservice.jobs import FINISHED, Job, JobFilter
+from aiservice.jobs import FINISHED, JobFilter
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["any", "all"]
 
 _CHUNK = 5000  # ids per status query
+_DOCUMENTS_KEPT = 5.0  # seconds a job's document is kept for waits ending together
 _MAX_ID = 2**63 - 1
 RETRY_AFTER = 2  # seconds, in the Retry-After of a refused wait
 
@@ -88,6 +89,7 @@ class Waiters:
         self._count = 0
         self._by_caller: dict[str, int] = {}
         self._readers = asyncio.Semaphore(readers)
+        self._docs: dict[int, tuple[float, bytes]] = {}  # job id -> (when its read began, its JSON)
         self._reads = 0  # status queries run, for tests and metrics
         self._check_failing = False
         self._malformed_seen = 0
@@ -104,10 +106,13 @@ class Waiters:
     def status_reads(self) -> int:
         return self._reads
 
-    async def wait(self, ids: Sequence[int], mode: Mode, seconds: float, caller: str = "") -> list[Job]:
-        """Wait until any (or all) of ``ids`` finished, or ``seconds`` passed; answer their jobs in the
-        order of ``ids`` (which must hold no duplicates). Unknown ids raise errors.JobNotFound before
-        any waiting; a wait over the bounds raises errors.TooManyWaits."""
+    async def wait(self, ids: Sequence[int], mode: Mode, seconds: float, caller: str = "") -> list[bytes]:
+        """Wait until any (or all) of ``ids`` finished, or ``seconds`` passed; answer their jobs, each
+        as its JSON document, in the order of ``ids`` (which must hold no duplicates). Unknown ids
+        raise errors.JobNotFound before any waiting; a wait over the bounds raises errors.TooManyWaits.
+
+        Waits that end together on the same jobs share their reads: a job's document read after a
+        wait ended serves that wait too (never one read before: the answer is the state at its end)."""
         with self._admitted(caller):
             waiter = Waiter(ids, mode)
             try:
@@ -122,8 +127,7 @@ class Waiters:
                         await asyncio.wait_for(waiter.done.wait(), seconds)
             finally:
                 self._unregister(waiter)
-            async with self._readers:
-                return await self._jobs_in_order(ids)
+            return await self._documents(ids, since=asyncio.get_running_loop().time())
 
     @contextlib.contextmanager
     def _admitted(self, caller: str) -> Iterator[None]:
@@ -186,15 +190,31 @@ class Waiters:
             elif len(entry.waiters) > 2 * entry.live + 8:
                 entry.waiters = [w for w in entry.waiters if not w.closed]
 
-    async def _jobs_in_order(self, ids: Sequence[int]) -> list[Job]:
-        found = {
-            job.id: job
-            for job in await self.store.list_jobs(JobFilter(), before_id=None, limit=len(ids), ids=list(ids))
-        }
+    async def _documents(self, ids: Sequence[int], since: float) -> list[bytes]:
+        """The jobs' JSON documents, from reads begun at ``since`` or later (at most ``readers`` at once)."""
+        found: dict[int, bytes] = {}
+        async with self._readers:
+            for job_id in ids:
+                kept = self._docs.get(job_id)
+                if kept is not None and kept[0] >= since:
+                    found[job_id] = kept[1]
+            stale = [i for i in ids if i not in found]
+            if stale:
+                began = asyncio.get_running_loop().time()
+                for job in await self.store.list_jobs(JobFilter(), before_id=None, limit=len(stale), ids=stale):
+                    document = job.model_dump_json().encode()
+                    self._docs[job.id] = (began, document)
+                    found[job.id] = document
         missing = [i for i in ids if i not in found]
         if missing:
             raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
         return [found[i] for i in ids]
+
+    def _forget_documents(self) -> None:
+        """Drop documents too old to serve a wait that ends from now on."""
+        if self._docs:
+            oldest = asyncio.get_running_loop().time() - _DOCUMENTS_KEPT
+            self._docs = {i: d for i, d in self._docs.items() if d[0] >= oldest}
 
     # The checker ---------------------------------------------------------------------------------
 
@@ -245,6 +265,7 @@ class Waiters:
 
     def _recheck(self) -> None:
         """Read every id still awaited again (notifications may have been lost)."""
+        self._forget_documents()
         self._unchecked.update(i for i, e in self._entries.items() if not e.finished)
         if self._unchecked:
             self._ensure_checker()

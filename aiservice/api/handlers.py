@@ -178,15 +178,41 @@ async def get_job(request: web.Request) -> web.Response:
     wait = query(request, WaitQuery).wait
     job = await store(request).get_job(job_id(request))
     if wait and job.status not in FINISHED:
-        (job,) = await request.app[WAITERS].wait([job.id], "any", wait, caller(request))
+        (document,) = await request.app[WAITERS].wait([job.id], "any", wait, caller(request))
+        return web.Response(body=document, content_type="application/json")
     return reply(job)
 
 
-async def wait_jobs(request: web.Request) -> web.Response:
+async def wait_jobs(request: web.Request) -> web.StreamResponse:
     req = await body(request, WaitRequest)
     ids = list(dict.fromkeys(req.ids))
     # Unknown ids are refused (404) before any waiting.
-    return reply(Jobs(jobs=await request.app[WAITERS].wait(ids, req.mode, req.timeout, caller(request))))
+    documents = await request.app[WAITERS].wait(ids, req.mode, req.timeout, caller(request))
+    return await _stream_jobs(request, documents)
+
+
+async def _stream_jobs(request: web.Request, documents: list[bytes]) -> web.StreamResponse:
+    """{"jobs": [...]} (the Jobs body) written in pieces as the client reads them: many large answers
+    at once are not all held in memory, and the job documents are shared between waits."""
+    head, tail = b'{"jobs":[', b"]}"
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(head) + sum(map(len, documents)) + max(len(documents) - 1, 0) + len(tail)
+    await response.prepare(request)
+    chunk = bytearray(head)
+    try:
+        for n, document in enumerate(documents):
+            if n:
+                chunk += b","
+            chunk += document
+            if len(chunk) >= 64 * 1024:
+                await response.write(bytes(chunk))
+                chunk.clear()
+        chunk += tail
+        await response.write(bytes(chunk))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: nobody reads the rest
+    return response
 
 
 async def get_batch(request: web.Request) -> web.Response:
