@@ -47,6 +47,7 @@ REFUSAL = (
     b"Content-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
 )
 REPORT_EVERY = 60.0  # seconds between two reports of the same trouble
+_OTHER_FILES = 128  # files the process needs besides client connections
 
 
 class Connections:
@@ -214,6 +215,20 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     return lambda: loop.set_exception_handler(previous)
 
 
+def _check_open_files(max_connections: int) -> None:
+    """Warn when the open-file limit cannot hold HTTP_MAX_CONNECTIONS connections and the rest
+    (pool, LISTEN, webhook and provider clients): accept() would fail before the cap refuses."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + _OTHER_FILES:
+        log.warning(
+            "the open-file limit (%d) is below HTTP_MAX_CONNECTIONS (%d) + %d for the rest: raise it "
+            "(ulimit -n, LimitNOFILE=, ulimits in compose) or lower HTTP_MAX_CONNECTIONS",
+            soft,
+            max_connections,
+            _OTHER_FILES,
+        )
+
+
 @asynccontextmanager
 async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
     """Start the app (its startup runs first: pool, migrations) and serve it on host:port, every
@@ -221,8 +236,15 @@ async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[int
     (requests in flight get aiohttp's shutdown grace), run the app's cleanup."""
     loop = asyncio.get_running_loop()
     settings = app[SETTINGS]
-    runner = web.AppRunner(app, keepalive_timeout=settings.http_idle_timeout.total_seconds())
+    # After an answer given before the body was read (a 401, a 408), aiohttp reads and drops the rest
+    # for lingering_time, so that the client sees the answer: no longer than a body may pause.
+    runner = web.AppRunner(
+        app,
+        keepalive_timeout=settings.http_idle_timeout.total_seconds(),
+        lingering_time=min(10.0, settings.http_body_timeout.total_seconds()),
+    )
     await runner.setup()
+    _check_open_files(settings.http_max_connections)
     restore = quiet_accept_errors(loop)
     try:
         protocols = runner.server
