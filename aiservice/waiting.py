@@ -129,6 +129,11 @@ class Waiters:
                 self._unregister(waiter)
             return await self._documents(ids, since=asyncio.get_running_loop().time())
 
+    def check_room(self, caller: str) -> None:
+        """Raise errors.TooManyWaits now if a wait of ``caller`` would be refused (before its body is read)."""
+        with self._admitted(caller):
+            pass
+
     @contextlib.contextmanager
     def _admitted(self, caller: str) -> Iterator[None]:
         if self._count >= self.max_waits:

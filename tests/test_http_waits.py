@@ -251,3 +251,27 @@ def _connected(waiters: Any) -> Any:
         return bool(waiters.connected)
 
     return check
+
+
+def test_the_bounds_and_deadlines_are_settings_checked_at_start() -> None:
+    from aiservice.settings import SettingsError
+
+    read = Settings.from_env(
+        {
+            "WAIT_MAX_CONCURRENT": "10",
+            "WAIT_MAX_PER_CALLER": "3",
+            "HTTP_HEADER_TIMEOUT": "2s",
+            "HTTP_MAX_CONNECTIONS": "5",
+        }
+    )
+    assert (read.wait_max_concurrent, read.wait_max_per_caller, read.http_max_connections) == (10, 3, 5)
+    assert read.http_header_timeout == timedelta(seconds=2)
+    for name, value in [
+        ("WAIT_MAX_PER_CALLER", "0"),
+        ("WAIT_MAX_CONCURRENT", "many"),
+        ("HTTP_BODY_TIMEOUT", "0"),
+        ("HTTP_IDLE_TIMEOUT", "soon"),
+        ("HTTP_MAX_CONNECTIONS", "-1"),
+    ]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})

@@ -184,6 +184,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def wait_jobs(request: web.Request) -> web.StreamResponse:
+    request.app[WAITERS].check_room(caller(request))  # a refusal costs no body parsing
     req = await body(request, WaitRequest)
     ids = list(dict.fromkeys(req.ids))
     # Unknown ids are refused (404) before any waiting.
