@@ -90,7 +90,6 @@ class Waiters:
         self._by_caller: dict[str, int] = {}
         self._readers = asyncio.Semaphore(readers)
         self._docs: dict[int, tuple[float, bytes]] = {}  # job id -> (when its read began, its JSON)
-        self._reads = 0  # status queries run, for tests and metrics
         self._check_failing = False
         self._malformed_seen = 0
 
@@ -101,10 +100,6 @@ class Waiters:
     @property
     def awaited_ids(self) -> int:
         return len(self._entries)
-
-    @property
-    def status_reads(self) -> int:
-        return self._reads
 
     async def wait(self, ids: Sequence[int], mode: Mode, seconds: float, caller: str = "") -> list[bytes]:
         """Wait until any (or all) of ``ids`` finished, or ``seconds`` passed; answer their jobs, each
@@ -241,7 +236,6 @@ class Waiters:
         try:
             statuses: dict[int, str] = {}
             for start in range(0, len(ids), _CHUNK):
-                self._reads += 1
                 statuses.update(await self.store.list_job_statuses(ids[start : start + _CHUNK]))
         except Exception as exc:
             self._unchecked.update(ids)  # read again next time
@@ -260,7 +254,9 @@ class Waiters:
             status = statuses.get(job_id)
             if status is None:
                 entry.missing = True
-            elif status in FINISHED and not entry.finished:
+            elif status not in FINISHED:
+                entry.finished = False  # retried since: later waiters wait for it again
+            elif not entry.finished:
                 entry.finished = True
                 for waiter in entry.waiters:
                     if not waiter.closed:
@@ -269,9 +265,9 @@ class Waiters:
             round_.set_result(None)
 
     def _recheck(self) -> None:
-        """Read every id still awaited again (notifications may have been lost)."""
+        """Read every awaited id again (notifications may have been lost; a finished job may have been retried)."""
         self._forget_documents()
-        self._unchecked.update(i for i, e in self._entries.items() if not e.finished)
+        self._unchecked.update(self._entries)
         if self._unchecked:
             self._ensure_checker()
             self._wake.set()

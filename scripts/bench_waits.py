@@ -92,6 +92,8 @@ async def flood(dsn: str, waits: int, ids_count: int, wait_seconds: float) -> di
         answers: dict[str, int] = {}
         slowest = 0.0
         done = asyncio.Event()
+        slow: list[tuple[float, float]] = []  # (seconds into the flood, latency) of GETs over a second
+        flood_started = time.monotonic()
 
         async def one_wait(session: aiohttp.ClientSession) -> None:
             nonlocal slowest
@@ -125,6 +127,8 @@ async def flood(dsn: str, waits: int, ids_count: int, wait_seconds: float) -> di
                         ok = False
                     if ok:
                         gets.append(time.monotonic() - started)
+                        if gets[-1] > 1:
+                            slow.append((round(started - flood_started, 1), round(gets[-1], 2)))
                     else:
                         get_failures += 1
                     await asyncio.sleep(0.5)
@@ -157,6 +161,7 @@ async def flood(dsn: str, waits: int, ids_count: int, wait_seconds: float) -> di
             "median": round(statistics.median(gets) * 1000, 1) if gets else None,
             "max": round(max(gets) * 1000, 1) if gets else None,
             "over_1s": sum(1 for g in gets if g > 1),
+            "over_1s_at": slow,
             "failed": get_failures,
         },
         "wait_answers": answers,
