@@ -319,28 +319,29 @@ def _dev(settings: Settings) -> int:
 
 
 async def _serve_dev(settings: Settings) -> None:
+    api = contextlib.AsyncExitStack()
     worker: Worker | None = None
-    async with contextlib.AsyncExitStack() as api:
+    try:
         with _listening("HTTP_PORT", settings.http_host, settings.http_port):
             port = await api.enter_async_context(serve(create_app(settings), settings.http_host, settings.http_port))
         _print_dev_banner(settings, port=port)
         stop = asyncio.Event()
         _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
-        try:
-            if settings.llm_base_url or settings.whisperx_url:
-                # The API has migrated already; the workers share its database and event loop.
-                started = Worker(replace(settings, migrate_on_start=False))
-                with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
-                    await started.start()
-                worker = started
-                served = describe(worker.kinds)
-                print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
-            else:
-                print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)
-            await stop.wait()
-        finally:
-            if worker is not None:
-                await worker.stop()
+        if settings.llm_base_url or settings.whisperx_url:
+            # The API has migrated already; the workers share its database and event loop.
+            started = Worker(replace(settings, migrate_on_start=False))
+            with _listening("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port):
+                await started.start()
+            worker = started
+            served = describe(worker.kinds)
+            print(f"built-in workers: {served}; status on port {worker.http_port} (/worker/status)", flush=True)
+        else:
+            print("built-in workers off: set LLM_BASE_URL and/or WHISPERX_URL to run them", flush=True)
+        await stop.wait()
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await api.aclose()
 
 
 def _print_dev_banner(settings: Settings, port: int) -> None:
