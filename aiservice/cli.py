@@ -22,10 +22,9 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from aiohttp import web
-
 from aiservice import embedded, logs
 from aiservice.api.app import create_app
+from aiservice.api.server import serve
 from aiservice.db.migrate import MigrationError, dump_schema, migrate
 from aiservice.db.pool import CONNECT_TIMEOUT, DatabaseUnreachable, connect, open_waiting
 from aiservice.settings import Settings, SettingsError, format_duration, mask_url, variable_name
@@ -53,6 +52,8 @@ _WORKER_ONLY = {
 }  # fmt: skip
 _API_ONLY = {
     "http_host", "http_port", "service_token", "infra_sidecar_url", "infra_sidecar_token", "http_max_body_bytes",
+    "http_header_timeout", "http_body_timeout", "http_idle_timeout", "http_max_connections",
+    "wait_max_concurrent", "wait_max_per_caller",
 }  # fmt: skip
 _DEV_ONLY = {"dev_data_dir"}
 
@@ -247,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             settings.require_database()
             sockets = _bind("HTTP_PORT", settings.http_host, settings.http_port)
-            url = _url(settings.http_host, sockets)
-            # Printed once the database is connected (and migrated) and the port accepts requests.
-            listening = partial(_say, f"listening on {url}")
-            web.run_app(create_app(settings), sock=sockets, print=lambda _banner: listening())
+            asyncio.run(_serve(settings, sockets))
         elif args.command == "worker":
             settings.require_database()
             sockets = _bind("WORKER_HTTP_PORT", settings.worker_http_host, settings.worker_http_port)
@@ -282,6 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+async def _serve(settings: Settings, sockets: Sequence[socket.socket]) -> None:
+    """The API until SIGTERM or SIGINT; connections go through the guard of aiservice.api.server."""
+    stop = asyncio.Event()
+    _on_signals(stop, lambda: None)
+    async with serve(create_app(settings), sockets):
+        # Once the database is connected (and migrated) and the port accepts requests.
+        _say(f"listening on {_url(settings.http_host, sockets)}")
+        await stop.wait()
 
 
 async def _migrate(dsn: str, *, wait: float = 0.0) -> list[str]:
@@ -436,13 +444,11 @@ def _joining(pgdata: Path) -> str:
 async def _serve_dev(
     settings: Settings, api_sockets: Sequence[socket.socket], worker_sockets: Sequence[socket.socket]
 ) -> None:
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
+    api = contextlib.AsyncExitStack()
     worker: Worker | None = None
     try:
-        for sock in api_sockets:
-            await web.SockSite(runner, sock).start()
-        _print_dev_banner(settings, port=int(runner.addresses[0][1]))
+        port = await api.enter_async_context(serve(create_app(settings), api_sockets))
+        _print_dev_banner(settings, port=port)
         stop = asyncio.Event()
         _on_signals(stop, lambda: worker.hurry() if worker is not None else None)
         if worker_sockets:
@@ -458,7 +464,7 @@ async def _serve_dev(
     finally:
         if worker is not None:
             await worker.stop()
-        await runner.cleanup()
+        await api.aclose()
 
 
 def _print_dev_banner(settings: Settings, port: int) -> None:

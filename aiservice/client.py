@@ -306,7 +306,8 @@ class AsyncClient:
             idempotent = method in ("GET", "PUT", "DELETE")
         url = URL(f"{self.base_url}{path}", encoded=True)
         data = None if body is None else json.dumps(to_jsonable_python(body)).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        # Every state-changing call says JSON, body or not: the server refuses one that does not (CSRF).
+        headers = {"Content-Type": "application/json"} if data is not None or method != "GET" else {}
         timeout = aiohttp.ClientTimeout(total=self.timeout + wait)
         tries = self.max_tries if idempotent else 1
         for attempt in range(1, tries + 1):

@@ -80,6 +80,25 @@ class UnsupportedMediaType(ServiceError):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(ServiceError):
+    """The request's body stopped arriving for HTTP_BODY_TIMEOUT; the connection is closed after the answer."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyWaits(ServiceError):
+    """More waits (POST /jobs/wait, GET /jobs/{id}?wait=) than WAIT_MAX_CONCURRENT in all or
+    WAIT_MAX_PER_CALLER for this caller are open: answered at once, with Retry-After."""
+
+    status = 429
+    code = "too_many_waits"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidArgument(ServiceError):
     """SQLSTATE AS422, a constraint violation, or a request that fails validation."""
 

@@ -182,6 +182,18 @@ class Settings:
     # The results of dependencies one claim answers carry at most (claim_jobs_v2's bound, whose SQL
     # default is the same); the rest are left out and read with get_job when needed.
     claim_dependency_bytes: int = 8 * 1024 * 1024
+    # Slow or idle clients: a request's line and headers must arrive within http_header_timeout of its
+    # first byte (or of the connection's opening), its body may pause for at most http_body_timeout,
+    # an idle keep-alive connection is closed after http_idle_timeout, and connections past
+    # http_max_connections are answered 503 and closed at once.
+    http_header_timeout: timedelta = timedelta(seconds=10)
+    http_body_timeout: timedelta = timedelta(seconds=30)
+    http_idle_timeout: timedelta = timedelta(seconds=75)
+    http_max_connections: int = 4096
+    # Result waits (POST /jobs/wait, GET /jobs/{id}?wait=) open at once: in all, and per caller (the
+    # bearer token, or the client address without one). Past either: 429 too_many_waits.
+    wait_max_concurrent: int = 2000
+    wait_max_per_caller: int = 1000
     maintenance_interval: timedelta = timedelta(seconds=5)
     # Finished jobs older than this are deleted by the API's maintenance loop; "0" keeps them forever.
     job_retention: timedelta | None = timedelta(days=30)
@@ -275,6 +287,7 @@ _URLS = {"database_url", "database_listen_url", "llm_base_url", "whisperx_url", 
 _POSITIVE_INTS = {"worker_claim_limit", "db_pool_max_size", "http_max_body_bytes"}
 _POSITIVE_INTS |= {"whisperx_concurrency", "llm_concurrency", "claim_dependency_bytes"}
 _POSITIVE_INTS |= {"webhook_concurrency", "webhook_endpoint_concurrency"}
+_POSITIVE_INTS |= {"http_max_connections", "wait_max_concurrent", "wait_max_per_caller"}
 _PORTS = {"http_port", "worker_http_port"}
 _ZERO_ALLOWED = {"database_connect_wait"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}

@@ -32,6 +32,9 @@ from aiservice.db.pool import connect, create_pool
 from aiservice.jobs import Job, JobCreate
 from aiservice.settings import _ENV_NAMES, Settings
 
+# What every state-changing request without a body sends (the API refuses any other, against CSRF).
+JSON_HEADERS = {"Content-Type": "application/json"}
+
 SERVICE_VARIABLES = [_ENV_NAMES.get(f.name, f.name.upper()) for f in fields(Settings)]
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 from aiohttp import web
-from conftest import ClientFactory, JobFactory, job_spec
+from conftest import JSON_HEADERS, ClientFactory, JobFactory, job_spec
 from standardwebhooks.webhooks import Webhook as Verifier
 from stubs import StubServer, wait_for
 
@@ -109,7 +109,7 @@ async def test_batch_counts_follow_every_outcome(store: JobStore, api_factory: C
     assert batch["status"] == "in_progress" and batch["finished_at"] is None
     assert batch["counts"] == {"total": 6, "pending": 3, "running": 1, "completed": 1, "failed": 1, "cancelled": 0}
 
-    cancelled = await (await api.post(f"{API}/batches/{batch_id}/cancel")).json()
+    cancelled = await (await api.post(f"{API}/batches/{batch_id}/cancel", headers=JSON_HEADERS)).json()
     assert cancelled["status"] == "finished" and cancelled["finished_at"] is not None
     assert cancelled["counts"] == {"total": 6, "pending": 0, "running": 0, "completed": 1, "failed": 1, "cancelled": 4}
     listed = await (await api.get(f"{API}/jobs", params={"batch_id": str(batch_id), "limit": "10"})).json()
@@ -315,7 +315,7 @@ async def test_410_disables_the_endpoint(
     assert delivery["last_status"] == 410
 
     await register(api, receiver, events=["job.finished"])  # registering again re-enables it
-    retried = await api.post(f"{API}/webhooks/telephony/deliveries/{delivery['id']}/retry")
+    retried = await api.post(f"{API}/webhooks/telephony/deliveries/{delivery['id']}/retry", headers=JSON_HEADERS)
     assert retried.status == 200
 
     async def delivered() -> bool:
@@ -351,8 +351,8 @@ async def test_webhook_bad_input_and_rotation(api_factory: ClientFactory, receiv
     assert same["secret"] is None  # not shown unless created or rotated
     rotated = await register(api, receiver, rotate_secret=True)
     assert rotated["secret"] not in (None, first["secret"])
-    assert (await api.delete(f"{API}/webhooks/telephony")).status == 204
-    assert (await api.delete(f"{API}/webhooks/telephony")).status == 404
+    assert (await api.delete(f"{API}/webhooks/telephony", headers=JSON_HEADERS)).status == 204
+    assert (await api.delete(f"{API}/webhooks/telephony", headers=JSON_HEADERS)).status == 404
 
 
 async def test_a_receiver_that_cannot_be_reached_is_recorded_and_retried_later(

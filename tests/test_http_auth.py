@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import JSON_HEADERS
 
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
@@ -299,7 +300,7 @@ async def test_every_api_route_requires_the_bearer_token(api_factory: ClientFact
         after = await api.get(f"{API}/jobs?limit=500", headers=RIGHT)
         assert await after.json() == state, (method, path)
 
-        response = await api.request(method, url, json=body, headers=RIGHT)
+        response = await api.request(method, url, json=body, headers=RIGHT | JSON_HEADERS)
         assert response.status == expected, (method, path, await response.text())
 
 
@@ -329,7 +330,7 @@ async def test_without_a_token_configured_no_auth_is_needed(api: Client, jobs: J
         method, sample = sample_for(method, path)
         for headers in ({}, {"Authorization": "Bearer anything"}):
             url, body, expected = await sample(jobs)
-            response = await api.request(method, url, json=body, headers=headers)
+            response = await api.request(method, url, json=body, headers=headers | JSON_HEADERS)
             assert response.status == expected, (method, path, headers, await response.text())
     for path in PUBLIC:
         assert (await api.get(path)).status == 200

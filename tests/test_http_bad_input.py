@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+from conftest import JSON_HEADERS
 from stubs import wait_for
 
 from aiservice.api.app import create_app
@@ -639,14 +640,15 @@ async def test_malformed_job_ids_are_422(target: Target) -> None:
     for (method, route), bad in itertools.product(ID_ROUTES, BAD_IDS):
         body = valid_body(route) if route in BODY_ROUTES else None
         url = f"{API}{route.replace('{id}', bad)}"
-        await invalid(await target.api.request(method, url, json=body), "job id", case=(method, url[:60]))
+        response = await target.api.request(method, url, json=body, headers=JSON_HEADERS)
+        await invalid(response, "job id", case=(method, url[:60]))
     await target.unchanged()
 
     # The largest bigint is a valid id (of no job).
     for method, route in ID_ROUTES:
         body = valid_body(route) if route in BODY_ROUTES else None
         url = f"{API}{route.replace('{id}', str(2**63 - 1))}"
-        await refused(await target.api.request(method, url, json=body), 404, "not_found", url)
+        await refused(await target.api.request(method, url, json=body, headers=JSON_HEADERS), 404, "not_found", url)
 
 
 # --- routing -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import job_spec
+from conftest import JSON_HEADERS, job_spec
 
 from aiservice.api.app import create_app
 from aiservice.db.jobs import JobStore
@@ -186,7 +186,7 @@ async def test_repeated_idempotency_key_returns_the_existing_job_and_creates_not
     assert await count_jobs(api) == 2
 
     # The existing job is returned whatever became of it.
-    await api.post(f"{API}/jobs/{first['id']}/cancel")
+    await api.post(f"{API}/jobs/{first['id']}/cancel", headers=JSON_HEADERS)
     repeat = await ok(await api.post(f"{API}/jobs", json=spec), 200)
     assert repeat["id"] == first["id"]
     assert repeat["status"] == "cancelled"
@@ -233,7 +233,7 @@ async def test_list_filters_by_status_single_and_repeated(api: Client) -> None:
     done = await completed(api)
     fail = await failed(api)
     cancelled = await create(api)
-    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel"))
+    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel", headers=JSON_HEADERS))
 
     assert await list_ids(api, status="pending") == [pending["id"]]
     assert await list_ids(api, status="running") == [run["id"]]
@@ -570,8 +570,8 @@ async def test_complete_stores_the_result(api: Client) -> None:
 
     # Once completed it stays completed.
     await refused(await api.post(f"{API}/jobs/{job['id']}/complete", json=body), 409, "lease_lost")
-    await refused(await api.post(f"{API}/jobs/{job['id']}/retry"), 409, "invalid_state")
-    await refused(await api.post(f"{API}/jobs/{job['id']}/cancel"), 409, "invalid_state")
+    await refused(await api.post(f"{API}/jobs/{job['id']}/retry", headers=JSON_HEADERS), 409, "invalid_state")
+    await refused(await api.post(f"{API}/jobs/{job['id']}/cancel", headers=JSON_HEADERS), 409, "invalid_state")
     assert await get(api, job["id"]) == done
 
 
@@ -642,7 +642,7 @@ async def test_the_same_worker_id_with_an_old_lease_token_is_fenced(api: Client,
 
 async def test_a_worker_whose_job_was_retried_and_reclaimed_is_fenced(api: Client) -> None:
     job = await running(api, "gpu-1")
-    retried = await ok(await api.post(f"{API}/jobs/{job['id']}/retry"))
+    retried = await ok(await api.post(f"{API}/jobs/{job['id']}/retry", headers=JSON_HEADERS))
     assert retried["status"] == "pending"
     (again,) = await claim(api, "gpu-2", task_types=[job["task_type"]])
     body = {"worker_id": "gpu-1", "result": {"v": "old"}}
@@ -758,7 +758,7 @@ async def test_heartbeat_refused_for_wrong_worker_token_state_and_unknown_job(ap
 
 async def test_retry_one_failed_or_running_job(api: Client) -> None:
     fail = await failed(api)
-    back = await ok(await api.post(f"{API}/jobs/{fail['id']}/retry"))
+    back = await ok(await api.post(f"{API}/jobs/{fail['id']}/retry", headers=JSON_HEADERS))
     assert back["id"] == fail["id"]
     assert back["status"] == "pending"
     assert back["attempts"] == 0
@@ -766,7 +766,7 @@ async def test_retry_one_failed_or_running_job(api: Client) -> None:
     assert await get(api, fail["id"]) == back
 
     run = await running(api)
-    back = await ok(await api.post(f"{API}/jobs/{run['id']}/retry"))
+    back = await ok(await api.post(f"{API}/jobs/{run['id']}/retry", headers=JSON_HEADERS))
     assert back["status"] == "pending"
     assert back["lease_token"] is None
 
@@ -775,17 +775,19 @@ async def test_retry_one_refused_for_pending_completed_cancelled_and_unknown(api
     pending = await create(api)
     done = await completed(api)
     cancelled = await create(api)
-    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel"))
+    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel", headers=JSON_HEADERS))
     for job in (pending, done, cancelled):
-        error = await refused(await api.post(f"{API}/jobs/{job['id']}/retry"), 409, "invalid_state")
+        error = await refused(
+            await api.post(f"{API}/jobs/{job['id']}/retry", headers=JSON_HEADERS), 409, "invalid_state"
+        )
         assert str(job["id"]) in error["message"]
     assert (await get(api, done["id"]))["status"] == "completed"
-    await refused(await api.post(f"{API}/jobs/987654321/retry"), 404, "not_found")
+    await refused(await api.post(f"{API}/jobs/987654321/retry", headers=JSON_HEADERS), 404, "not_found")
 
 
 async def test_cancel_one_pending_or_running_job(api: Client) -> None:
     pending = await create(api)
-    gone = await ok(await api.post(f"{API}/jobs/{pending['id']}/cancel"))
+    gone = await ok(await api.post(f"{API}/jobs/{pending['id']}/cancel", headers=JSON_HEADERS))
     assert gone["status"] == "cancelled"
     assert gone["finished_at"] is not None
     assert await get(api, pending["id"]) == gone
@@ -793,7 +795,7 @@ async def test_cancel_one_pending_or_running_job(api: Client) -> None:
     assert await claim(api, task_types=[pending["task_type"]], limit=10) == []
 
     run = await running(api, "gpu-1")
-    gone = await ok(await api.post(f"{API}/jobs/{run['id']}/cancel"))
+    gone = await ok(await api.post(f"{API}/jobs/{run['id']}/cancel", headers=JSON_HEADERS))
     assert gone["status"] == "cancelled"
     assert gone["lease_token"] is None
     body = {"worker_id": "gpu-1", "error_category": "timeout"}
@@ -804,12 +806,12 @@ async def test_cancel_one_refused_for_finished_jobs_and_unknown(api: Client) -> 
     done = await completed(api)
     fail = await failed(api)
     cancelled = await create(api)
-    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel"))
+    await ok(await api.post(f"{API}/jobs/{cancelled['id']}/cancel", headers=JSON_HEADERS))
     for job in (done, fail, cancelled):
-        await refused(await api.post(f"{API}/jobs/{job['id']}/cancel"), 409, "invalid_state")
+        await refused(await api.post(f"{API}/jobs/{job['id']}/cancel", headers=JSON_HEADERS), 409, "invalid_state")
     assert (await get(api, done["id"]))["status"] == "completed"
     assert (await get(api, fail["id"]))["status"] == "failed"
-    await refused(await api.post(f"{API}/jobs/987654321/cancel"), 404, "not_found")
+    await refused(await api.post(f"{API}/jobs/987654321/cancel", headers=JSON_HEADERS), 404, "not_found")
 
 
 # --- stats and probes ------------------------------------------------------------------

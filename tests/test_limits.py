@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
-from conftest import ClientFactory
+from conftest import JSON_HEADERS, ClientFactory
 from test_sql_api import call, claim, create, create_jobs, one
 
 from aiservice.db.jobs import JobStore
@@ -95,8 +95,8 @@ async def test_limits_over_http(api_factory: ClientFactory) -> None:
     assert [(x["scope"], x["name"]) for x in listed["limits"]] == [("task_type", "transcribe")]
     stats = await (await api.get(f"{API}/stats")).json()
     assert [x["name"] for x in stats["limits"]] == ["transcribe"]
-    assert (await api.delete(f"{API}/limits/task_type/transcribe")).status == 204
-    missing = await api.delete(f"{API}/limits/task_type/transcribe")
+    assert (await api.delete(f"{API}/limits/task_type/transcribe", headers=JSON_HEADERS)).status == 204
+    missing = await api.delete(f"{API}/limits/task_type/transcribe", headers=JSON_HEADERS)
     assert missing.status == 404
     assert (await missing.json())["error"]["code"] == "not_found"
 

@@ -16,6 +16,7 @@ from aiservice import console, errors, metrics
 from aiservice.api.handlers import INFRA, PROVIDERS, ROUTES, SETTINGS, STORE, WAITERS, Handler, reply
 from aiservice.api.openapi import openapi_document
 from aiservice.api.schemas import ErrorBody
+from aiservice.api.server import CONNECTIONS, Connections, guard_middleware
 from aiservice.auth import bearer_middleware
 from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
@@ -58,7 +59,35 @@ def error_response(error: errors.ServiceError) -> web.Response:
     response = reply(ErrorBody.model_validate(error.body()), error.status)
     if isinstance(error, errors.Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="aiservice"'
+    if isinstance(error, errors.TooManyWaits):
+        response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, errors.RequestTimeout):
+        response.force_close()  # the rest of the body may still come: this connection is done
     return response
+
+
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def json_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every state-changing request says Content-Type: application/json, or sends X-Requested-With.
+
+    A page on another site can make a browser send a form (urlencoded, multipart, text/plain) or a
+    body-less fetch to this API without asking; the browser sends neither of these without a CORS
+    preflight, which this API never grants. Without a token (the development default) that is what
+    stops another site from cancelling jobs through a developer's browser."""
+    if (
+        request.method in STATE_CHANGING
+        and request.match_info.http_exception is None
+        and request.content_type != "application/json"
+        and not request.headers.get("X-Requested-With")
+    ):
+        raise errors.UnsupportedMediaType(
+            f"{request.method} requests must send Content-Type: application/json (with or without a body), "
+            "or an X-Requested-With header"
+        )
+    return await handler(request)
 
 
 @web.middleware
@@ -93,14 +122,17 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, store: JobStore | None = None) -> web.Application:
     """Build the API. Without ``store`` it opens its own pool (and migrates) on startup."""
-    middlewares: list[Middleware] = [metrics_middleware, error_middleware]
+    connections = Connections(settings)
+    middlewares: list[Middleware] = [guard_middleware(connections), metrics_middleware, error_middleware]
     if settings.service_token:
         refuse = partial(error_response, errors.Unauthorized("missing or wrong bearer token"))
         middlewares.append(bearer_middleware(settings.service_token, PUBLIC_PATHS, refuse))
+    middlewares.append(json_only_middleware)
     # The LLM worker's profile keeps its own metric series, however many caller-chosen ones come first.
     metrics.expect_labels(model_profiles=[settings.llm_model])
     app = web.Application(middlewares=middlewares, client_max_size=settings.http_max_body_bytes)
     app[SETTINGS] = settings
+    app[CONNECTIONS] = connections
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     app.router.add_get("/api/v1/openapi.json", openapi)
@@ -145,7 +177,15 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _delivery(app: web.Application) -> AsyncIterator[None]:
     """Result delivery: waiters woken by aiservice_finished, and the webhook sender."""
     sender = Sender(app[STORE], app[SETTINGS])
-    app[WAITERS] = Waiters(app[STORE], app[SETTINGS].require_listen_database(), on_finished=sender.wake)
+    settings = app[SETTINGS]
+    app[WAITERS] = Waiters(
+        app[STORE],
+        settings.require_listen_database(),
+        on_finished=sender.wake,
+        max_waits=settings.wait_max_concurrent,
+        max_per_caller=settings.wait_max_per_caller,
+        readers=max(1, settings.db_pool_max_size // 2),  # the rest of the pool stays free for other requests
+    )
     tasks = [
         asyncio.create_task(app[WAITERS].run(), name="aiservice-waiters"),
         asyncio.create_task(sender.run(), name="aiservice-webhooks"),

@@ -4,6 +4,8 @@ A handler that calls an SQL function is named for it, as is the JobStore method 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,9 +50,9 @@ from aiservice.api.schemas import (
 )
 from aiservice.db.jobs import JobStore
 from aiservice.infra import InfraStatus
-from aiservice.jobs import FINISHED, Batch, Delivery, Job, JobCreate, JobFilter, Limit, Stats, Webhook
+from aiservice.jobs import FINISHED, Batch, Delivery, Job, JobCreate, Limit, Stats, Webhook
 from aiservice.providers import ProviderStatus
-from aiservice.settings import Settings
+from aiservice.settings import Settings, format_duration
 from aiservice.waiting import Waiters
 from aiservice.webhooks import new_secret
 
@@ -78,7 +80,7 @@ async def body(request: web.Request, model: type[M]) -> M:
     if request.content_type != "application/json":
         raise errors.UnsupportedMediaType("send the body as application/json")
     try:
-        raw = await request.read()
+        raw = await _read_body(request)
     except ConnectionResetError as exc:  # the client went away mid-body (aiohttp: "Connection lost")
         raise errors.ClientDisconnected("the client closed the connection before its body arrived") from exc
     try:
@@ -92,6 +94,26 @@ async def body(request: web.Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from exc
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, up to HTTP_MAX_BODY_BYTES (413 past it); 408 when it pauses for HTTP_BODY_TIMEOUT."""
+    settings = request.app[SETTINGS]
+    limit, pause = settings.http_max_body_bytes, settings.http_body_timeout.total_seconds()
+    raw = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(pause):
+                chunk = await request.content.readany()
+        except TimeoutError as exc:
+            raise errors.RequestTimeout(
+                f"the body stopped arriving for {format_duration(settings.http_body_timeout)} (HTTP_BODY_TIMEOUT)"
+            ) from exc
+        if not chunk:
+            return bytes(raw)
+        raw += chunk
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
 
 
 def query(request: web.Request, model: type[M]) -> M:
@@ -151,12 +173,21 @@ async def list_jobs(request: web.Request) -> web.Response:
     return reply(JobPage(jobs=found, next_cursor=cursor))
 
 
+def caller(request: web.Request) -> str:
+    """Who is asking, for per-caller bounds: the bearer token when the service has one (as a digest,
+    so the secret is not kept twice), else the client's address."""
+    if request.app[SETTINGS].service_token:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+        return "token:" + hashlib.sha256(given).hexdigest()[:16]
+    return f"address:{request.remote}"
+
+
 async def get_job(request: web.Request) -> web.Response:
     wait = query(request, WaitQuery).wait
     job = await store(request).get_job(path_id(request))
     if wait and job.status not in FINISHED:
-        await request.app[WAITERS].wait([job.id], "any", wait)
-        job = await store(request).get_job(job.id)
+        (document,) = await request.app[WAITERS].wait([job.id], "any", wait, caller(request))
+        return web.Response(body=document, content_type="application/json")
     return reply(job)
 
 
@@ -168,22 +199,37 @@ async def list_dependencies(request: web.Request) -> web.Response:
     return reply(DependenciesPage(**dict(found), next_cursor=cursor))
 
 
-async def wait_jobs(request: web.Request) -> web.Response:
+async def wait_jobs(request: web.Request) -> web.StreamResponse:
+    request.app[WAITERS].check_room(caller(request))  # a refusal costs no body parsing
     req = await body(request, WaitRequest)
     ids = list(dict.fromkeys(req.ids))
-    await _jobs_in_order(request, ids)  # unknown ids are refused before any waiting
-    await request.app[WAITERS].wait(ids, req.mode, req.timeout)
-    return reply(Jobs(jobs=await _jobs_in_order(request, ids)))
+    # Unknown ids are refused (404) before any waiting.
+    documents = await request.app[WAITERS].wait(ids, req.mode, req.timeout, caller(request))
+    return await _stream_jobs(request, documents)
 
 
-async def _jobs_in_order(request: web.Request, ids: list[int]) -> list[Job]:
-    found = {
-        job.id: job for job in await store(request).list_jobs(JobFilter(), before_id=None, limit=len(ids), ids=ids)
-    }
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
-    return [found[i] for i in ids]
+async def _stream_jobs(request: web.Request, documents: list[bytes]) -> web.StreamResponse:
+    """{"jobs": [...]} (the Jobs body) written in pieces as the client reads them: many large answers
+    at once are not all held in memory, and the job documents are shared between waits."""
+    head, tail = b'{"jobs":[', b"]}"
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(head) + sum(map(len, documents)) + max(len(documents) - 1, 0) + len(tail)
+    await response.prepare(request)
+    chunk = bytearray(head)
+    try:
+        for n, document in enumerate(documents):
+            if n:
+                chunk += b","
+            chunk += document
+            if len(chunk) >= 64 * 1024:
+                await response.write(bytes(chunk))
+                chunk.clear()
+        chunk += tail
+        await response.write(bytes(chunk))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: nobody reads the rest
+    return response
 
 
 async def get_batch(request: web.Request) -> web.Response:
@@ -439,7 +485,7 @@ ROUTES: tuple[Route, ...] = (
         "Technical job state and result; ?wait=N answers as soon as it finished, or after N s",
         Job,
         query=WaitQuery,
-        errors=(404, 422),
+        errors=(404, 422, 429),
     ),
     Route(
         "GET",
@@ -516,7 +562,7 @@ ROUTES: tuple[Route, ...] = (
         "Wait until any or all of the jobs finished (or the timeout); answers their state",
         Jobs,
         body=WaitRequest,
-        errors=(400, 404, 415, 422),
+        errors=(400, 404, 415, 422, 429),
     ),
     Route(
         "GET",

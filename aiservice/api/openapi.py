@@ -18,9 +18,11 @@ _ERROR_TEXT = {
     401: "Missing or wrong bearer token",
     404: "Unknown job",
     409: "Wrong state, lost lease, or an idempotency_key that names a job another request created",
+    408: "The body stopped arriving for HTTP_BODY_TIMEOUT",
     413: "Body too large",
-    415: "Body is not application/json",
+    415: "Not application/json: a POST, PUT or DELETE must send Content-Type: application/json or X-Requested-With",
     422: "Validation failed",
+    429: "Too many waits open (WAIT_MAX_CONCURRENT, WAIT_MAX_PER_CALLER): retry after Retry-After seconds",
     503: "PostgreSQL unavailable, or the request collided with concurrent ones: retry",
 }
 
@@ -66,9 +68,10 @@ def openapi_document() -> dict[str, Any]:
         responses: dict[str, Any] = {str(route.status): ok if route.status != 204 else {"description": "No Content"}}
         for status in route.also:
             responses[str(status)] = responses[str(route.status)]
-        # Every bearer-protected route may answer 401, every route with a body 413.
-        # Every API route reads PostgreSQL, so every one may answer 503 while it is down.
-        codes = set(route.errors) | (set() if route.public else {401, 503}) | ({413} if route.body else set())
+        # Every bearer-protected route may answer 401, every route with a body 408 and 413, every
+        # state-changing one 415. Every API route reads PostgreSQL, so every one may answer 503 while it is down.
+        codes = set(route.errors) | (set() if route.public else {401, 503}) | ({408, 413} if route.body else set())
+        codes |= {415} if route.method != "GET" else set()
         for code in sorted(codes):
             responses[str(code)] = {
                 "description": _ERROR_TEXT[code],
