@@ -157,6 +157,15 @@ async def _get_batch(jobs: Jobs) -> Call:
     return f"{API}/batches/{await _batch_id(jobs)}", None, 200
 
 
+async def _list_batches(jobs: Jobs) -> Call:
+    await _batch_id(jobs)
+    return f"{API}/batches", None, 200
+
+
+async def _dependencies(jobs: Jobs) -> Call:
+    return f"{API}/jobs/{(await jobs.pending()).id}/dependencies", None, 200
+
+
 async def _cancel_batch(jobs: Jobs) -> Call:
     return f"{API}/batches/{await _batch_id(jobs)}/cancel", None, 200
 
@@ -213,6 +222,8 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("PUT", f"{API}/limits/{{scope}}/{{name}}"): _set_limit,
     ("DELETE", f"{API}/limits/{{scope}}/{{name}}"): _delete_limit,
     ("POST", f"{API}/jobs/wait"): _wait,
+    ("GET", f"{API}/jobs/{{id}}/dependencies"): _dependencies,
+    ("GET", f"{API}/batches"): _list_batches,
     ("GET", f"{API}/batches/{{id}}"): _get_batch,
     ("POST", f"{API}/batches/{{id}}/cancel"): _cancel_batch,
     ("GET", f"{API}/webhooks"): _list_webhooks,
