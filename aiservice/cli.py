@@ -213,7 +213,7 @@ def _bind(variable: str, host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             with _listening(variable, host, port):
-                sock.bind(address)
+                sock.bind((address[0], port, *address[2:]))
             if port == 0:  # the other addresses take the port the kernel chose for the first
                 port = int(sock.getsockname()[1])
     except BaseException:

@@ -867,6 +867,9 @@ BEGIN
         RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
     END IF;
     v_until := now() + CASE WHEN p_retry_after IS NOT NULL THEN least(p_retry_after, p_cooldown_max) END;
+    -- The claims' lock order: this lock (shared, as claims take it) before a limit row, so a
+    -- transaction that fails a job and then claims cannot close a cycle with set_limit.
+    PERFORM pg_advisory_xact_lock_shared(108105109105116);
     INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
     VALUES ('model_profile', p_model_profile, v_until)
     ON CONFLICT (scope, name) DO UPDATE
@@ -1600,7 +1603,8 @@ CREATE FUNCTION aiservice.idempotency_differences(p_job aiservice.jobs, p_owner_
         CASE WHEN p_job.model_profile IS DISTINCT FROM p_model_profile THEN 'model_profile' END,
         CASE WHEN p_job.input IS DISTINCT FROM coalesce(p_input, '{}'::jsonb) THEN 'input' END,
         CASE WHEN p_job.priority IS DISTINCT FROM coalesce(p_priority, 0) THEN 'priority' END,
-        CASE WHEN p_job.requested_run_at IS DISTINCT FROM p_run_at THEN 'run_at' END,
+        CASE WHEN p_job.requested_run_at IS DISTINCT FROM p_run_at
+                  AND p_job.requested_run_at IS DISTINCT FROM '-infinity' THEN 'run_at' END,
         CASE WHEN p_job.max_attempts IS DISTINCT FROM coalesce(p_max_attempts, 3) THEN 'max_attempts' END,
         CASE WHEN ARRAY(SELECT d.depends_on FROM aiservice.job_dependencies d
                         WHERE d.job_id = p_job.id ORDER BY d.position)
@@ -2406,10 +2410,14 @@ BEGIN
         ) s
         WHERE s.ready OR s.broken IS NOT NULL
     ),
-    -- The jobs failing now, then the blocked jobs depending on them, level by level (each
-    -- (job, dependency) pair once, so a diamond is not walked twice).
+    -- The jobs failing now (blocked ones only: a dependent already cancelled or failed is not
+    -- failed again, and its own dependents are resolved when its finish is), then the blocked
+    -- jobs depending on them, level by level (each (job, dependency) pair once, so a diamond is
+    -- not walked twice).
     doomed(id, broken, broken_status) AS (
-        SELECT id, broken, broken_status FROM direct WHERE NOT ready
+        SELECT r.id, r.broken, r.broken_status FROM direct r
+        WHERE NOT r.ready
+          AND EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = r.id AND j.status = 'pending' AND j.blocked)
         UNION
         SELECT d.job_id, d.depends_on, 'failed'
         FROM doomed x

@@ -88,17 +88,17 @@ async def test_starts_are_stamped_when_the_claim_takes_them_not_when_its_transac
 
 
 async def test_a_claim_in_a_long_transaction_does_not_open_a_second_minute(conn: Conn, database_url: str) -> None:
-    """Five starts under a cap of five, made by a claim whose transaction began 2 s earlier. When those
-    starts are 58.5 s old, no more may start; stamped with the transaction's start they would look
-    60.5 s old and five more would go."""
+    """Five starts under a cap of five, made by a claim whose transaction began 5 s earlier. When those
+    starts are 56 s old, no more may start; stamped with the transaction's start they would look
+    61 s old and five more would go. (4 s of margin for a loaded machine between the two claims.)"""
     await jobs(conn, 20, task_type="summarize")
     await set_limit(conn, "task_type", "summarize", max_per_minute=5)
     other = await asyncpg.connect(database_url)
     try:
         async with other.transaction():
-            await other.execute("SELECT pg_sleep(2)")
+            await other.execute("SELECT pg_sleep(5)")
             assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 10)")) == 5
-        await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '58.5 seconds'")
+        await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '56 seconds'")
         assert await claim(conn, limit=10) == []
         started = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
         assert started == 5

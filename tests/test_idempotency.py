@@ -13,9 +13,11 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import ClientFactory
+from conftest import JSON_HEADERS, ClientFactory
 
 from aiservice.client import AsyncClient, Conflict
+from aiservice.db.migrate import load_migrations, migrate
+from aiservice.db.pool import connect
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client: TypeAlias = "TestClient[Any, Any]"
@@ -251,7 +253,7 @@ async def test_http_single_create_repeats_with_200_and_refuses_with_409(api: Cli
 
 async def test_http_readme_scenario_batch_is_refused_whole(api: Client) -> None:
     created = await (await api.post(f"{API}/jobs", json=WALKTHROUGH_ANALYSIS)).json()
-    assert (await api.post(f"{API}/jobs/{created['id']}/cancel")).status == 200
+    assert (await api.post(f"{API}/jobs/{created['id']}/cancel", headers=JSON_HEADERS)).status == 200
 
     response = await api.post(f"{API}/jobs/batch", json=telephony_pipeline())
     assert response.status == 409, await response.text()
@@ -286,3 +288,32 @@ async def test_the_client_raises_conflict_for_the_readme_scenario(api_factory: C
             await client.create_jobs(body["jobs"], defaults=body["defaults"])
     assert caught.value.status == 409 and caught.value.code == "idempotency_conflict"
     assert caught.value.details["job_id"] == job.id
+
+
+async def test_jobs_made_before_requests_were_kept_repeat_without_a_run_at_conflict(empty_database_url: str) -> None:
+    """A keyed job created before migration 0014 has no requested run_at: an identical repeat after
+    the upgrade answers it, on run_at as on every other field (the others are still compared)."""
+    conn = await connect(empty_database_url)
+    try:
+        await migrate(conn, [m for m in load_migrations() if m.name < "0014"], functions=[])
+        await conn.execute(
+            "INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, run_at, scheduled,"
+            " idempotency_key) VALUES ('s', 'r', 't', 'm', '2030-01-01T00:00:00Z', true, 'k1')"
+        )
+        await migrate(conn)
+        args = {"p_owner_service": "s", "p_owner_ref": "r", "p_task_type": "t", "p_model_profile": "m",
+                "p_idempotency_key": "k1"}  # fmt: skip
+        at = datetime(2030, 1, 1, tzinfo=UTC)
+        row = await conn.fetchrow(
+            "SELECT (r.job).id, r.created FROM aiservice.create_job(p_owner_service => $1, p_owner_ref => $2,"
+            " p_task_type => $3, p_model_profile => $4, p_idempotency_key => $5, p_run_at => $6) r",
+            *args.values(), at,
+        )  # fmt: skip
+        assert row is not None and row["created"] is False
+        with pytest.raises(asyncpg.PostgresError, match="different owner_ref"):
+            await conn.execute(
+                "SELECT aiservice.create_job(p_owner_service => 's', p_owner_ref => 'other', p_task_type => 't',"
+                " p_model_profile => 'm', p_idempotency_key => 'k1')"
+            )
+    finally:
+        await conn.close()

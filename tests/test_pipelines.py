@@ -138,6 +138,19 @@ async def test_one_resolve_pass_fails_a_whole_chain_and_unblocks_only_direct_dep
     assert await conn.fetchval("SELECT count(*) FROM aiservice.finished_dependencies") == 0
 
 
+async def test_a_dependent_cancelled_before_the_pass_is_not_failed_again(conn: Conn) -> None:
+    """a <- x <- y: x is cancelled, then a; one pass sees both. x stays cancelled, and y fails
+    naming x as cancelled (x's own finish), not as failed by a cascade through it."""
+    a, x, y = await sql_jobs(conn, [{"owner_ref": "a"}, {"owner_ref": "x", "depends_on": ["$0"]},
+                                    {"owner_ref": "y", "depends_on": ["$1"]}])  # fmt: skip
+    await conn.execute("SELECT FROM aiservice.cancel_job($1)", x["id"])
+    await conn.execute("SELECT FROM aiservice.cancel_job($1)", a["id"])
+    assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") == 2
+    assert (await status(conn, x["id"]))[0] == "cancelled"
+    message = await conn.fetchval("SELECT error_message FROM aiservice.jobs WHERE id = $1", y["id"])
+    assert message == f"dependency {x['id']} is cancelled"
+
+
 async def test_a_job_may_depend_on_finished_jobs_made_earlier(conn: Conn) -> None:
     done = await create(conn)
     (got,) = await claim(conn, limit=10)

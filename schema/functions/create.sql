@@ -4,7 +4,8 @@
 -- What makes an idempotent repeat differ from the job its key names: the names of the fields that
 -- differ ('' when none), comparing the request with defaults applied (a field left out is its
 -- default: input {}, priority 0, max_attempts 3, no dependencies) and run_at as requested (left
--- out in both, or the same instant). p_depends_on is the request's dependencies as job ids, in order.
+-- out in both, or the same instant; not compared for jobs created before requests were kept, whose
+-- requested_run_at is '-infinity'). p_depends_on is the request's dependencies as job ids, in order.
 CREATE OR REPLACE FUNCTION aiservice.idempotency_differences(
     p_job aiservice.jobs,
     p_owner_ref text,
@@ -25,7 +26,8 @@ AS $$
         CASE WHEN p_job.model_profile IS DISTINCT FROM p_model_profile THEN 'model_profile' END,
         CASE WHEN p_job.input IS DISTINCT FROM coalesce(p_input, '{}'::jsonb) THEN 'input' END,
         CASE WHEN p_job.priority IS DISTINCT FROM coalesce(p_priority, 0) THEN 'priority' END,
-        CASE WHEN p_job.requested_run_at IS DISTINCT FROM p_run_at THEN 'run_at' END,
+        CASE WHEN p_job.requested_run_at IS DISTINCT FROM p_run_at
+                  AND p_job.requested_run_at IS DISTINCT FROM '-infinity' THEN 'run_at' END,
         CASE WHEN p_job.max_attempts IS DISTINCT FROM coalesce(p_max_attempts, 3) THEN 'max_attempts' END,
         CASE WHEN ARRAY(SELECT d.depends_on FROM aiservice.job_dependencies d
                         WHERE d.job_id = p_job.id ORDER BY d.position)

@@ -232,6 +232,9 @@ BEGIN
         RAISE EXCEPTION 'cooldown_max must be between 0 and 7 days' USING ERRCODE = 'AS422';
     END IF;
     v_until := now() + CASE WHEN p_retry_after IS NOT NULL THEN least(p_retry_after, p_cooldown_max) END;
+    -- The claims' lock order: this lock (shared, as claims take it) before a limit row, so a
+    -- transaction that fails a job and then claims cannot close a cycle with set_limit.
+    PERFORM pg_advisory_xact_lock_shared(108105109105116);
     INSERT INTO aiservice.limits AS l (scope, name, cooldown_until)
     VALUES ('model_profile', p_model_profile, v_until)
     ON CONFLICT (scope, name) DO UPDATE

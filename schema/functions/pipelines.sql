@@ -103,10 +103,14 @@ BEGIN
         ) s
         WHERE s.ready OR s.broken IS NOT NULL
     ),
-    -- The jobs failing now, then the blocked jobs depending on them, level by level (each
-    -- (job, dependency) pair once, so a diamond is not walked twice).
+    -- The jobs failing now (blocked ones only: a dependent already cancelled or failed is not
+    -- failed again, and its own dependents are resolved when its finish is), then the blocked
+    -- jobs depending on them, level by level (each (job, dependency) pair once, so a diamond is
+    -- not walked twice).
     doomed(id, broken, broken_status) AS (
-        SELECT id, broken, broken_status FROM direct WHERE NOT ready
+        SELECT r.id, r.broken, r.broken_status FROM direct r
+        WHERE NOT r.ready
+          AND EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = r.id AND j.status = 'pending' AND j.blocked)
         UNION
         SELECT d.job_id, d.depends_on, 'failed'
         FROM doomed x

@@ -2,8 +2,8 @@
 --
 -- A create whose idempotency_key names an existing job must repeat the request that made it
 -- (create.sql compares them). run_at changes as a job is retried or backed off, so the run_at the
--- creator asked for is kept apart: requested_run_at, NULL when none was given (jobs created before
--- this migration have NULL too).
+-- creator asked for is kept apart: requested_run_at, NULL when none was given. Keyed jobs created
+-- before this migration get '-infinity', "not known": their repeats are not compared on run_at.
 --
 -- purge_jobs no longer deletes a job that an unfinished job depends on (maintain.sql). Before, it
 -- could: the dependency rows of such jobs pointed at nothing, and a dependent whose cancelled
@@ -12,6 +12,7 @@
 -- already deleted go.
 
 ALTER TABLE aiservice.jobs ADD COLUMN requested_run_at timestamptz;
+UPDATE aiservice.jobs SET requested_run_at = '-infinity' WHERE idempotency_key IS NOT NULL;
 
 DELETE FROM aiservice.job_dependencies d
 WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d.job_id);
