@@ -340,25 +340,7 @@ $$;
 CREATE FUNCTION aiservice.claim_deliveries(p_limit integer DEFAULT 50, p_lease interval DEFAULT '00:01:00'::interval) RETURNS TABLE(id bigint, owner_service text, event text, attempts integer, created_at timestamp with time zone, url text, secret text, job jsonb, batch jsonb)
     LANGUAGE sql
     AS $$
-    WITH due AS (
-        SELECT d.id FROM aiservice.webhook_deliveries d
-        WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-        ORDER BY d.next_attempt_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ),
-    taken AS (
-        UPDATE aiservice.webhook_deliveries d
-        SET next_attempt_at = now() + p_lease, attempts = d.attempts + 1
-        FROM due WHERE d.id = due.id
-        RETURNING d.*
-    )
-    SELECT t.id, t.owner_service, t.event, t.attempts, t.created_at, w.url, w.secret, to_jsonb(j),
-           (SELECT aiservice.batch_json(b) FROM aiservice.batches b WHERE b.id = t.batch_id)
-    FROM taken t
-    JOIN aiservice.webhooks w ON w.owner_service = t.owner_service
-    LEFT JOIN aiservice.jobs j ON j.id = t.job_id AND t.event = 'job.finished'
-    ORDER BY t.id;
+    SELECT * FROM aiservice.claim_deliveries_v2(p_limit, p_lease, p_limit);
 $$;
 
 

@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from conftest import ClientFactory
+from conftest import JSON_HEADERS, ClientFactory
 from stubs import wait_for
 from test_delivery import Receiver, register
 from yarl import URL
@@ -327,7 +327,7 @@ async def test_owner_names_travel_percent_encoded_and_dot_segments_are_refused(
         assert (await api.put(path, json={"url": "http://127.0.0.1:9/h"})).status == 200, owner
         listed = await (await api.get(f"{path}/deliveries")).json()
         assert listed == {"deliveries": [], "next_cursor": None}, owner
-        missing = await api.post(f"{path}/deliveries/12345/retry")
+        missing = await api.post(f"{path}/deliveries/12345/retry", headers=JSON_HEADERS)
         assert missing.status == 404 and owner in (await missing.json())["error"]["message"], owner
     hooks = await (await api.get(f"{API}/webhooks")).json()
     assert len(hooks["webhooks"]) == 6
@@ -361,7 +361,7 @@ async def test_ids_out_of_range_are_named_for_what_they_are(api_factory: ClientF
         (f"{API}/batches/0/cancel", "batch id"),
         (f"{API}/webhooks/t/deliveries/99999999999999999999/retry", "delivery id"),
     ):
-        response = await api.post(path)
+        response = await api.post(path, headers=JSON_HEADERS)
         assert response.status == 422 and noun in (await response.json())["error"]["message"], path
 
 
