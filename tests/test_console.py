@@ -479,6 +479,8 @@ async def test_webhooks_show_retrying_deliveries_and_owners_with_url_characters(
     await console.screenshot("console-webhooks-retrying-1280x800")
     await page.get_by_test_id(f"redeliver-{gone['id']}").click()
     await expect(page.locator("#flash")).to_contain_text(f"Delivery {gone['id']} queued again.")
+    # The page renders again after the re-delivery: wait until it has, before using its elements.
+    await expect(page.get_by_test_id(f"redeliver-{gone['id']}")).to_have_count(0)
     (after,) = await store.list_deliveries(odd, status=None, before_id=None, limit=10)
     assert after.status == "pending"
 
