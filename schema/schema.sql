@@ -477,9 +477,9 @@ BEGIN
         RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
-    -- Housekeeping every claim does, probed in one statement: each probe is one index probe (the
-    -- lease and scheduled partial indexes) or a read of the small finished_dependencies queue,
-    -- which finds nothing when there is nothing to do.
+    -- Housekeeping every claim does, probed in one statement: expired leases and due jobs are one
+    -- probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished dependencies a
+    -- look at their queue table, empty but for the dead rows autovacuum has not removed yet.
     SELECT EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()),
            EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
            EXISTS (SELECT 1 FROM aiservice.jobs

@@ -83,9 +83,9 @@ $$;
 -- 3. Within a profile, priority comes first. Among the owner_services with jobs at that
 --    priority, each claimed job goes to the owner with the least service so far per unit of
 --    weight (fair_share.served grows by 1/weight per job); an owner that was idle or is new
---    starts at most c_lag_floor (10) units behind the most-served owner present, so credit saved while idle
---    cannot monopolize the queue. Ties go to the owner whose oldest job is oldest; within
---    one owner, oldest first. Owners with no job at that priority that this claim may take
+--    starts at most c_lag_floor (10) units behind the most-served owner present, so credit
+--    saved while idle cannot monopolize the queue. Ties go to the owner whose oldest job is
+--    oldest; within one owner, oldest first. Owners with no job at that priority that this claim may take
 --    (task types it does not serve, paused or full) are left out: they cannot hold it up.
 -- Concurrent claimers never receive the same job (SKIP LOCKED). Caps are never exceeded:
 -- a claim that a capped limit governs locks that limit's row before counting, so claims
@@ -150,9 +150,9 @@ BEGIN
         RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
-    -- Housekeeping every claim does, probed in one statement: each probe is one index probe (the
-    -- lease and scheduled partial indexes) or a read of the small finished_dependencies queue,
-    -- which finds nothing when there is nothing to do.
+    -- Housekeeping every claim does, probed in one statement: expired leases and due jobs are one
+    -- probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished dependencies a
+    -- look at their queue table, empty but for the dead rows autovacuum has not removed yet.
     SELECT EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()),
            EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
            EXISTS (SELECT 1 FROM aiservice.jobs
