@@ -1,8 +1,9 @@
-"""The claim's short cut (no limit rows, one owner at a priority level) gives the scheduler's answers.
+"""The claim's short cut (one owner at a priority level that no owner or task type limit restricts)
+gives the scheduler's answers.
 
-The same backlog is claimed twice, each time in a transaction rolled back afterwards: once with no
-limit rows (the short cut wherever it applies), once with a limit row that governs nothing (the full
-scheduler throughout). Real PostgreSQL."""
+The same backlog is claimed several times, each in a transaction rolled back afterwards: with limit
+rows that leave the short cut open (none; a profile cap), and with the same plus a task type cap
+that governs none of these jobs but sends every claim through the full scheduler. Real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -40,23 +41,25 @@ async def backlog(conn: Conn, rng: random.Random, n: int) -> None:
     await create_jobs(conn, specs)
 
 
-async def claims(conn: Conn, script: list[dict[str, Any]], governed: bool) -> list[list[int]]:
-    """The ids each claim of `script` returns, in order; nothing is kept."""
+FULL = "('task_type', 'other', 1)"  # caps no job here, but no claim takes the short cut beside it
+
+
+async def claims(conn: Conn, script: list[dict[str, Any]], limits: list[str]) -> list[list[int]]:
+    """The ids each claim of `script` returns, in order, under `limits` (scope, name, max_running);
+    nothing is kept."""
     tx = conn.transaction()
     await tx.start()
     try:
-        if governed:
-            # A limit row that caps nothing any claim here can take: the scheduler runs in full.
-            await conn.execute(
-                "INSERT INTO aiservice.limits (scope, name, max_running) VALUES ('task_type', 'other', 1)"
-            )
+        if limits:
+            await conn.execute(f"INSERT INTO aiservice.limits (scope, name, max_running) VALUES {', '.join(limits)}")
         return [[r["id"] for r in await claim(conn, **step)] for step in script]
     finally:
         await tx.rollback()
 
 
+@pytest.mark.parametrize("limits", [[], ["('model_profile', 'A', 6)", "('owner_service', 'o2', 4)"]])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
-async def test_the_short_cut_takes_what_the_scheduler_takes(conn: Conn, seed: int) -> None:
+async def test_the_short_cut_takes_what_the_scheduler_takes(conn: Conn, seed: int, limits: list[str]) -> None:
     rng = random.Random(seed)
     await backlog(conn, rng, 120)
     script = [
@@ -68,8 +71,8 @@ async def test_the_short_cut_takes_what_the_scheduler_takes(conn: Conn, seed: in
         }
         for i in range(12)
     ]
-    fast = await claims(conn, script, governed=False)
-    full = await claims(conn, script, governed=True)
+    fast = await claims(conn, script, limits)
+    full = await claims(conn, script, [*limits, FULL])
     assert fast == full
     assert sum(map(len, fast)) > 0
 

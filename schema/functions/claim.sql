@@ -91,9 +91,10 @@ $$;
 -- a claim that a capped limit governs locks that limit's row before counting, so claims
 -- under one cap take turns while others run in parallel. A change to a limit waits for the
 -- claims in flight, so once a pause has committed no claim still to commit starts its jobs.
--- The common case takes a short cut with the same answer: no limit rows and one owner at a
--- priority level (fair share has nothing to decide, and one owner alone records no service)
--- take that owner's oldest jobs in one set-based statement, without the scheduler's loop.
+-- The common case takes a short cut with the same answer: one owner at a priority level that
+-- no owner or task type limit restricts (fair share has nothing to decide, and one owner alone
+-- records no service) gets that owner's oldest jobs without the scheduler's loop; with no
+-- limit rows at all they are started in one set-based statement.
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
     p_worker_id text,
     p_limit integer DEFAULT 1,
@@ -118,6 +119,7 @@ DECLARE
     v_prios integer[];
     v_k integer;
     v_owner text;  -- the one owner at this priority level, when there is only one
+    v_one_owner_ok boolean;  -- no limit on task types this claim may take restricts it
     v_taken integer := 0;  -- jobs already started and returned by a one-owner statement
     v_n integer;
     v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
@@ -198,6 +200,12 @@ BEGIN
         v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
                                WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
     END IF;
+    -- A budget exists only for a limit that restricts starts now (paused, cooling down or
+    -- capped); without one on task types this claim may take, one owner's share is all it
+    -- may take, as far as its owner_service budget allows.
+    v_one_owner_ok := NOT EXISTS (
+        SELECT 1 FROM jsonb_object_keys(v_budgets) k
+        WHERE k LIKE 'task_type:%' AND (p_task_types IS NULL OR substr(k, 11) = ANY (p_task_types)));
 
     SELECT array_agg(c.model_profile ORDER BY c.ord), array_agg(c.top_priority ORDER BY c.ord)
     INTO v_profiles, v_prios
@@ -211,13 +219,13 @@ BEGIN
         CONTINUE WHEN v_take = 0;
 
         WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
-            -- Short cut: without limit rows, one owner at this level gets the whole take (the
-            -- loop below would give it every quota and record nothing), oldest first. The
-            -- priority is written as a range and the order as (priority DESC, ...) so that only
-            -- the claim index gives that order: a generic plan cannot walk the primary key or
-            -- the owner index past finished jobs instead.
+            -- Short cut: one owner at this level, with no budget of its own or on task types,
+            -- gets the whole take (the loop below would give it every quota and record
+            -- nothing), oldest first. The priority is written as a range and the order as
+            -- (priority DESC, ...) so that only the claim index gives that order: a generic plan
+            -- cannot walk the primary key or the owner index past finished jobs instead.
             v_owner := NULL;
-            IF NOT v_limited THEN
+            IF v_one_owner_ok THEN
                 SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
                 WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
                   AND j.priority BETWEEN v_prio AND v_prio
@@ -227,12 +235,16 @@ BEGIN
                              AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service > v_owner) THEN
                     v_owner := NULL;  -- several owners: fair share decides
                 END IF;
+                IF v_budgets ? ('owner_service:' || v_owner) THEN
+                    v_owner := NULL;  -- paused, cooling down or capped: the loop below counts it
+                END IF;
             END IF;
-            IF v_owner IS NOT NULL AND cardinality(v_ids) = 0
+            IF v_owner IS NOT NULL AND NOT v_limited AND cardinality(v_ids) = 0
                AND (v_k = cardinality(v_profiles) OR v_prios[v_k + 1] < v_prio) THEN
-                -- Every job a later level can give has a lower priority and nothing is held for
-                -- the final statement, so these jobs are started and returned now, in one
-                -- statement: the claim's answer stays in (priority DESC, id) order.
+                -- No limit rows (no usage to record), every job a later level can give has a
+                -- lower priority and nothing is held for the final statement, so these jobs are
+                -- started and returned now, in one statement: the claim's answer stays in
+                -- (priority DESC, id) order.
                 RETURN QUERY
                 WITH picked AS (
                     SELECT j.id FROM aiservice.jobs j
