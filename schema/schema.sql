@@ -414,7 +414,22 @@ CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1
     LANGUAGE plpgsql
     AS $_$
 DECLARE
+    -- Fair share: an idle or new owner starts at most this many units of service behind the
+    -- most-served owner present, so credit saved while idle cannot monopolize the queue.
+    c_lag_floor CONSTANT float8 := 10;
+    -- Advisory lock key ("limit") shared by every claim; set_limit takes it exclusively.
+    c_limits_lock CONSTANT bigint := 108105109105116;
     v_limited boolean;
+    v_expired boolean;
+    v_finished_deps boolean;
+    v_due boolean;
+    v_profiles text[];
+    v_prios integer[];
+    v_k integer;
+    v_owner text;  -- the one owner at this priority level, when there is only one
+    v_one_owner_ok boolean;  -- no limit on task types this claim may take restricts it
+    v_taken integer := 0;  -- jobs already started and returned by a one-owner statement
+    v_n integer;
     v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
     v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
     v_zero_types text[] := '{}';
@@ -445,20 +460,29 @@ BEGIN
         RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
-    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()) THEN
+    -- Housekeeping every claim does, probed in one statement: expired leases and due jobs are one
+    -- probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished dependencies a
+    -- look at their queue table, empty but for the dead rows autovacuum has not removed yet.
+    SELECT EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()),
+           EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
+           EXISTS (SELECT 1 FROM aiservice.jobs
+                   WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now())
+    INTO v_expired, v_finished_deps, v_due;
+    IF v_expired THEN
         PERFORM aiservice.expire_leases();
     END IF;
-    IF EXISTS (SELECT 1 FROM aiservice.finished_dependencies) THEN
+    IF v_finished_deps THEN
         PERFORM aiservice.resolve_dependencies();
     END IF;
-    IF EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()) THEN
+    IF v_due THEN
         PERFORM aiservice.promote_due();
     END IF;
 
     -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
     -- claims wait for them: once a pause or a cap has committed, no claim that began before it
     -- is still to commit, and every later claim reads it. Claims do not wait for each other here.
-    PERFORM pg_advisory_xact_lock_shared(108105109105116);  -- "limit"
+    -- Taken on the short cut too: reading "no limits" is what a pause must fence.
+    PERFORM pg_advisory_xact_lock_shared(c_limits_lock);
     v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
 
     IF v_limited THEN
@@ -484,121 +508,206 @@ BEGIN
         v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
                                WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
     END IF;
+    -- A budget exists only for a limit that restricts starts now (paused, cooling down or
+    -- capped); without one on task types this claim may take, one owner's share is all it
+    -- may take, as far as its owner_service budget allows.
+    v_one_owner_ok := NOT EXISTS (
+        SELECT 1 FROM jsonb_object_keys(v_budgets) k
+        WHERE k LIKE 'task_type:%' AND (p_task_types IS NULL OR substr(k, 11) = ANY (p_task_types)));
+
+    SELECT array_agg(c.model_profile ORDER BY c.ord), array_agg(c.top_priority ORDER BY c.ord)
+    INTO v_profiles, v_prios
+    FROM aiservice.claimable_profiles(p_model_profiles) WITH ORDINALITY c(model_profile, top_priority, ord);
 
     <<profiles>>
-    FOR v_profile, v_prio IN SELECT * FROM aiservice.claimable_profiles(p_model_profiles) LOOP
-        v_take := least(p_limit - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
+    FOR v_k IN 1..coalesce(cardinality(v_profiles), 0) LOOP
+        v_profile := v_profiles[v_k];
+        v_prio := v_prios[v_k];
+        v_take := least(p_limit - v_taken - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
         CONTINUE WHEN v_take = 0;
 
         WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
-            -- Owners with claimable jobs at this priority: one index probe each.
-            -- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most
-            -- of the backlog walked the primary key past every finished job.
-            EXECUTE $q$
-                SELECT ARRAY(
-                    WITH RECURSIVE o(name) AS (
-                        SELECT min(j.owner_service) FROM aiservice.jobs j
-                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1 AND j.priority = $2
-                        UNION ALL
-                        SELECT (SELECT min(j.owner_service) FROM aiservice.jobs j
-                                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                  AND j.priority = $2 AND j.owner_service > o.name)
-                        FROM o WHERE o.name IS NOT NULL
-                    )
-                    -- Only owners with a job this claim may take (task types served, not paused or
-                    -- full); oldest head job first: ties in service go to the owner waiting longest.
-                    SELECT o.name FROM o
-                    WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
-                      AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
-                            SELECT 1 FROM aiservice.jobs j
-                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                              AND j.priority = $2 AND j.owner_service = o.name
-                              AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
-                    ORDER BY (SELECT min(j.id) FROM aiservice.jobs j
-                              WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                AND j.priority = $2 AND j.owner_service = o.name))
-            $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
-            SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
-            INTO v_served, v_weights
-            FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
-            LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
-            LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
-            v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - 10);
-            v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-
-            -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
-            -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
-            -- leaves and its share goes to the others in the next pass. No cap on passes: owners
-            -- that give nothing must not use up the claim, or they would stay first in line and
-            -- starve the others. Each pass either fills the claim or loses at least one owner.
-            WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
-                v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
-                v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
-                FOR n IN 1..v_take LOOP
-                    v_best := NULL;
-                    FOR i IN 1..cardinality(v_owners) LOOP
-                        CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
-                        IF v_best IS NULL
-                           OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
-                              < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
-                            v_best := i;
-                        END IF;
-                    END LOOP;
-                    EXIT WHEN v_best IS NULL;
-                    v_quota[v_best] := v_quota[v_best] + 1;
-                END LOOP;
-
-                FOR i IN 1..cardinality(v_owners) LOOP
-                    CONTINUE WHEN v_quota[i] = 0;
-                    v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
-                    FOR v_row IN EXECUTE $q$
-                        SELECT j.id, j.task_type FROM aiservice.jobs j
-                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                          AND j.priority = $2 AND j.owner_service = $3
-                          AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
-                          AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
-                        ORDER BY j.id
-                        LIMIT $7
-                        FOR UPDATE SKIP LOCKED
-                    $q$ USING v_profile, v_prio, v_owners[i], p_task_types, v_zero_types, v_ids, v_owner_left
-                    LOOP
-                        IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
-                            CONTINUE;  -- this task type's cap is full: leave the job for later
-                        END IF;
-                        IF v_budgets ? ('task_type:' || v_row.task_type) THEN
-                            v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
-                                to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
-                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
-                                v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
-                            END IF;
-                        END IF;
-                        v_ids := v_ids || v_row.id;
-                        v_got[i] := v_got[i] + 1;
-                        v_pass[i] := v_pass[i] + 1;
-                        v_take := v_take - 1;
-                    END LOOP;
-                    IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
-                        v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
-                            to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_pass[i]));
-                    END IF;
-                END LOOP;
-                -- An owner that filled less than its quota has nothing more to give now.
-                FOR i IN 1..cardinality(v_owners) LOOP
-                    IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
-                        v_served[i] := NULL;
-                    END IF;
-                END LOOP;
-                EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
-            END LOOP;
-
-            IF cardinality(v_owners) > 1 THEN
-                -- One owner alone needs no bookkeeping: the floor catches it up when others come.
-                v_fair := v_fair || ARRAY(
-                    SELECT jsonb_build_object('profile', v_profile, 'owner', o.name, 'floor', v_floor,
-                                              'add', o.got::float8 / o.weight)
-                    FROM unnest(v_owners, v_got, v_weights) o(name, got, weight) WHERE o.got > 0);
+            -- Short cut: one owner at this level, with no budget of its own or on task types,
+            -- gets the whole take (the loop below would give it every quota and record
+            -- nothing), oldest first. The priority is written as a range and the order as
+            -- (priority DESC, ...) so that only the claim index gives that order: a generic plan
+            -- cannot walk the primary key or the owner index past finished jobs instead.
+            v_owner := NULL;
+            IF v_one_owner_ok THEN
+                SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
+                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                  AND j.priority BETWEEN v_prio AND v_prio
+                ORDER BY j.priority DESC, j.owner_service LIMIT 1;
+                IF EXISTS (SELECT 1 FROM aiservice.jobs j
+                           WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                             AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service > v_owner) THEN
+                    v_owner := NULL;  -- several owners: fair share decides
+                END IF;
+                IF v_budgets ? ('owner_service:' || v_owner) THEN
+                    v_owner := NULL;  -- paused, cooling down or capped: the loop below counts it
+                END IF;
             END IF;
-            EXIT profiles WHEN cardinality(v_ids) >= p_limit;
+            IF v_owner IS NOT NULL AND NOT v_limited AND cardinality(v_ids) = 0
+               AND (v_k = cardinality(v_profiles) OR v_prios[v_k + 1] < v_prio) THEN
+                -- No limit rows (no usage to record), every job a later level can give has a
+                -- lower priority and nothing is held for the final statement, so these jobs are
+                -- started and returned now, in one statement: the claim's answer stays in
+                -- (priority DESC, id) order.
+                RETURN QUERY
+                WITH picked AS (
+                    SELECT j.id FROM aiservice.jobs j
+                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                      AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
+                      AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
+                    ORDER BY j.priority DESC, j.id
+                    LIMIT v_take
+                    FOR UPDATE SKIP LOCKED
+                ),
+                claimed AS (
+                    UPDATE aiservice.jobs j
+                    SET status = 'running',
+                        attempts = j.attempts + 1,
+                        worker_id = p_worker_id,
+                        lease_token = gen_random_uuid(),
+                        lease_expires_at = now() + p_lease_timeout,
+                        started_at = now(),
+                        finished_at = NULL,
+                        updated_at = now()
+                    FROM picked
+                    WHERE j.id = picked.id
+                    RETURNING j.*
+                )
+                SELECT * FROM claimed ORDER BY id;
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_taken := v_taken + v_n;
+                v_take := v_take - v_n;
+            ELSIF v_owner IS NOT NULL THEN
+                -- Jobs from earlier levels wait for the final statement: add to them.
+                v_n := cardinality(v_ids);
+                v_ids := v_ids || ARRAY(
+                    SELECT j.id FROM aiservice.jobs j
+                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                      AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
+                      AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
+                      AND j.id <> ALL (v_ids)
+                    ORDER BY j.priority DESC, j.id
+                    LIMIT v_take
+                    FOR UPDATE SKIP LOCKED);
+                v_take := v_take - (cardinality(v_ids) - v_n);
+            ELSE
+                -- Owners with claimable jobs at this priority: one index probe each.
+                -- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most
+                -- of the backlog walked the primary key past every finished job.
+                EXECUTE $q$
+                    SELECT ARRAY(
+                        WITH RECURSIVE o(name) AS (
+                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                      AND j.priority = $2
+                                    ORDER BY j.owner_service LIMIT 1)
+                            UNION ALL
+                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                      AND j.priority = $2 AND j.owner_service > o.name
+                                    ORDER BY j.owner_service LIMIT 1)
+                            FROM o WHERE o.name IS NOT NULL
+                        )
+                        -- Only owners with a job this claim may take (task types served, not paused or
+                        -- full); oldest head job first: ties in service go to the owner waiting longest.
+                        SELECT o.name FROM o
+                        WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
+                          AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                                SELECT 1 FROM aiservice.jobs j
+                                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                  AND j.priority = $2 AND j.owner_service = o.name
+                                  AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
+                        ORDER BY (SELECT j.id FROM aiservice.jobs j
+                                  WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                                    AND j.priority = $2 AND j.owner_service = o.name
+                                  ORDER BY j.id LIMIT 1))
+                $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
+                SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
+                INTO v_served, v_weights
+                FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
+                LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
+                LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
+                v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - c_lag_floor);
+                v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
+
+                -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
+                -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
+                -- leaves and its share goes to the others in the next pass. No cap on passes: owners
+                -- that give nothing must not use up the claim, or they would stay first in line and
+                -- starve the others. Each pass either fills the claim or loses at least one owner.
+                WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
+                    v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
+                    v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
+                    FOR n IN 1..v_take LOOP
+                        v_best := NULL;
+                        FOR i IN 1..cardinality(v_owners) LOOP
+                            CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
+                            IF v_best IS NULL
+                               OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
+                                  < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
+                                v_best := i;
+                            END IF;
+                        END LOOP;
+                        EXIT WHEN v_best IS NULL;
+                        v_quota[v_best] := v_quota[v_best] + 1;
+                    END LOOP;
+
+                    FOR i IN 1..cardinality(v_owners) LOOP
+                        CONTINUE WHEN v_quota[i] = 0;
+                        v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
+                        FOR v_row IN EXECUTE $q$
+                            SELECT j.id, j.task_type FROM aiservice.jobs j
+                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
+                              AND j.priority = $2 AND j.owner_service = $3
+                              AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
+                              AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
+                            ORDER BY j.id
+                            LIMIT $7
+                            FOR UPDATE SKIP LOCKED
+                        $q$ USING v_profile, v_prio, v_owners[i], p_task_types, v_zero_types, v_ids, v_owner_left
+                        LOOP
+                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
+                                CONTINUE;  -- this task type's cap is full: leave the job for later
+                            END IF;
+                            IF v_budgets ? ('task_type:' || v_row.task_type) THEN
+                                v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
+                                    to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
+                                IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
+                                    v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
+                                END IF;
+                            END IF;
+                            v_ids := v_ids || v_row.id;
+                            v_got[i] := v_got[i] + 1;
+                            v_pass[i] := v_pass[i] + 1;
+                            v_take := v_take - 1;
+                        END LOOP;
+                        IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
+                            v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
+                                to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_pass[i]));
+                        END IF;
+                    END LOOP;
+                    -- An owner that filled less than its quota has nothing more to give now.
+                    FOR i IN 1..cardinality(v_owners) LOOP
+                        IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
+                            v_served[i] := NULL;
+                        END IF;
+                    END LOOP;
+                    EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
+                END LOOP;
+
+                IF cardinality(v_owners) > 1 THEN
+                    -- One owner alone needs no bookkeeping: the floor catches it up when others come.
+                    v_fair := v_fair || ARRAY(
+                        SELECT jsonb_build_object('profile', v_profile, 'owner', o.name, 'floor', v_floor,
+                                                  'add', o.got::float8 / o.weight)
+                        FROM unnest(v_owners, v_got, v_weights) o(name, got, weight) WHERE o.got > 0);
+                END IF;
+            END IF;  -- one owner / fair share
+            EXIT profiles WHEN v_taken + cardinality(v_ids) >= p_limit;
 
             v_prio := (SELECT j.priority FROM aiservice.jobs j
                        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
@@ -607,7 +716,9 @@ BEGIN
         END LOOP;
     END LOOP;
 
-    -- Service received, in one statement and one (profile, owner) order for every claimer.
+    -- Service received, in one statement and one (profile, owner) order for every claimer
+    -- (none to record in the common case: then no statement).
+    IF cardinality(v_fair) > 0 THEN
     WITH service AS (
         SELECT e ->> 'profile' AS profile, e ->> 'owner' AS owner,
                max((e ->> 'floor')::float8) AS floor, sum((e ->> 'add')::float8) AS add
@@ -618,7 +729,11 @@ BEGIN
     ON CONFLICT (model_profile, owner_service) DO UPDATE
         SET served = (SELECT greatest(f.served, s.floor) + s.add FROM service s
                       WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
+    END IF;
 
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;  -- everything taken (or nothing to take) by the one-owner statement
+    END IF;
     RETURN QUERY
     WITH claimed AS (
         UPDATE aiservice.jobs j
@@ -693,10 +808,12 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH RECURSIVE seen(p) AS (
-        SELECT min(j.model_profile) FROM aiservice.jobs j WHERE j.status = 'pending' AND NOT j.scheduled
+        SELECT (SELECT j.model_profile FROM aiservice.jobs j WHERE j.status = 'pending' AND NOT j.scheduled
+                ORDER BY j.model_profile LIMIT 1)
         UNION ALL
-        SELECT (SELECT min(j.model_profile) FROM aiservice.jobs j
-                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p)
+        SELECT (SELECT j.model_profile FROM aiservice.jobs j
+                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p
+                ORDER BY j.model_profile LIMIT 1)
         FROM seen WHERE seen.p IS NOT NULL
     )
     SELECT s.p, top.priority

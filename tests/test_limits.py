@@ -341,6 +341,25 @@ async def test_a_claim_does_not_read_a_backlog_it_cannot_take(conn: Conn, profil
     assert read < 100, read
 
 
+async def test_claims_from_a_fresh_one_owner_backlog_read_a_handful_of_rows(conn: Conn) -> None:
+    """20,000 jobs of one owner, never analyzed: each claim of 10 probes the claim index, it does not
+    read the backlog (it once read every claimable row to find the owners). Eight claims on one
+    connection, so the plans PL/pgSQL keeps after the fifth are covered too."""
+    await conn.execute("ALTER TABLE aiservice.jobs SET (autovacuum_enabled = false)")  # no ANALYZE meanwhile
+    await conn.execute(FILL, 20_000, "A", timedelta(0))
+    reads = []
+    for _ in range(8):
+        before = await rows_read(conn)
+        got = await claim(conn, limit=10)
+        reads.append(await rows_read(conn) - before)
+        assert len(got) == 10
+    analyzed = await conn.fetchval(
+        "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
+    )
+    assert analyzed == 0
+    assert max(reads) < 100, reads
+
+
 async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobStore) -> None:
     job = await create(conn, run_at=await conn.fetchval("SELECT now() + interval '1 hour'"))
     assert job["scheduled"] is True and job["status"] == "pending"
