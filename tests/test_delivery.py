@@ -203,9 +203,9 @@ async def test_a_lost_notification_costs_at_most_the_recheck(
     waiting = asyncio.create_task(api.get(f"{API}/jobs/{job.id}", params={"wait": "20"}))
     await asyncio.sleep(0.3)
     async with conn.transaction():
-        await conn.execute("ALTER TABLE aiservice.jobs DISABLE TRIGGER jobs_delivery_update")
+        await conn.execute("ALTER TABLE aiservice.jobs DISABLE TRIGGER jobs_update_effects")
         await conn.execute("SELECT FROM aiservice.cancel_job($1)", job.id)
-        await conn.execute("ALTER TABLE aiservice.jobs ENABLE TRIGGER jobs_delivery_update")
+        await conn.execute("ALTER TABLE aiservice.jobs ENABLE TRIGGER jobs_update_effects")
     started = time.monotonic()
     got = await (await waiting).json()
     assert got["status"] == "cancelled" and time.monotonic() - started < 2.5

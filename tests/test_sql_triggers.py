@@ -9,6 +9,8 @@ with a bound linear in the rows changed."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -70,3 +72,71 @@ async def test_a_large_cancel_after_a_one_row_update_reads_rows_linearly(conn: C
     # Linear: at most 100 rows per job over all the triggers' plans; a nested loop over the
     # transition tables alone would produce n * n (100,000,000).
     assert read < 100 * n, f"{read} rows produced for {n} jobs"
+
+
+TRIGGERS_SQL = Path(__file__).resolve().parents[1] / "schema" / "functions" / "triggers.sql"
+EVENTS = {4: "INSERT", 8: "DELETE", 16: "UPDATE"}  # pg_trigger.tgtype bits
+
+
+async def jobs_triggers(conn: Conn) -> list[tuple[str, str, str, bool]]:
+    """(name, event, function, statement level and AFTER) of every trigger on aiservice.jobs."""
+    rows = await conn.fetch(
+        """
+        SELECT t.tgname, t.tgtype, p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+        WHERE t.tgrelid = 'aiservice.jobs'::regclass AND NOT t.tgisinternal ORDER BY t.tgname
+        """
+    )
+    out = []
+    for r in rows:
+        kind = r["tgtype"]
+        for bit, event in EVENTS.items():
+            if kind & bit:
+                out.append((r["tgname"], event, r["proname"], kind & 1 == 0 and kind & 2 == 0 and kind & 64 == 0))
+    return out
+
+
+async def test_one_after_statement_trigger_per_event_on_jobs(conn: Conn) -> None:
+    triggers = await jobs_triggers(conn)
+    for event in EVENTS.values():
+        on_event = [t for t in triggers if t[1] == event]
+        assert len(on_event) == 1, f"{event}: {on_event}"
+        assert on_event[0][3], f"{on_event[0][0]} is not an AFTER ... FOR EACH STATEMENT trigger"
+
+
+async def test_an_update_statement_calls_one_trigger_function(conn: Conn) -> None:
+    """Counted by the server (track_functions): a claim, a batched completion and a plain update
+    of jobs each call the jobs trigger functions once in all."""
+    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("SET track_functions needs a superuser")
+    await conn.execute("SET track_functions = 'pl'")
+    await conn.fetch("SELECT 1 FROM aiservice.create_jobs($1, $2)", [{"owner_ref": f"r/{i}"} for i in range(5)], JOB)
+    functions = sorted({t[2] for t in await jobs_triggers(conn)})
+    calls = "SELECT sum(pg_stat_get_xact_function_calls(('aiservice.' || f)::regproc)) FROM unnest($1::text[]) f"
+    async with conn.transaction():
+        before = await conn.fetchval(calls, functions) or 0
+        claimed = await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', 5)")
+        after_claim = await conn.fetchval(calls, functions)
+        await conn.execute("UPDATE aiservice.jobs SET updated_at = now() WHERE id = $1", claimed[0]["id"])
+        after_update = await conn.fetchval(calls, functions)
+        done = await conn.fetch(
+            "SELECT outcome FROM aiservice.complete_jobs('w', $1, $2, $3)",
+            [r["id"] for r in claimed],
+            [{"ok": True}] * len(claimed),
+            [r["lease_token"] for r in claimed],
+        )
+        after_complete = await conn.fetchval(calls, functions)
+    assert [r["outcome"] for r in done] == ["completed"] * 5
+    assert (after_claim - before, after_update - after_claim, after_complete - after_update) == (1, 1, 1)
+
+
+async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> None:
+    """The header of schema/functions/triggers.sql lists every trigger on jobs: name, event, function."""
+    documented = set()
+    for line in TRIGGERS_SQL.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("--"):
+            break
+        match = re.match(r"--\s+(\w+)\s+AFTER (INSERT|UPDATE|DELETE)\s+(\w+)\(\)", line)
+        if match:
+            documented.add(match.groups())
+    actual = {(name, event, function) for name, event, function, _ in await jobs_triggers(conn)}
+    assert documented == actual

@@ -38,6 +38,7 @@ $$;
 --   'completed'   the job is now completed with its result,
 --   'not_found'   no such job,
 --   'lease_lost'  the job is not running for p_worker_id with that lease (AS410 for complete_job).
+-- Two statements: the checks on the arrays, then lock, update and outcomes in one.
 CREATE OR REPLACE FUNCTION aiservice.complete_jobs(
     p_worker_id text,
     p_ids bigint[],
@@ -49,6 +50,8 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_n integer := cardinality(p_ids);
+    v_bad_ids boolean;
+    v_bad_results boolean;
 BEGIN
     IF p_worker_id IS NULL THEN
         RAISE EXCEPTION 'worker_id is required' USING ERRCODE = 'AS422';
@@ -60,22 +63,28 @@ BEGIN
     IF v_n > 1000 THEN
         RAISE EXCEPTION 'at most 1000 jobs per call' USING ERRCODE = 'AS422';
     END IF;
-    IF array_position(p_ids, NULL) IS NOT NULL
-       OR (SELECT count(DISTINCT u) FROM unnest(p_ids) u) <> v_n THEN
+    SELECT array_position(p_ids, NULL) IS NOT NULL OR (SELECT count(DISTINCT u) FROM unnest(p_ids) u) <> v_n,
+           EXISTS (SELECT 1 FROM unnest(p_results) r WHERE r IS NULL OR jsonb_typeof(r) <> 'object')
+    INTO v_bad_ids, v_bad_results;
+    IF v_bad_ids THEN
         RAISE EXCEPTION 'ids must be distinct and not null' USING ERRCODE = 'AS422';
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(p_results) r WHERE r IS NULL OR jsonb_typeof(r) <> 'object') THEN
+    IF v_bad_results THEN
         RAISE EXCEPTION 'every result must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
 
-    -- Rows locked in id order, like every other multi-row writer: no deadlocks between batches.
-    PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE;
-
     RETURN QUERY
-    WITH input AS (
-        SELECT u.id, u.result, u.lease_token, u.ord
+    WITH input AS MATERIALIZED (
+        -- Materialized, with the status a job must have as a column: no plan finds the jobs
+        -- through the partial lease index (status = 'running'), whose stale estimate made a
+        -- generic plan scan every running entry, dead ones included; each id is one primary-key probe.
+        SELECT u.id, u.result, u.lease_token, u.ord, 'running'::aiservice.job_status AS was
         FROM unnest(p_ids, p_results, coalesce(p_lease_tokens, array_fill(NULL::uuid, ARRAY[v_n])))
              WITH ORDINALITY AS u(id, result, lease_token, ord)
+    ),
+    -- Rows locked in id order, like every other multi-row writer: no deadlocks between batches.
+    locked AS MATERIALIZED (
+        SELECT j.id FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE
     ),
     done AS (
         UPDATE aiservice.jobs j
@@ -87,16 +96,16 @@ BEGIN
             lease_expires_at = NULL,
             finished_at = now(),
             updated_at = now()
-        FROM input i
+        FROM input i JOIN locked l ON l.id = i.id
         WHERE j.id = i.id
-          AND j.status = 'running'
+          AND j.status = i.was
           AND j.worker_id = p_worker_id
           AND (i.lease_token IS NULL OR j.lease_token = i.lease_token)
         RETURNING j.id
     )
     SELECT i.id,
            CASE WHEN d.id IS NOT NULL THEN 'completed'
-                WHEN EXISTS (SELECT 1 FROM aiservice.jobs x WHERE x.id = i.id) THEN 'lease_lost'
+                WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
                 ELSE 'not_found' END
     FROM input i LEFT JOIN done d ON d.id = i.id
     ORDER BY i.ord;

@@ -153,52 +153,7 @@ BEGIN
 END;
 $$;
 
--- A finished job with dependents is queued for resolution, and workers are woken to resolve it.
--- Old and new rows are paired by grouping both transition tables by id, never by joining them:
--- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
--- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
-CREATE OR REPLACE FUNCTION aiservice.pipeline_updated() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    WITH moved AS MATERIALIZED (
-        SELECT x.id,
-               min(x.status) FILTER (WHERE x.after) AS status,
-               bool_or(x.blocked) FILTER (WHERE x.after) AS blocked,
-               min(x.status) FILTER (WHERE NOT x.after) AS was,
-               bool_or(x.blocked) FILTER (WHERE NOT x.after) AS was_blocked
-        FROM (SELECT true AS after, n.id, n.status, n.blocked FROM new_jobs n
-              UNION ALL
-              SELECT false, o.id, o.status, o.blocked FROM old_jobs o) x
-        GROUP BY x.id
-    )
-    -- The lookups below are index probes per changed job (LIMIT and OFFSET 0 keep them out of
-    -- joins the planner could turn into a scan of every dependency).
-    INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT m.id FROM moved m
-    WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
-      AND (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = m.id LIMIT 1)
-    -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
-    UNION
-    SELECT f.depends_on FROM moved m
-    CROSS JOIN LATERAL (
-        SELECT d.depends_on FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-        WHERE d.job_id = m.id AND aiservice.is_finished(x.status)
-        OFFSET 0
-    ) f
-    WHERE m.blocked AND NOT m.was_blocked
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
-        PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
-    END IF;
-    RETURN NULL;
-END;
-$$;
-
-CREATE OR REPLACE TRIGGER jobs_pipeline_update
-    AFTER UPDATE ON aiservice.jobs
-    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.pipeline_updated();
+-- A finished job with dependents is queued for resolution by jobs_update_effects (triggers.sql).
 
 -- The dependencies of a job as a claim returns them: element N is the dependency at position N
 -- (the order they were listed in), so {{dependencies.N...}} always names the same job. A job that

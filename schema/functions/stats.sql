@@ -5,59 +5,8 @@
 -- newest finishes.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
--- created counts the same rows as n, but only here: it feeds job_creations, which deletes never lower.
-CREATE OR REPLACE FUNCTION aiservice.count_inserted() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n, created)
-    SELECT task_type, model_profile, status, count(*), count(*) FROM new_jobs GROUP BY 1, 2, 3;
-    RETURN NULL;
-END;
-$$;
-
--- Old and new rows are paired by grouping both transition tables by id, never by joining them:
--- PL/pgSQL keeps a statement's plan for the session, and a join planned for a one-row update
--- runs a 10,000-row one as a nested loop (quadratic); a grouping is linear whatever its plan.
-CREATE OR REPLACE FUNCTION aiservice.count_updated() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    WITH moved AS MATERIALIZED (
-        SELECT p.* FROM (
-            SELECT x.id,
-                   min(x.task_type) FILTER (WHERE x.after) AS task_type,
-                   min(x.model_profile) FILTER (WHERE x.after) AS model_profile,
-                   min(x.status) FILTER (WHERE x.after) AS status,
-                   min(x.finished_at) FILTER (WHERE x.after) AS finished_at,
-                   min(x.error_category) FILTER (WHERE x.after) AS error_category,
-                   min(x.task_type) FILTER (WHERE NOT x.after) AS was_task_type,
-                   min(x.model_profile) FILTER (WHERE NOT x.after) AS was_model_profile,
-                   min(x.status) FILTER (WHERE NOT x.after) AS was
-            FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.status, n.finished_at, n.error_category
-                  FROM new_jobs n
-                  UNION ALL
-                  SELECT false, o.id, o.task_type, o.model_profile, o.status, NULL, NULL FROM old_jobs o) x
-            GROUP BY x.id
-        ) p
-        WHERE p.status <> p.was
-    )
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
-    SELECT task_type, model_profile, status, minute, error_category, sum(d) FROM (
-        SELECT task_type, model_profile, status,
-               CASE WHEN finished_at IS NOT NULL THEN date_trunc('minute', finished_at) END AS minute,
-               CASE WHEN finished_at IS NOT NULL THEN coalesce(error_category, '') END AS error_category,
-               1 AS d
-        FROM moved
-        UNION ALL
-        SELECT was_task_type, was_model_profile, was, NULL, NULL, -1 FROM moved
-    ) moves
-    GROUP BY 1, 2, 3, 4, 5
-    HAVING sum(d) <> 0;
-    RETURN NULL;
-END;
-$$;
-
+-- The moves of inserts and updates are appended by jobs_insert_effects and jobs_update_effects
+-- (triggers.sql); those of deletes by count_deleted, through jobs_count_delete (also there).
 CREATE OR REPLACE FUNCTION aiservice.count_deleted() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -67,23 +16,6 @@ BEGIN
     RETURN NULL;
 END;
 $$;
-
--- The triggers exist before the backfill in this transaction: their lock holds
--- writers back, so no job is counted twice or missed.
-CREATE OR REPLACE TRIGGER jobs_count_insert
-    AFTER INSERT ON aiservice.jobs
-    REFERENCING NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_inserted();
-
-CREATE OR REPLACE TRIGGER jobs_count_update
-    AFTER UPDATE ON aiservice.jobs
-    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_updated();
-
-CREATE OR REPLACE TRIGGER jobs_count_delete
-    AFTER DELETE ON aiservice.jobs
-    REFERENCING OLD TABLE AS old_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_deleted();
 
 -- Fold the deltas into job_counts, job_finishes and job_creations, and forget per-minute
 -- history older than 8 days. Returns the number of delta rows folded.
