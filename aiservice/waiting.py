@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from aiservice import errors
 from aiservice.db.jobs import FINISHED_CHANNEL, JobEvents, JobStore
+from aiservice.events import wait_event
 from aiservice.jobs import FINISHED, JobFilter
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,7 @@ class Waiters:
                 if missing:
                     raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
                 if not waiter.done.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter.done.wait(), seconds)
+                    await wait_event(waiter.done, seconds)
             finally:
                 self._unregister(waiter)
             return await self._documents(ids, since=asyncio.get_running_loop().time())
@@ -327,8 +327,7 @@ class Waiters:
                     self.connected, delay = True, 0.5
                     self._recheck()  # whatever finished while we were away
                     while not lost.is_set():
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(lost.wait(), self.recheck)
+                        await wait_event(lost, self.recheck)
                         self._recheck()
                 except errors.DatabaseUnavailable as exc:
                     log.warning("waiters: PostgreSQL unavailable (%s); retrying in %.1fs", exc, delay)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import secrets
@@ -25,6 +24,7 @@ from yarl import URL
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
+from aiservice.events import wait_event
 from aiservice.jobs import Job
 from aiservice.settings import Settings, mask_url_values, redact_url
 
@@ -144,8 +144,7 @@ class Sender:
                         log.warning("webhooks: PostgreSQL unavailable")
                     except Exception:
                         log.exception("webhooks: claiming deliveries failed")
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wakeup.wait(), POLL_INTERVAL)
+                    await wait_event(self.wakeup, POLL_INTERVAL)
             finally:
                 for task in self.tasks:
                     task.cancel()  # their leases run out: sent again by whichever replica runs then

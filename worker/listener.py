@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiservice.db.jobs import JobEvents
+from aiservice.events import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,9 @@ class Listener:
     async def _watch(self, events: JobEvents) -> None:
         """Return when the connection is gone: closed under us, or silent on a check."""
         while True:
-            try:
-                await asyncio.wait_for(self._lost.wait(), self._check_interval)
+            if await wait_event(self._lost, self._check_interval):
                 self.last_error = "connection closed"
                 return
-            except TimeoutError:
-                pass
             try:
                 await events.check(within=min(5.0, self._check_interval))
             except Exception as exc:

@@ -4,8 +4,9 @@ and otherwise every poll interval."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
+
+from aiservice.events import wait_event
 
 # Clock skew between worker and database: a timer fires this much after run_at.
 _TIMER_MARGIN = 0.05
@@ -43,8 +44,7 @@ class Wakeup:
 
     async def wait(self, poll_interval: float) -> None:
         """Until woken, or ``poll_interval`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), poll_interval)
+        await wait_event(self._event, poll_interval)
 
     def stop(self) -> None:
         """No more wake-ups; a waiting claimer returns at once."""
