@@ -34,7 +34,7 @@ SQLISH = [
     "%",
     "_",
     "\\",
-    "telephony' UNION SELECT * FROM aiservice.jobs --",
+    "telephony' UNION SELECT * FROM aiservice.all_jobs --",
 ]
 FILTERS = ["owner_service", "owner_ref", "task_type", "model_profile"]
 

@@ -99,7 +99,7 @@ async def test_a_deadlock_that_persists_is_503_with_its_reason(
     assert body["error"]["code"] == "contention"
     assert "deadlock" in body["error"]["message"]
     # Rolled back: the job still runs, and no cool-down began.
-    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "running"
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "running"
     assert await conn.fetchval("SELECT cooldown_until FROM aiservice.limits WHERE name = 'contended'") is None
 
 

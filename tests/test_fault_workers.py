@@ -224,12 +224,12 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
 
         async def running_by(worker_id: str) -> list[int]:
             rows = await conn.fetch(
-                "SELECT id FROM aiservice.jobs WHERE status = 'running' AND worker_id = $1", worker_id
+                "SELECT id FROM aiservice.all_jobs WHERE status = 'running' AND worker_id = $1", worker_id
             )
             return [r["id"] for r in rows]
 
         async def completed() -> int:
-            n: int = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'completed'")
+            n: int = await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'completed'")
             return n
 
         # Let the fleet get going, then kill two workers while each holds jobs.
@@ -265,7 +265,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
         assert frozen_jobs, "the frozen worker held no job: the test proves nothing"
 
         async def taken_over() -> bool:
-            rows = await conn.fetch("SELECT status FROM aiservice.jobs WHERE id = ANY($1::bigint[])", frozen_jobs)
+            rows = await conn.fetch("SELECT status FROM aiservice.all_jobs WHERE id = ANY($1::bigint[])", frozen_jobs)
             return all(r["status"] == "completed" for r in rows)
 
         await poll(taken_over, within=20, what="the frozen worker's jobs to be completed by others")
@@ -273,7 +273,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
 
         await poll(lambda: _at_least(completed, JOBS), within=90, what=f"all {JOBS} jobs to complete")
         await asyncio.sleep(1.0)  # the thawed worker has had its say
-        final = {r["id"]: r for r in await conn.fetch("SELECT * FROM aiservice.jobs ORDER BY id")}
+        final = {r["id"]: r for r in await conn.fetch("SELECT * FROM aiservice.all_jobs ORDER BY id")}
     finally:
         await conn.close()
 

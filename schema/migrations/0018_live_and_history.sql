@@ -1,0 +1,82 @@
+-- aiservice 0018: live jobs apart from history.
+--
+-- aiservice.jobs keeps only live jobs (pending, running; scheduled and blocked ones are pending):
+-- the rows claims, leases and dependencies read and write. A job that finishes (completed, failed,
+-- cancelled) moves, in the statement that finishes it, to aiservice.job_history: same columns in
+-- the same order, partitioned by the UTC day of finished_at (job_history_pYYYYMMDD, made ahead by
+-- maintain(); job_history_default holds what no day partition covers). Retention drops whole day
+-- partitions. aiservice.all_jobs reads both. Idempotency keys, unique per owner_service across
+-- live and finished jobs, move to aiservice.job_keys, which no finish touches.
+--
+-- The upgrade moves every finished job into job_history_default (day partitions hold the jobs that
+-- finish from now on); retention deletes those rows one by one as they pass it. Counts, batch
+-- counts and deliveries are unchanged by the move.
+
+CREATE TABLE aiservice.job_keys (
+    owner_service   text NOT NULL,
+    idempotency_key text NOT NULL,
+    job_id          bigint NOT NULL,
+    PRIMARY KEY (owner_service, idempotency_key)
+);
+COMMENT ON TABLE aiservice.job_keys IS
+    'Idempotency keys of live and finished jobs; written by create_job and create_jobs, forgotten with the job.';
+INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
+SELECT owner_service, idempotency_key, id FROM aiservice.jobs WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE aiservice.job_history (LIKE aiservice.jobs INCLUDING DEFAULTS)
+    PARTITION BY RANGE (finished_at);
+ALTER TABLE aiservice.job_history
+    ADD CONSTRAINT job_history_status_check CHECK (status IN ('completed', 'failed', 'cancelled')),
+    ALTER COLUMN finished_at SET NOT NULL;
+COMMENT ON TABLE aiservice.job_history IS
+    'Finished jobs, one partition per UTC day of finished_at. Written by the aiservice.* functions only.';
+-- What reads of finished jobs walk: by id, an owner's jobs, a kind, the creation and finish
+-- times, errors, failed and cancelled jobs, a batch.
+CREATE INDEX job_history_id_idx ON aiservice.job_history (id);
+CREATE INDEX job_history_owner_idx ON aiservice.job_history (owner_service, owner_ref, id);
+CREATE INDEX job_history_task_idx ON aiservice.job_history (task_type, model_profile, id);
+CREATE INDEX job_history_created_idx ON aiservice.job_history (created_at);
+CREATE INDEX job_history_finished_idx ON aiservice.job_history (finished_at);
+CREATE INDEX job_history_error_idx ON aiservice.job_history (error_category, id) WHERE error_category IS NOT NULL;
+CREATE INDEX job_history_unhappy_idx ON aiservice.job_history (status, id) WHERE status IN ('failed', 'cancelled');
+CREATE INDEX job_history_batch_idx ON aiservice.job_history (batch_id, id) WHERE batch_id IS NOT NULL;
+CREATE TABLE aiservice.job_history_default PARTITION OF aiservice.job_history DEFAULT;
+
+-- The move changes no count: 0017's delete trigger goes first (jobs_delete_effects, in
+-- triggers.sql, replaces it).
+DROP TRIGGER jobs_count_delete ON aiservice.jobs;
+DROP FUNCTION aiservice.count_deleted();
+WITH moved AS (
+    DELETE FROM aiservice.jobs WHERE status IN ('completed', 'failed', 'cancelled') RETURNING *
+)
+INSERT INTO aiservice.job_history
+    (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at, attempts,
+     max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at, idempotency_key,
+     created_at, started_at, finished_at, updated_at, scheduled, batch_id, blocked, requested_run_at)
+SELECT id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at, attempts,
+       max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at, idempotency_key,
+       created_at, started_at, coalesce(finished_at, updated_at), updated_at, scheduled, batch_id, blocked,
+       requested_run_at
+FROM moved;
+
+ALTER TABLE aiservice.jobs
+    ADD CONSTRAINT jobs_live_check CHECK (status IN ('pending', 'running'));
+-- The live table keeps the indexes of the claim (jobs_claim_idx, jobs_scheduled_idx), leases
+-- (jobs_lease_idx), batches (jobs_batch_idx), an owner's jobs (jobs_owner_idx) and retried jobs'
+-- errors (jobs_error_idx, partial); the others served finished jobs and live on in job_history.
+DROP INDEX aiservice.jobs_created_idx;
+DROP INDEX aiservice.jobs_finished_idx;
+DROP INDEX aiservice.jobs_unhappy_idx;
+DROP INDEX aiservice.jobs_task_idx;
+DROP INDEX aiservice.jobs_idempotency_idx;
+
+CREATE VIEW aiservice.all_jobs AS
+    SELECT * FROM aiservice.jobs
+    UNION ALL
+    SELECT * FROM aiservice.job_history;
+COMMENT ON VIEW aiservice.all_jobs IS 'Every job kept: live (aiservice.jobs) and finished (aiservice.job_history).';
+
+-- Updates of live jobs no longer finish any: the paired rows lose what only finishing read.
+ALTER TYPE aiservice.job_move DROP ATTRIBUTE finished_at, DROP ATTRIBUTE tokens;
+-- A kind of job as the limits see it (notify_freed, triggers.sql).
+CREATE TYPE aiservice.job_kind AS (task_type text, model_profile text, owner_service text);
