@@ -488,8 +488,8 @@ class NoopKind:
 async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
     from aiservice.db.jobs import JobStore
     from aiservice.jobs import JobCreate
-    from worker.listener import Listener
-    from worker.runner import Runner
+    from aiservice.worker.listener import Listener
+    from aiservice.worker.runner import Runner
 
     out: list[Result] = []
     spec = JobCreate(owner_service="bench", owner_ref="r", task_type="noop", model_profile="m")
@@ -762,7 +762,7 @@ async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
 
     from aiservice.db.jobs import JobStore
     from aiservice.settings import Settings
-    from worker.app import Worker
+    from aiservice.worker.app import Worker
 
     concurrency = 32
     dsn = await db.fresh("ai")

@@ -23,8 +23,8 @@ from aiohttp import BodyPartReader, web
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
 from aiservice.settings import Settings
-from worker.app import Worker
-from worker.kinds import Kind
+from aiservice.worker.app import Worker
+from aiservice.worker.kinds import Kind
 
 Reply = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 

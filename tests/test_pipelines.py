@@ -21,8 +21,8 @@ from test_sql_api import claim, create, create_jobs
 
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
-from worker.failure import JobFailure
-from worker.placeholders import fill_messages
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"

@@ -25,7 +25,7 @@ from aiservice.db.pool import connect, create_pool
 from aiservice.db.schema import compare, read_ledger
 from aiservice.jobs import JobCreate
 from aiservice.settings import Settings
-from worker.app import Worker
+from aiservice.worker.app import Worker
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub

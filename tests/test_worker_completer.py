@@ -16,7 +16,7 @@ from stubs import wait_for, wait_for_status
 from aiservice import metrics
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
-from worker.runner import Runner
+from aiservice.worker.runner import Runner
 
 
 class Gate:

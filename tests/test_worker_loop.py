@@ -27,8 +27,8 @@ from stubs import (
 
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import JobFilter, JobStatus
-from worker.kinds.llm import LLMKind
-from worker.runner import Runner
+from aiservice.worker.kinds.llm import LLMKind
+from aiservice.worker.runner import Runner
 
 # Fixtures shared by the worker tests.
 openai_stub = stubs.openai_stub

@@ -19,7 +19,7 @@ from stubs import (
 )
 
 from aiservice.db.jobs import JobStore
-from worker.kinds.whisperx import WhisperXKind
+from aiservice.worker.kinds.whisperx import WhisperXKind
 
 AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt fake audio"
 

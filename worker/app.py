@@ -20,12 +20,12 @@ from aiservice.db.pool import Pool, create_pool
 from aiservice.db.schema import SchemaGate
 from aiservice.maintenance import maintain_forever
 from aiservice.settings import Settings, SettingsError
-from worker import http, status
-from worker.kinds import Kind, describe
-from worker.kinds.llm import LLMKind
-from worker.kinds.whisperx import WhisperXKind
-from worker.listener import Listener
-from worker.runner import Runner
+from aiservice.worker import http, status
+from aiservice.worker.kinds import Kind, describe
+from aiservice.worker.kinds.llm import LLMKind
+from aiservice.worker.kinds.whisperx import WhisperXKind
+from aiservice.worker.listener import Listener
+from aiservice.worker.runner import Runner
 
 log = logging.getLogger(__name__)
 

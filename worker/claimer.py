@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from aiservice import errors
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
-from worker.flight import Flights
-from worker.kinds import Kind, serves
-from worker.listener import Pending
-from worker.wakeup import Wakeup
+from aiservice.worker.flight import Flights
+from aiservice.worker.kinds import Kind, serves
+from aiservice.worker.listener import Pending
+from aiservice.worker.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from aiservice import errors, rules
 from aiservice.db.jobs import JobStore
 from aiservice.jobs import JobStatus
-from worker.failure import JobFailure
-from worker.flight import Counts, InFlight
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.flight import Counts, InFlight
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from aiservice import errors
 from aiservice.db.jobs import JobStore
-from worker.flight import InFlight
+from aiservice.worker.flight import InFlight
 
 log = logging.getLogger(__name__)
 

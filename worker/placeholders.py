@@ -19,7 +19,7 @@ from typing import Any
 
 from aiservice import errors
 from aiservice.jobs import Job
-from worker.failure import JobFailure
+from aiservice.worker.failure import JobFailure
 
 _TOKEN = re.compile(r"\\\{\{|\{\{\s*([^{}]*?)\s*\}\}")
 # Paths that read a dependency's result: into it, the whole dependency, or the whole list.

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from aiservice import metrics
 from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
-from worker import failure
+from aiservice.worker import failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
