@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from aiservice import metrics
 from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
-from aiservice.worker import failure
+from aiservice.worker import failure, kinds
 from aiservice.worker.failure import JobFailure
 from aiservice.worker.placeholders import ReadJob, fill_messages
 
@@ -71,7 +71,7 @@ class ChatInput(BaseModel):
 
 
 def parse_input(job: Job) -> ChatInput:
-    return failure.parse_input(ChatInput, job)
+    return kinds.parse_input(ChatInput, job)
 
 
 def parse_json(content: str) -> Any:
