@@ -487,8 +487,9 @@ class NoopKind:
 
 async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
     from aiservice.db.jobs import JobStore
+    from aiservice.db.listener import CHANNEL, Listener
     from aiservice.jobs import JobCreate
-    from aiservice.worker.listener import Listener
+    from aiservice.worker.notifications import dispatch_to
     from aiservice.worker.runner import Runner
 
     out: list[Result] = []
@@ -508,7 +509,11 @@ async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
             # On the NOTIFY path polling is only a safety net (the default 2 s); polling alone at 100 ms.
             poll_interval=timedelta(seconds=2) if mode == "notify" else timedelta(milliseconds=100),
         )
-        listener = Listener(dsn, runner.on_event, runner.wake, min_backoff=0.1) if mode == "notify" else None
+        listener = (
+            Listener(dsn, CHANNEL, dispatch_to(runner.on_event), on_connected=runner.wake, min_backoff=0.1)
+            if mode == "notify"
+            else None
+        )
         listener_task = asyncio.create_task(listener.run()) if listener is not None else None
         runner.start()
         try:

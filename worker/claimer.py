@@ -18,7 +18,7 @@ from aiservice.db.jobs import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.flight import Flights
 from aiservice.worker.kinds import Kind, serves
-from aiservice.worker.listener import Pending
+from aiservice.worker.notifications import Pending
 from aiservice.worker.wakeup import Wakeup
 
 log = logging.getLogger(__name__)

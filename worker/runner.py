@@ -25,7 +25,7 @@ from aiservice.worker.completer import Completer
 from aiservice.worker.flight import Counts, Flights
 from aiservice.worker.kinds import Kind
 from aiservice.worker.leases import LeaseKeeper
-from aiservice.worker.listener import Abort, Event, Pending
+from aiservice.worker.notifications import Abort, Event, Pending
 from aiservice.worker.shutdown import shut_down
 from aiservice.worker.supervisor import Supervisor
 
