@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
 from aiservice.db.listener import FINISHED_CHANNEL, Listener
+from aiservice.db.store import JobStore
 from aiservice.events import wait_event
 from aiservice.jobs import FINISHED, JobFilter
 

@@ -419,7 +419,7 @@ async def drain_pgqueuer(db: Databases, n: int) -> float:
 
 
 async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     n = sz.drain_jobs
     out: list[Result] = []
@@ -486,8 +486,8 @@ class NoopKind:
 
 
 async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
-    from aiservice.db.jobs import JobStore
     from aiservice.db.listener import CHANNEL, Listener
+    from aiservice.db.store import JobStore
     from aiservice.jobs import JobCreate
     from aiservice.worker.notifications import dispatch_to
     from aiservice.worker.runner import Runner
@@ -559,7 +559,7 @@ async def http_json(session: Any, method: str, url: str, body: Any = None) -> An
 async def scenario_enqueue(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
     from aiservice.jobs import JobCreate
 
     out: list[Result] = []
@@ -656,7 +656,7 @@ async def http_lifecycle(session: Any, base: str, *, limit: int = 50, in_flight:
 async def scenario_http(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     dsn = await db.fresh("ai")
     pool = await _pool(dsn)
@@ -697,7 +697,7 @@ CROSS JOIN LATERAL (SELECT now() - interval '3 days' + (g % 259200) * interval '
 async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     out: list[Result] = []
     dsn = await db.fresh("ai")
@@ -765,7 +765,7 @@ async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
 async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
     import openai
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
     from aiservice.settings import Settings
     from aiservice.worker.app import Worker
 
@@ -959,7 +959,7 @@ async def scheduler_claims(db: Databases, sz: Sizes) -> list[Result]:
 async def scheduler_fairness(db: Databases, jobs_a: int = 5_000, jobs_b: int = 10) -> list[Result]:
     """Owner A enqueues a backlog, then owner B a few jobs (same profile, priority and weight);
     one worker claims 10 at a time and completes them with complete_jobs."""
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     dsn = await db.fresh("ai")
     pool = await _pool(dsn)
@@ -992,7 +992,7 @@ async def scheduler_fairness(db: Databases, jobs_a: int = 5_000, jobs_b: int = 1
 
 async def scheduler_drain(db: Databases, sz: Sizes) -> list[Result]:
     """The drain scenario with limits and fair share in play, against pgqueuer in the same run."""
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     n = sz.drain_jobs
     owners: list[str] = []
@@ -1063,8 +1063,8 @@ async def scheduler_drain(db: Databases, sz: Sizes) -> list[Result]:
 
 async def scheduler_cap(db: Databases, sz: Sizes, claimers: int = 8, cap: int = 3) -> list[Result]:
     """Concurrent claimers (one connection each) under max_running; a sampler counts running jobs."""
-    from aiservice.db.jobs import JobStore
     from aiservice.db.pool import connect
+    from aiservice.db.store import JobStore
 
     n = sz.cap_jobs
     dsn = await db.fresh("ai")

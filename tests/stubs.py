@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import BodyPartReader, web
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.settings import Settings
 from aiservice.worker.app import Worker

@@ -31,7 +31,7 @@ from aiservice.client import (
     Unavailable,
     error_from,
 )
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobStatus
 
 openai_stub = stubs.openai_stub

@@ -37,8 +37,8 @@ from test_fault_postgres import OwnPostgres, own_postgres
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import WAITERS
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import create_pool
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 from aiservice.settings import Settings
 

@@ -19,7 +19,7 @@ from stubs import OpenAIStub, WorkerFactory, wait_for_status
 from test_limits import rows_read
 from test_sql_api import claim, create, create_jobs
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.failure import JobFailure
 from aiservice.worker.placeholders import fill_messages

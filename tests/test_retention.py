@@ -12,9 +12,9 @@ from conftest import ClientFactory, JobFactory
 from stubs import wait_for
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import load_migrations, migrate
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

@@ -19,10 +19,10 @@ from stubs import AsrStub, OpenAIStub, wait_for, wait_for_status, worker_setting
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import STORE
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import load_functions, load_migrations, migrate
 from aiservice.db.pool import connect, create_pool
 from aiservice.db.schema import compare, read_ledger
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 from aiservice.settings import Settings
 from aiservice.worker.app import Worker

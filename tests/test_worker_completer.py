@@ -14,7 +14,7 @@ from conftest import JobFactory
 from stubs import wait_for, wait_for_status
 
 from aiservice import metrics
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.runner import Runner
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import JobFactory
 from stubs import wait_for
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker import failure
 from aiservice.worker.runner import Runner

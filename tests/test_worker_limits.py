@@ -12,7 +12,7 @@ import stubs
 from conftest import JobFactory
 from stubs import WorkerFactory, wait_for, wait_for_outcome, wait_for_status, wait_until_listening
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.failure import JobFailure
 

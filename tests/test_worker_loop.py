@@ -25,7 +25,7 @@ from stubs import (
     wait_until_listening,
 )
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobFilter, JobStatus
 from aiservice.worker.kinds.llm import LLMKind
 from aiservice.worker.runner import Runner

@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
 from aiservice.db.listener import CHANNEL, Listener
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
 from aiservice.db.schema import SchemaGate
+from aiservice.db.store import JobStore
 from aiservice.maintenance import maintain_forever
 from aiservice.settings import Settings, SettingsError
 from aiservice.worker import http, status

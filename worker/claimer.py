@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.flight import Flights
 from aiservice.worker.kinds import Kind, serves

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from aiservice import errors, rules
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
 from aiservice.worker.failure import JobFailure
 from aiservice.worker.flight import Counts, InFlight

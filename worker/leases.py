@@ -8,7 +8,7 @@ import logging
 from datetime import timedelta
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.worker.flight import InFlight
 
 log = logging.getLogger(__name__)

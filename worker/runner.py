@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.worker import status
 from aiservice.worker.claimer import Claimer
 from aiservice.worker.completer import Completer

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from aiservice.db.jobs import translate_errors
+from aiservice.db.store import translate_errors
 from aiservice.events import wait_event
 
 log = logging.getLogger(__name__)
