@@ -110,7 +110,7 @@ class Waiters:
     async def wait(self, ids: Sequence[int], mode: Mode, seconds: float, caller: str = "") -> list[bytes]:
         """Wait until any (or all) of ``ids`` finished, or ``seconds`` passed; answer their jobs, each
         as its JSON document, in the order of ``ids`` (which must hold no duplicates). Unknown ids
-        raise errors.JobNotFound before any waiting; a wait over the bounds raises errors.TooManyWaits.
+        raise errors.NotFound before any waiting; a wait over the bounds raises errors.TooManyWaits.
 
         Waits that end together on the same jobs share their reads: a job's document read after a
         wait ended serves that wait too (never one read before: the answer is the state at its end)."""
@@ -122,7 +122,7 @@ class Waiters:
                     await first_read  # shared with every waiter registered since the last read
                 missing = [i for i in ids if self._entries[i].missing]
                 if missing:
-                    raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
+                    raise errors.NotFound(f"no such jobs: {missing[:20]}")
                 if not waiter.done.is_set():
                     await wait_event(waiter.done, seconds)
             finally:
@@ -212,7 +212,7 @@ class Waiters:
                     found[job.id] = document
         missing = [i for i in ids if i not in found]
         if missing:
-            raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
+            raise errors.NotFound(f"no such jobs: {missing[:20]}")
         return [found[i] for i in ids]
 
     def _forget_documents(self) -> None:

@@ -120,7 +120,7 @@ class Completer:
                     lease_token=job.lease_token,
                 )
             )
-        except (errors.LeaseLost, errors.JobNotFound):
+        except (errors.LeaseLost, errors.NotFound):
             self._discarded(flight)
             return
         status = "retried" if updated.status == JobStatus.PENDING else "failed"
@@ -143,7 +143,7 @@ class Completer:
         job = flight.job
         try:
             await self.store.release_job(job.id, self.worker_id, lease_token=job.lease_token)
-        except (errors.LeaseLost, errors.JobNotFound):
+        except (errors.LeaseLost, errors.NotFound):
             return
         except errors.DatabaseUnavailable:
             log.warning("job %d not released: PostgreSQL unavailable; it returns when its lease expires", job.id)

@@ -88,7 +88,7 @@ async def read_omitted(
         dependency = complete[index]
         try:
             job = await read(int(dependency["id"]))
-        except errors.JobNotFound:
+        except errors.NotFound:
             complete[index] = dependency | {"deleted": True}
             continue
         complete[index] = dependency | {"result": job.result, "result_omitted": False}
