@@ -17,7 +17,7 @@ from aiservice import errors
 from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.worker.flight import Flights
-from aiservice.worker.kinds import Kind, serves
+from aiservice.worker.kinds import Kind, matches
 from aiservice.worker.notifications import Pending
 from aiservice.worker.wakeup import Wakeup
 
@@ -57,7 +57,7 @@ class Claimer:
         self._task = asyncio.create_task(self._loop(), name="aiservice-claim-loop")
 
     def on_pending(self, event: Pending) -> None:
-        if not any(serves(k, event.task_type, event.model_profile) for k in self.kinds):
+        if not any(matches(k, event.task_type, event.model_profile) for k in self.kinds):
             return
         if event.run_at is None:
             self.wakeup.now()

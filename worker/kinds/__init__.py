@@ -30,8 +30,10 @@ class Kind(Protocol):
     async def close(self) -> None: ...
 
 
-def serves(kind: Kind, task_type: str | None, model_profile: str | None) -> bool:
-    """None stands for any: a changed limit wakes every worker of a profile or task type."""
+def matches(kind: Kind, task_type: str | None, model_profile: str | None) -> bool:
+    """Whether a notification about (task_type, model_profile) concerns ``kind``. None stands for
+    any: a changed limit wakes every worker of a profile or task type. (What a worker serves, as
+    /worker/status shows it, is status.serves.)"""
     return (task_type is None or task_type in kind.task_types) and (
         model_profile is None or model_profile in kind.model_profiles
     )
