@@ -116,7 +116,9 @@ def _jobs(records: list[asyncpg.Record]) -> list[Job]:
 
 def _ids_only(depends_on: list[int | str] | None) -> list[int] | None:
     if depends_on and any(isinstance(ref, str) for ref in depends_on):
-        raise errors.InvalidArgument('depends_on: "$N" references name jobs of the same batch (POST /jobs/batch)')
+        raise errors.InvalidArgument(
+            'depends_on: "$N" references name jobs of the same batch: create them together (create_jobs)'
+        )
     return [int(ref) for ref in depends_on] if depends_on else None
 
 
