@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from conftest import JobFactory
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.maintenance import run_pass
 from aiservice.settings import Settings
 
