@@ -17,7 +17,7 @@ from test_limits import jobs, set_limit
 from test_sql_api import call, claim, one
 
 from aiservice import rules
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings, SettingsError
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

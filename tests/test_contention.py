@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from stubs import wait_for
 
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect, create_pool
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 from stubs import start_worker_process
 
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate, JobStatus
 
 # A row trigger that records every change of a job (test databases only).

@@ -16,7 +16,7 @@ import pytest
 from conftest import JSON_HEADERS, ClientFactory
 from test_sql_api import call, claim, create, create_jobs, one
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import LimitScope
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

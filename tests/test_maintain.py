@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from conftest import JobFactory
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.maintenance import run_pass
 from aiservice.settings import Settings
 
@@ -67,6 +67,6 @@ async def test_a_failing_step_is_logged_under_its_name_and_the_others_still_run(
 async def test_retention_from_settings_reaches_the_pass(conn: Conn, store: JobStore, job_factory: JobFactory) -> None:
     job = await job_factory()
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", job.id)
-    await conn.execute("UPDATE aiservice.job_history SET finished_at = now() - interval '40 days' WHERE id = $1", job.id)
+    await conn.execute("UPDATE aiservice.job_history SET finished_at = now() - interval '40 d' WHERE id = $1", job.id)
     done = await run_pass(store, Settings(database_url="x", job_retention=timedelta(days=30)))
     assert done["purge_jobs"] == 1

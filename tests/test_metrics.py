@@ -7,7 +7,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from aiservice import metrics
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 TOKEN = "metrics-test-token"
 

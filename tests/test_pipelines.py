@@ -19,10 +19,10 @@ from stubs import OpenAIStub, WorkerFactory, wait_for_status
 from test_limits import rows_read
 from test_sql_api import claim, create, create_jobs
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker.failure import JobFailure
-from worker.placeholders import fill_messages
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 from typing import Any, TypeAlias
 
@@ -13,9 +12,9 @@ from conftest import ClientFactory, JobFactory
 from stubs import wait_for
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import load_migrations, migrate
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -54,7 +53,7 @@ async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory
     left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.all_jobs")}
     assert left == {"recent", "pending", "running"}
     for name in ("done", "failed", "cancelled"):
-        with pytest.raises(errors.JobNotFound):
+        with pytest.raises(errors.NotFound):
             await store.get_job(ids[name])
     stats = await store.stats()
     assert {(s.status.value, s.count) for s in stats.by_status} == {("completed", 1), ("pending", 1), ("running", 1)}
@@ -125,7 +124,7 @@ async def test_purge_keeps_a_dependency_until_its_dependents_finish(
     assert await store.purge_jobs(timedelta(days=30)) == 0  # running: still kept
     await store.complete_job(dependent, "w", {"ok": True})
     assert await store.purge_jobs(timedelta(days=30)) == 1  # now nothing waits for it
-    with pytest.raises(errors.JobNotFound):
+    with pytest.raises(errors.NotFound):
         await store.get_job(done)
 
 
@@ -141,7 +140,7 @@ async def test_a_cancelled_dependency_is_kept_until_its_dependents_failed(store:
     failed = await store.get_job(blocked)
     assert (failed.status, failed.error_category) == ("failed", "dependency_failed")
     assert failed.error_message == f"dependency {cancelled} is cancelled"
-    assert json.loads(done)["purge_jobs"] == 1
+    assert done["purge_jobs"] == 1
 
 
 async def test_a_purged_job_takes_its_dependency_rows_along(store: JobStore, conn: Conn) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

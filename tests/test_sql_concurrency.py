@@ -173,7 +173,7 @@ async def test_concurrent_lease_expiry_returns_each_job_once(conn: Conn, connect
     results = await together([lambda c=c: c.fetch("SELECT id FROM aiservice.expire_leases()") for c in sweepers])
     expired = [r["id"] for rows in results for r in rows]
     assert len(expired) == len(set(expired)) == 500
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'pending' AND attempts = 1") == 500
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'pending' AND attempts = 1") == 500
 
 
 async def complete(c: Conn, job_id: int, worker: str, token: Any = None) -> str:

@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate, JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
