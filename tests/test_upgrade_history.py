@@ -618,6 +618,14 @@ async def test_retry_statistics_and_maintenance_after_the_upgrade(upgraded: tupl
 
     ran = await conn.fetchval("SELECT aiservice.maintain()")
     assert ran["ran"] is True and ran["errors"] == {}, ran
+    # maintain() made today's partition: the jobs that finished today, before the upgrade or since, are in it.
+    today = await conn.fetchval("SELECT 'aiservice.job_history_p' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')")
+    finished_today = await conn.fetch(
+        "SELECT id, tableoid::regclass::text AS part FROM aiservice.job_history"
+        " WHERE finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+    )
+    assert ids["running_expired"] in {r["id"] for r in finished_today}  # failed by this pass
+    assert {r["part"] for r in finished_today} == {today}
     expired = await get_job(conn, ids["running_expired"])
     assert (expired["status"], expired["error_category"]) == ("failed", "lease_expired")
     assert await where_is(conn, ids["running_expired"]) == (0, 1)
