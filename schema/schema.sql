@@ -280,7 +280,7 @@ WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_
 -- Name: TABLE jobs; Type: COMMENT; Schema: aiservice; Owner: -
 --
 
-COMMENT ON TABLE aiservice.jobs IS 'AI jobs. Change rows through the aiservice.* functions, not directly.';
+COMMENT ON TABLE aiservice.jobs IS 'Live AI jobs (pending, running); finished ones are in job_history. Change rows through the aiservice.* functions, not directly.';
 
 
 --
@@ -1335,7 +1335,8 @@ CREATE FUNCTION aiservice.dependencies_of(p_id bigint, p_omit_results_from integ
                  jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
                                     'status', j.status, 'result', j.result)
         END ORDER BY d.position)
-    FROM aiservice.job_dependencies d LEFT JOIN aiservice.all_jobs j ON j.id = d.depends_on
+    -- A claimable job's dependencies are all completed, so in job_history (or deleted).
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.job_history j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
 $$;
 
@@ -2523,7 +2524,7 @@ BEGIN
     IF to_regclass('aiservice.' || v_name) IS NOT NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING CONSTRAINTS)',
                    v_name);
     EXECUTE format('WITH moved AS (DELETE FROM aiservice.job_history_default'
                    '               WHERE finished_at >= $1 AND finished_at < $2 RETURNING *)'
@@ -2660,6 +2661,7 @@ DECLARE
     v_deleted bigint := 0;
     v_n bigint;
     v_part text;
+    v_rowwise regclass[];
 BEGIN
     IF p_older_than IS NULL OR p_older_than <= interval '0' OR NOT isfinite(p_older_than) THEN
         RAISE EXCEPTION 'older_than must be a positive, finite interval' USING ERRCODE = 'AS422';
@@ -2669,9 +2671,15 @@ BEGIN
     END IF;
     v_cutoff := now() - p_older_than;
 
+    -- Row by row: the default partition, and job_history_before where an upgrade made it.
+    v_rowwise := ARRAY['aiservice.job_history_default'::regclass];
+    IF to_regclass('aiservice.job_history_before') IS NOT NULL THEN
+        v_rowwise := v_rowwise || 'aiservice.job_history_before'::regclass;
+    END IF;
     WITH oldest AS (
-        SELECT o.id FROM aiservice.job_history_default o
-        WHERE o.finished_at < v_cutoff
+        SELECT o.id FROM aiservice.job_history o
+        WHERE o.tableoid = ANY (v_rowwise)
+          AND o.finished_at < v_cutoff
           AND NOT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id
                           WHERE d.depends_on = o.id)
         ORDER BY o.finished_at
@@ -2686,7 +2694,7 @@ BEGIN
     ),
     gone AS (
         DELETE FROM aiservice.job_history h USING doomed d
-        WHERE h.id = d.id AND h.tableoid = 'aiservice.job_history_default'::regclass
+        WHERE h.id = d.id AND h.tableoid = ANY (v_rowwise)
         RETURNING h.id, h.owner_service, h.idempotency_key
     ),
     keys AS (
@@ -3349,31 +3357,31 @@ $_$;
 --
 
 CREATE TABLE aiservice.job_history (
-    id bigint CONSTRAINT jobs_id_not_null NOT NULL,
-    owner_service text CONSTRAINT jobs_owner_service_not_null NOT NULL,
-    owner_ref text CONSTRAINT jobs_owner_ref_not_null NOT NULL,
-    task_type text CONSTRAINT jobs_task_type_not_null NOT NULL,
-    model_profile text CONSTRAINT jobs_model_profile_not_null NOT NULL,
-    input jsonb DEFAULT '{}'::jsonb CONSTRAINT jobs_input_not_null NOT NULL,
+    id bigint NOT NULL,
+    owner_service text NOT NULL,
+    owner_ref text NOT NULL,
+    task_type text NOT NULL,
+    model_profile text NOT NULL,
+    input jsonb NOT NULL,
     result jsonb,
-    status aiservice.job_status DEFAULT 'pending'::aiservice.job_status CONSTRAINT jobs_status_not_null NOT NULL,
-    priority integer DEFAULT 0 CONSTRAINT jobs_priority_not_null NOT NULL,
-    run_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_run_at_not_null NOT NULL,
-    attempts integer DEFAULT 0 CONSTRAINT jobs_attempts_not_null NOT NULL,
-    max_attempts integer DEFAULT 3 CONSTRAINT jobs_max_attempts_not_null NOT NULL,
+    status aiservice.job_status NOT NULL,
+    priority integer NOT NULL,
+    run_at timestamp with time zone NOT NULL,
+    attempts integer NOT NULL,
+    max_attempts integer NOT NULL,
     error_category text,
     error_message text,
     worker_id text,
     lease_token uuid,
     lease_expires_at timestamp with time zone,
     idempotency_key text,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_created_at_not_null NOT NULL,
+    created_at timestamp with time zone NOT NULL,
     started_at timestamp with time zone,
     finished_at timestamp with time zone NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_updated_at_not_null NOT NULL,
-    scheduled boolean DEFAULT false CONSTRAINT jobs_scheduled_not_null NOT NULL,
+    updated_at timestamp with time zone NOT NULL,
+    scheduled boolean NOT NULL,
     batch_id bigint,
-    blocked boolean DEFAULT false CONSTRAINT jobs_blocked_not_null NOT NULL,
+    blocked boolean NOT NULL,
     requested_run_at timestamp with time zone,
     CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
 )
@@ -3575,31 +3583,31 @@ CREATE TABLE aiservice.job_finishes (
 --
 
 CREATE TABLE aiservice.job_history_default (
-    id bigint CONSTRAINT jobs_id_not_null NOT NULL,
-    owner_service text CONSTRAINT jobs_owner_service_not_null NOT NULL,
-    owner_ref text CONSTRAINT jobs_owner_ref_not_null NOT NULL,
-    task_type text CONSTRAINT jobs_task_type_not_null NOT NULL,
-    model_profile text CONSTRAINT jobs_model_profile_not_null NOT NULL,
-    input jsonb DEFAULT '{}'::jsonb CONSTRAINT jobs_input_not_null NOT NULL,
+    id bigint CONSTRAINT job_history_id_not_null NOT NULL,
+    owner_service text CONSTRAINT job_history_owner_service_not_null NOT NULL,
+    owner_ref text CONSTRAINT job_history_owner_ref_not_null NOT NULL,
+    task_type text CONSTRAINT job_history_task_type_not_null NOT NULL,
+    model_profile text CONSTRAINT job_history_model_profile_not_null NOT NULL,
+    input jsonb CONSTRAINT job_history_input_not_null NOT NULL,
     result jsonb,
-    status aiservice.job_status DEFAULT 'pending'::aiservice.job_status CONSTRAINT jobs_status_not_null NOT NULL,
-    priority integer DEFAULT 0 CONSTRAINT jobs_priority_not_null NOT NULL,
-    run_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_run_at_not_null NOT NULL,
-    attempts integer DEFAULT 0 CONSTRAINT jobs_attempts_not_null NOT NULL,
-    max_attempts integer DEFAULT 3 CONSTRAINT jobs_max_attempts_not_null NOT NULL,
+    status aiservice.job_status CONSTRAINT job_history_status_not_null NOT NULL,
+    priority integer CONSTRAINT job_history_priority_not_null NOT NULL,
+    run_at timestamp with time zone CONSTRAINT job_history_run_at_not_null NOT NULL,
+    attempts integer CONSTRAINT job_history_attempts_not_null NOT NULL,
+    max_attempts integer CONSTRAINT job_history_max_attempts_not_null NOT NULL,
     error_category text,
     error_message text,
     worker_id text,
     lease_token uuid,
     lease_expires_at timestamp with time zone,
     idempotency_key text,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_created_at_not_null NOT NULL,
+    created_at timestamp with time zone CONSTRAINT job_history_created_at_not_null NOT NULL,
     started_at timestamp with time zone,
     finished_at timestamp with time zone CONSTRAINT job_history_finished_at_not_null NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() CONSTRAINT jobs_updated_at_not_null NOT NULL,
-    scheduled boolean DEFAULT false CONSTRAINT jobs_scheduled_not_null NOT NULL,
+    updated_at timestamp with time zone CONSTRAINT job_history_updated_at_not_null NOT NULL,
+    scheduled boolean CONSTRAINT job_history_scheduled_not_null NOT NULL,
     batch_id bigint,
-    blocked boolean DEFAULT false CONSTRAINT jobs_blocked_not_null NOT NULL,
+    blocked boolean CONSTRAINT job_history_blocked_not_null NOT NULL,
     requested_run_at timestamp with time zone,
     CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
 );
@@ -3753,6 +3761,8 @@ ALTER TABLE ONLY aiservice.job_keys
 
 ALTER TABLE ONLY aiservice.jobs
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
+
+ALTER TABLE aiservice.jobs CLUSTER ON jobs_pkey;
 
 
 --

@@ -18,7 +18,7 @@ BEGIN
     IF to_regclass('aiservice.' || v_name) IS NOT NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING CONSTRAINTS)',
                    v_name);
     EXECUTE format('WITH moved AS (DELETE FROM aiservice.job_history_default'
                    '               WHERE finished_at >= $1 AND finished_at < $2 RETURNING *)'
@@ -99,9 +99,9 @@ $$;
 -- Delete completed, failed and cancelled jobs that finished before now() - p_older_than;
 -- returns how many were deleted. Whole days go at once: each day partition of job_history whose
 -- day ended before that time is dropped (drop_history_partition), so a job is kept up to one day
--- longer than p_older_than. Jobs in job_history_default (those finished before the upgrade that
--- made day partitions, or when no partition was ready) are deleted one by one, at most p_limit,
--- oldest first. A job that a live (pending or running) job depends on is kept until that job
+-- longer than p_older_than. Jobs in job_history_before (finished before the upgrade that made
+-- day partitions) and job_history_default (finished when no partition was ready) are deleted one
+-- by one, at most p_limit, oldest first. A job that a live (pending or running) job depends on is kept until that job
 -- finishes: its dependents are still to be resolved, or will read its result. A deleted job's own
 -- dependency rows and idempotency key go with it.
 CREATE OR REPLACE FUNCTION aiservice.purge_jobs(p_older_than interval, p_limit integer DEFAULT 10000)
@@ -113,6 +113,7 @@ DECLARE
     v_deleted bigint := 0;
     v_n bigint;
     v_part text;
+    v_rowwise regclass[];
 BEGIN
     IF p_older_than IS NULL OR p_older_than <= interval '0' OR NOT isfinite(p_older_than) THEN
         RAISE EXCEPTION 'older_than must be a positive, finite interval' USING ERRCODE = 'AS422';
@@ -122,9 +123,15 @@ BEGIN
     END IF;
     v_cutoff := now() - p_older_than;
 
+    -- Row by row: the default partition, and job_history_before where an upgrade made it.
+    v_rowwise := ARRAY['aiservice.job_history_default'::regclass];
+    IF to_regclass('aiservice.job_history_before') IS NOT NULL THEN
+        v_rowwise := v_rowwise || 'aiservice.job_history_before'::regclass;
+    END IF;
     WITH oldest AS (
-        SELECT o.id FROM aiservice.job_history_default o
-        WHERE o.finished_at < v_cutoff
+        SELECT o.id FROM aiservice.job_history o
+        WHERE o.tableoid = ANY (v_rowwise)
+          AND o.finished_at < v_cutoff
           AND NOT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id
                           WHERE d.depends_on = o.id)
         ORDER BY o.finished_at
@@ -139,7 +146,7 @@ BEGIN
     ),
     gone AS (
         DELETE FROM aiservice.job_history h USING doomed d
-        WHERE h.id = d.id AND h.tableoid = 'aiservice.job_history_default'::regclass
+        WHERE h.id = d.id AND h.tableoid = ANY (v_rowwise)
         RETURNING h.id, h.owner_service, h.idempotency_key
     ),
     keys AS (

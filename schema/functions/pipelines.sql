@@ -180,7 +180,8 @@ AS $$
                  jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
                                     'status', j.status, 'result', j.result)
         END ORDER BY d.position)
-    FROM aiservice.job_dependencies d LEFT JOIN aiservice.all_jobs j ON j.id = d.depends_on
+    -- A claimable job's dependencies are all completed, so in job_history (or deleted).
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.job_history j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
 $$;
 

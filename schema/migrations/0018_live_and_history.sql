@@ -8,9 +8,10 @@
 -- partitions. aiservice.all_jobs reads both. Idempotency keys, unique per owner_service across
 -- live and finished jobs, move to aiservice.job_keys, which no finish touches.
 --
--- The upgrade moves every finished job into job_history_default (day partitions hold the jobs that
--- finish from now on); retention deletes those rows one by one as they pass it. Counts, batch
--- counts and deliveries are unchanged by the move.
+-- The upgrade moves every finished job into job_history_before (finished before today, UTC) or
+-- job_history_default (today); day partitions hold the jobs that finish from now on, and
+-- retention deletes the upgraded rows one by one as they pass it. Counts, batch counts and
+-- deliveries are unchanged by the move.
 
 CREATE TABLE aiservice.job_keys (
     owner_service   text NOT NULL,
@@ -23,11 +24,36 @@ COMMENT ON TABLE aiservice.job_keys IS
 INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
 SELECT owner_service, idempotency_key, id FROM aiservice.jobs WHERE idempotency_key IS NOT NULL;
 
-CREATE TABLE aiservice.job_history (LIKE aiservice.jobs INCLUDING DEFAULTS)
-    PARTITION BY RANGE (finished_at);
-ALTER TABLE aiservice.job_history
-    ADD CONSTRAINT job_history_status_check CHECK (status IN ('completed', 'failed', 'cancelled')),
-    ALTER COLUMN finished_at SET NOT NULL;
+-- The columns of aiservice.jobs, in its order (rows move between the two whole).
+CREATE TABLE aiservice.job_history (
+    id               bigint NOT NULL,
+    owner_service    text NOT NULL,
+    owner_ref        text NOT NULL,
+    task_type        text NOT NULL,
+    model_profile    text NOT NULL,
+    input            jsonb NOT NULL,
+    result           jsonb,
+    status           aiservice.job_status NOT NULL
+                     CONSTRAINT job_history_status_check CHECK (status IN ('completed', 'failed', 'cancelled')),
+    priority         integer NOT NULL,
+    run_at           timestamptz NOT NULL,
+    attempts         integer NOT NULL,
+    max_attempts     integer NOT NULL,
+    error_category   text,
+    error_message    text,
+    worker_id        text,
+    lease_token      uuid,
+    lease_expires_at timestamptz,
+    idempotency_key  text,
+    created_at       timestamptz NOT NULL,
+    started_at       timestamptz,
+    finished_at      timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    scheduled        boolean NOT NULL,
+    batch_id         bigint,
+    blocked          boolean NOT NULL,
+    requested_run_at timestamptz
+) PARTITION BY RANGE (finished_at);
 COMMENT ON TABLE aiservice.job_history IS
     'Finished jobs, one partition per UTC day of finished_at. Written by the aiservice.* functions only.';
 -- What reads of finished jobs walk: by id, an owner's jobs, a kind, the creation and finish
@@ -41,6 +67,20 @@ CREATE INDEX job_history_error_idx ON aiservice.job_history (error_category, id)
 CREATE INDEX job_history_unhappy_idx ON aiservice.job_history (status, id) WHERE status IN ('failed', 'cancelled');
 CREATE INDEX job_history_batch_idx ON aiservice.job_history (batch_id, id) WHERE batch_id IS NOT NULL;
 CREATE TABLE aiservice.job_history_default PARTITION OF aiservice.job_history DEFAULT;
+-- Jobs finished before today (UTC) go to one partition of their own, job_history_before, which
+-- retention empties row by row: the default partition stays small (attaching a day partition scans
+-- it). Made only when there are such jobs, so a new database has none.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM aiservice.jobs
+               WHERE status IN ('completed', 'failed', 'cancelled')
+                 AND coalesce(finished_at, updated_at) < (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC') THEN
+        EXECUTE format('CREATE TABLE aiservice.job_history_before PARTITION OF aiservice.job_history'
+                       ' FOR VALUES FROM (MINVALUE) TO (%L)',
+                       (now() AT TIME ZONE 'UTC')::date::timestamp AT TIME ZONE 'UTC');
+    END IF;
+END;
+$$;
 
 -- The move changes no count: 0017's delete trigger goes first (jobs_delete_effects, in
 -- triggers.sql, replaces it).
@@ -61,6 +101,10 @@ FROM moved;
 
 ALTER TABLE aiservice.jobs
     ADD CONSTRAINT jobs_live_check CHECK (status IN ('pending', 'running'));
+-- The live rows are what is left of a table that held every job: rewritten, it is their size.
+CLUSTER aiservice.jobs USING jobs_pkey;
+COMMENT ON TABLE aiservice.jobs IS
+    'Live AI jobs (pending, running); finished ones are in job_history. Change rows through the aiservice.* functions, not directly.';
 -- The live table keeps the indexes of the claim (jobs_claim_idx, jobs_scheduled_idx), leases
 -- (jobs_lease_idx), batches (jobs_batch_idx), an owner's jobs (jobs_owner_idx) and retried jobs'
 -- errors (jobs_error_idx, partial); the others served finished jobs and live on in job_history.
@@ -70,6 +114,8 @@ DROP INDEX aiservice.jobs_unhappy_idx;
 DROP INDEX aiservice.jobs_task_idx;
 DROP INDEX aiservice.jobs_idempotency_idx;
 
+-- A column added to jobs later is added to job_history in the same migration, and this view made
+-- again: the move between the tables copies whole rows, column by column.
 CREATE VIEW aiservice.all_jobs AS
     SELECT * FROM aiservice.jobs
     UNION ALL
