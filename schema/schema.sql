@@ -916,6 +916,8 @@ DECLARE
     v_n integer := cardinality(p_ids);
     v_bad_ids boolean;
     v_bad_results boolean;
+    v_ids bigint[];
+    v_outcomes text[];
 BEGIN
     IF p_worker_id IS NULL THEN
         RAISE EXCEPTION 'worker_id is required' USING ERRCODE = 'AS422';
@@ -937,7 +939,6 @@ BEGIN
         RAISE EXCEPTION 'every result must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
 
-    RETURN QUERY
     WITH input AS MATERIALIZED (
         -- Materialized, with the status a job must have as a column: no plan finds the jobs
         -- through the partial lease index (status = 'running'), whose stale estimate made a
@@ -974,13 +975,23 @@ BEGIN
         FROM gone g
         RETURNING h.id
     )
-    SELECT i.id,
-           CASE WHEN d.id IS NOT NULL THEN 'completed'
-                WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
-                WHEN EXISTS (SELECT 1 FROM aiservice.job_history h WHERE h.id = i.id) THEN 'lease_lost'
-                ELSE 'not_found' END
-    FROM input i LEFT JOIN done d ON d.id = i.id
-    ORDER BY i.ord;
+    SELECT array_agg(i.id ORDER BY i.ord),
+           array_agg(CASE WHEN d.id IS NOT NULL THEN 'completed'
+                          WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
+                          ELSE 'not_found' END ORDER BY i.ord)
+    INTO v_ids, v_outcomes
+    FROM input i LEFT JOIN done d ON d.id = i.id;
+    IF 'not_found' = ANY (v_outcomes) THEN
+        -- A new snapshot: a job another call finished while this one waited for its lock is in
+        -- job_history now (the statement above saw it neither there nor, once locked, live).
+        v_outcomes := ARRAY(
+            SELECT CASE WHEN u.outcome = 'not_found'
+                             AND EXISTS (SELECT 1 FROM aiservice.all_jobs a WHERE a.id = u.id) THEN 'lease_lost'
+                        ELSE u.outcome END
+            FROM unnest(v_ids, v_outcomes) WITH ORDINALITY AS u(id, outcome, ord)
+            ORDER BY u.ord);
+    END IF;
+    RETURN QUERY SELECT u.id, u.outcome FROM unnest(v_ids, v_outcomes) AS u(id, outcome);
 END;
 $$;
 
@@ -2524,7 +2535,7 @@ BEGIN
     IF to_regclass('aiservice.' || v_name) IS NOT NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING CONSTRAINTS)',
+    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                    v_name);
     EXECUTE format('WITH moved AS (DELETE FROM aiservice.job_history_default'
                    '               WHERE finished_at >= $1 AND finished_at < $2 RETURNING *)'
@@ -3362,26 +3373,26 @@ CREATE TABLE aiservice.job_history (
     owner_ref text NOT NULL,
     task_type text NOT NULL,
     model_profile text NOT NULL,
-    input jsonb NOT NULL,
+    input jsonb DEFAULT '{}'::jsonb NOT NULL,
     result jsonb,
     status aiservice.job_status NOT NULL,
-    priority integer NOT NULL,
-    run_at timestamp with time zone NOT NULL,
-    attempts integer NOT NULL,
-    max_attempts integer NOT NULL,
+    priority integer DEFAULT 0 NOT NULL,
+    run_at timestamp with time zone DEFAULT now() NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    max_attempts integer DEFAULT 3 NOT NULL,
     error_category text,
     error_message text,
     worker_id text,
     lease_token uuid,
     lease_expires_at timestamp with time zone,
     idempotency_key text,
-    created_at timestamp with time zone NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
     started_at timestamp with time zone,
-    finished_at timestamp with time zone NOT NULL,
-    updated_at timestamp with time zone NOT NULL,
-    scheduled boolean NOT NULL,
+    finished_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    scheduled boolean DEFAULT false NOT NULL,
     batch_id bigint,
-    blocked boolean NOT NULL,
+    blocked boolean DEFAULT false NOT NULL,
     requested_run_at timestamp with time zone,
     CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
 )
@@ -3588,26 +3599,26 @@ CREATE TABLE aiservice.job_history_default (
     owner_ref text CONSTRAINT job_history_owner_ref_not_null NOT NULL,
     task_type text CONSTRAINT job_history_task_type_not_null NOT NULL,
     model_profile text CONSTRAINT job_history_model_profile_not_null NOT NULL,
-    input jsonb CONSTRAINT job_history_input_not_null NOT NULL,
+    input jsonb DEFAULT '{}'::jsonb CONSTRAINT job_history_input_not_null NOT NULL,
     result jsonb,
     status aiservice.job_status CONSTRAINT job_history_status_not_null NOT NULL,
-    priority integer CONSTRAINT job_history_priority_not_null NOT NULL,
-    run_at timestamp with time zone CONSTRAINT job_history_run_at_not_null NOT NULL,
-    attempts integer CONSTRAINT job_history_attempts_not_null NOT NULL,
-    max_attempts integer CONSTRAINT job_history_max_attempts_not_null NOT NULL,
+    priority integer DEFAULT 0 CONSTRAINT job_history_priority_not_null NOT NULL,
+    run_at timestamp with time zone DEFAULT now() CONSTRAINT job_history_run_at_not_null NOT NULL,
+    attempts integer DEFAULT 0 CONSTRAINT job_history_attempts_not_null NOT NULL,
+    max_attempts integer DEFAULT 3 CONSTRAINT job_history_max_attempts_not_null NOT NULL,
     error_category text,
     error_message text,
     worker_id text,
     lease_token uuid,
     lease_expires_at timestamp with time zone,
     idempotency_key text,
-    created_at timestamp with time zone CONSTRAINT job_history_created_at_not_null NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT job_history_created_at_not_null NOT NULL,
     started_at timestamp with time zone,
-    finished_at timestamp with time zone CONSTRAINT job_history_finished_at_not_null NOT NULL,
-    updated_at timestamp with time zone CONSTRAINT job_history_updated_at_not_null NOT NULL,
-    scheduled boolean CONSTRAINT job_history_scheduled_not_null NOT NULL,
+    finished_at timestamp with time zone DEFAULT now() CONSTRAINT job_history_finished_at_not_null NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() CONSTRAINT job_history_updated_at_not_null NOT NULL,
+    scheduled boolean DEFAULT false CONSTRAINT job_history_scheduled_not_null NOT NULL,
     batch_id bigint,
-    blocked boolean CONSTRAINT job_history_blocked_not_null NOT NULL,
+    blocked boolean DEFAULT false CONSTRAINT job_history_blocked_not_null NOT NULL,
     requested_run_at timestamp with time zone,
     CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
 );

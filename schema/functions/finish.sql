@@ -94,6 +94,8 @@ DECLARE
     v_n integer := cardinality(p_ids);
     v_bad_ids boolean;
     v_bad_results boolean;
+    v_ids bigint[];
+    v_outcomes text[];
 BEGIN
     IF p_worker_id IS NULL THEN
         RAISE EXCEPTION 'worker_id is required' USING ERRCODE = 'AS422';
@@ -115,7 +117,6 @@ BEGIN
         RAISE EXCEPTION 'every result must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
 
-    RETURN QUERY
     WITH input AS MATERIALIZED (
         -- Materialized, with the status a job must have as a column: no plan finds the jobs
         -- through the partial lease index (status = 'running'), whose stale estimate made a
@@ -152,13 +153,23 @@ BEGIN
         FROM gone g
         RETURNING h.id
     )
-    SELECT i.id,
-           CASE WHEN d.id IS NOT NULL THEN 'completed'
-                WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
-                WHEN EXISTS (SELECT 1 FROM aiservice.job_history h WHERE h.id = i.id) THEN 'lease_lost'
-                ELSE 'not_found' END
-    FROM input i LEFT JOIN done d ON d.id = i.id
-    ORDER BY i.ord;
+    SELECT array_agg(i.id ORDER BY i.ord),
+           array_agg(CASE WHEN d.id IS NOT NULL THEN 'completed'
+                          WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
+                          ELSE 'not_found' END ORDER BY i.ord)
+    INTO v_ids, v_outcomes
+    FROM input i LEFT JOIN done d ON d.id = i.id;
+    IF 'not_found' = ANY (v_outcomes) THEN
+        -- A new snapshot: a job another call finished while this one waited for its lock is in
+        -- job_history now (the statement above saw it neither there nor, once locked, live).
+        v_outcomes := ARRAY(
+            SELECT CASE WHEN u.outcome = 'not_found'
+                             AND EXISTS (SELECT 1 FROM aiservice.all_jobs a WHERE a.id = u.id) THEN 'lease_lost'
+                        ELSE u.outcome END
+            FROM unnest(v_ids, v_outcomes) WITH ORDINALITY AS u(id, outcome, ord)
+            ORDER BY u.ord);
+    END IF;
+    RETURN QUERY SELECT u.id, u.outcome FROM unnest(v_ids, v_outcomes) AS u(id, outcome);
 END;
 $$;
 

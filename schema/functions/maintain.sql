@@ -18,7 +18,7 @@ BEGIN
     IF to_regclass('aiservice.' || v_name) IS NOT NULL THEN
         RETURN false;
     END IF;
-    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING CONSTRAINTS)',
+    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                    v_name);
     EXECUTE format('WITH moved AS (DELETE FROM aiservice.job_history_default'
                    '               WHERE finished_at >= $1 AND finished_at < $2 RETURNING *)'

@@ -24,34 +24,34 @@ COMMENT ON TABLE aiservice.job_keys IS
 INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
 SELECT owner_service, idempotency_key, id FROM aiservice.jobs WHERE idempotency_key IS NOT NULL;
 
--- The columns of aiservice.jobs, in its order (rows move between the two whole).
+-- The columns of aiservice.jobs, in its order (rows move between the two whole), with its defaults.
 CREATE TABLE aiservice.job_history (
     id               bigint NOT NULL,
     owner_service    text NOT NULL,
     owner_ref        text NOT NULL,
     task_type        text NOT NULL,
     model_profile    text NOT NULL,
-    input            jsonb NOT NULL,
+    input            jsonb NOT NULL DEFAULT '{}',
     result           jsonb,
     status           aiservice.job_status NOT NULL
                      CONSTRAINT job_history_status_check CHECK (status IN ('completed', 'failed', 'cancelled')),
-    priority         integer NOT NULL,
-    run_at           timestamptz NOT NULL,
-    attempts         integer NOT NULL,
-    max_attempts     integer NOT NULL,
+    priority         integer NOT NULL DEFAULT 0,
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    attempts         integer NOT NULL DEFAULT 0,
+    max_attempts     integer NOT NULL DEFAULT 3,
     error_category   text,
     error_message    text,
     worker_id        text,
     lease_token      uuid,
     lease_expires_at timestamptz,
     idempotency_key  text,
-    created_at       timestamptz NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
-    finished_at      timestamptz NOT NULL,
-    updated_at       timestamptz NOT NULL,
-    scheduled        boolean NOT NULL,
+    finished_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    scheduled        boolean NOT NULL DEFAULT false,
     batch_id         bigint,
-    blocked          boolean NOT NULL,
+    blocked          boolean NOT NULL DEFAULT false,
     requested_run_at timestamptz
 ) PARTITION BY RANGE (finished_at);
 COMMENT ON TABLE aiservice.job_history IS
