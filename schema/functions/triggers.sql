@@ -242,23 +242,31 @@ END;
 $$;
 
 -- Live jobs deleted: finished (moved to job_history in the same statement), or deleted by hand.
+-- Steps 1 and 2 are one statement.
 CREATE OR REPLACE FUNCTION aiservice.jobs_delete_effects() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_left_capped boolean;  -- running jobs left, and limits exist
 BEGIN
     -- 1. Statistics: the job leaves its live status (job_history_insert_effects counts where it
-    --    went).
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
-    SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3;
-
-    -- 2. Batches: likewise.
-    INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
-    SELECT batch_id, -count(*) FILTER (WHERE status = 'pending'), -count(*) FILTER (WHERE status = 'running'),
-           0, 0, 0
-    FROM old_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+    --    went). 2. Batches: likewise.
+    WITH counted AS (
+        INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
+        SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3
+    ),
+    batched AS (
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+        SELECT batch_id, -count(*) FILTER (WHERE status = 'pending'), -count(*) FILTER (WHERE status = 'running'),
+               0, 0, 0
+        FROM old_jobs WHERE batch_id IS NOT NULL GROUP BY 1
+    )
+    SELECT bool_or(o.status = 'running') AND EXISTS (SELECT 1 FROM aiservice.limits)
+    INTO v_left_capped
+    FROM old_jobs o;
 
     -- 3. Limits: a running job leaving under a max_running cap frees a place.
-    IF EXISTS (SELECT 1 FROM aiservice.limits) THEN
+    IF v_left_capped THEN
         PERFORM aiservice.notify_freed(ARRAY(
             SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.job_kind
             FROM old_jobs o WHERE o.status = 'running'));
@@ -268,31 +276,56 @@ END;
 $$;
 
 -- Jobs finished: counted with their minute and error, queued for their owner's webhook, counted in
--- their batch, announced on 'aiservice_finished'; a cancelled running job and one whose lease ran
--- out for the last time told to abort; their dependents queued for resolution; the tokens of
+-- their batch, their dependents queued for resolution (steps 1-3 and 6 are one statement, which
+-- also says which of the others have something to do); announced on 'aiservice_finished'; a
+-- cancelled running job and one whose lease ran out for the last time told to abort; the tokens of
 -- completed ones counted against the limits that match them.
 CREATE OR REPLACE FUNCTION aiservice.job_history_insert_effects() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_queued bigint;     -- finished jobs queued for their dependents
+    v_aborted bigint;    -- jobs taken from their worker
+    v_tokens bigint;     -- completed jobs that report tokens, when limits exist
 BEGIN
-    -- 1. Statistics.
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
-    SELECT task_type, model_profile, status, date_trunc('minute', finished_at), coalesce(error_category, ''),
-           count(*)
-    FROM new_jobs GROUP BY 1, 2, 3, 4, 5;
-
-    -- 2. Delivery: finished jobs are queued for their owner's webhook.
-    INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
-    SELECT n.owner_service, 'job.finished', n.id, n.batch_id
-    FROM new_jobs n JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
-    WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
-    ORDER BY n.id;
-
-    -- 3. Batches: appended to batch_count_deltas, folded at commit.
-    INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
-    SELECT batch_id, 0, 0, count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),
-           count(*) FILTER (WHERE status = 'cancelled')
-    FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+    -- 1. Statistics. 2. Webhook deliveries. 3. Batch counts (appended, folded at commit).
+    -- 6. Pipelines: a finished job with dependents is queued for resolution (an index probe per
+    --    job; LIMIT keeps it one).
+    WITH counted AS (
+        INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
+        SELECT task_type, model_profile, status, date_trunc('minute', finished_at), coalesce(error_category, ''),
+               count(*)
+        FROM new_jobs GROUP BY 1, 2, 3, 4, 5
+    ),
+    delivered AS (
+        INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
+        SELECT n.owner_service, 'job.finished', n.id, n.batch_id
+        FROM new_jobs n JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
+        WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+        ORDER BY n.id
+    ),
+    batched AS (
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+        SELECT batch_id, 0, 0, count(*) FILTER (WHERE status = 'completed'),
+               count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled')
+        FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1
+    ),
+    queued AS (
+        INSERT INTO aiservice.finished_dependencies (job_id)
+        SELECT n.id FROM new_jobs n
+        WHERE (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = n.id LIMIT 1)
+        ON CONFLICT DO NOTHING
+        RETURNING job_id
+    )
+    SELECT (SELECT count(*) FROM queued),
+           count(*) FILTER (WHERE n.worker_id IS NOT NULL
+                              AND (n.status = 'cancelled' OR n.error_category = 'lease_expired')),
+           CASE WHEN EXISTS (SELECT 1 FROM aiservice.limits)
+                THEN count(*) FILTER (WHERE n.status = 'completed'
+                                        AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number')
+                ELSE 0 END
+    INTO v_queued, v_aborted, v_tokens
+    FROM new_jobs n;
 
     -- 4. Finished jobs are announced on 'aiservice_finished'.
     PERFORM pg_notify('aiservice_finished', json_build_object('jobs', c.docs)::text)
@@ -313,24 +346,21 @@ BEGIN
 
     -- 5. Aborts on 'aiservice_jobs': a running job cancelled (only a running job has a worker_id
     --    when it finishes cancelled) or failed because its lease ran out.
-    PERFORM pg_notify('aiservice_jobs', json_build_object(
-                'event', 'abort', 'id', n.id, 'worker_id', n.worker_id, 'status', n.status)::text)
-    FROM new_jobs n
-    WHERE n.worker_id IS NOT NULL
-      AND (n.status = 'cancelled' OR n.error_category = 'lease_expired');
+    IF v_aborted > 0 THEN
+        PERFORM pg_notify('aiservice_jobs', json_build_object(
+                    'event', 'abort', 'id', n.id, 'worker_id', n.worker_id, 'status', n.status)::text)
+        FROM new_jobs n
+        WHERE n.worker_id IS NOT NULL
+          AND (n.status = 'cancelled' OR n.error_category = 'lease_expired');
+    END IF;
 
-    -- 6. Pipelines: a finished job with dependents is queued for resolution, and workers are woken
-    --    to resolve it (an index probe per job; LIMIT keeps it one).
-    INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT n.id FROM new_jobs n
-    WHERE (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = n.id LIMIT 1)
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
+    -- 6. (queued above) Workers are woken to resolve the dependents.
+    IF v_queued > 0 THEN
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
     END IF;
 
     -- 7. Limits: tokens of completed jobs count against the limits that match them.
-    IF EXISTS (SELECT 1 FROM aiservice.limits) THEN
+    IF v_tokens > 0 THEN
         INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
         SELECT l.scope, l.name, clock_timestamp(), sum(t.tokens)::bigint
         FROM (SELECT n.task_type, n.model_profile, n.owner_service,
