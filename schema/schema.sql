@@ -2380,6 +2380,34 @@ $$;
 
 
 --
+-- Name: webhooks; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.webhooks (
+    owner_service text NOT NULL,
+    url text NOT NULL,
+    events text[] DEFAULT '{job.finished,batch.finished}'::text[] NOT NULL,
+    secret text NOT NULL,
+    disabled_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT webhooks_events_check CHECK (((events <@ '{job.finished,batch.finished}'::text[]) AND ((cardinality(events) >= 1) AND (cardinality(events) <= 2)))),
+    CONSTRAINT webhooks_url_check CHECK (((url ~ '^https?://[^\s]+$'::text) AND (length(url) <= 2000)))
+);
+
+
+--
+-- Name: list_webhooks(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.list_webhooks() RETURNS SETOF aiservice.webhooks
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT * FROM aiservice.webhooks ORDER BY owner_service;
+$$;
+
+
+--
 -- Name: lock_job(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -3156,23 +3184,6 @@ BEGIN
     RETURN QUERY SELECT * FROM aiservice.list_limits() x WHERE x.scope = v_scope AND x.name = p_name;
 END;
 $_$;
-
-
---
--- Name: webhooks; Type: TABLE; Schema: aiservice; Owner: -
---
-
-CREATE TABLE aiservice.webhooks (
-    owner_service text NOT NULL,
-    url text NOT NULL,
-    events text[] DEFAULT '{job.finished,batch.finished}'::text[] NOT NULL,
-    secret text NOT NULL,
-    disabled_at timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT webhooks_events_check CHECK (((events <@ '{job.finished,batch.finished}'::text[]) AND ((cardinality(events) >= 1) AND (cardinality(events) <= 2)))),
-    CONSTRAINT webhooks_url_check CHECK (((url ~ '^https?://[^\s]+$'::text) AND (length(url) <= 2000)))
-);
 
 
 --

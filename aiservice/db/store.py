@@ -293,7 +293,7 @@ class JobStore:
         return _webhook(hook, secret=hook["secret"] if hook["secret_shown"] else None)
 
     async def list_webhooks(self) -> list[Webhook]:
-        rows = await self._retrying(lambda: self.pool.fetch("SELECT * FROM aiservice.webhooks ORDER BY owner_service"))
+        rows = await self._fetch("list_webhooks", {})
         return [_webhook(dict(r), secret=None) for r in rows]
 
     async def delete_webhook(self, owner_service: str) -> None:
@@ -471,12 +471,14 @@ class JobStore:
         return dict(row[0])
 
     async def statuses(self) -> list[str]:
-        """The labels of the SQL enum, for the test that keeps JobStatus equal to it."""
+        """The labels of the SQL enum, for the test that keeps JobStatus equal to it (a question
+        about the type itself, so a catalog read, not an SQL API function)."""
         async with translate_errors():
             rows = await self.pool.fetch("SELECT unnest(enum_range(NULL::aiservice.job_status))::text")
         return [r[0] for r in rows]
 
     async def ping(self) -> None:
+        # A liveness probe needs the server, not the schema: it answers before `aiservice migrate`.
         async with translate_errors():
             await self.pool.fetchval("SELECT 1", timeout=2.0)
 

@@ -261,6 +261,13 @@ BEGIN
 END;
 $$;
 
+-- Every webhook endpoint, by owner_service (the secrets included: the API shows none of them).
+CREATE OR REPLACE FUNCTION aiservice.list_webhooks() RETURNS SETOF aiservice.webhooks
+LANGUAGE sql STABLE
+AS $$
+    SELECT * FROM aiservice.webhooks ORDER BY owner_service;
+$$;
+
 CREATE OR REPLACE FUNCTION aiservice.delete_webhook(p_owner_service text) RETURNS void
 LANGUAGE plpgsql
 AS $$
