@@ -361,6 +361,32 @@ $$;
 
 
 --
+-- Name: claim_budgets(text[], text[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claim_budgets(p_task_types text[], p_model_profiles text[], OUT clock timestamp with time zone, OUT profiles jsonb, OUT task_types jsonb, OUT owners jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM 1 FROM aiservice.limits l
+    WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
+      AND (l.scope = 'owner_service'
+           OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
+           OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
+    ORDER BY l.scope, l.name
+    FOR UPDATE;
+    clock := clock_timestamp();
+    SELECT coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'model_profile'), '{}'),
+           coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'task_type'), '{}'),
+           coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'owner_service'), '{}')
+    INTO profiles, task_types, owners
+    FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, clock) AS n) b
+    WHERE b.n IS NOT NULL;
+END;
+$$;
+
+
+--
 -- Name: claim_deliveries(integer, interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -439,43 +465,34 @@ $$;
 
 CREATE FUNCTION aiservice.claim_jobs(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval) RETURNS SETOF aiservice.jobs
     LANGUAGE plpgsql
-    AS $_$
+    AS $$
 DECLARE
-    -- Fair share: an idle or new owner starts at most this many units of service behind the
-    -- most-served owner present, so credit saved while idle cannot monopolize the queue.
-    c_lag_floor CONSTANT float8 := 10;
     -- Advisory lock key ("limit") shared by every claim; set_limit takes it exclusively.
     c_limits_lock CONSTANT bigint := 108105109105116;
-    v_limited boolean;
-    v_expired boolean;
-    v_finished_deps boolean;
-    v_due boolean;
+    v_limited boolean;  -- limit rows exist: budgets to read, starts to count
+    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
+    -- Jobs each limit that restricts starts now still lets start, by name (claim_budgets).
+    v_profile_budgets jsonb := '{}';
+    v_type_budgets jsonb := '{}';
+    v_owner_budgets jsonb := '{}';
+    v_full_owners text[] := '{}';  -- owners whose budget was 0 when the claim began
+    v_one_owner_ok boolean := true;  -- no budget on the task types this claim may take
     v_profiles text[];
     v_prios integer[];
     v_k integer;
-    v_owner text;  -- the one owner at this priority level, when there is only one
-    v_one_owner_ok boolean;  -- no limit on task types this claim may take restricts it
-    v_taken integer := 0;  -- jobs already started and returned by a one-owner statement
-    v_n integer;
-    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
-    v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
-    v_zero_types text[] := '{}';
-    v_zero_owners text[] := '{}';
-    v_ids bigint[] := '{}';
     v_profile text;
     v_prio integer;
     v_take bigint;
-    v_owners text[];
-    v_served float8[];
-    v_weights integer[];
-    v_quota integer[];
-    v_got integer[];
-    v_pass integer[];
-    v_fair jsonb[] := '{}';  -- service to record: {profile, owner, floor, add}
-    v_floor float8;
-    v_best integer;
-    v_owner_left bigint;
-    v_row record;
+    v_owner text;  -- the one owner at this priority level, when the short cut applies
+    v_taken integer := 0;  -- jobs already started and returned by the one-owner statement
+    v_n integer;
+    v_ids bigint[] := '{}';  -- jobs held for the final statement
+    v_level record;  -- what take_fair_shares took at one level
+    -- Service to record (record_service), one element per owner and level.
+    v_service_profiles text[] := '{}';
+    v_service_owners text[] := '{}';
+    v_service_floors float8[] := '{}';
+    v_service_added float8[] := '{}';
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -487,23 +504,7 @@ BEGIN
         RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
-    -- Housekeeping every claim does, probed in one statement: expired leases and due jobs are one
-    -- probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished dependencies a
-    -- look at their queue table, empty but for the dead rows autovacuum has not removed yet.
-    SELECT EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()),
-           EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
-           EXISTS (SELECT 1 FROM aiservice.jobs
-                   WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now())
-    INTO v_expired, v_finished_deps, v_due;
-    IF v_expired THEN
-        PERFORM aiservice.expire_leases();
-    END IF;
-    IF v_finished_deps THEN
-        PERFORM aiservice.resolve_dependencies();
-    END IF;
-    IF v_due THEN
-        PERFORM aiservice.promote_due();
-    END IF;
+    PERFORM aiservice.prepare_claim();
 
     -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
     -- claims wait for them: once a pause or a cap has committed, no claim that began before it
@@ -511,36 +512,17 @@ BEGIN
     -- Taken on the short cut too: reading "no limits" is what a pause must fence.
     PERFORM pg_advisory_xact_lock_shared(c_limits_lock);
     v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
-
     IF v_limited THEN
-        -- Capped limits this claim may use, locked in one order for every claimer; the counts
-        -- read after the lock include every claim committed before ours. The trailing minute
-        -- is read, and this claim's starts are stamped, at the clock time taken under these
-        -- locks (not the transaction's start, which may be long past): a later claim under the
-        -- same cap takes the lock after ours committed, so it sees our starts in its minute.
-        PERFORM 1 FROM aiservice.limits l
-        WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
-          AND (l.scope = 'owner_service'
-               OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
-               OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
-        ORDER BY l.scope, l.name
-        FOR UPDATE;
-        v_clock := clock_timestamp();
-        SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
-        INTO v_budgets
-        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, v_clock) AS n) b
-        WHERE b.n IS NOT NULL;
-        v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
-                              WHERE k LIKE 'task_type:%' AND v::bigint = 0);
-        v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
-                               WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
+        SELECT b.clock, b.profiles, b.task_types, b.owners
+        INTO v_clock, v_profile_budgets, v_type_budgets, v_owner_budgets
+        FROM aiservice.claim_budgets(p_task_types, p_model_profiles) b;
+        v_full_owners := ARRAY(SELECT e.name FROM jsonb_each_text(v_owner_budgets) e(name, n) WHERE e.n::bigint = 0);
+        -- Without a budget on the task types this claim may take, one owner's share is all it may
+        -- take, as far as its owner_service budget allows.
+        v_one_owner_ok := NOT EXISTS (
+            SELECT 1 FROM jsonb_object_keys(v_type_budgets) t(name)
+            WHERE p_task_types IS NULL OR t.name = ANY (p_task_types));
     END IF;
-    -- A budget exists only for a limit that restricts starts now (paused, cooling down or
-    -- capped); without one on task types this claim may take, one owner's share is all it
-    -- may take, as far as its owner_service budget allows.
-    v_one_owner_ok := NOT EXISTS (
-        SELECT 1 FROM jsonb_object_keys(v_budgets) k
-        WHERE k LIKE 'task_type:%' AND (p_task_types IS NULL OR substr(k, 11) = ANY (p_task_types)));
 
     SELECT array_agg(c.model_profile ORDER BY c.ord), array_agg(c.top_priority ORDER BY c.ord)
     INTO v_profiles, v_prios
@@ -550,30 +532,18 @@ BEGIN
     FOR v_k IN 1..coalesce(cardinality(v_profiles), 0) LOOP
         v_profile := v_profiles[v_k];
         v_prio := v_prios[v_k];
-        v_take := least(p_limit - v_taken - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
+        v_take := least(p_limit - v_taken - cardinality(v_ids), (v_profile_budgets ->> v_profile)::bigint);
         CONTINUE WHEN v_take = 0;
 
         WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
-            -- Short cut: one owner at this level, with no budget of its own or on task types,
-            -- gets the whole take (the loop below would give it every quota and record
-            -- nothing), oldest first. The priority is written as a range and the order as
-            -- (priority DESC, ...) so that only the claim index gives that order: a generic plan
-            -- cannot walk the primary key or the owner index past finished jobs instead.
-            v_owner := NULL;
-            IF v_one_owner_ok THEN
-                SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
-                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                  AND j.priority BETWEEN v_prio AND v_prio
-                ORDER BY j.priority DESC, j.owner_service LIMIT 1;
-                IF EXISTS (SELECT 1 FROM aiservice.jobs j
-                           WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                             AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service > v_owner) THEN
-                    v_owner := NULL;  -- several owners: fair share decides
-                END IF;
-                IF v_budgets ? ('owner_service:' || v_owner) THEN
-                    v_owner := NULL;  -- paused, cooling down or capped: the loop below counts it
-                END IF;
+            -- The short cut: one owner at this level, with no budget of its own or on task types,
+            -- gets the whole take (take_fair_shares would give it every quota and record
+            -- nothing), oldest first.
+            v_owner := CASE WHEN v_one_owner_ok THEN aiservice.sole_owner(v_profile, v_prio) END;
+            IF v_owner_budgets ? v_owner THEN
+                v_owner := NULL;  -- paused or capped: take_fair_shares counts it
             END IF;
+
             IF v_owner IS NOT NULL AND NOT v_limited AND cardinality(v_ids) = 0
                AND (v_k = cardinality(v_profiles) OR v_prios[v_k + 1] < v_prio) THEN
                 -- No limit rows (no usage to record), every job a later level can give has a
@@ -583,7 +553,7 @@ BEGIN
                 RETURN QUERY
                 WITH picked AS (
                     SELECT j.id FROM aiservice.jobs j
-                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile
                       AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
                       AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
                     ORDER BY j.priority DESC, j.id
@@ -609,11 +579,12 @@ BEGIN
                 v_taken := v_taken + v_n;
                 v_take := v_take - v_n;
             ELSIF v_owner IS NOT NULL THEN
-                -- Jobs from earlier levels wait for the final statement: add to them.
+                -- The short cut under limit rows, or after earlier levels: held for the final
+                -- statement with the jobs taken before.
                 v_n := cardinality(v_ids);
                 v_ids := v_ids || ARRAY(
                     SELECT j.id FROM aiservice.jobs j
-                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile
                       AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
                       AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
                       AND j.id <> ALL (v_ids)
@@ -622,140 +593,27 @@ BEGIN
                     FOR UPDATE SKIP LOCKED);
                 v_take := v_take - (cardinality(v_ids) - v_n);
             ELSE
-                -- Owners with claimable jobs at this priority: one index probe each.
-                -- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most
-                -- of the backlog walked the primary key past every finished job.
-                EXECUTE $q$
-                    SELECT ARRAY(
-                        WITH RECURSIVE o(name) AS (
-                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
-                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                      AND j.priority = $2
-                                    ORDER BY j.owner_service LIMIT 1)
-                            UNION ALL
-                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
-                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                      AND j.priority = $2 AND j.owner_service > o.name
-                                    ORDER BY j.owner_service LIMIT 1)
-                            FROM o WHERE o.name IS NOT NULL
-                        )
-                        -- Only owners with a job this claim may take (task types served, not paused or
-                        -- full); oldest head job first: ties in service go to the owner waiting longest.
-                        SELECT o.name FROM o
-                        WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
-                          AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
-                                SELECT 1 FROM aiservice.jobs j
-                                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                  AND j.priority = $2 AND j.owner_service = o.name
-                                  AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
-                        ORDER BY (SELECT j.id FROM aiservice.jobs j
-                                  WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                    AND j.priority = $2 AND j.owner_service = o.name
-                                  ORDER BY j.id LIMIT 1))
-                $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
-                SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
-                INTO v_served, v_weights
-                FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
-                LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
-                LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
-                v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - c_lag_floor);
-                v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-
-                -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
-                -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
-                -- leaves and its share goes to the others in the next pass. No cap on passes: owners
-                -- that give nothing must not use up the claim, or they would stay first in line and
-                -- starve the others. Each pass either fills the claim or loses at least one owner.
-                WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
-                    v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
-                    v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
-                    FOR n IN 1..v_take LOOP
-                        v_best := NULL;
-                        FOR i IN 1..cardinality(v_owners) LOOP
-                            CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
-                            IF v_best IS NULL
-                               OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
-                                  < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
-                                v_best := i;
-                            END IF;
-                        END LOOP;
-                        EXIT WHEN v_best IS NULL;
-                        v_quota[v_best] := v_quota[v_best] + 1;
-                    END LOOP;
-
-                    FOR i IN 1..cardinality(v_owners) LOOP
-                        CONTINUE WHEN v_quota[i] = 0;
-                        v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
-                        FOR v_row IN EXECUTE $q$
-                            SELECT j.id, j.task_type FROM aiservice.jobs j
-                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                              AND j.priority = $2 AND j.owner_service = $3
-                              AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
-                              AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
-                            ORDER BY j.id
-                            LIMIT $7
-                            FOR UPDATE SKIP LOCKED
-                        $q$ USING v_profile, v_prio, v_owners[i], p_task_types, v_zero_types, v_ids, v_owner_left
-                        LOOP
-                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
-                                CONTINUE;  -- this task type's cap is full: leave the job for later
-                            END IF;
-                            IF v_budgets ? ('task_type:' || v_row.task_type) THEN
-                                v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
-                                    to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
-                                IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
-                                    v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
-                                END IF;
-                            END IF;
-                            v_ids := v_ids || v_row.id;
-                            v_got[i] := v_got[i] + 1;
-                            v_pass[i] := v_pass[i] + 1;
-                            v_take := v_take - 1;
-                        END LOOP;
-                        IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
-                            v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
-                                to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_pass[i]));
-                        END IF;
-                    END LOOP;
-                    -- An owner that filled less than its quota has nothing more to give now.
-                    FOR i IN 1..cardinality(v_owners) LOOP
-                        IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
-                            v_served[i] := NULL;
-                        END IF;
-                    END LOOP;
-                    EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
-                END LOOP;
-
-                IF cardinality(v_owners) > 1 THEN
-                    -- One owner alone needs no bookkeeping: the floor catches it up when others come.
-                    v_fair := v_fair || ARRAY(
-                        SELECT jsonb_build_object('profile', v_profile, 'owner', o.name, 'floor', v_floor,
-                                                  'add', o.got::float8 / o.weight)
-                        FROM unnest(v_owners, v_got, v_weights) o(name, got, weight) WHERE o.got > 0);
-                END IF;
-            END IF;  -- one owner / fair share
+                v_level := aiservice.take_fair_shares(v_profile, v_prio, v_take, p_task_types, v_full_owners,
+                                                      v_ids, v_type_budgets, v_owner_budgets);
+                v_take := v_take - (cardinality(v_level.ids) - cardinality(v_ids));
+                v_ids := v_level.ids;
+                v_type_budgets := v_level.type_budgets;
+                v_owner_budgets := v_level.owner_budgets;
+                v_service_profiles := v_service_profiles || array_fill(v_profile, ARRAY[cardinality(v_level.service_owners)]);
+                v_service_owners := v_service_owners || v_level.service_owners;
+                v_service_floors := v_service_floors || array_fill(v_level.floor, ARRAY[cardinality(v_level.service_owners)]);
+                v_service_added := v_service_added || v_level.service_added;
+            END IF;
             EXIT profiles WHEN v_taken + cardinality(v_ids) >= p_limit;
 
             v_prio := (SELECT j.priority FROM aiservice.jobs j
-                       WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                         AND j.priority < v_prio
+                       WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile AND j.priority < v_prio
                        ORDER BY j.priority DESC LIMIT 1);
         END LOOP;
     END LOOP;
 
-    -- Service received, in one statement and one (profile, owner) order for every claimer
-    -- (none to record in the common case: then no statement).
-    IF cardinality(v_fair) > 0 THEN
-    WITH service AS (
-        SELECT e ->> 'profile' AS profile, e ->> 'owner' AS owner,
-               max((e ->> 'floor')::float8) AS floor, sum((e ->> 'add')::float8) AS add
-        FROM unnest(v_fair) e GROUP BY 1, 2
-    )
-    INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
-    SELECT profile, owner, floor + add FROM service ORDER BY profile, owner
-    ON CONFLICT (model_profile, owner_service) DO UPDATE
-        SET served = (SELECT greatest(f.served, s.floor) + s.add FROM service s
-                      WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
+    IF cardinality(v_service_owners) > 0 THEN  -- none to record in the common case: no statement
+        PERFORM aiservice.record_service(v_service_profiles, v_service_owners, v_service_floors, v_service_added);
     END IF;
 
     IF cardinality(v_ids) = 0 THEN
@@ -786,7 +644,7 @@ BEGIN
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
 END;
-$_$;
+$$;
 
 
 --
@@ -794,21 +652,38 @@ $_$;
 --
 
 CREATE FUNCTION aiservice.claim_jobs_v2(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval, p_max_dependency_bytes bigint DEFAULT 8388608) RETURNS TABLE(job aiservice.jobs, dependencies jsonb)
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM aiservice.claim_jobs_with_dependencies(
+        p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout, p_max_dependency_bytes);
+END;
+$$;
+
+
+--
+-- Name: claim_jobs_with_dependencies(text, integer, text[], text[], interval, bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.claim_jobs_with_dependencies(p_worker_id text, p_limit integer DEFAULT 1, p_task_types text[] DEFAULT NULL::text[], p_model_profiles text[] DEFAULT NULL::text[], p_lease_timeout interval DEFAULT '00:15:00'::interval, p_max_dependency_bytes bigint DEFAULT 8388608) RETURNS TABLE(job aiservice.jobs, dependencies jsonb)
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    RETURN QUERY
     WITH claimed AS MATERIALIZED (
         SELECT c AS job, row_number() OVER () AS n
         FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c
     ),
     cut AS (
         SELECT * FROM aiservice.dependency_results_cut(
-            ARRAY(SELECT (job).id FROM claimed ORDER BY n), p_max_dependency_bytes)
+            ARRAY(SELECT (x.job).id FROM claimed x ORDER BY x.n), p_max_dependency_bytes)
     )
     SELECT c.job,
            aiservice.dependencies_of((c.job).id, CASE WHEN c.n = cut.cut_at THEN cut.cut_from
                                                       WHEN c.n > cut.cut_at THEN 0 END)
     FROM claimed c CROSS JOIN cut
     ORDER BY c.n;
+END;
 $$;
 
 
@@ -827,7 +702,7 @@ BEGIN
         FROM unnest(p_model_profiles) AS c(p)
         CROSS JOIN LATERAL (
             SELECT j.priority FROM aiservice.jobs j
-            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+            WHERE aiservice.is_claimable(j) AND j.model_profile = c.p
             ORDER BY j.priority DESC LIMIT 1
         ) top
         ORDER BY top.priority DESC, c.p;
@@ -835,11 +710,11 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH RECURSIVE seen(p) AS (
-        SELECT (SELECT j.model_profile FROM aiservice.jobs j WHERE j.status = 'pending' AND NOT j.scheduled
+        SELECT (SELECT j.model_profile FROM aiservice.jobs j WHERE aiservice.is_claimable(j)
                 ORDER BY j.model_profile LIMIT 1)
         UNION ALL
         SELECT (SELECT j.model_profile FROM aiservice.jobs j
-                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p
+                WHERE aiservice.is_claimable(j) AND j.model_profile > seen.p
                 ORDER BY j.model_profile LIMIT 1)
         FROM seen WHERE seen.p IS NOT NULL
     )
@@ -847,7 +722,7 @@ BEGIN
     FROM seen s
     CROSS JOIN LATERAL (
         SELECT j.priority FROM aiservice.jobs j
-        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = s.p
+        WHERE aiservice.is_claimable(j) AND j.model_profile = s.p
         ORDER BY j.priority DESC LIMIT 1
     ) top
     WHERE s.p IS NOT NULL
@@ -1541,6 +1416,35 @@ $_$;
 
 
 --
+-- Name: fair_quota(double precision[], integer[], integer[], double precision, bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.fair_quota(p_served double precision[], p_got integer[], p_weights integer[], p_floor double precision, p_take bigint) RETURNS integer[]
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$
+DECLARE
+    v_quota integer[] := array_fill(0, ARRAY[cardinality(p_served)]);
+    v_best integer;  -- the least-served owner for the next job
+BEGIN
+    FOR n IN 1..p_take LOOP
+        v_best := NULL;
+        FOR i IN 1..cardinality(p_served) LOOP
+            CONTINUE WHEN p_served[i] IS NULL;
+            IF v_best IS NULL
+               OR greatest(p_served[i], p_floor) + (p_got[i] + v_quota[i])::float8 / p_weights[i]
+                  < greatest(p_served[v_best], p_floor) + (p_got[v_best] + v_quota[v_best])::float8 / p_weights[v_best] THEN
+                v_best := i;
+            END IF;
+        END LOOP;
+        EXIT WHEN v_best IS NULL;
+        v_quota[v_best] := v_quota[v_best] + 1;
+    END LOOP;
+    RETURN v_quota;
+END;
+$$;
+
+
+--
 -- Name: finished(aiservice.jobs, aiservice.job_status, jsonb, text, text); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1716,6 +1620,28 @@ CREATE FUNCTION aiservice.idempotency_differences(p_job aiservice.jobs, p_owner_
         CASE WHEN ARRAY(SELECT d.depends_on FROM aiservice.job_dependencies d
                         WHERE d.job_id = p_job.id ORDER BY d.position)
                   IS DISTINCT FROM coalesce(p_depends_on, '{}'::bigint[]) THEN 'depends_on' END);
+$$;
+
+
+--
+-- Name: is_claimable(aiservice.jobs); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.is_claimable(p_job aiservice.jobs) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT p_job.status = 'pending' AND NOT p_job.scheduled;
+$$;
+
+
+--
+-- Name: is_due(aiservice.jobs); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.is_due(p_job aiservice.jobs) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT p_job.status = 'pending' AND p_job.scheduled AND NOT p_job.blocked AND p_job.run_at <= now();
 $$;
 
 
@@ -2101,6 +2027,46 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+
+--
+-- Name: level_owners(text, integer, text[], text[], text[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.level_owners(p_profile text, p_priority integer, p_task_types text[], p_full_owners text[], p_full_types text[]) RETURNS text[]
+    LANGUAGE plpgsql STABLE
+    AS $_$
+DECLARE
+    v_owners text[];
+BEGIN
+    EXECUTE $q$
+        SELECT ARRAY(
+            WITH RECURSIVE o(name) AS (
+                SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                        WHERE aiservice.is_claimable(j) AND j.model_profile = $1 AND j.priority = $2
+                        ORDER BY j.owner_service LIMIT 1)
+                UNION ALL
+                SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                        WHERE aiservice.is_claimable(j) AND j.model_profile = $1 AND j.priority = $2
+                          AND j.owner_service > o.name
+                        ORDER BY j.owner_service LIMIT 1)
+                FROM o WHERE o.name IS NOT NULL
+            )
+            SELECT o.name FROM o
+            WHERE o.name IS NOT NULL AND o.name <> ALL ($4)
+              AND (($3::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                    SELECT 1 FROM aiservice.jobs j
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                      AND j.priority = $2 AND j.owner_service = o.name
+                      AND ($3 IS NULL OR j.task_type = ANY ($3)) AND j.task_type <> ALL ($5)))
+            ORDER BY (SELECT j.id FROM aiservice.jobs j
+                      WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                        AND j.priority = $2 AND j.owner_service = o.name
+                      ORDER BY j.id LIMIT 1))
+    $q$ INTO v_owners USING p_profile, p_priority, p_task_types, p_full_owners, p_full_types;
+    RETURN v_owners;
+END;
+$_$;
 
 
 --
@@ -2679,6 +2645,35 @@ $$;
 
 
 --
+-- Name: prepare_claim(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.prepare_claim() RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_expired boolean;
+    v_finished_deps boolean;
+    v_due boolean;
+BEGIN
+    SELECT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.status = 'running' AND j.lease_expires_at < now()),
+           EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
+           EXISTS (SELECT 1 FROM aiservice.jobs j WHERE aiservice.is_due(j))
+    INTO v_expired, v_finished_deps, v_due;
+    IF v_expired THEN
+        PERFORM aiservice.expire_leases();
+    END IF;
+    IF v_finished_deps THEN
+        PERFORM aiservice.resolve_dependencies();
+    END IF;
+    IF v_due THEN
+        PERFORM aiservice.promote_due();
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: prepare_history(integer); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -2703,10 +2698,8 @@ DECLARE
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
     FROM (SELECT s.id FROM aiservice.jobs s
-          WHERE s.id IN (SELECT id FROM aiservice.jobs
-                         WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
-                         ORDER BY run_at LIMIT p_limit)
-            AND s.status = 'pending' AND s.scheduled AND NOT s.blocked AND s.run_at <= now()
+          WHERE s.id IN (SELECT d.id FROM aiservice.jobs d WHERE aiservice.is_due(d) ORDER BY d.run_at LIMIT p_limit)
+            AND aiservice.is_due(s)
           ORDER BY s.id  -- the lock order of every multi-row writer
           FOR UPDATE OF s SKIP LOCKED) due
     WHERE j.id = due.id;
@@ -2857,6 +2850,28 @@ BEGIN
         WHERE owner_service = v_delivery.owner_service AND disabled_at IS NULL;
     END IF;
     RETURN v_outcome;
+END;
+$$;
+
+
+--
+-- Name: record_service(text[], text[], double precision[], double precision[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.record_service(p_profiles text[], p_owners text[], p_floors double precision[], p_added double precision[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    WITH service AS (
+        SELECT e.profile, e.owner, max(e.floor) AS floor, sum(e.added) AS added
+        FROM unnest(p_profiles, p_owners, p_floors, p_added) e(profile, owner, floor, added)
+        GROUP BY 1, 2
+    )
+    INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
+    SELECT s.profile, s.owner, s.floor + s.added FROM service s ORDER BY s.profile, s.owner
+    ON CONFLICT (model_profile, owner_service) DO UPDATE
+        SET served = (SELECT greatest(f.served, s.floor) + s.added FROM service s
+                      WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
 END;
 $$;
 
@@ -3235,6 +3250,30 @@ $$;
 
 
 --
+-- Name: sole_owner(text, integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.sole_owner(p_profile text, p_priority integer) RETURNS text
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    v_owner text;
+BEGIN
+    SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
+    WHERE aiservice.is_claimable(j) AND j.model_profile = p_profile
+      AND j.priority BETWEEN p_priority AND p_priority
+    ORDER BY j.priority DESC, j.owner_service LIMIT 1;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs j
+               WHERE aiservice.is_claimable(j) AND j.model_profile = p_profile
+                 AND j.priority BETWEEN p_priority AND p_priority AND j.owner_service > v_owner) THEN
+        RETURN NULL;  -- several owners
+    END IF;
+    RETURN v_owner;
+END;
+$$;
+
+
+--
 -- Name: stats(interval); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -3336,6 +3375,92 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
             '[]'::jsonb)
     );
 $$;
+
+
+--
+-- Name: take_fair_shares(text, integer, bigint, text[], text[], bigint[], jsonb, jsonb); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.take_fair_shares(p_profile text, p_priority integer, p_take bigint, p_task_types text[], p_full_owners text[], INOUT ids bigint[], INOUT type_budgets jsonb, INOUT owner_budgets jsonb, OUT service_owners text[], OUT service_added double precision[], OUT floor double precision) RETURNS record
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    c_lag_floor CONSTANT float8 := 10;
+    v_take bigint := p_take;
+    v_full_types text[];  -- task types whose budget is 0: none of their jobs may start
+    v_owners text[];
+    v_served float8[];  -- fair_share.served of each owner; NULL once it is out
+    v_weights integer[];
+    v_got integer[];  -- jobs taken, all passes
+    v_quota integer[];
+    v_pass integer[];  -- jobs taken, this pass
+    v_row record;
+BEGIN
+    v_full_types := ARRAY(SELECT e.name FROM jsonb_each_text(type_budgets) e(name, n) WHERE e.n::bigint = 0);
+    v_owners := aiservice.level_owners(p_profile, p_priority, p_task_types, p_full_owners, v_full_types);
+    SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
+    INTO v_served, v_weights
+    FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
+    LEFT JOIN aiservice.fair_share f ON f.model_profile = p_profile AND f.owner_service = o.name
+    LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
+    floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - c_lag_floor);
+    v_got := array_fill(0, ARRAY[cardinality(v_owners)]);
+
+    WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
+        v_quota := aiservice.fair_quota(v_served, v_got, v_weights, floor, v_take);
+        v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);
+        FOR i IN 1..cardinality(v_owners) LOOP
+            CONTINUE WHEN v_quota[i] = 0;
+            FOR v_row IN EXECUTE $q$
+                SELECT j.id, j.task_type FROM aiservice.jobs j
+                WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                  AND j.priority = $2 AND j.owner_service = $3
+                  AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
+                  AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
+                ORDER BY j.id
+                LIMIT $7
+                FOR UPDATE SKIP LOCKED
+            $q$ USING p_profile, p_priority, v_owners[i], p_task_types, v_full_types, ids,
+                      least(v_quota[i], (owner_budgets ->> v_owners[i])::bigint)
+            LOOP
+                IF (type_budgets ->> v_row.task_type)::bigint <= 0 THEN
+                    CONTINUE;  -- this task type's cap is full: leave the job for later
+                END IF;
+                IF type_budgets ? v_row.task_type THEN
+                    type_budgets := jsonb_set(type_budgets, ARRAY[v_row.task_type],
+                                              to_jsonb((type_budgets ->> v_row.task_type)::bigint - 1));
+                    IF (type_budgets ->> v_row.task_type)::bigint = 0 THEN
+                        v_full_types := v_full_types || v_row.task_type;  -- full from now on
+                    END IF;
+                END IF;
+                ids := ids || v_row.id;
+                v_got[i] := v_got[i] + 1;
+                v_pass[i] := v_pass[i] + 1;
+                v_take := v_take - 1;
+            END LOOP;
+            IF owner_budgets ? v_owners[i] THEN
+                owner_budgets := jsonb_set(owner_budgets, ARRAY[v_owners[i]],
+                                           to_jsonb((owner_budgets ->> v_owners[i])::bigint - v_pass[i]));
+            END IF;
+        END LOOP;
+        FOR i IN 1..cardinality(v_owners) LOOP
+            IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
+                v_served[i] := NULL;  -- it has nothing more to give now
+            END IF;
+        END LOOP;
+        EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
+    END LOOP;
+
+    service_owners := '{}';
+    service_added := '{}';
+    IF cardinality(v_owners) > 1 THEN
+        SELECT coalesce(array_agg(o.name ORDER BY o.ord), '{}'),
+               coalesce(array_agg(o.got::float8 / o.weight ORDER BY o.ord), '{}')
+        INTO service_owners, service_added
+        FROM unnest(v_owners, v_got, v_weights) WITH ORDINALITY o(name, got, weight, ord) WHERE o.got > 0;
+    END IF;
+END;
+$_$;
 
 
 --

@@ -1,15 +1,46 @@
 -- schema/functions/claim.sql: Claiming: how a worker takes pending jobs.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 --
--- "Claimable" means status = 'pending' AND NOT scheduled: exactly the rows of the partial index
--- jobs_claim_idx (model_profile, priority DESC, owner_service, id). Every query below spells the
--- predicate out so that the planner matches that index, and reads the backlog through it in
--- ORDER BY ... LIMIT form: min()/max() become one index probe only when the planner's estimate
--- favours it, and before the first ANALYZE of a fresh backlog they read every claimable row.
+-- claim_jobs is an orchestrator; its steps are the functions defined before it, in the order it
+-- calls them:
+--   prepare_claim      housekeeping every claim does first (expired leases, finished
+--                      dependencies, due jobs), each one index probe when there is nothing to do
+--   claim_budgets      the limits that restrict starts now: one map per scope, name -> jobs left
+--   claimable_profiles the profiles to serve, highest top priority first
+--   sole_owner         the one owner at a priority level, when there is only one: the short cut
+--   level_owners       the owners at a priority level this claim may serve, oldest head job first
+--   take_fair_shares   the jobs of one level shared out among its owners, pass by pass
+--   fair_quota         how many jobs each owner gets in a pass: weighted fair queueing (IMMUTABLE)
+--   record_service     the service given, written to fair_share in one statement
+-- claim_jobs_with_dependencies (after claim_jobs) adds each job's dependencies to the answer;
+-- claim_jobs_v2 is its first name, kept for callers that use it.
+--
+-- "Claimable" is defined once, by is_claimable: status = 'pending' AND NOT scheduled, exactly the
+-- rows of the partial index jobs_claim_idx (model_profile, priority DESC, owner_service, id). The
+-- planner inlines it, so every query that uses it matches that index. Queries read the backlog
+-- through the index in ORDER BY ... LIMIT form: min()/max() become one index probe only when the
+-- planner's estimate favours it, and before the first ANALYZE of a fresh backlog they read every
+-- claimable row.
+
+-- Whether a job may be claimed now. A SQL function the planner inlines (a plain expression over the
+-- row's columns), so that a query using it is planned as if the predicate were written out there.
+CREATE OR REPLACE FUNCTION aiservice.is_claimable(p_job aiservice.jobs) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT p_job.status = 'pending' AND NOT p_job.scheduled;
+$$;
+
+-- Whether a scheduled job is due: pending, not waiting for dependencies, its run_at come (the rows
+-- of jobs_scheduled_idx that promote_due makes claimable). Inlined like is_claimable.
+CREATE OR REPLACE FUNCTION aiservice.is_due(p_job aiservice.jobs) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT p_job.status = 'pending' AND p_job.scheduled AND NOT p_job.blocked AND p_job.run_at <= now();
+$$;
 
 -- Make due jobs claimable: a job written with run_at in the future (created for later, or
 -- retried after a backoff) is "scheduled", outside the claim index, until its time comes.
--- Called by every claim (one index probe when nothing is due) and by maintain().
+-- Called by claims (prepare_claim, only when something is due) and by maintain().
 CREATE OR REPLACE FUNCTION aiservice.promote_due(p_limit integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -19,10 +50,8 @@ DECLARE
 BEGIN
     UPDATE aiservice.jobs j SET scheduled = false
     FROM (SELECT s.id FROM aiservice.jobs s
-          WHERE s.id IN (SELECT id FROM aiservice.jobs
-                         WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now()
-                         ORDER BY run_at LIMIT p_limit)
-            AND s.status = 'pending' AND s.scheduled AND NOT s.blocked AND s.run_at <= now()
+          WHERE s.id IN (SELECT d.id FROM aiservice.jobs d WHERE aiservice.is_due(d) ORDER BY d.run_at LIMIT p_limit)
+            AND aiservice.is_due(s)
           ORDER BY s.id  -- the lock order of every multi-row writer
           FOR UPDATE OF s SKIP LOCKED) due
     WHERE j.id = due.id;
@@ -31,9 +60,69 @@ BEGIN
 END;
 $$;
 
--- The model profiles with claimable jobs among p_model_profiles (NULL: all of them), highest
--- top priority first. Without a list, distinct profiles are found by skipping through the claim
--- index (one probe per profile), never by reading the backlog.
+-- Step 1 of a claim, the housekeeping it does first, probed in one statement: expired leases and
+-- due jobs are one probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished
+-- dependencies a look at their queue table, empty but for the dead rows autovacuum has not
+-- removed yet. Only what the probes find is then done.
+CREATE OR REPLACE FUNCTION aiservice.prepare_claim() RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_expired boolean;
+    v_finished_deps boolean;
+    v_due boolean;
+BEGIN
+    SELECT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.status = 'running' AND j.lease_expires_at < now()),
+           EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
+           EXISTS (SELECT 1 FROM aiservice.jobs j WHERE aiservice.is_due(j))
+    INTO v_expired, v_finished_deps, v_due;
+    IF v_expired THEN
+        PERFORM aiservice.expire_leases();
+    END IF;
+    IF v_finished_deps THEN
+        PERFORM aiservice.resolve_dependencies();
+    END IF;
+    IF v_due THEN
+        PERFORM aiservice.promote_due();
+    END IF;
+END;
+$$;
+
+-- Step 2, once the claim holds the claims' lock and limit rows exist: how many more jobs each
+-- limit that restricts starts now (paused, cooling down, over its token budget or capped) lets
+-- start, one map per scope: limit name -> jobs left (0: none may start). A limit that restricts
+-- nothing now is in no map. The capped limits this claim may use are locked first, in one order
+-- for every claimer, so the counts read after the lock include every claim committed before ours.
+-- The trailing minute is read, and the claim's starts are stamped (clock), at the clock time taken
+-- under these locks, not the transaction's start, which may be long past: a later claim under the
+-- same cap takes the lock after ours committed, so it sees our starts in its minute.
+CREATE OR REPLACE FUNCTION aiservice.claim_budgets(
+    p_task_types text[], p_model_profiles text[],
+    OUT clock timestamptz, OUT profiles jsonb, OUT task_types jsonb, OUT owners jsonb
+)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM 1 FROM aiservice.limits l
+    WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
+      AND (l.scope = 'owner_service'
+           OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
+           OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
+    ORDER BY l.scope, l.name
+    FOR UPDATE;
+    clock := clock_timestamp();
+    SELECT coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'model_profile'), '{}'),
+           coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'task_type'), '{}'),
+           coalesce(jsonb_object_agg(l.name, b.n) FILTER (WHERE l.scope = 'owner_service'), '{}')
+    INTO profiles, task_types, owners
+    FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, clock) AS n) b
+    WHERE b.n IS NOT NULL;
+END;
+$$;
+
+-- Step 3: the model profiles with claimable jobs among p_model_profiles (NULL: all of them),
+-- highest top priority first. Without a list, distinct profiles are found by skipping through the
+-- claim index (one probe per profile), never by reading the backlog.
 CREATE OR REPLACE FUNCTION aiservice.claimable_profiles(p_model_profiles text[])
 RETURNS TABLE (model_profile text, top_priority integer)
 LANGUAGE plpgsql STABLE
@@ -46,7 +135,7 @@ BEGIN
         FROM unnest(p_model_profiles) AS c(p)
         CROSS JOIN LATERAL (
             SELECT j.priority FROM aiservice.jobs j
-            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = c.p
+            WHERE aiservice.is_claimable(j) AND j.model_profile = c.p
             ORDER BY j.priority DESC LIMIT 1
         ) top
         ORDER BY top.priority DESC, c.p;
@@ -54,11 +143,11 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH RECURSIVE seen(p) AS (
-        SELECT (SELECT j.model_profile FROM aiservice.jobs j WHERE j.status = 'pending' AND NOT j.scheduled
+        SELECT (SELECT j.model_profile FROM aiservice.jobs j WHERE aiservice.is_claimable(j)
                 ORDER BY j.model_profile LIMIT 1)
         UNION ALL
         SELECT (SELECT j.model_profile FROM aiservice.jobs j
-                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile > seen.p
+                WHERE aiservice.is_claimable(j) AND j.model_profile > seen.p
                 ORDER BY j.model_profile LIMIT 1)
         FROM seen WHERE seen.p IS NOT NULL
     )
@@ -66,7 +155,7 @@ BEGIN
     FROM seen s
     CROSS JOIN LATERAL (
         SELECT j.priority FROM aiservice.jobs j
-        WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = s.p
+        WHERE aiservice.is_claimable(j) AND j.model_profile = s.p
         ORDER BY j.priority DESC LIMIT 1
     ) top
     WHERE s.p IS NOT NULL
@@ -74,26 +163,253 @@ BEGIN
 END;
 $$;
 
+-- Step 4, the short cut: the one owner_service with claimable jobs of p_profile at priority
+-- p_priority; NULL when there are several (fair share decides) or none. Two probes of the claim
+-- index, as two statements: joined in one, before the first ANALYZE of a fresh backlog, the
+-- planner read every claimable row for the second. The priority is written as a range and the
+-- order as (priority DESC, ...) so that only the claim index gives that order: a generic plan
+-- cannot walk the primary key or the owner index past finished jobs instead.
+CREATE OR REPLACE FUNCTION aiservice.sole_owner(p_profile text, p_priority integer) RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_owner text;
+BEGIN
+    SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
+    WHERE aiservice.is_claimable(j) AND j.model_profile = p_profile
+      AND j.priority BETWEEN p_priority AND p_priority
+    ORDER BY j.priority DESC, j.owner_service LIMIT 1;
+    IF EXISTS (SELECT 1 FROM aiservice.jobs j
+               WHERE aiservice.is_claimable(j) AND j.model_profile = p_profile
+                 AND j.priority BETWEEN p_priority AND p_priority AND j.owner_service > v_owner) THEN
+        RETURN NULL;  -- several owners
+    END IF;
+    RETURN v_owner;
+END;
+$$;
+
+-- Step 5: the owners with claimable jobs of p_profile at priority p_priority that this claim may
+-- serve: not in p_full_owners, with a job of a task type it takes (p_task_types, NULL: any) that is
+-- not in p_full_types. Owners it may not serve are left out: they cannot hold the level up. Oldest
+-- head job first: ties in service go to the owner waiting longest. One index probe per owner.
+-- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most of the
+-- backlog walked the primary key past every finished job.
+CREATE OR REPLACE FUNCTION aiservice.level_owners(
+    p_profile text, p_priority integer, p_task_types text[], p_full_owners text[], p_full_types text[]
+) RETURNS text[]
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_owners text[];
+BEGIN
+    EXECUTE $q$
+        SELECT ARRAY(
+            WITH RECURSIVE o(name) AS (
+                SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                        WHERE aiservice.is_claimable(j) AND j.model_profile = $1 AND j.priority = $2
+                        ORDER BY j.owner_service LIMIT 1)
+                UNION ALL
+                SELECT (SELECT j.owner_service FROM aiservice.jobs j
+                        WHERE aiservice.is_claimable(j) AND j.model_profile = $1 AND j.priority = $2
+                          AND j.owner_service > o.name
+                        ORDER BY j.owner_service LIMIT 1)
+                FROM o WHERE o.name IS NOT NULL
+            )
+            SELECT o.name FROM o
+            WHERE o.name IS NOT NULL AND o.name <> ALL ($4)
+              AND (($3::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
+                    SELECT 1 FROM aiservice.jobs j
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                      AND j.priority = $2 AND j.owner_service = o.name
+                      AND ($3 IS NULL OR j.task_type = ANY ($3)) AND j.task_type <> ALL ($5)))
+            ORDER BY (SELECT j.id FROM aiservice.jobs j
+                      WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                        AND j.priority = $2 AND j.owner_service = o.name
+                      ORDER BY j.id LIMIT 1))
+    $q$ INTO v_owners USING p_profile, p_priority, p_task_types, p_full_owners, p_full_types;
+    RETURN v_owners;
+END;
+$$;
+
+-- The weighted-fair quota: how many of p_take jobs each owner gets when they are handed out one
+-- at a time, each to the owner with the least service so far per unit of weight:
+--     greatest(p_served[i], p_floor) + (p_got[i] + jobs given to i so far) / p_weights[i]
+-- Ties go to the owner earlier in the arrays. An owner whose p_served is NULL is out (it has
+-- nothing more to give) and gets 0. Element i of the answer is owner i's quota; the quotas add up
+-- to p_take unless every owner is out. Pure arithmetic, testable with a plain SELECT:
+--     SELECT aiservice.fair_quota('{0,0}', '{0,0}', '{1,2}', 0, 6);   -- {2,4}
+-- PL/pgSQL, the rule as a loop: a claim's take is small, and the same rule as one query (the p_take
+-- smallest of every owner's next service values) cost ten times more per call, and as a SQL
+-- function it was planned again in every claim.
+CREATE OR REPLACE FUNCTION aiservice.fair_quota(
+    p_served float8[], p_got integer[], p_weights integer[], p_floor float8, p_take bigint
+) RETURNS integer[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    v_quota integer[] := array_fill(0, ARRAY[cardinality(p_served)]);
+    v_best integer;  -- the least-served owner for the next job
+BEGIN
+    FOR n IN 1..p_take LOOP
+        v_best := NULL;
+        FOR i IN 1..cardinality(p_served) LOOP
+            CONTINUE WHEN p_served[i] IS NULL;
+            IF v_best IS NULL
+               OR greatest(p_served[i], p_floor) + (p_got[i] + v_quota[i])::float8 / p_weights[i]
+                  < greatest(p_served[v_best], p_floor) + (p_got[v_best] + v_quota[v_best])::float8 / p_weights[v_best] THEN
+                v_best := i;
+            END IF;
+        END LOOP;
+        EXIT WHEN v_best IS NULL;
+        v_quota[v_best] := v_quota[v_best] + 1;
+    END LOOP;
+    RETURN v_quota;
+END;
+$$;
+
+-- Step 6: share out up to p_take claimable jobs of p_profile at priority p_priority among the
+-- owners this claim may serve (level_owners). Each pass gives each owner its fair_quota and takes
+-- that many of its oldest jobs; an owner that fills less than its quota (a task type it does not
+-- serve, at its cap, rows locked by other claims) is out, and its share goes to the others in the
+-- next pass. No cap on passes: owners that give nothing must not use up the claim, or they would
+-- stay first in line and starve the others. Each pass either fills the take or loses an owner.
+--   ids            in: the jobs this claim holds already; out: with those taken here added
+--   type_budgets, owner_budgets   claim_budgets' maps, less what is taken here
+--   p_full_owners  the owners no job of could start when the claim began (budget 0)
+--   service_owners, service_added, floor   the service to record (record_service): owners that
+--                  got jobs and how much service that is (jobs / weight), when several owners
+--                  shared the level (one owner alone needs no bookkeeping: the floor catches it
+--                  up when others come)
+-- The floor: an owner that was idle or is new starts at most c_lag_floor units of service behind
+-- the most-served owner present, so credit saved while idle cannot monopolize the queue.
+CREATE OR REPLACE FUNCTION aiservice.take_fair_shares(
+    p_profile text, p_priority integer, p_take bigint, p_task_types text[], p_full_owners text[],
+    INOUT ids bigint[], INOUT type_budgets jsonb, INOUT owner_budgets jsonb,
+    OUT service_owners text[], OUT service_added float8[], OUT floor float8
+)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c_lag_floor CONSTANT float8 := 10;
+    v_take bigint := p_take;
+    v_full_types text[];  -- task types whose budget is 0: none of their jobs may start
+    v_owners text[];
+    v_served float8[];  -- fair_share.served of each owner; NULL once it is out
+    v_weights integer[];
+    v_got integer[];  -- jobs taken, all passes
+    v_quota integer[];
+    v_pass integer[];  -- jobs taken, this pass
+    v_row record;
+BEGIN
+    v_full_types := ARRAY(SELECT e.name FROM jsonb_each_text(type_budgets) e(name, n) WHERE e.n::bigint = 0);
+    v_owners := aiservice.level_owners(p_profile, p_priority, p_task_types, p_full_owners, v_full_types);
+    SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
+    INTO v_served, v_weights
+    FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
+    LEFT JOIN aiservice.fair_share f ON f.model_profile = p_profile AND f.owner_service = o.name
+    LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
+    floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - c_lag_floor);
+    v_got := array_fill(0, ARRAY[cardinality(v_owners)]);
+
+    WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
+        v_quota := aiservice.fair_quota(v_served, v_got, v_weights, floor, v_take);
+        v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);
+        FOR i IN 1..cardinality(v_owners) LOOP
+            CONTINUE WHEN v_quota[i] = 0;
+            FOR v_row IN EXECUTE $q$
+                SELECT j.id, j.task_type FROM aiservice.jobs j
+                WHERE aiservice.is_claimable(j) AND j.model_profile = $1
+                  AND j.priority = $2 AND j.owner_service = $3
+                  AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
+                  AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
+                ORDER BY j.id
+                LIMIT $7
+                FOR UPDATE SKIP LOCKED
+            $q$ USING p_profile, p_priority, v_owners[i], p_task_types, v_full_types, ids,
+                      least(v_quota[i], (owner_budgets ->> v_owners[i])::bigint)
+            LOOP
+                IF (type_budgets ->> v_row.task_type)::bigint <= 0 THEN
+                    CONTINUE;  -- this task type's cap is full: leave the job for later
+                END IF;
+                IF type_budgets ? v_row.task_type THEN
+                    type_budgets := jsonb_set(type_budgets, ARRAY[v_row.task_type],
+                                              to_jsonb((type_budgets ->> v_row.task_type)::bigint - 1));
+                    IF (type_budgets ->> v_row.task_type)::bigint = 0 THEN
+                        v_full_types := v_full_types || v_row.task_type;  -- full from now on
+                    END IF;
+                END IF;
+                ids := ids || v_row.id;
+                v_got[i] := v_got[i] + 1;
+                v_pass[i] := v_pass[i] + 1;
+                v_take := v_take - 1;
+            END LOOP;
+            IF owner_budgets ? v_owners[i] THEN
+                owner_budgets := jsonb_set(owner_budgets, ARRAY[v_owners[i]],
+                                           to_jsonb((owner_budgets ->> v_owners[i])::bigint - v_pass[i]));
+            END IF;
+        END LOOP;
+        FOR i IN 1..cardinality(v_owners) LOOP
+            IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
+                v_served[i] := NULL;  -- it has nothing more to give now
+            END IF;
+        END LOOP;
+        EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
+    END LOOP;
+
+    service_owners := '{}';
+    service_added := '{}';
+    IF cardinality(v_owners) > 1 THEN
+        SELECT coalesce(array_agg(o.name ORDER BY o.ord), '{}'),
+               coalesce(array_agg(o.got::float8 / o.weight ORDER BY o.ord), '{}')
+        INTO service_owners, service_added
+        FROM unnest(v_owners, v_got, v_weights) WITH ORDINALITY o(name, got, weight, ord) WHERE o.got > 0;
+    END IF;
+END;
+$$;
+
+-- Step 7: record the service a claim gave, element by element of the parallel arrays (owner
+-- p_owners[i] of profile p_profiles[i] got p_added[i] units of service at a level whose floor was
+-- p_floors[i]), in one statement and one (profile, owner) order for every claimer. An owner's
+-- served is first raised to the floor, so credit saved while idle is not kept.
+CREATE OR REPLACE FUNCTION aiservice.record_service(
+    p_profiles text[], p_owners text[], p_floors float8[], p_added float8[]
+) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    WITH service AS (
+        SELECT e.profile, e.owner, max(e.floor) AS floor, sum(e.added) AS added
+        FROM unnest(p_profiles, p_owners, p_floors, p_added) e(profile, owner, floor, added)
+        GROUP BY 1, 2
+    )
+    INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
+    SELECT s.profile, s.owner, s.floor + s.added FROM service s ORDER BY s.profile, s.owner
+    ON CONFLICT (model_profile, owner_service) DO UPDATE
+        SET served = (SELECT greatest(f.served, s.floor) + s.added FROM service s
+                      WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
+END;
+$$;
+
 -- Claim up to p_limit claimable jobs for a worker. The rule, in order:
--- 1. Dependencies that finished are resolved (resolve_dependencies) and scheduled jobs that
---    are now due become claimable (promote_due).
+-- 1. Dependencies that finished are resolved (resolve_dependencies), scheduled jobs that are now
+--    due become claimable (promote_due) and expired leases are returned (prepare_claim).
 -- 2. Profiles are served highest top priority first. A profile that is paused, cooling down
 --    after a rate limit, over its token budget or at a cap is skipped without reading its
---    jobs; limits on task types and owner services bound what is taken.
+--    jobs; limits on task types and owner services bound what is taken (claim_budgets).
 -- 3. Within a profile, priority comes first. Among the owner_services with jobs at that
 --    priority, each claimed job goes to the owner with the least service so far per unit of
---    weight (fair_share.served grows by 1/weight per job); an owner that was idle or is new
---    starts at most c_lag_floor (10) units behind the most-served owner present, so credit
---    saved while idle cannot monopolize the queue. Ties go to the owner whose oldest job is
---    oldest; within one owner, oldest first. Owners with no job at that priority that this claim may take
---    (task types it does not serve, paused or full) are left out: they cannot hold it up.
+--    weight (fair_share.served grows by 1/weight per job; take_fair_shares, fair_quota); an
+--    owner that was idle or is new starts at most c_lag_floor (10) units behind the most-served
+--    owner present. Ties go to the owner whose oldest job is oldest; within one owner, oldest
+--    first. Owners with no job at that priority that this claim may take (task types it does not
+--    serve, paused or full) are left out: they cannot hold it up.
 -- Concurrent claimers never receive the same job (SKIP LOCKED). Caps are never exceeded:
 -- a claim that a capped limit governs locks that limit's row before counting, so claims
 -- under one cap take turns while others run in parallel. A change to a limit waits for the
 -- claims in flight, so once a pause has committed no claim still to commit starts its jobs.
 -- The common case takes a short cut with the same answer: one owner at a priority level that
 -- no owner or task type limit restricts (fair share has nothing to decide, and one owner alone
--- records no service) gets that owner's oldest jobs without the scheduler's loop; with no
+-- records no service) gets that owner's oldest jobs without the scheduler's passes; with no
 -- limit rows at all they are started in one set-based statement.
 CREATE OR REPLACE FUNCTION aiservice.claim_jobs(
     p_worker_id text,
@@ -106,41 +422,32 @@ RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    -- Fair share: an idle or new owner starts at most this many units of service behind the
-    -- most-served owner present, so credit saved while idle cannot monopolize the queue.
-    c_lag_floor CONSTANT float8 := 10;
     -- Advisory lock key ("limit") shared by every claim; set_limit takes it exclusively.
     c_limits_lock CONSTANT bigint := 108105109105116;
-    v_limited boolean;
-    v_expired boolean;
-    v_finished_deps boolean;
-    v_due boolean;
+    v_limited boolean;  -- limit rows exist: budgets to read, starts to count
+    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
+    -- Jobs each limit that restricts starts now still lets start, by name (claim_budgets).
+    v_profile_budgets jsonb := '{}';
+    v_type_budgets jsonb := '{}';
+    v_owner_budgets jsonb := '{}';
+    v_full_owners text[] := '{}';  -- owners whose budget was 0 when the claim began
+    v_one_owner_ok boolean := true;  -- no budget on the task types this claim may take
     v_profiles text[];
     v_prios integer[];
     v_k integer;
-    v_owner text;  -- the one owner at this priority level, when there is only one
-    v_one_owner_ok boolean;  -- no limit on task types this claim may take restricts it
-    v_taken integer := 0;  -- jobs already started and returned by a one-owner statement
-    v_n integer;
-    v_clock timestamptz;  -- when this claim starts its jobs, for the trailing-minute limits
-    v_budgets jsonb := '{}'::jsonb;  -- 'scope:name' -> jobs that limit still lets start
-    v_zero_types text[] := '{}';
-    v_zero_owners text[] := '{}';
-    v_ids bigint[] := '{}';
     v_profile text;
     v_prio integer;
     v_take bigint;
-    v_owners text[];
-    v_served float8[];
-    v_weights integer[];
-    v_quota integer[];
-    v_got integer[];
-    v_pass integer[];
-    v_fair jsonb[] := '{}';  -- service to record: {profile, owner, floor, add}
-    v_floor float8;
-    v_best integer;
-    v_owner_left bigint;
-    v_row record;
+    v_owner text;  -- the one owner at this priority level, when the short cut applies
+    v_taken integer := 0;  -- jobs already started and returned by the one-owner statement
+    v_n integer;
+    v_ids bigint[] := '{}';  -- jobs held for the final statement
+    v_level record;  -- what take_fair_shares took at one level
+    -- Service to record (record_service), one element per owner and level.
+    v_service_profiles text[] := '{}';
+    v_service_owners text[] := '{}';
+    v_service_floors float8[] := '{}';
+    v_service_added float8[] := '{}';
 BEGIN
     IF p_worker_id IS NULL OR length(p_worker_id) NOT BETWEEN 1 AND 200 THEN
         RAISE EXCEPTION 'worker_id must be 1 to 200 characters' USING ERRCODE = 'AS422';
@@ -152,23 +459,7 @@ BEGIN
         RAISE EXCEPTION 'lease_timeout must be positive and at most 7 days' USING ERRCODE = 'AS422';
     END IF;
 
-    -- Housekeeping every claim does, probed in one statement: expired leases and due jobs are one
-    -- probe of a partial index each (jobs_lease_idx, jobs_scheduled_idx), finished dependencies a
-    -- look at their queue table, empty but for the dead rows autovacuum has not removed yet.
-    SELECT EXISTS (SELECT 1 FROM aiservice.jobs WHERE status = 'running' AND lease_expires_at < now()),
-           EXISTS (SELECT 1 FROM aiservice.finished_dependencies),
-           EXISTS (SELECT 1 FROM aiservice.jobs
-                   WHERE status = 'pending' AND scheduled AND NOT blocked AND run_at <= now())
-    INTO v_expired, v_finished_deps, v_due;
-    IF v_expired THEN
-        PERFORM aiservice.expire_leases();
-    END IF;
-    IF v_finished_deps THEN
-        PERFORM aiservice.resolve_dependencies();
-    END IF;
-    IF v_due THEN
-        PERFORM aiservice.promote_due();
-    END IF;
+    PERFORM aiservice.prepare_claim();
 
     -- Changes to limits wait for the claims in flight (set_limit takes this lock exclusively), and
     -- claims wait for them: once a pause or a cap has committed, no claim that began before it
@@ -176,36 +467,17 @@ BEGIN
     -- Taken on the short cut too: reading "no limits" is what a pause must fence.
     PERFORM pg_advisory_xact_lock_shared(c_limits_lock);
     v_limited := EXISTS (SELECT 1 FROM aiservice.limits);
-
     IF v_limited THEN
-        -- Capped limits this claim may use, locked in one order for every claimer; the counts
-        -- read after the lock include every claim committed before ours. The trailing minute
-        -- is read, and this claim's starts are stamped, at the clock time taken under these
-        -- locks (not the transaction's start, which may be long past): a later claim under the
-        -- same cap takes the lock after ours committed, so it sees our starts in its minute.
-        PERFORM 1 FROM aiservice.limits l
-        WHERE (l.max_running IS NOT NULL OR l.max_per_minute IS NOT NULL)
-          AND (l.scope = 'owner_service'
-               OR (l.scope = 'task_type' AND (p_task_types IS NULL OR l.name = ANY (p_task_types)))
-               OR (l.scope = 'model_profile' AND (p_model_profiles IS NULL OR l.name = ANY (p_model_profiles))))
-        ORDER BY l.scope, l.name
-        FOR UPDATE;
-        v_clock := clock_timestamp();
-        SELECT coalesce(jsonb_object_agg(l.scope || ':' || l.name, b.n), '{}'::jsonb)
-        INTO v_budgets
-        FROM aiservice.limits l CROSS JOIN LATERAL (SELECT aiservice.limit_budget(l, v_clock) AS n) b
-        WHERE b.n IS NOT NULL;
-        v_zero_types := ARRAY(SELECT substr(k, 11) FROM jsonb_each_text(v_budgets) e(k, v)
-                              WHERE k LIKE 'task_type:%' AND v::bigint = 0);
-        v_zero_owners := ARRAY(SELECT substr(k, 15) FROM jsonb_each_text(v_budgets) e(k, v)
-                               WHERE k LIKE 'owner_service:%' AND v::bigint = 0);
+        SELECT b.clock, b.profiles, b.task_types, b.owners
+        INTO v_clock, v_profile_budgets, v_type_budgets, v_owner_budgets
+        FROM aiservice.claim_budgets(p_task_types, p_model_profiles) b;
+        v_full_owners := ARRAY(SELECT e.name FROM jsonb_each_text(v_owner_budgets) e(name, n) WHERE e.n::bigint = 0);
+        -- Without a budget on the task types this claim may take, one owner's share is all it may
+        -- take, as far as its owner_service budget allows.
+        v_one_owner_ok := NOT EXISTS (
+            SELECT 1 FROM jsonb_object_keys(v_type_budgets) t(name)
+            WHERE p_task_types IS NULL OR t.name = ANY (p_task_types));
     END IF;
-    -- A budget exists only for a limit that restricts starts now (paused, cooling down or
-    -- capped); without one on task types this claim may take, one owner's share is all it
-    -- may take, as far as its owner_service budget allows.
-    v_one_owner_ok := NOT EXISTS (
-        SELECT 1 FROM jsonb_object_keys(v_budgets) k
-        WHERE k LIKE 'task_type:%' AND (p_task_types IS NULL OR substr(k, 11) = ANY (p_task_types)));
 
     SELECT array_agg(c.model_profile ORDER BY c.ord), array_agg(c.top_priority ORDER BY c.ord)
     INTO v_profiles, v_prios
@@ -215,30 +487,18 @@ BEGIN
     FOR v_k IN 1..coalesce(cardinality(v_profiles), 0) LOOP
         v_profile := v_profiles[v_k];
         v_prio := v_prios[v_k];
-        v_take := least(p_limit - v_taken - cardinality(v_ids), (v_budgets ->> ('model_profile:' || v_profile))::bigint);
+        v_take := least(p_limit - v_taken - cardinality(v_ids), (v_profile_budgets ->> v_profile)::bigint);
         CONTINUE WHEN v_take = 0;
 
         WHILE v_prio IS NOT NULL AND v_take > 0 LOOP
-            -- Short cut: one owner at this level, with no budget of its own or on task types,
-            -- gets the whole take (the loop below would give it every quota and record
-            -- nothing), oldest first. The priority is written as a range and the order as
-            -- (priority DESC, ...) so that only the claim index gives that order: a generic plan
-            -- cannot walk the primary key or the owner index past finished jobs instead.
-            v_owner := NULL;
-            IF v_one_owner_ok THEN
-                SELECT j.owner_service INTO v_owner FROM aiservice.jobs j
-                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                  AND j.priority BETWEEN v_prio AND v_prio
-                ORDER BY j.priority DESC, j.owner_service LIMIT 1;
-                IF EXISTS (SELECT 1 FROM aiservice.jobs j
-                           WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                             AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service > v_owner) THEN
-                    v_owner := NULL;  -- several owners: fair share decides
-                END IF;
-                IF v_budgets ? ('owner_service:' || v_owner) THEN
-                    v_owner := NULL;  -- paused, cooling down or capped: the loop below counts it
-                END IF;
+            -- The short cut: one owner at this level, with no budget of its own or on task types,
+            -- gets the whole take (take_fair_shares would give it every quota and record
+            -- nothing), oldest first.
+            v_owner := CASE WHEN v_one_owner_ok THEN aiservice.sole_owner(v_profile, v_prio) END;
+            IF v_owner_budgets ? v_owner THEN
+                v_owner := NULL;  -- paused or capped: take_fair_shares counts it
             END IF;
+
             IF v_owner IS NOT NULL AND NOT v_limited AND cardinality(v_ids) = 0
                AND (v_k = cardinality(v_profiles) OR v_prios[v_k + 1] < v_prio) THEN
                 -- No limit rows (no usage to record), every job a later level can give has a
@@ -248,7 +508,7 @@ BEGIN
                 RETURN QUERY
                 WITH picked AS (
                     SELECT j.id FROM aiservice.jobs j
-                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile
                       AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
                       AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
                     ORDER BY j.priority DESC, j.id
@@ -274,11 +534,12 @@ BEGIN
                 v_taken := v_taken + v_n;
                 v_take := v_take - v_n;
             ELSIF v_owner IS NOT NULL THEN
-                -- Jobs from earlier levels wait for the final statement: add to them.
+                -- The short cut under limit rows, or after earlier levels: held for the final
+                -- statement with the jobs taken before.
                 v_n := cardinality(v_ids);
                 v_ids := v_ids || ARRAY(
                     SELECT j.id FROM aiservice.jobs j
-                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
+                    WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile
                       AND j.priority BETWEEN v_prio AND v_prio AND j.owner_service = v_owner
                       AND (p_task_types IS NULL OR j.task_type = ANY (p_task_types))
                       AND j.id <> ALL (v_ids)
@@ -287,140 +548,27 @@ BEGIN
                     FOR UPDATE SKIP LOCKED);
                 v_take := v_take - (cardinality(v_ids) - v_n);
             ELSE
-                -- Owners with claimable jobs at this priority: one index probe each.
-                -- Dynamic SQL, planned for these values: a generic plan chosen when one owner held most
-                -- of the backlog walked the primary key past every finished job.
-                EXECUTE $q$
-                    SELECT ARRAY(
-                        WITH RECURSIVE o(name) AS (
-                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
-                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                      AND j.priority = $2
-                                    ORDER BY j.owner_service LIMIT 1)
-                            UNION ALL
-                            SELECT (SELECT j.owner_service FROM aiservice.jobs j
-                                    WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                      AND j.priority = $2 AND j.owner_service > o.name
-                                    ORDER BY j.owner_service LIMIT 1)
-                            FROM o WHERE o.name IS NOT NULL
-                        )
-                        -- Only owners with a job this claim may take (task types served, not paused or
-                        -- full); oldest head job first: ties in service go to the owner waiting longest.
-                        SELECT o.name FROM o
-                        WHERE o.name IS NOT NULL AND o.name <> ALL ($3)
-                          AND (($4::text[] IS NULL AND cardinality($5::text[]) = 0) OR EXISTS (
-                                SELECT 1 FROM aiservice.jobs j
-                                WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                  AND j.priority = $2 AND j.owner_service = o.name
-                                  AND ($4 IS NULL OR j.task_type = ANY ($4)) AND j.task_type <> ALL ($5)))
-                        ORDER BY (SELECT j.id FROM aiservice.jobs j
-                                  WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                                    AND j.priority = $2 AND j.owner_service = o.name
-                                  ORDER BY j.id LIMIT 1))
-                $q$ INTO v_owners USING v_profile, v_prio, v_zero_owners, p_task_types, v_zero_types;
-                SELECT array_agg(coalesce(f.served, 0) ORDER BY o.ord), array_agg(coalesce(l.weight, 1) ORDER BY o.ord)
-                INTO v_served, v_weights
-                FROM unnest(v_owners) WITH ORDINALITY o(name, ord)
-                LEFT JOIN aiservice.fair_share f ON f.model_profile = v_profile AND f.owner_service = o.name
-                LEFT JOIN aiservice.limits l ON l.scope = 'owner_service' AND l.name = o.name;
-                v_floor := greatest(0, (SELECT max(s) FROM unnest(v_served) s) - c_lag_floor);
-                v_got := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this claim, all passes
-
-                -- Shares by weighted fair queueing; an owner that runs out of jobs this claim can take
-                -- (a task type it does not serve, paused or at its cap, rows locked by other claims)
-                -- leaves and its share goes to the others in the next pass. No cap on passes: owners
-                -- that give nothing must not use up the claim, or they would stay first in line and
-                -- starve the others. Each pass either fills the claim or loses at least one owner.
-                WHILE v_take > 0 AND cardinality(v_owners) > 0 LOOP
-                    v_quota := array_fill(0, ARRAY[cardinality(v_owners)]);
-                    v_pass := array_fill(0, ARRAY[cardinality(v_owners)]);  -- this pass
-                    FOR n IN 1..v_take LOOP
-                        v_best := NULL;
-                        FOR i IN 1..cardinality(v_owners) LOOP
-                            CONTINUE WHEN v_served[i] IS NULL;  -- out of jobs
-                            IF v_best IS NULL
-                               OR greatest(v_served[i], v_floor) + (v_got[i] + v_quota[i])::float8 / v_weights[i]
-                                  < greatest(v_served[v_best], v_floor) + (v_got[v_best] + v_quota[v_best])::float8 / v_weights[v_best] THEN
-                                v_best := i;
-                            END IF;
-                        END LOOP;
-                        EXIT WHEN v_best IS NULL;
-                        v_quota[v_best] := v_quota[v_best] + 1;
-                    END LOOP;
-
-                    FOR i IN 1..cardinality(v_owners) LOOP
-                        CONTINUE WHEN v_quota[i] = 0;
-                        v_owner_left := least(v_quota[i], (v_budgets ->> ('owner_service:' || v_owners[i]))::bigint);
-                        FOR v_row IN EXECUTE $q$
-                            SELECT j.id, j.task_type FROM aiservice.jobs j
-                            WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = $1
-                              AND j.priority = $2 AND j.owner_service = $3
-                              AND ($4::text[] IS NULL OR j.task_type = ANY ($4))
-                              AND j.task_type <> ALL ($5) AND j.id <> ALL ($6)
-                            ORDER BY j.id
-                            LIMIT $7
-                            FOR UPDATE SKIP LOCKED
-                        $q$ USING v_profile, v_prio, v_owners[i], p_task_types, v_zero_types, v_ids, v_owner_left
-                        LOOP
-                            IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint <= 0 THEN
-                                CONTINUE;  -- this task type's cap is full: leave the job for later
-                            END IF;
-                            IF v_budgets ? ('task_type:' || v_row.task_type) THEN
-                                v_budgets := jsonb_set(v_budgets, ARRAY['task_type:' || v_row.task_type],
-                                    to_jsonb((v_budgets ->> ('task_type:' || v_row.task_type))::bigint - 1));
-                                IF (v_budgets ->> ('task_type:' || v_row.task_type))::bigint = 0 THEN
-                                    v_zero_types := v_zero_types || v_row.task_type;  -- full from now on
-                                END IF;
-                            END IF;
-                            v_ids := v_ids || v_row.id;
-                            v_got[i] := v_got[i] + 1;
-                            v_pass[i] := v_pass[i] + 1;
-                            v_take := v_take - 1;
-                        END LOOP;
-                        IF v_budgets ? ('owner_service:' || v_owners[i]) THEN
-                            v_budgets := jsonb_set(v_budgets, ARRAY['owner_service:' || v_owners[i]],
-                                to_jsonb((v_budgets ->> ('owner_service:' || v_owners[i]))::bigint - v_pass[i]));
-                        END IF;
-                    END LOOP;
-                    -- An owner that filled less than its quota has nothing more to give now.
-                    FOR i IN 1..cardinality(v_owners) LOOP
-                        IF v_quota[i] > 0 AND v_pass[i] < v_quota[i] THEN
-                            v_served[i] := NULL;
-                        END IF;
-                    END LOOP;
-                    EXIT WHEN v_take = 0 OR NOT EXISTS (SELECT 1 FROM unnest(v_served) s WHERE s IS NOT NULL);
-                END LOOP;
-
-                IF cardinality(v_owners) > 1 THEN
-                    -- One owner alone needs no bookkeeping: the floor catches it up when others come.
-                    v_fair := v_fair || ARRAY(
-                        SELECT jsonb_build_object('profile', v_profile, 'owner', o.name, 'floor', v_floor,
-                                                  'add', o.got::float8 / o.weight)
-                        FROM unnest(v_owners, v_got, v_weights) o(name, got, weight) WHERE o.got > 0);
-                END IF;
-            END IF;  -- one owner / fair share
+                v_level := aiservice.take_fair_shares(v_profile, v_prio, v_take, p_task_types, v_full_owners,
+                                                      v_ids, v_type_budgets, v_owner_budgets);
+                v_take := v_take - (cardinality(v_level.ids) - cardinality(v_ids));
+                v_ids := v_level.ids;
+                v_type_budgets := v_level.type_budgets;
+                v_owner_budgets := v_level.owner_budgets;
+                v_service_profiles := v_service_profiles || array_fill(v_profile, ARRAY[cardinality(v_level.service_owners)]);
+                v_service_owners := v_service_owners || v_level.service_owners;
+                v_service_floors := v_service_floors || array_fill(v_level.floor, ARRAY[cardinality(v_level.service_owners)]);
+                v_service_added := v_service_added || v_level.service_added;
+            END IF;
             EXIT profiles WHEN v_taken + cardinality(v_ids) >= p_limit;
 
             v_prio := (SELECT j.priority FROM aiservice.jobs j
-                       WHERE j.status = 'pending' AND NOT j.scheduled AND j.model_profile = v_profile
-                         AND j.priority < v_prio
+                       WHERE aiservice.is_claimable(j) AND j.model_profile = v_profile AND j.priority < v_prio
                        ORDER BY j.priority DESC LIMIT 1);
         END LOOP;
     END LOOP;
 
-    -- Service received, in one statement and one (profile, owner) order for every claimer
-    -- (none to record in the common case: then no statement).
-    IF cardinality(v_fair) > 0 THEN
-    WITH service AS (
-        SELECT e ->> 'profile' AS profile, e ->> 'owner' AS owner,
-               max((e ->> 'floor')::float8) AS floor, sum((e ->> 'add')::float8) AS add
-        FROM unnest(v_fair) e GROUP BY 1, 2
-    )
-    INSERT INTO aiservice.fair_share AS f (model_profile, owner_service, served)
-    SELECT profile, owner, floor + add FROM service ORDER BY profile, owner
-    ON CONFLICT (model_profile, owner_service) DO UPDATE
-        SET served = (SELECT greatest(f.served, s.floor) + s.add FROM service s
-                      WHERE s.profile = f.model_profile AND s.owner = f.owner_service);
+    IF cardinality(v_service_owners) > 0 THEN  -- none to record in the common case: no statement
+        PERFORM aiservice.record_service(v_service_profiles, v_service_owners, v_service_floors, v_service_added);
     END IF;
 
     IF cardinality(v_ids) = 0 THEN
@@ -450,5 +598,59 @@ BEGIN
         GROUP BY l.scope, l.name
     )
     SELECT * FROM claimed ORDER BY priority DESC, id;
+END;
+$$;
+
+-- claim_jobs with each claimed job's dependencies (dependencies_of: id, task_type, model_profile,
+-- status, result) in the same round trip; NULL for a job without dependencies.
+-- The results of all dependencies in one answer are bounded by p_max_dependency_bytes (their JSON
+-- text; default 8 MiB): they are included in claim order, job by job and each job's in position
+-- order, until the next would pass the bound (dependency_results_cut); from there on each comes
+-- without its result, with "result_omitted": true, and the worker reads it with get_job
+-- (GET /api/v1/jobs/{id}). PL/pgSQL rather than SQL: its plan is kept between calls.
+CREATE OR REPLACE FUNCTION aiservice.claim_jobs_with_dependencies(
+    p_worker_id text,
+    p_limit integer DEFAULT 1,
+    p_task_types text[] DEFAULT NULL,
+    p_model_profiles text[] DEFAULT NULL,
+    p_lease_timeout interval DEFAULT interval '15 minutes',
+    p_max_dependency_bytes bigint DEFAULT 8388608
+)
+RETURNS TABLE (job aiservice.jobs, dependencies jsonb)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH claimed AS MATERIALIZED (
+        SELECT c AS job, row_number() OVER () AS n
+        FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c
+    ),
+    cut AS (
+        SELECT * FROM aiservice.dependency_results_cut(
+            ARRAY(SELECT (x.job).id FROM claimed x ORDER BY x.n), p_max_dependency_bytes)
+    )
+    SELECT c.job,
+           aiservice.dependencies_of((c.job).id, CASE WHEN c.n = cut.cut_at THEN cut.cut_from
+                                                      WHEN c.n > cut.cut_at THEN 0 END)
+    FROM claimed c CROSS JOIN cut
+    ORDER BY c.n;
+END;
+$$;
+
+-- The first name of claim_jobs_with_dependencies, kept for the callers that use it.
+CREATE OR REPLACE FUNCTION aiservice.claim_jobs_v2(
+    p_worker_id text,
+    p_limit integer DEFAULT 1,
+    p_task_types text[] DEFAULT NULL,
+    p_model_profiles text[] DEFAULT NULL,
+    p_lease_timeout interval DEFAULT interval '15 minutes',
+    p_max_dependency_bytes bigint DEFAULT 8388608
+)
+RETURNS TABLE (job aiservice.jobs, dependencies jsonb)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM aiservice.claim_jobs_with_dependencies(
+        p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout, p_max_dependency_bytes);
 END;
 $$;

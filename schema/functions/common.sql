@@ -27,6 +27,14 @@ AS $$
            * (0.75 + random() * 0.5);
 $$;
 
+-- Whether a job in this status has finished (completed, failed or cancelled): it will not run again
+-- unless retried.
+CREATE OR REPLACE FUNCTION aiservice.is_finished(p_status aiservice.job_status) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT p_status IN ('completed', 'failed', 'cancelled');
+$$;
+
 -- Failure categories that are retried by default (a caller may override per call).
 CREATE OR REPLACE FUNCTION aiservice.is_retryable(p_category text) RETURNS boolean
 LANGUAGE sql IMMUTABLE

@@ -8,12 +8,6 @@
 --       few notifications, each under 8,000 bytes;
 --   {"batch_finished": true, "batch_id", "owner_service"}  the last job of a batch finished.
 
-CREATE OR REPLACE FUNCTION aiservice.is_finished(p_status aiservice.job_status) RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $$
-    SELECT p_status IN ('completed', 'failed', 'cancelled');
-$$;
-
 -- A batch as GET /batches/{id} shows it.
 CREATE OR REPLACE FUNCTION aiservice.batch_json(p_batch aiservice.batches) RETURNS jsonb
 LANGUAGE sql STABLE

@@ -227,36 +227,3 @@ BEGIN
     END LOOP;
 END;
 $$;
-
--- claim_jobs with each claimed job's dependencies (dependencies_of: id, task_type, model_profile,
--- status, result) in the same round trip; NULL for a job without dependencies.
--- The results of all dependencies in one answer are bounded by p_max_dependency_bytes (their JSON
--- text; default 8 MiB): they are included in claim order, job by job and each job's in position
--- order, until the next would pass the bound (dependency_results_cut); from there on each comes
--- without its result, with "result_omitted": true, and the worker reads it with get_job
--- (GET /api/v1/jobs/{id}).
-CREATE OR REPLACE FUNCTION aiservice.claim_jobs_v2(
-    p_worker_id text,
-    p_limit integer DEFAULT 1,
-    p_task_types text[] DEFAULT NULL,
-    p_model_profiles text[] DEFAULT NULL,
-    p_lease_timeout interval DEFAULT interval '15 minutes',
-    p_max_dependency_bytes bigint DEFAULT 8388608
-)
-RETURNS TABLE (job aiservice.jobs, dependencies jsonb)
-LANGUAGE sql
-AS $$
-    WITH claimed AS MATERIALIZED (
-        SELECT c AS job, row_number() OVER () AS n
-        FROM aiservice.claim_jobs(p_worker_id, p_limit, p_task_types, p_model_profiles, p_lease_timeout) c
-    ),
-    cut AS (
-        SELECT * FROM aiservice.dependency_results_cut(
-            ARRAY(SELECT (job).id FROM claimed ORDER BY n), p_max_dependency_bytes)
-    )
-    SELECT c.job,
-           aiservice.dependencies_of((c.job).id, CASE WHEN c.n = cut.cut_at THEN cut.cut_from
-                                                      WHEN c.n > cut.cut_at THEN 0 END)
-    FROM claimed c CROSS JOIN cut
-    ORDER BY c.n;
-$$;
