@@ -41,17 +41,6 @@ CREATE TYPE aiservice.job_fields AS (
 
 
 --
--- Name: job_kind; Type: TYPE; Schema: aiservice; Owner: -
---
-
-CREATE TYPE aiservice.job_kind AS (
-	task_type text,
-	model_profile text,
-	owner_service text
-);
-
-
---
 -- Name: job_status; Type: TYPE; Schema: aiservice; Owner: -
 --
 
@@ -121,6 +110,17 @@ CREATE TYPE aiservice.limit_state AS (
 
 
 --
+-- Name: limit_target; Type: TYPE; Schema: aiservice; Owner: -
+--
+
+CREATE TYPE aiservice.limit_target AS (
+	task_type text,
+	model_profile text,
+	owner_service text
+);
+
+
+--
 -- Name: add_dependencies(bigint[], integer[], bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -138,7 +138,7 @@ BEGIN
     WHERE h.id = ANY (p_depends_on)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
-        -- No kind named: every worker wakes, and its claim resolves the queue.
+        -- No task type or profile named: every worker wakes, and its claim resolves the queue.
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);
     END IF;
 END;
@@ -1820,7 +1820,7 @@ BEGIN
     -- 3. Limits: a running job leaving under a max_running cap frees a place.
     IF v_left_capped THEN
         PERFORM aiservice.notify_freed(ARRAY(
-            SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.job_kind
+            SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.limit_target
             FROM old_jobs o WHERE o.status = 'running'));
     END IF;
     RETURN NULL;
@@ -1857,7 +1857,8 @@ BEGIN
         WHERE b.id = d.batch_id;
     END IF;
 
-    -- 3. Wake-ups: tell listeners that jobs of these kinds can be claimed (now, or at run_at).
+    -- 3. Wake-ups: tell listeners that jobs of these task types and profiles can be claimed (now,
+    --    or at run_at).
     PERFORM aiservice.notify_pending(n.task_type, n.model_profile, min(n.run_at))
     FROM new_jobs n
     WHERE n.status = 'pending'
@@ -2018,10 +2019,10 @@ BEGIN
     END IF;
 
     -- 5. Limits: a job leaving 'running' under a max_running cap frees a place, so workers are
-    --    woken for its kind.
+    --    woken for its task_type and model_profile.
     IF v_left > 0 AND EXISTS (SELECT 1 FROM aiservice.limits) THEN
         PERFORM aiservice.notify_freed(ARRAY(
-            SELECT ROW(m.task_type, m.model_profile, m.owner_service)::aiservice.job_kind
+            SELECT ROW(m.task_type, m.model_profile, m.owner_service)::aiservice.limit_target
             FROM unnest(v_moved) m WHERE m.was = 'running' AND m.status <> 'running'));
     END IF;
     RETURN NULL;
@@ -2600,10 +2601,10 @@ $$;
 
 
 --
--- Name: notify_freed(aiservice.job_kind[]); Type: FUNCTION; Schema: aiservice; Owner: -
+-- Name: notify_freed(aiservice.limit_target[]); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
-CREATE FUNCTION aiservice.notify_freed(p_left aiservice.job_kind[]) RETURNS void
+CREATE FUNCTION aiservice.notify_freed(p_left aiservice.limit_target[]) RETURNS void
     LANGUAGE sql
     AS $$
     SELECT aiservice.notify_pending(k.task_type, k.model_profile, NULL)

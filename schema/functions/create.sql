@@ -128,7 +128,7 @@ BEGIN
 END;
 $$;
 
--- Create many jobs in one call (one notification per kind of job).
+-- Create many jobs in one call (one notification per task_type and model_profile).
 -- p_jobs is a JSON array of objects with the create_job fields without the p_
 -- prefix (owner_service, owner_ref, task_type, model_profile, input, priority,
 -- run_at, max_attempts, idempotency_key, depends_on); p_defaults supplies what a job omits or

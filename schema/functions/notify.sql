@@ -2,7 +2,7 @@
 -- 'pending' when jobs become claimable, 'abort' when a running job is taken from its worker.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
--- Tell listeners that jobs of this kind can be claimed (now, or at run_at); a null task type or
+-- Tell listeners that jobs of this task_type and model_profile can be claimed (now, or at run_at); a null task type or
 -- profile means any.
 CREATE OR REPLACE FUNCTION aiservice.notify_pending(p_task_type text, p_model_profile text, p_run_at timestamptz)
 RETURNS void

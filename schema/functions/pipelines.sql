@@ -54,7 +54,7 @@ BEGIN
     WHERE h.id = ANY (p_depends_on)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
-        -- No kind named: every worker wakes, and its claim resolves the queue.
+        -- No task type or profile named: every worker wakes, and its claim resolves the queue.
         PERFORM aiservice.notify_pending(NULL, NULL, NULL);
     END IF;
 END;

@@ -41,8 +41,8 @@ AS $$
 $$;
 
 -- Jobs created (or retried back from job_history): counted, added to their batch, and workers
--- woken for each kind of pending job (one notification per inserting statement and kind,
--- whatever the row count).
+-- woken for each task_type and model_profile of pending jobs (one notification per inserting
+-- statement and pair, whatever the row count).
 CREATE OR REPLACE FUNCTION aiservice.jobs_insert_effects() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -68,7 +68,8 @@ BEGIN
         WHERE b.id = d.batch_id;
     END IF;
 
-    -- 3. Wake-ups: tell listeners that jobs of these kinds can be claimed (now, or at run_at).
+    -- 3. Wake-ups: tell listeners that jobs of these task types and profiles can be claimed (now,
+    --    or at run_at).
     PERFORM aiservice.notify_pending(n.task_type, n.model_profile, min(n.run_at))
     FROM new_jobs n
     WHERE n.status = 'pending'
@@ -231,10 +232,10 @@ BEGIN
     END IF;
 
     -- 5. Limits: a job leaving 'running' under a max_running cap frees a place, so workers are
-    --    woken for its kind.
+    --    woken for its task_type and model_profile.
     IF v_left > 0 AND EXISTS (SELECT 1 FROM aiservice.limits) THEN
         PERFORM aiservice.notify_freed(ARRAY(
-            SELECT ROW(m.task_type, m.model_profile, m.owner_service)::aiservice.job_kind
+            SELECT ROW(m.task_type, m.model_profile, m.owner_service)::aiservice.limit_target
             FROM unnest(v_moved) m WHERE m.was = 'running' AND m.status <> 'running'));
     END IF;
     RETURN NULL;
@@ -268,7 +269,7 @@ BEGIN
     -- 3. Limits: a running job leaving under a max_running cap frees a place.
     IF v_left_capped THEN
         PERFORM aiservice.notify_freed(ARRAY(
-            SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.job_kind
+            SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.limit_target
             FROM old_jobs o WHERE o.status = 'running'));
     END IF;
     RETURN NULL;
@@ -396,9 +397,9 @@ BEGIN
 END;
 $$;
 
--- Workers are woken for the kinds of jobs that left 'running' under a max_running cap: a place
--- is free.
-CREATE OR REPLACE FUNCTION aiservice.notify_freed(p_left aiservice.job_kind[]) RETURNS void
+-- Workers are woken for the task types and profiles of jobs that left 'running' under a
+-- max_running cap: a place is free.
+CREATE OR REPLACE FUNCTION aiservice.notify_freed(p_left aiservice.limit_target[]) RETURNS void
 LANGUAGE sql
 AS $$
     SELECT aiservice.notify_pending(k.task_type, k.model_profile, NULL)

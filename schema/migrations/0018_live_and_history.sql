@@ -56,7 +56,7 @@ CREATE TABLE aiservice.job_history (
 ) PARTITION BY RANGE (finished_at);
 COMMENT ON TABLE aiservice.job_history IS
     'Finished jobs, one partition per UTC day of finished_at. Written by the aiservice.* functions only.';
--- What reads of finished jobs walk: by id, an owner's jobs, a kind, the creation and finish
+-- What reads of finished jobs walk: by id, an owner's jobs, a task type and profile, the creation and finish
 -- times, errors, failed and cancelled jobs, a batch.
 CREATE INDEX job_history_id_idx ON aiservice.job_history (id);
 CREATE INDEX job_history_owner_idx ON aiservice.job_history (owner_service, owner_ref, id);
@@ -124,5 +124,5 @@ COMMENT ON VIEW aiservice.all_jobs IS 'Every job kept: live (aiservice.jobs) and
 
 -- Updates of live jobs no longer finish any: the paired rows lose what only finishing read.
 ALTER TYPE aiservice.job_move DROP ATTRIBUTE finished_at, DROP ATTRIBUTE tokens;
--- A kind of job as the limits see it (notify_freed, triggers.sql).
-CREATE TYPE aiservice.job_kind AS (task_type text, model_profile text, owner_service text);
+-- What a limit matches a job on (notify_freed, triggers.sql).
+CREATE TYPE aiservice.limit_target AS (task_type text, model_profile text, owner_service text);
