@@ -2511,15 +2511,6 @@ BEGIN
         v_errors := v_errors || jsonb_build_object('compact_counts', SQLERRM);
     END;
 
-    -- Partition changes wait briefly for their locks, never queueing the jobs' own statements
-    -- behind a long wait.
-    v_lock_timeout := current_setting('lock_timeout');
-    PERFORM set_config('lock_timeout', '100ms', true);
-    BEGIN
-        v_out := v_out || jsonb_build_object('prepare_history', aiservice.prepare_history());
-    EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors || jsonb_build_object('prepare_history', SQLERRM);
-    END;
     IF p_retention IS NOT NULL THEN
         BEGIN
             -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
@@ -2531,6 +2522,19 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
         END;
+    END IF;
+
+    -- Last, the partition changes: attaching a day partition and dropping one lock job_history
+    -- (or its default partition) until the pass commits. They wait at most 100 ms for those locks,
+    -- never queueing the jobs' own statements behind a long wait; the next pass tries again.
+    v_lock_timeout := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '100ms', true);
+    BEGIN
+        v_out := v_out || jsonb_build_object('prepare_history', aiservice.prepare_history());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('prepare_history', SQLERRM);
+    END;
+    IF p_retention IS NOT NULL THEN
         BEGIN
             v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
         EXCEPTION WHEN OTHERS THEN

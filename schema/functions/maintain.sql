@@ -176,10 +176,11 @@ $$;
 
 -- One maintenance pass: expire leases nobody renewed, resolve finished dependencies, make due
 -- scheduled jobs claimable, forget limit usage older than two minutes, fold the statistics
--- counters, make the job_history partitions of today and the next two days, and, with
--- p_retention (NULL keeps everything), forget webhook deliveries and batches as old and delete
--- finished jobs past it (purge_jobs, last: it may lock job_history until the pass commits, and
--- waits at most 100 ms for that lock, else it tries again next pass). Any process may call it on
+-- counters; with p_retention (NULL keeps everything) forget webhook deliveries and batches as
+-- old; then make the job_history partitions of today and the next two days and, with
+-- p_retention, delete finished jobs past it (purge_jobs). These two come last: they may lock
+-- job_history until the pass commits, and wait at most 100 ms for that lock, else the next pass
+-- tries again. Any process may call it on
 -- a timer: a call that finds another pass running, or one that started less than p_every ago,
 -- does nothing and answers {"ran": false}. Each step runs in its own subtransaction, so one
 -- failing step does not undo the others; its error is returned under the step's name in
@@ -236,15 +237,6 @@ BEGIN
         v_errors := v_errors || jsonb_build_object('compact_counts', SQLERRM);
     END;
 
-    -- Partition changes wait briefly for their locks, never queueing the jobs' own statements
-    -- behind a long wait.
-    v_lock_timeout := current_setting('lock_timeout');
-    PERFORM set_config('lock_timeout', '100ms', true);
-    BEGIN
-        v_out := v_out || jsonb_build_object('prepare_history', aiservice.prepare_history());
-    EXCEPTION WHEN OTHERS THEN
-        v_errors := v_errors || jsonb_build_object('prepare_history', SQLERRM);
-    END;
     IF p_retention IS NOT NULL THEN
         BEGIN
             -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
@@ -256,6 +248,19 @@ BEGIN
         EXCEPTION WHEN OTHERS THEN
             v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
         END;
+    END IF;
+
+    -- Last, the partition changes: attaching a day partition and dropping one lock job_history
+    -- (or its default partition) until the pass commits. They wait at most 100 ms for those locks,
+    -- never queueing the jobs' own statements behind a long wait; the next pass tries again.
+    v_lock_timeout := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '100ms', true);
+    BEGIN
+        v_out := v_out || jsonb_build_object('prepare_history', aiservice.prepare_history());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('prepare_history', SQLERRM);
+    END;
+    IF p_retention IS NOT NULL THEN
         BEGIN
             v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
         EXCEPTION WHEN OTHERS THEN
