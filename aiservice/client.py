@@ -50,6 +50,7 @@ from aiservice.api.schemas import (
     Jobs,
     Lease,
     Limits,
+    Outcomes,
     ProvidersStatus,
     Webhooks,
 )
@@ -541,6 +542,16 @@ class AsyncClient:
         """POST /jobs/{id}/complete; LeaseLost when the job is no longer this worker's (fencing)."""
         body = {"worker_id": worker_id, "result": dict(result), "lease_token": lease_token}
         return await self._call(Job, "POST", f"{API}/jobs/{_segment(job_id)}/complete", body)
+
+    async def complete_jobs(
+        self, worker_id: str, completions: Iterable[tuple[int, Mapping[str, Any], UUID | str | None]]
+    ) -> dict[int, str]:
+        """POST /jobs/complete: many results of one worker in one transaction, each (id, result,
+        lease_token) fenced on its own; answers each id's outcome: "completed", "lease_lost" or
+        "not_found" (a refused job leaves the others completed)."""
+        jobs = [{"id": i, "result": dict(result), "lease_token": token} for i, result, token in completions]
+        answer = await self._call(Outcomes, "POST", f"{API}/jobs/complete", {"worker_id": worker_id, "jobs": jobs})
+        return {o.id: o.outcome for o in answer.jobs}
 
     async def fail_job(
         self,

@@ -95,6 +95,11 @@ async def _complete(jobs: Jobs) -> Call:
     return f"{API}/jobs/{job.id}/complete", {"worker_id": job.worker_id, "result": {"ok": True}}, 200
 
 
+async def _complete_many(jobs: Jobs) -> Call:
+    job = await jobs.running()
+    return f"{API}/jobs/complete", {"worker_id": job.worker_id, "jobs": [{"id": job.id, "result": {"ok": True}}]}, 200
+
+
 async def _fail(jobs: Jobs) -> Call:
     job = await jobs.running()
     return f"{API}/jobs/{job.id}/fail", {"worker_id": job.worker_id, "error_category": "bad_output"}, 200
@@ -210,6 +215,7 @@ SAMPLES: dict[tuple[str, str], Sample] = {
     ("POST", f"{API}/jobs/claim"): _claim,
     ("GET", f"{API}/jobs/{{id}}"): _get,
     ("POST", f"{API}/jobs/{{id}}/complete"): _complete,
+    ("POST", f"{API}/jobs/complete"): _complete_many,
     ("POST", f"{API}/jobs/{{id}}/fail"): _fail,
     ("POST", f"{API}/jobs/{{id}}/heartbeat"): _heartbeat,
     ("POST", f"{API}/jobs/{{id}}/retry"): _retry_one,

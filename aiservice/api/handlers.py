@@ -24,6 +24,7 @@ from aiservice.api.schemas import (
     BatchQuery,
     ClaimedJobs,
     ClaimRequest,
+    CompleteManyRequest,
     CompleteRequest,
     DeliveryPage,
     DeliveryQuery,
@@ -40,6 +41,7 @@ from aiservice.api.schemas import (
     LimitChange,
     Limits,
     ListQuery,
+    Outcomes,
     ProvidersStatus,
     Readiness,
     StatsQuery,
@@ -311,6 +313,12 @@ async def complete_job(request: web.Request) -> web.Response:
     return reply(await store(request).complete_job(jid, req.worker_id, req.result, lease_token=req.lease_token))
 
 
+async def complete_jobs(request: web.Request) -> web.Response:
+    req = await body(request, CompleteManyRequest)
+    outcomes = await store(request).complete_jobs(req.worker_id, ((j.id, j.lease_token, j.result) for j in req.jobs))
+    return reply(Outcomes.model_validate({"jobs": [{"id": j.id, "outcome": outcomes[j.id]} for j in req.jobs]}))
+
+
 async def fail_job(request: web.Request) -> web.Response:
     jid = path_id(request)
     req = await body(request, FailRequest)
@@ -504,6 +512,15 @@ ROUTES: tuple[Route, ...] = (
         Job,
         body=CompleteRequest,
         errors=(400, 404, 409, 415, 422),
+    ),
+    Route(
+        "POST",
+        f"{API}/jobs/complete",
+        complete_jobs,
+        "Store the results of many running jobs of one worker in one transaction (each fenced on its own)",
+        Outcomes,
+        body=CompleteManyRequest,
+        errors=(400, 415, 422),
     ),
     Route(
         "POST",

@@ -184,6 +184,35 @@ class CompleteRequest(Strict):
     lease_token: LeaseToken | None = None
 
 
+class Completion(Strict):
+    id: int = Field(ge=1)
+    result: Payload
+    lease_token: LeaseToken | None = None
+
+
+class CompleteManyRequest(Strict):
+    worker_id: Name
+    jobs: list[Completion] = Field(
+        min_length=1, max_length=rules.COMPLETE_BATCH_MAX, description="distinct ids; each fenced on its own"
+    )
+
+    @field_validator("jobs")
+    @classmethod
+    def _distinct(cls, jobs: list[Completion]) -> list[Completion]:
+        if len({j.id for j in jobs}) != len(jobs):
+            raise ValueError("each job id at most once")
+        return jobs
+
+
+class Outcome(BaseModel):
+    id: int
+    outcome: Literal["completed", "lease_lost", "not_found"]
+
+
+class Outcomes(BaseModel):
+    jobs: list[Outcome] = Field(description="one per job sent, in the order sent")
+
+
 class FailRequest(Strict):
     worker_id: Name
     error_category: Category
