@@ -162,6 +162,8 @@ class OpenAIStub(StubServer):
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
         self.replies: dict[str, Reply] = {}
+        self.active = 0  # requests being answered now
+        self.peak = 0  # the most at once
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_get("/v1/models", self._models)
 
@@ -176,7 +178,12 @@ class OpenAIStub(StubServer):
         body = await request.json()
         self.requests.append(body)
         self.authorizations.append(request.headers.get("Authorization"))
-        return await self.replies.get(last_user_text(body), echo)(request, body)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await self.replies.get(last_user_text(body), echo)(request, body)
+        finally:
+            self.active -= 1
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
@@ -215,6 +222,7 @@ class AsrStub(StubServer):
         self.hf_token = True
         self.openapi: Callable[[web.Request], Awaitable[web.StreamResponse]] = self._openapi
         self.probes = 0
+        self.active = 0  # transcriptions being answered now
         self.app.router.add_post("/asr", self._asr)
         self.app.router.add_get("/files/{name}", self._file)
         self.app.router.add_get("/openapi.json", self._probe)
@@ -238,7 +246,11 @@ class AsrStub(StubServer):
                 "filename": fields.get("audio_file", {}).get("filename"),
             }
         )
-        response = await self.replies.get(audio, transcribe)(request, query, audio)
+        self.active += 1
+        try:
+            response = await self.replies.get(audio, transcribe)(request, query, audio)
+        finally:
+            self.active -= 1
         if response.status < 400:  # FastAPI's own errors carry no Asr-Engine header
             response.headers.setdefault("Asr-Engine", self.engine)
         return response

@@ -68,15 +68,18 @@ class Counts:
 
 
 class Flights:
-    """The jobs in flight: at most ``limit`` of them, and at most ``kind_limits[kind.name]`` of one kind
-    (a kind not named there is bounded by ``limit`` alone); the worker_slots gauge follows the table."""
+    """The jobs in flight: at most ``limit`` of them at work, and at most ``kind_limits[kind.name]`` of
+    one kind (a kind not named there is bounded by ``limit`` alone); the worker_slots gauge follows the
+    table. A job whose work ended is still in flight while its outcome is stored, but no longer holds
+    a slot: the next job starts while the last one's result is written."""
 
     def __init__(self, limit: int, kind_limits: Mapping[str, int] | None = None) -> None:
         self.limit = limit
         self.kind_limits = dict(kind_limits or {})
         self.counts = Counts()
         self._by_id: dict[int, InFlight] = {}
-        self._by_kind: Counter[str] = Counter()
+        self._working: set[int] = set()
+        self._by_kind: Counter[str] = Counter()  # jobs at work, by kind
         metrics.WORKER_SLOTS.labels("total").set(limit)
 
     def __len__(self) -> int:
@@ -85,9 +88,13 @@ class Flights:
     def __iter__(self) -> Iterator[InFlight]:
         return iter(sorted(self._by_id.values(), key=lambda f: f.job.id))
 
+    def working(self) -> int:
+        """Jobs at work (each holds a slot); len() counts those whose outcome is being stored too."""
+        return len(self._working)
+
     def free(self, kind: Kind | None = None) -> int:
         """Free slots in all, or for one more job of ``kind``."""
-        free = self.limit - len(self._by_id)
+        free = self.limit - len(self._working)
         if kind is not None and kind.name in self.kind_limits:
             free = min(free, self.kind_limits[kind.name] - self._by_kind[kind.name])
         return free
@@ -97,10 +104,17 @@ class Flights:
 
     def add(self, flight: InFlight) -> None:
         self._by_id[flight.job.id] = flight
+        self._working.add(flight.job.id)
         self._by_kind[flight.kind.name] += 1
-        metrics.WORKER_SLOTS.labels("busy").set(len(self._by_id))
+        metrics.WORKER_SLOTS.labels("busy").set(len(self._working))
+
+    def done_working(self, flight: InFlight) -> None:
+        """The job's work ended (its outcome is yet to be stored): its slot is free."""
+        if flight.job.id in self._working:
+            self._working.discard(flight.job.id)
+            self._by_kind[flight.kind.name] -= 1
+        metrics.WORKER_SLOTS.labels("busy").set(len(self._working))
 
     def remove(self, flight: InFlight) -> None:
-        if self._by_id.pop(flight.job.id, None) is not None:
-            self._by_kind[flight.kind.name] -= 1
-        metrics.WORKER_SLOTS.labels("busy").set(len(self._by_id))
+        self.done_working(flight)
+        self._by_id.pop(flight.job.id, None)

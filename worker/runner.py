@@ -67,7 +67,8 @@ class Runner:
 
     @property
     def in_flight(self) -> int:
-        return len(self.flights)
+        """Jobs at work, each in a slot (a job whose outcome is being stored has left its slot)."""
+        return self.flights.working()
 
     @property
     def counts(self) -> Counts:

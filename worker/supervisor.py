@@ -58,6 +58,9 @@ class Supervisor:
         try:
             await asyncio.wait([flight.work])
             lease.cancel()
+            # The slot is free for the next job while this one's outcome is stored.
+            self.flights.done_working(flight)
+            self._freed()
             await self._settle(flight)
         except Exception:
             log.exception("job %d: could not record its outcome; its lease will expire", flight.job.id)
