@@ -305,6 +305,8 @@ class Databases:
         try:
             await migrate(conn)
             self.layout = await layout_of(conn)
+            if self.layout == "history":  # today's partition of job_history and the next days', as a service has
+                await conn.execute("SELECT aiservice.maintain()")
         finally:
             await conn.close()
         raw = await asyncpg.connect(with_database(self.admin_dsn, f"bench_tpl_pgq_{self.tag}"))
@@ -1452,14 +1454,16 @@ def finished_table(layout: str) -> str:
 
 async def ensure_history_days(conn: Any, first: datetime, last: datetime) -> None:
     """On the history layout, the day partitions (aiservice.job_history_pYYYYMMDD, UTC days) that rows
-    finished between ``first`` and ``last`` go to: maintain() makes today's and the days ahead, this
-    makes any earlier one missing (a bench database only; rows of a day without one would go to
-    job_history_default)."""
-    await conn.execute("SELECT aiservice.maintain()")
+    finished between ``first`` and ``last`` go to, made with aiservice.make_history_partition (or, where
+    it is missing, by the same CREATE TABLE ... PARTITION OF) unless they exist: maintain() makes only
+    today's and the days ahead, and rows of a day without one would go to job_history_default."""
+    maker = await conn.fetchval("SELECT to_regprocedure('aiservice.make_history_partition(date)') IS NOT NULL")
     day = first.astimezone(UTC).date()
     while day <= last.astimezone(UTC).date():
         name = f"job_history_p{day:%Y%m%d}"
-        if await conn.fetchval("SELECT to_regclass($1)", f"aiservice.{name}") is None:
+        if maker:
+            await conn.execute("SELECT aiservice.make_history_partition($1)", day)
+        elif await conn.fetchval("SELECT to_regclass($1)", f"aiservice.{name}") is None:
             bounds = f"FROM ('{day.isoformat()} 00:00+00') TO ('{day + timedelta(days=1)} 00:00+00')"
             try:
                 await conn.execute(
