@@ -30,8 +30,8 @@ from aiservice.db.pool import CONNECT_TIMEOUT, DatabaseUnreachable, connect, ope
 from aiservice.settings import Settings, SettingsError, format_duration, mask_url, variable_name
 from aiservice.sidecar import SidecarSettings
 from aiservice.sidecar import run as run_sidecar
-from worker.app import Worker
-from worker.kinds import describe
+from aiservice.worker.app import Worker
+from aiservice.worker.kinds import describe
 
 log = logging.getLogger("aiservice")
 

@@ -183,47 +183,51 @@ def _segment(value: str | int) -> str:
     return quote(str(value), safe="")
 
 
-class Selection(TypedDict, total=False):
+class JobFilter(TypedDict, total=False):
+    """Which jobs: every field given must match (the server's aiservice.jobs.JobFilter). Shared by
+    list_jobs and iter_jobs (ListFilter) and by retry_jobs and cancel_jobs (Selection). None is the
+    same as leaving a field out."""
+
+    owner_service: str | None
+    owner_ref: str | None
+    task_type: str | None
+    model_profile: str | None
+    status: Statuses | None
+    created_after: datetime | None
+    created_before: datetime | None
+
+
+class Selection(JobFilter, total=False):
     """Which jobs retry_jobs and cancel_jobs act on: ids and/or filters; all=True for every job."""
 
     ids: Sequence[int]
     all: bool
-    owner_service: str
-    owner_ref: str
-    task_type: str
-    model_profile: str
-    status: Statuses
-    created_after: datetime
-    created_before: datetime
+
+
+class ListFilter(JobFilter, total=False):
+    """Which jobs list_jobs and iter_jobs return: the filters, and jobs of these batches
+    (``batch_id``) or whose last failure had this category (``error_category``)."""
+
+    batch_id: int | Iterable[int] | None
+    error_category: str | None
 
 
 def _selection_body(s: Selection) -> dict[str, Any]:
-    body = _job_filters(
-        s.get("owner_service"), s.get("owner_ref"), s.get("task_type"), s.get("model_profile"),
-        s.get("status"), s.get("created_after"), s.get("created_before"),
-    )  # fmt: skip
     ids = s.get("ids")
-    return body | {"ids": None if ids is None else list(ids), "all": s.get("all", False)}
+    return _filter_fields(s) | {"ids": None if ids is None else list(ids), "all": s.get("all", False)}
 
 
-def _job_filters(
-    owner_service: str | None,
-    owner_ref: str | None,
-    task_type: str | None,
-    model_profile: str | None,
-    status: Statuses | None,
-    created_after: datetime | None,
-    created_before: datetime | None,
-) -> dict[str, Any]:
-    statuses = None if status is None else [status] if isinstance(status, str) else list(status)
+def _filter_fields(f: JobFilter) -> dict[str, Any]:
+    """The filters given, with ``status`` as a list."""
+    status = f.get("status")
     fields = {
-        "owner_service": owner_service,
-        "owner_ref": owner_ref,
-        "task_type": task_type,
-        "model_profile": model_profile,
-        "status": statuses,
-        "created_after": created_after,
-        "created_before": created_before,
+        "owner_service": f.get("owner_service"),
+        "owner_ref": f.get("owner_ref"),
+        "task_type": f.get("task_type"),
+        "model_profile": f.get("model_profile"),
+        "status": None if status is None else [status] if isinstance(status, str) else list(status),
+        "created_after": f.get("created_after"),
+        "created_before": f.get("created_before"),
     }
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -395,24 +399,14 @@ class AsyncClient:
         return await self._call(Job, "GET", path, wait=seconds)
 
     async def list_jobs(
-        self,
-        *,
-        owner_service: str | None = None,
-        owner_ref: str | None = None,
-        task_type: str | None = None,
-        model_profile: str | None = None,
-        status: Statuses | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        batch_id: int | Iterable[int] | None = None,
-        error_category: str | None = None,
-        limit: int | None = None,
-        cursor: str | int | None = None,
+        self, *, limit: int | None = None, cursor: str | int | None = None, **filters: Unpack[ListFilter]
     ) -> JobPage:
         """GET /jobs: one page, newest first; pass ``next_cursor`` back as ``cursor`` for the next."""
-        params = _job_filters(owner_service, owner_ref, task_type, model_profile, status, created_after, created_before)
+        params = _filter_fields(filters)
+        batch_id = filters.get("batch_id")
         if batch_id is not None:
             params["batch_id"] = [batch_id] if isinstance(batch_id, int) else list(batch_id)
+        error_category = filters.get("error_category")
         if error_category is not None:
             params["error_category"] = error_category
         if limit is not None:
@@ -421,36 +415,17 @@ class AsyncClient:
             params["cursor"] = cursor
         return await self._call(JobPage, "GET", f"{API}/jobs{_query(params)}")
 
-    async def iter_jobs(
-        self,
-        *,
-        owner_service: str | None = None,
-        owner_ref: str | None = None,
-        task_type: str | None = None,
-        model_profile: str | None = None,
-        status: Statuses | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        batch_id: int | Iterable[int] | None = None,
-        page_size: int = 500,
-    ) -> AsyncIterator[Job]:
+    async def iter_jobs(self, *, page_size: int = 500, **filters: Unpack[ListFilter]) -> AsyncIterator[Job]:
         """Every matching job, newest first, fetching pages of ``page_size`` as it goes."""
-        batch_ids = None if batch_id is None else [batch_id] if isinstance(batch_id, int) else list(batch_id)
-        statuses = None if status is None else [status] if isinstance(status, str) else list(status)
+        # Each page sends the filters again: an iterator given as status or batch_id is read once, here.
+        status, batch_id = filters.get("status"), filters.get("batch_id")
+        if status is not None and not isinstance(status, str):
+            filters["status"] = list(status)
+        if batch_id is not None and not isinstance(batch_id, int):
+            filters["batch_id"] = list(batch_id)
         cursor: str | None = None
         while True:
-            page = await self.list_jobs(
-                owner_service=owner_service,
-                owner_ref=owner_ref,
-                task_type=task_type,
-                model_profile=model_profile,
-                status=statuses,
-                created_after=created_after,
-                created_before=created_before,
-                batch_id=batch_ids,
-                limit=page_size,
-                cursor=cursor,
-            )
+            page = await self.list_jobs(limit=page_size, cursor=cursor, **filters)
             for job in page.jobs:
                 yield job
             if page.next_cursor is None:

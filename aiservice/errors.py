@@ -33,8 +33,8 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
-class JobNotFound(ServiceError):
-    """SQLSTATE AS404."""
+class NotFound(ServiceError):
+    """SQLSTATE AS404: no such job, batch, limit, webhook or delivery."""
 
     status = 404
     code = "not_found"
@@ -139,7 +139,7 @@ class Contention(ServiceError):
 
 
 SQLSTATE_ERRORS: dict[str, type[ServiceError]] = {
-    "AS404": JobNotFound,
+    "AS404": NotFound,
     "AS409": InvalidState,
     "AS410": LeaseLost,
     "AS412": IdempotencyConflict,

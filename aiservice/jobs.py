@@ -1,6 +1,6 @@
 """The job domain: what a job is, how one is specified, which jobs an operation selects, statistics.
 
-The repository (aiservice/db/jobs.py) takes and returns these types; the HTTP API and the worker
+The repository (aiservice/db/store.py) takes and returns these types; the HTTP API and the worker
 share them. HTTP request and response bodies live in aiservice/api/schemas.py."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings, format_duration
 
 log = logging.getLogger("aiservice.maintenance")

@@ -12,14 +12,12 @@ import aiohttp
 from yarl import URL
 
 from aiservice import metrics
+from aiservice.provider_errors import AUTH_ERROR_CODES
 from aiservice.settings import Settings, mask_url, redact, url_secrets
 
 # A dashboard polling every second must not turn into a request per poll per provider.
 CACHE_SECONDS = 10.0
 CHECK_TIMEOUT = 5.0
-# Error types and codes in a provider's error body that say the key was refused, whatever the status:
-# a LiteLLM proxy without a database answers an unknown key with HTTP 400 and type no_db_connection.
-AUTH_ERROR_CODES = frozenset({"no_db_connection", "invalid_api_key", "authentication_error", "auth_error"})
 # Enough of a provider's error message to tell what is wrong; the rest of the body is not read.
 ERROR_MESSAGE_LIMIT = 300
 ERROR_BODY_LIMIT = 64 * 1024

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from aiservice import errors
-from aiservice.db.jobs import FINISHED_CHANNEL, JobEvents, JobStore
+from aiservice.db.listener import FINISHED_CHANNEL, Listener
+from aiservice.db.store import JobStore
 from aiservice.events import wait_event
 from aiservice.jobs import FINISHED, JobFilter
 
@@ -81,7 +81,7 @@ class Waiters:
         self.on_finished = on_finished  # the webhook sender wants to know too
         self.max_waits = max_waits
         self.max_per_caller = max_per_caller
-        self.connected = False
+        self._listener: Listener | None = None
         self._entries: dict[int, _Entry] = {}
         self._unchecked: set[int] = set()
         self._round: asyncio.Future[None] | None = None  # resolved when the next read has run
@@ -95,6 +95,11 @@ class Waiters:
         self._malformed_seen = 0
 
     @property
+    def connected(self) -> bool:
+        """Whether the LISTEN connection is up (else only the re-check finds finished jobs)."""
+        return self._listener is not None and self._listener.connected
+
+    @property
     def waiting(self) -> int:
         return self._count
 
@@ -105,7 +110,7 @@ class Waiters:
     async def wait(self, ids: Sequence[int], mode: Mode, seconds: float, caller: str = "") -> list[bytes]:
         """Wait until any (or all) of ``ids`` finished, or ``seconds`` passed; answer their jobs, each
         as its JSON document, in the order of ``ids`` (which must hold no duplicates). Unknown ids
-        raise errors.JobNotFound before any waiting; a wait over the bounds raises errors.TooManyWaits.
+        raise errors.NotFound before any waiting; a wait over the bounds raises errors.TooManyWaits.
 
         Waits that end together on the same jobs share their reads: a job's document read after a
         wait ended serves that wait too (never one read before: the answer is the state at its end)."""
@@ -117,7 +122,7 @@ class Waiters:
                     await first_read  # shared with every waiter registered since the last read
                 missing = [i for i in ids if self._entries[i].missing]
                 if missing:
-                    raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
+                    raise errors.NotFound(f"no such jobs: {missing[:20]}")
                 if not waiter.done.is_set():
                     await wait_event(waiter.done, seconds)
             finally:
@@ -207,7 +212,7 @@ class Waiters:
                     found[job.id] = document
         missing = [i for i in ids if i not in found]
         if missing:
-            raise errors.JobNotFound(f"no such jobs: {missing[:20]}")
+            raise errors.NotFound(f"no such jobs: {missing[:20]}")
         return [found[i] for i in ids]
 
     def _forget_documents(self) -> None:
@@ -309,49 +314,27 @@ class Waiters:
         log.log(level, "waiters: ignoring a malformed %s notification: %.200r", FINISHED_CHANNEL, payload)
 
     async def run(self) -> None:
-        """Listen, and re-check every second; reconnect with a jittered backoff after a loss."""
+        """Listen (aiservice.db.listener, which reconnects after a loss), and re-check every
+        ``recheck`` seconds whether the listener is up or not: polling stands in while it is down."""
         self._ensure_checker()
-        delay = 0.5
+        self._listener = Listener(
+            self.dsn,
+            FINISHED_CHANNEL,
+            self._notified,
+            on_connected=self._recheck,  # whatever finished while we were away
+            application_name="aiservice-waiters",
+        )
+        listening = asyncio.create_task(self._listener.run(), name="aiservice-waiters-listen")
         try:
             while True:
-                lost = asyncio.Event()
-                events: JobEvents | None = None
-                try:
-                    events = await JobEvents.open(
-                        self.dsn,
-                        self._on_event,
-                        lost.set,
-                        application_name="aiservice-waiters",
-                        channel=FINISHED_CHANNEL,
-                    )
-                    self.connected, delay = True, 0.5
-                    self._recheck()  # whatever finished while we were away
-                    while not lost.is_set():
-                        await wait_event(lost, self.recheck)
-                        self._recheck()
-                except errors.DatabaseUnavailable as exc:
-                    log.warning("waiters: PostgreSQL unavailable (%s); retrying in %.1fs", exc, delay)
-                except Exception:
-                    log.exception("waiters: unexpected error; retrying in %.1fs", delay)
-                finally:
-                    self.connected = False
-                    if events is not None:
-                        await events.close()
-                # Polling stands in while the listener is down.
+                await asyncio.sleep(self.recheck)
                 self._recheck()
-                await asyncio.sleep(delay * (0.75 + random.random() / 2))
-                delay = min(delay * 2, 5.0)
         finally:
-            if self._checker is not None:
-                self._checker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._checker
-
-    def _on_event(self, payload: dict[str, Any]) -> None:
-        try:
-            self._notified(payload)
-        except Exception:  # never let a notification break the listener
-            log.exception("waiters: a notification could not be handled")
+            for task in (listening, self._checker):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

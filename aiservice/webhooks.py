@@ -23,7 +23,7 @@ from standardwebhooks.webhooks import Webhook as Signer
 from yarl import URL
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.events import wait_event
 from aiservice.jobs import Job
 from aiservice.settings import Settings, mask_url_values, redact_url

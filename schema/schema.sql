@@ -41,6 +41,17 @@ CREATE TYPE aiservice.job_fields AS (
 
 
 --
+-- Name: job_kind; Type: TYPE; Schema: aiservice; Owner: -
+--
+
+CREATE TYPE aiservice.job_kind AS (
+	task_type text,
+	model_profile text,
+	owner_service text
+);
+
+
+--
 -- Name: job_status; Type: TYPE; Schema: aiservice; Owner: -
 --
 
@@ -66,10 +77,8 @@ CREATE TYPE aiservice.job_move AS (
 	status aiservice.job_status,
 	run_at timestamp with time zone,
 	error_category text,
-	finished_at timestamp with time zone,
 	batch_id bigint,
 	blocked boolean,
-	tokens numeric,
 	was aiservice.job_status,
 	was_task_type text,
 	was_model_profile text,
@@ -125,8 +134,8 @@ BEGIN
     INSERT INTO aiservice.job_dependencies (job_id, position, depends_on)
     SELECT * FROM unnest(p_job_ids, p_positions, p_depends_on);
     INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT DISTINCT j.id FROM aiservice.jobs j
-    WHERE j.id = ANY (p_depends_on) AND aiservice.is_finished(j.status)
+    SELECT DISTINCT h.id FROM aiservice.job_history h
+    WHERE h.id = ANY (p_depends_on)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         -- No kind named: every worker wakes, and its claim resolves the queue.
@@ -213,12 +222,8 @@ CREATE FUNCTION aiservice.cancel_batch(p_id bigint) RETURNS jsonb
     AS $$
 BEGIN
     PERFORM aiservice.get_batch(p_id);
-    UPDATE aiservice.jobs j
-    SET status = 'cancelled', lease_token = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-    FROM (SELECT id FROM aiservice.jobs
-          WHERE batch_id = p_id AND status IN ('pending', 'running')
-          ORDER BY id FOR UPDATE) mine
-    WHERE j.id = mine.id AND j.status IN ('pending', 'running');
+    PERFORM aiservice.cancel_jobs(p_ids => ARRAY(
+        SELECT j.id FROM aiservice.jobs j WHERE j.batch_id = p_id AND j.status IN ('pending', 'running')));
     RETURN aiservice.get_batch(p_id);
 END;
 $$;
@@ -259,6 +264,7 @@ CREATE TABLE aiservice.jobs (
     CONSTRAINT jobs_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 500))),
     CONSTRAINT jobs_lease_check CHECK ((((status = 'running'::aiservice.job_status) = ((lease_token IS NOT NULL) AND (lease_expires_at IS NOT NULL))) AND ((status <> 'running'::aiservice.job_status) OR (worker_id IS NOT NULL)))),
     CONSTRAINT jobs_lease_finite_check CHECK (isfinite(lease_expires_at)),
+    CONSTRAINT jobs_live_check CHECK ((status = ANY (ARRAY['pending'::aiservice.job_status, 'running'::aiservice.job_status]))),
     CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts >= 1) AND (max_attempts <= 100))),
     CONSTRAINT jobs_model_profile_check CHECK (((length(model_profile) >= 1) AND (length(model_profile) <= 200))),
     CONSTRAINT jobs_owner_ref_check CHECK (((length(owner_ref) >= 1) AND (length(owner_ref) <= 500))),
@@ -274,7 +280,7 @@ WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_
 -- Name: TABLE jobs; Type: COMMENT; Schema: aiservice; Owner: -
 --
 
-COMMENT ON TABLE aiservice.jobs IS 'AI jobs. Change rows through the aiservice.* functions, not directly.';
+COMMENT ON TABLE aiservice.jobs IS 'Live AI jobs (pending, running); finished ones are in job_history. Change rows through the aiservice.* functions, not directly.';
 
 
 --
@@ -287,10 +293,7 @@ CREATE FUNCTION aiservice.cancel_job(p_id bigint) RETURNS aiservice.jobs
 DECLARE
     v_job aiservice.jobs;
 BEGIN
-    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
-    END IF;
+    v_job := aiservice.lock_job(p_id);
     IF v_job.status NOT IN ('pending', 'running') THEN
         RAISE EXCEPTION 'job % is %; only pending and running jobs can be cancelled', p_id, v_job.status
             USING ERRCODE = 'AS409';
@@ -322,14 +325,10 @@ BEGIN
         p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
         coalesce(p_statuses, '{pending,running}'), p_created_after, p_created_before);
     RETURN QUERY
-    UPDATE aiservice.jobs j
-    SET status = 'cancelled',
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        finished_at = now(),
-        updated_at = now()
-    WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
-    RETURNING j.id;
+    SELECT aiservice.move_to_history(ARRAY(
+        SELECT aiservice.finished(j, 'cancelled') FROM aiservice.jobs j
+        WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
+        ORDER BY j.id));
 END;
 $$;
 
@@ -351,8 +350,9 @@ BEGIN
         RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
     END IF;
     PERFORM FROM aiservice.jobs j WHERE j.id = ANY (p_depends_on) ORDER BY j.id FOR KEY SHARE;
+    PERFORM FROM aiservice.job_history h WHERE h.id = ANY (p_depends_on) ORDER BY h.id FOR KEY SHARE;
     v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
-                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
+                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.all_jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
     IF cardinality(v_unknown) > 0 THEN
         RAISE EXCEPTION 'depends_on names jobs that do not exist: %', v_unknown USING ERRCODE = 'AS422';
     END IF;
@@ -427,7 +427,7 @@ BEGIN
            (SELECT aiservice.batch_json(b) FROM aiservice.batches b WHERE b.id = t.batch_id)
     FROM taken t
     JOIN aiservice.webhooks w ON w.owner_service = t.owner_service
-    LEFT JOIN aiservice.jobs j ON j.id = t.job_id AND t.event = 'job.finished'
+    LEFT JOIN aiservice.all_jobs j ON j.id = t.job_id AND t.event = 'job.finished'
     ORDER BY t.id;
 END;
 $$;
@@ -898,18 +898,8 @@ BEGIN
     IF p_result IS NULL OR jsonb_typeof(p_result) <> 'object' THEN
         RAISE EXCEPTION 'result must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
-    PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
-    UPDATE aiservice.jobs
-    SET status = 'completed',
-        result = p_result,
-        error_category = NULL,
-        error_message = NULL,
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        finished_at = now(),
-        updated_at = now()
-    WHERE id = p_id
-    RETURNING * INTO v_job;
+    v_job := aiservice.finished(aiservice.lock_running(p_id, p_worker_id, p_lease_token), 'completed', p_result);
+    PERFORM aiservice.move_to_history(ARRAY[v_job]);
     RETURN v_job;
 END;
 $$;
@@ -960,26 +950,34 @@ BEGIN
     locked AS MATERIALIZED (
         SELECT j.id FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE
     ),
-    done AS (
-        UPDATE aiservice.jobs j
-        SET status = 'completed',
-            result = i.result,
-            error_category = NULL,
-            error_message = NULL,
-            lease_token = NULL,
-            lease_expires_at = NULL,
-            finished_at = now(),
-            updated_at = now()
-        FROM input i JOIN locked l ON l.id = i.id
+    -- The job leaves the live table for job_history in this statement (finished() spelled out:
+    -- no per-row call on the hot path).
+    gone AS (
+        DELETE FROM aiservice.jobs j
+        USING input i JOIN locked l ON l.id = i.id
         WHERE j.id = i.id
           AND j.status = i.was
           AND j.worker_id = p_worker_id
           AND (i.lease_token IS NULL OR j.lease_token = i.lease_token)
-        RETURNING j.id
+        RETURNING j.*, i.result AS new_result
+    ),
+    done AS (
+        INSERT INTO aiservice.job_history AS h
+            (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
+             attempts, max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at,
+             idempotency_key, created_at, started_at, finished_at, updated_at, scheduled, batch_id, blocked,
+             requested_run_at)
+        SELECT g.id, g.owner_service, g.owner_ref, g.task_type, g.model_profile, g.input, g.new_result, 'completed',
+               g.priority, g.run_at, g.attempts, g.max_attempts, NULL, NULL, g.worker_id, NULL, NULL,
+               g.idempotency_key, g.created_at, g.started_at, now(), now(), g.scheduled, g.batch_id, g.blocked,
+               g.requested_run_at
+        FROM gone g
+        RETURNING h.id
     )
     SELECT i.id,
            CASE WHEN d.id IS NOT NULL THEN 'completed'
                 WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
+                WHEN EXISTS (SELECT 1 FROM aiservice.job_history h WHERE h.id = i.id) THEN 'lease_lost'
                 ELSE 'not_found' END
     FROM input i LEFT JOIN done d ON d.id = i.id
     ORDER BY i.ord;
@@ -1015,21 +1013,6 @@ $$;
 
 
 --
--- Name: count_deleted(); Type: FUNCTION; Schema: aiservice; Owner: -
---
-
-CREATE FUNCTION aiservice.count_deleted() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
-    SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3;
-    RETURN NULL;
-END;
-$$;
-
-
---
 -- Name: create_job(text, text, text, text, jsonb, integer, timestamp with time zone, integer, text, bigint[]); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -1038,6 +1021,7 @@ CREATE FUNCTION aiservice.create_job(p_owner_service text, p_owner_ref text, p_t
     AS $$
 DECLARE
     v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
+    v_id bigint := nextval('aiservice.jobs_id_seq');
     v_differs text;
     v_twice text;
 BEGIN
@@ -1053,24 +1037,33 @@ BEGIN
     IF v_twice IS NOT NULL THEN
         RAISE EXCEPTION '%', v_twice USING ERRCODE = 'AS422';
     END IF;
-    INSERT INTO aiservice.jobs AS j
-        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-         scheduled, blocked, requested_run_at)
-    VALUES
-        (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
-         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
-         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked, p_run_at)
-    ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING j.* INTO job;
-    created := FOUND;
+    -- The key first: a concurrent create with the same key waits here for ours to commit.
+    created := true;
+    IF p_idempotency_key IS NOT NULL AND p_owner_service IS NOT NULL THEN
+        INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
+        VALUES (p_owner_service, p_idempotency_key, v_id)
+        ON CONFLICT DO NOTHING;
+        created := FOUND;
+    END IF;
+    IF created THEN
+        INSERT INTO aiservice.jobs AS j
+            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts,
+             idempotency_key, scheduled, blocked, requested_run_at)
+        OVERRIDING SYSTEM VALUE
+        VALUES
+            (v_id, p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
+             coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
+             coalesce(p_run_at > now(), false) OR v_blocked, v_blocked, p_run_at)
+        RETURNING j.* INTO job;
+    END IF;
     IF created AND v_blocked THEN
         PERFORM aiservice.add_dependencies(
             array_fill(job.id, ARRAY[cardinality(p_depends_on)]),
             ARRAY(SELECT generate_series(0, cardinality(p_depends_on) - 1)), p_depends_on);
     END IF;
     IF NOT created THEN
-        SELECT j.* INTO job FROM aiservice.jobs j
-        WHERE j.owner_service = p_owner_service AND j.idempotency_key = p_idempotency_key;
+        job := aiservice.get_job((SELECT k.job_id FROM aiservice.job_keys k
+                                  WHERE k.owner_service = p_owner_service AND k.idempotency_key = p_idempotency_key));
         v_differs := aiservice.idempotency_differences(job, p_owner_ref, p_task_type, p_model_profile, p_input,
                                                        p_priority, p_run_at, p_max_attempts, p_depends_on);
         IF v_differs <> '' THEN
@@ -1187,6 +1180,16 @@ BEGIN
         CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
         ORDER BY e.ord
     ),
+    -- Keys first, in one order for every caller: overlapping concurrent batches wait, never
+    -- deadlock. A key already taken (or taken earlier in this batch) makes its item a repeat.
+    keyed AS (
+        INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
+        SELECT owner_service, idempotency_key, new_id FROM spec
+        WHERE idempotency_key IS NOT NULL AND owner_service IS NOT NULL
+        ORDER BY owner_service, idempotency_key, ord
+        ON CONFLICT DO NOTHING
+        RETURNING job_id
+    ),
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
@@ -1197,9 +1200,8 @@ BEGIN
                coalesce(run_at > now(), false) OR coalesce(ord = ANY (v_dep_ord), false), v_batch,
                coalesce(ord = ANY (v_dep_ord), false), run_at
         FROM spec
-        -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
-        ORDER BY owner_service, idempotency_key, ord
-        ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        WHERE idempotency_key IS NULL OR owner_service IS NULL OR new_id IN (SELECT keyed.job_id FROM keyed)
+        ORDER BY ord
         RETURNING j.id
     )
     SELECT array_agg(s.new_id ORDER BY s.ord), array_agg(ins.id IS NOT NULL ORDER BY s.ord),
@@ -1212,9 +1214,10 @@ BEGIN
 
     -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
     v_final := ARRAY(
-        SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
+        SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, k.job_id)
         FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
-        LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+        LEFT JOIN aiservice.job_keys k
+               ON NOT u.is_new AND k.owner_service = u.owner_service AND k.idempotency_key = u.idem_key
         ORDER BY u.ord);
 
     IF v_dep_ord IS NOT NULL THEN
@@ -1245,14 +1248,14 @@ BEGIN
         )
         SELECT r.ord - 1, r.id, r.differs INTO v_index, v_existing_id, v_bad
         FROM (
-            SELECT u.ord, b.id,
+            SELECT u.ord, (b.job).id,
                    aiservice.idempotency_differences(
-                       b, coalesce(s.owner_ref, d.owner_ref), coalesce(s.task_type, d.task_type),
+                       b.job, coalesce(s.owner_ref, d.owner_ref), coalesce(s.task_type, d.task_type),
                        coalesce(s.model_profile, d.model_profile), coalesce(s.input, d.input),
                        coalesce(s.priority, d.priority), coalesce(s.run_at, d.run_at),
                        coalesce(s.max_attempts, d.max_attempts), deps.ids) AS differs
             FROM unnest(v_new, v_final) WITH ORDINALITY AS u(is_new, final_id, ord)
-            JOIN aiservice.jobs b ON b.id = u.final_id
+            CROSS JOIN LATERAL (SELECT aiservice.get_job(u.final_id) AS job) b
             CROSS JOIN LATERAL jsonb_populate_record(NULL::aiservice.job_fields, p_jobs -> (u.ord::integer - 1)) AS s
             CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
             LEFT JOIN deps ON deps.ord = u.ord
@@ -1262,16 +1265,15 @@ BEGIN
         ORDER BY r.ord
         LIMIT 1;
         IF v_bad IS NOT NULL THEN
-            SELECT j.* INTO v_existing FROM aiservice.jobs j WHERE j.id = v_existing_id;
+            v_existing := aiservice.get_job(v_existing_id);
             PERFORM aiservice.raise_idempotency_conflict(v_existing, v_bad, v_index);
         END IF;
     END IF;
 
     RETURN QUERY
-    SELECT coalesce(a, b), u.is_new
-    FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
-    LEFT JOIN aiservice.jobs a ON u.is_new AND a.id = u.new_id
-    LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+    SELECT coalesce(a, aiservice.get_job(u.final_id)), u.is_new
+    FROM unnest(v_final, v_new) WITH ORDINALITY AS u(final_id, is_new, ord)
+    LEFT JOIN aiservice.jobs a ON a.id = u.final_id
     ORDER BY u.ord;
 END;
 $_$;
@@ -1333,7 +1335,8 @@ CREATE FUNCTION aiservice.dependencies_of(p_id bigint, p_omit_results_from integ
                  jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
                                     'status', j.status, 'result', j.result)
         END ORDER BY d.position)
-    FROM aiservice.job_dependencies d LEFT JOIN aiservice.jobs j ON j.id = d.depends_on
+    -- A claimable job's dependencies are all completed, so in job_history (or deleted).
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.job_history j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
 $$;
 
@@ -1357,7 +1360,7 @@ BEGIN
         SELECT c.n, d.position, d.depends_on, pg_column_size(x.result) AS stored
         FROM unnest(p_ids) WITH ORDINALITY AS c(id, n)
         JOIN aiservice.job_dependencies d ON d.job_id = c.id
-        JOIN aiservice.jobs x ON x.id = d.depends_on
+        JOIN aiservice.job_history x ON x.id = d.depends_on  -- results are finished jobs'
         WHERE x.result IS NOT NULL
         ORDER BY c.n, d.position
     LOOP
@@ -1366,7 +1369,7 @@ BEGIN
         IF r.stored > v_left THEN
             v_size := r.stored;
         ELSE
-            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.jobs x WHERE x.id = r.depends_on;
+            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.job_history x WHERE x.id = r.depends_on;
         END IF;
         IF v_size > v_left THEN
             cut_at := r.n;
@@ -1380,32 +1383,100 @@ $$;
 
 
 --
+-- Name: drop_history_partition(text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.drop_history_partition(p_name text) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    v_kept bigint[];
+    v_n bigint;
+BEGIN
+    IF p_name !~ '^job_history_p[0-9]{8}$' THEN
+        RAISE EXCEPTION '% is not a day partition of job_history', p_name USING ERRCODE = 'AS422';
+    END IF;
+    EXECUTE format('LOCK TABLE aiservice.%I IN SHARE MODE', p_name);
+    -- The dependency rows that name this day's jobs are those with depends_on in its id range.
+    EXECUTE format(
+        'SELECT array_agg(DISTINCT d.depends_on)'
+        ' FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id'
+        ' WHERE d.depends_on BETWEEN (SELECT min(id) FROM aiservice.%1$I) AND (SELECT max(id) FROM aiservice.%1$I)'
+        '   AND EXISTS (SELECT 1 FROM aiservice.%1$I h WHERE h.id = d.depends_on)', p_name)
+        INTO v_kept;
+    v_kept := coalesce(v_kept, '{}');
+    EXECUTE format(
+        'WITH counted AS ('
+        '    SELECT task_type, model_profile, status, count(*) AS n FROM aiservice.%1$I'
+        '    WHERE id <> ALL ($1) GROUP BY 1, 2, 3),'
+        ' deltas AS ('
+        '    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)'
+        '    SELECT task_type, model_profile, status, -n FROM counted)'
+        ' SELECT coalesce(sum(n), 0) FROM counted', p_name)
+        INTO v_n USING v_kept;
+    EXECUTE format(
+        'DELETE FROM aiservice.job_keys k USING aiservice.%I h'
+        ' WHERE h.idempotency_key IS NOT NULL AND h.id <> ALL ($1)'
+        '   AND k.owner_service = h.owner_service AND k.idempotency_key = h.idempotency_key AND k.job_id = h.id',
+        p_name) USING v_kept;
+    EXECUTE format(
+        'DELETE FROM aiservice.job_dependencies d'
+        ' WHERE d.job_id BETWEEN (SELECT min(id) FROM aiservice.%1$I) AND (SELECT max(id) FROM aiservice.%1$I)'
+        '   AND EXISTS (SELECT 1 FROM aiservice.%1$I h WHERE h.id = d.job_id AND h.id <> ALL ($1))', p_name)
+        USING v_kept;
+    EXECUTE format('ALTER TABLE aiservice.job_history DETACH PARTITION aiservice.%I', p_name);
+    IF cardinality(v_kept) > 0 THEN
+        EXECUTE format('INSERT INTO aiservice.job_history_default SELECT * FROM aiservice.%I WHERE id = ANY ($1)',
+                       p_name) USING v_kept;
+    END IF;
+    EXECUTE format('DROP TABLE aiservice.%I', p_name);
+    RETURN v_n;
+END;
+$_$;
+
+
+--
 -- Name: expire_leases(); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
 CREATE FUNCTION aiservice.expire_leases() RETURNS SETOF aiservice.jobs
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
-    WITH expired AS (
-        SELECT id FROM aiservice.jobs
-        WHERE status = 'running' AND lease_expires_at < now()
-        ORDER BY id  -- the lock order of every multi-row writer
-        FOR UPDATE SKIP LOCKED
-    )
+DECLARE
+    v_expired aiservice.jobs[];
+BEGIN
+    v_expired := ARRAY(
+        SELECT j FROM aiservice.jobs j
+        WHERE j.status = 'running' AND j.lease_expires_at < now()
+        ORDER BY j.id  -- the lock order of every multi-row writer
+        FOR UPDATE SKIP LOCKED);
+    IF cardinality(v_expired) = 0 THEN
+        RETURN;
+    END IF;
+    -- Attempts left: back to the queue.
+    RETURN QUERY
     UPDATE aiservice.jobs j
-    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END::aiservice.job_status,
+    SET status = 'pending',
         error_category = 'lease_expired',
         error_message = format('lease of worker %s expired at %s', j.worker_id, j.lease_expires_at),
-        worker_id = CASE WHEN j.attempts >= j.max_attempts THEN j.worker_id END,
+        worker_id = NULL,
         lease_token = NULL,
         lease_expires_at = NULL,
-        run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at ELSE now() END,
+        run_at = now(),
         scheduled = false,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
         updated_at = now()
-    FROM expired e
-    WHERE j.id = e.id
+    FROM unnest(v_expired) e
+    WHERE j.id = e.id AND e.attempts < e.max_attempts
     RETURNING j.*;
+    -- None left: failed, out of the live table.
+    v_expired := ARRAY(
+        SELECT aiservice.finished(e, 'failed', NULL, 'lease_expired',
+                                  format('lease of worker %s expired at %s', e.worker_id, e.lease_expires_at))
+        FROM unnest(v_expired) e
+        WHERE e.attempts >= e.max_attempts);
+    PERFORM aiservice.move_to_history(v_expired);
+    RETURN QUERY SELECT * FROM unnest(v_expired);
+END;
 $$;
 
 
@@ -1432,19 +1503,23 @@ BEGIN
     v_job := aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     v_retry := coalesce(p_retryable, aiservice.is_retryable(p_error_category))
                AND v_job.attempts < v_job.max_attempts;
-    UPDATE aiservice.jobs
-    SET status = CASE WHEN v_retry THEN 'pending' ELSE 'failed' END::aiservice.job_status,
-        error_category = p_error_category,
-        error_message = left(p_error_message, 4000),
-        worker_id = CASE WHEN v_retry THEN NULL ELSE worker_id END,
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        run_at = CASE WHEN v_retry THEN now() + coalesce(p_retry_after, aiservice.backoff(attempts)) ELSE run_at END,
-        scheduled = v_retry AND (p_retry_after IS NULL OR p_retry_after > interval '0'),
-        finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
-        updated_at = now()
-    WHERE id = p_id
-    RETURNING * INTO v_job;
+    IF v_retry THEN
+        UPDATE aiservice.jobs
+        SET status = 'pending',
+            error_category = p_error_category,
+            error_message = left(p_error_message, 4000),
+            worker_id = NULL,
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            run_at = now() + coalesce(p_retry_after, aiservice.backoff(attempts)),
+            scheduled = p_retry_after IS NULL OR p_retry_after > interval '0',
+            updated_at = now()
+        WHERE id = p_id
+        RETURNING * INTO v_job;
+    ELSE
+        v_job := aiservice.finished(v_job, 'failed', NULL, p_error_category, p_error_message);
+        PERFORM aiservice.move_to_history(ARRAY[v_job]);
+    END IF;
     IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' AND p_cooldown_max > interval '0' THEN
         -- The provider behind the profile is saturated: hold the whole profile, not only this job.
         PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after, p_cooldown_max);
@@ -1452,6 +1527,35 @@ BEGIN
     RETURN v_job;
 END;
 $_$;
+
+
+--
+-- Name: finished(aiservice.jobs, aiservice.job_status, jsonb, text, text); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.finished(p_job aiservice.jobs, p_status aiservice.job_status, p_result jsonb DEFAULT NULL::jsonb, p_error_category text DEFAULT NULL::text, p_error_message text DEFAULT NULL::text) RETURNS aiservice.jobs
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+    IF NOT aiservice.is_finished(p_status) THEN
+        RAISE EXCEPTION 'status % is not a finished status', p_status USING ERRCODE = 'AS422';
+    END IF;
+    p_job.status := p_status;
+    IF p_status = 'completed' THEN
+        p_job.result := p_result;
+        p_job.error_category := NULL;
+        p_job.error_message := NULL;
+    ELSIF p_status = 'failed' THEN
+        p_job.error_category := p_error_category;
+        p_job.error_message := left(p_error_message, 4000);
+    END IF;
+    p_job.lease_token := NULL;
+    p_job.lease_expires_at := NULL;
+    p_job.finished_at := now();
+    p_job.updated_at := now();
+    RETURN p_job;
+END;
+$$;
 
 
 --
@@ -1546,7 +1650,11 @@ CREATE FUNCTION aiservice.get_job(p_id bigint) RETURNS aiservice.jobs
 DECLARE
     v_job aiservice.jobs;
 BEGIN
+    -- STABLE: both reads see one snapshot, so a job moving between the tables is seen once.
     SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.job_history WHERE id = p_id;
+    END IF;
     IF NOT FOUND THEN
         PERFORM aiservice.raise_not_found(p_id);
     END IF;
@@ -1623,29 +1731,190 @@ $$;
 
 
 --
+-- Name: job_history_delete_effects(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.job_history_delete_effects() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- 1. Statistics.
+    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
+    SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3;
+
+    -- 2. Batches: a retried job leaves its finished count (retention leaves batch counts alone).
+    IF aiservice.moving_back() THEN
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+        SELECT batch_id, 0, 0, -count(*) FILTER (WHERE status = 'completed'),
+               -count(*) FILTER (WHERE status = 'failed'), -count(*) FILTER (WHERE status = 'cancelled')
+        FROM old_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+
+--
+-- Name: job_history_insert_effects(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.job_history_insert_effects() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- 1. Statistics.
+    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
+    SELECT task_type, model_profile, status, date_trunc('minute', finished_at), coalesce(error_category, ''),
+           count(*)
+    FROM new_jobs GROUP BY 1, 2, 3, 4, 5;
+
+    -- 2. Delivery: finished jobs are queued for their owner's webhook.
+    INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
+    SELECT n.owner_service, 'job.finished', n.id, n.batch_id
+    FROM new_jobs n JOIN aiservice.webhooks w ON w.owner_service = n.owner_service
+    WHERE w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
+    ORDER BY n.id;
+
+    -- 3. Batches: appended to batch_count_deltas, folded at commit.
+    INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+    SELECT batch_id, 0, 0, count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),
+           count(*) FILTER (WHERE status = 'cancelled')
+    FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+
+    -- 4. Finished jobs are announced on 'aiservice_finished'.
+    PERFORM pg_notify('aiservice_finished', json_build_object('jobs', c.docs)::text)
+    FROM (
+        SELECT json_agg(c.doc ORDER BY c.id) AS docs
+        FROM (
+            SELECT n.id, d.doc,
+                   -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
+                   (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY n.id)) / 7000 AS chunk
+            FROM new_jobs n
+            CROSS JOIN LATERAL (SELECT json_build_object('id', n.id, 'owner_service', n.owner_service,
+                                                         'owner_ref', n.owner_ref, 'status', n.status,
+                                                         'batch_id', n.batch_id) AS doc) d
+        ) c
+        GROUP BY c.chunk
+        ORDER BY c.chunk
+    ) c;
+
+    -- 5. Aborts on 'aiservice_jobs': a running job cancelled (only a running job has a worker_id
+    --    when it finishes cancelled) or failed because its lease ran out.
+    PERFORM pg_notify('aiservice_jobs', json_build_object(
+                'event', 'abort', 'id', n.id, 'worker_id', n.worker_id, 'status', n.status)::text)
+    FROM new_jobs n
+    WHERE n.worker_id IS NOT NULL
+      AND (n.status = 'cancelled' OR n.error_category = 'lease_expired');
+
+    -- 6. Pipelines: a finished job with dependents is queued for resolution, and workers are woken
+    --    to resolve it (an index probe per job; LIMIT keeps it one).
+    INSERT INTO aiservice.finished_dependencies (job_id)
+    SELECT n.id FROM new_jobs n
+    WHERE (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = n.id LIMIT 1)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
+    END IF;
+
+    -- 7. Limits: tokens of completed jobs count against the limits that match them.
+    IF EXISTS (SELECT 1 FROM aiservice.limits) THEN
+        INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
+        SELECT l.scope, l.name, clock_timestamp(), sum(t.tokens)::bigint
+        FROM (SELECT n.task_type, n.model_profile, n.owner_service,
+                     least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000) AS tokens
+              FROM new_jobs n
+              WHERE n.status = 'completed' AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number') t
+        JOIN aiservice.limits l
+          ON aiservice.limit_applies(l.scope, l.name, t.task_type, t.model_profile, t.owner_service)
+        GROUP BY l.scope, l.name;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+
+--
+-- Name: jobs_delete_effects(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.jobs_delete_effects() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- 1. Statistics: the job leaves its live status (job_history_insert_effects counts where it
+    --    went).
+    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
+    SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3;
+
+    -- 2. Batches: likewise.
+    INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+    SELECT batch_id, -count(*) FILTER (WHERE status = 'pending'), -count(*) FILTER (WHERE status = 'running'),
+           0, 0, 0
+    FROM old_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+
+    -- 3. Limits: a running job leaving under a max_running cap frees a place.
+    IF EXISTS (SELECT 1 FROM aiservice.limits) THEN
+        PERFORM aiservice.notify_freed(ARRAY(
+            SELECT ROW(o.task_type, o.model_profile, o.owner_service)::aiservice.job_kind
+            FROM old_jobs o WHERE o.status = 'running'));
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+
+--
 -- Name: jobs_insert_effects(); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
 CREATE FUNCTION aiservice.jobs_insert_effects() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
+DECLARE
+    v_back boolean := aiservice.moving_back();
 BEGIN
-    -- 1. Statistics: created counts the same rows as n, but only here: it feeds job_creations,
-    --    which deletes never lower.
+    -- 1. Statistics: created counts the same rows as n, but only here and only for new jobs: it
+    --    feeds job_creations, which deletes never lower.
     INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n, created)
-    SELECT task_type, model_profile, status, count(*), count(*) FROM new_jobs GROUP BY 1, 2, 3;
+    SELECT task_type, model_profile, status, count(*), CASE WHEN v_back THEN 0 ELSE count(*) END
+    FROM new_jobs GROUP BY 1, 2, 3;
 
-    -- 2. Batches: jobs created into batches.
-    UPDATE aiservice.batches b
-    SET total = b.total + d.n, pending = b.pending + d.n
-    FROM (SELECT batch_id, count(*)::integer AS n FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1) d
-    WHERE b.id = d.batch_id;
+    -- 2. Batches: jobs created into batches (a retried job was counted in its batch's total).
+    IF v_back THEN
+        INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
+        SELECT batch_id, count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'running'),
+               0, 0, 0
+        FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1;
+    ELSE
+        UPDATE aiservice.batches b
+        SET total = b.total + d.n, pending = b.pending + d.n
+        FROM (SELECT batch_id, count(*)::integer AS n FROM new_jobs WHERE batch_id IS NOT NULL GROUP BY 1) d
+        WHERE b.id = d.batch_id;
+    END IF;
 
     -- 3. Wake-ups: tell listeners that jobs of these kinds can be claimed (now, or at run_at).
     PERFORM aiservice.notify_pending(n.task_type, n.model_profile, min(n.run_at))
     FROM new_jobs n
     WHERE n.status = 'pending'
     GROUP BY n.task_type, n.model_profile;
+
+    -- 4. Pipelines: a retried job blocked again on a dependency that already failed is resolved
+    --    (failed) too.
+    IF v_back THEN
+        INSERT INTO aiservice.finished_dependencies (job_id)
+        SELECT f.depends_on FROM new_jobs n
+        CROSS JOIN LATERAL (
+            SELECT d.depends_on FROM aiservice.job_dependencies d
+            JOIN aiservice.job_history x ON x.id = d.depends_on
+            WHERE d.job_id = n.id
+            OFFSET 0
+        ) f
+        WHERE n.blocked
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            PERFORM aiservice.notify_pending(NULL, NULL, NULL);  -- every worker: a claim resolves the queue
+        END IF;
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -1661,28 +1930,24 @@ CREATE FUNCTION aiservice.jobs_update_effects() RETURNS trigger
 DECLARE
     v_moved aiservice.job_move[];
     v_status bigint;     -- rows with a new status
-    v_finished bigint;   -- rows that finished (completed, failed, cancelled) just now
     v_batch bigint;      -- rows with a new status in a batch (before or after)
     v_woken bigint;      -- rows that became claimable (pending, or pending at a new run_at)
     v_aborted bigint;    -- running rows taken from their worker
     v_reblocked bigint;  -- rows blocked again on their dependencies
     v_left bigint;       -- rows that left 'running'
-    v_n bigint;
 BEGIN
     SELECT array_agg(ROW(p.id, p.task_type, p.model_profile, p.owner_service, p.owner_ref, p.status, p.run_at,
-                         p.error_category, p.finished_at, p.batch_id, p.blocked, p.tokens, p.was, p.was_task_type,
+                         p.error_category, p.batch_id, p.blocked, p.was, p.was_task_type,
                          p.was_model_profile, p.was_run_at, p.was_worker, p.was_batch, p.was_blocked)::aiservice.job_move),
            count(*) FILTER (WHERE p.status <> p.was),
-           count(*) FILTER (WHERE aiservice.is_finished(p.status) AND NOT aiservice.is_finished(p.was)),
            count(*) FILTER (WHERE p.status <> p.was AND (p.batch_id IS NOT NULL OR p.was_batch IS NOT NULL)),
            count(*) FILTER (WHERE p.status = 'pending' AND (p.was <> 'pending' OR p.was_run_at <> p.run_at)),
            count(*) FILTER (WHERE p.was = 'running'
-                              AND (p.status = 'cancelled'
-                                   OR (p.status = 'pending' AND p.error_category IS NULL)
-                                   OR p.error_category = 'lease_expired')),
+                              AND p.status = 'pending'
+                              AND (p.error_category IS NULL OR p.error_category = 'lease_expired')),
            count(*) FILTER (WHERE p.blocked AND NOT p.was_blocked),
            count(*) FILTER (WHERE p.was = 'running' AND p.status <> 'running')
-    INTO v_moved, v_status, v_finished, v_batch, v_woken, v_aborted, v_reblocked, v_left
+    INTO v_moved, v_status, v_batch, v_woken, v_aborted, v_reblocked, v_left
     FROM (
         SELECT x.id,
                min(x.task_type) FILTER (WHERE x.after) AS task_type,
@@ -1692,10 +1957,8 @@ BEGIN
                min(x.status) FILTER (WHERE x.after) AS status,
                min(x.run_at) FILTER (WHERE x.after) AS run_at,
                min(x.error_category) FILTER (WHERE x.after) AS error_category,
-               min(x.finished_at) FILTER (WHERE x.after) AS finished_at,
                min(x.batch_id) FILTER (WHERE x.after) AS batch_id,
                bool_or(x.blocked) FILTER (WHERE x.after) AS blocked,
-               min(x.tokens) FILTER (WHERE x.after) AS tokens,
                min(x.status) FILTER (WHERE NOT x.after) AS was,
                min(x.task_type) FILTER (WHERE NOT x.after) AS was_task_type,
                min(x.model_profile) FILTER (WHERE NOT x.after) AS was_model_profile,
@@ -1704,15 +1967,11 @@ BEGIN
                min(x.batch_id) FILTER (WHERE NOT x.after) AS was_batch,
                bool_or(x.blocked) FILTER (WHERE NOT x.after) AS was_blocked
         FROM (SELECT true AS after, n.id, n.task_type, n.model_profile, n.owner_service, n.owner_ref, n.status,
-                     n.run_at, n.error_category, n.finished_at, n.batch_id, n.blocked, n.worker_id,
-                     -- tokens only where a step reads them: a job leaving 'running' completed
-                     CASE WHEN n.status = 'completed' AND jsonb_typeof(n.result #> '{usage,total_tokens}') = 'number'
-                          THEN least(greatest((n.result #>> '{usage,total_tokens}')::numeric, 0), 1000000000000)
-                     END AS tokens
+                     n.run_at, n.error_category, n.batch_id, n.blocked, n.worker_id
               FROM new_jobs n
               UNION ALL
               SELECT false, o.id, o.task_type, o.model_profile, o.owner_service, o.owner_ref, o.status,
-                     o.run_at, o.error_category, o.finished_at, o.batch_id, o.blocked, o.worker_id, NULL
+                     o.run_at, o.error_category, o.batch_id, o.blocked, o.worker_id
               FROM old_jobs o) x
         GROUP BY x.id
     ) p
@@ -1727,40 +1986,26 @@ BEGIN
     -- 1. Statistics: status moves appended to job_count_deltas (no hot counter row);
     --    compact_counts() folds them (stats.sql).
     IF v_status > 0 THEN
-        INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, minute, error_category, n)
-        SELECT task_type, model_profile, status, minute, error_category, sum(d) FROM (
-            SELECT m.task_type, m.model_profile, m.status,
-                   CASE WHEN m.finished_at IS NOT NULL THEN date_trunc('minute', m.finished_at) END AS minute,
-                   CASE WHEN m.finished_at IS NOT NULL THEN coalesce(m.error_category, '') END AS error_category,
-                   1 AS d
+        INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
+        SELECT task_type, model_profile, status, sum(d) FROM (
+            SELECT m.task_type, m.model_profile, m.status, 1 AS d
             FROM unnest(v_moved) m WHERE m.status <> m.was
             UNION ALL
-            SELECT m.was_task_type, m.was_model_profile, m.was, NULL, NULL, -1
+            SELECT m.was_task_type, m.was_model_profile, m.was, -1
             FROM unnest(v_moved) m WHERE m.status <> m.was
         ) moves
-        GROUP BY 1, 2, 3, 4, 5
+        GROUP BY 1, 2, 3
         HAVING sum(d) <> 0;
     END IF;
 
-    -- 2. Delivery: finished jobs are queued for their owner's webhook; batch counts move (the
-    --    moves are appended to batch_count_deltas, no lock, and fold_batch_counts applies them
-    --    when the transaction commits); finished jobs are announced on 'aiservice_finished'.
-    IF v_finished > 0 THEN
-        INSERT INTO aiservice.webhook_deliveries (owner_service, event, job_id, batch_id)
-        SELECT m.owner_service, 'job.finished', m.id, m.batch_id
-        FROM unnest(v_moved) m JOIN aiservice.webhooks w ON w.owner_service = m.owner_service
-        WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
-          AND w.disabled_at IS NULL AND 'job.finished' = ANY (w.events)
-        ORDER BY m.id;
-    END IF;
+    -- 2. Batches: the moves are appended to batch_count_deltas, no lock; fold_batch_counts
+    --    applies them when the transaction commits.
     IF v_batch > 0 THEN
         INSERT INTO aiservice.batch_count_deltas (batch_id, pending, running, completed, failed, cancelled)
         SELECT batch_id,
                coalesce(sum(d) FILTER (WHERE status = 'pending'), 0),
                coalesce(sum(d) FILTER (WHERE status = 'running'), 0),
-               coalesce(sum(d) FILTER (WHERE status = 'completed'), 0),
-               coalesce(sum(d) FILTER (WHERE status = 'failed'), 0),
-               coalesce(sum(d) FILTER (WHERE status = 'cancelled'), 0)
+               0, 0, 0
         FROM (SELECT m.batch_id, m.status, 1 AS d FROM unnest(v_moved) m
               WHERE m.status <> m.was AND m.batch_id IS NOT NULL
               UNION ALL
@@ -1768,28 +2013,10 @@ BEGIN
               WHERE m.status <> m.was AND m.was_batch IS NOT NULL) x
         GROUP BY batch_id;
     END IF;
-    IF v_finished > 0 THEN
-        PERFORM pg_notify('aiservice_finished', json_build_object('jobs', c.docs)::text)
-        FROM (
-            SELECT json_agg(c.doc ORDER BY c.id) AS docs
-            FROM (
-                SELECT f.id, d.doc,
-                       -- chunks of at most ~7,000 bytes: PostgreSQL refuses payloads of 8,000 and more
-                       (sum(octet_length(d.doc::text) + 1) OVER (ORDER BY f.id)) / 7000 AS chunk
-                FROM unnest(v_moved) f
-                CROSS JOIN LATERAL (SELECT json_build_object('id', f.id, 'owner_service', f.owner_service,
-                                                             'owner_ref', f.owner_ref, 'status', f.status,
-                                                             'batch_id', f.batch_id) AS doc) d
-                WHERE aiservice.is_finished(f.status) AND NOT aiservice.is_finished(f.was)
-            ) c
-            GROUP BY c.chunk
-            ORDER BY c.chunk
-        ) c;
-    END IF;
 
     -- 3. Wake-ups and aborts on 'aiservice_jobs', in this order: jobs that became claimable again
-    --    (retry, lease expiry, backoff) wake workers; a running job taken from its worker (cancel,
-    --    manual retry, lease expiry) tells that worker to abort. A job its worker gave back itself
+    --    (retry, lease expiry, backoff) wake workers; a running job taken from its worker (manual
+    --    retry, lease expiry) tells that worker to abort. A job its worker gave back itself
     --    (fail_job, release_job) does not.
     IF v_woken > 0 THEN
         PERFORM aiservice.notify_pending(m.task_type, m.model_profile, min(m.run_at))
@@ -1802,25 +2029,20 @@ BEGIN
                     'event', 'abort', 'id', m.id, 'worker_id', m.was_worker, 'status', m.status)::text)
         FROM unnest(v_moved) m
         WHERE m.was = 'running'
-          AND (m.status = 'cancelled'
-               OR (m.status = 'pending' AND m.error_category IS NULL)
-               OR m.error_category = 'lease_expired');
+          AND m.status = 'pending'
+          AND (m.error_category IS NULL OR m.error_category = 'lease_expired');
     END IF;
 
-    -- 4. Pipelines: a finished job with dependents is queued for resolution, and workers are woken
-    --    to resolve it. The lookups are index probes per changed job (LIMIT and OFFSET 0 keep them
-    --    out of joins the planner could turn into a scan of every dependency).
-    IF v_finished > 0 OR v_reblocked > 0 THEN
+    -- 4. Pipelines: a retried job blocked again on a dependency that already failed is resolved
+    --    (failed) too. The lookups are index probes per changed job (OFFSET 0 keeps them out of
+    --    joins the planner could turn into a scan of every dependency).
+    IF v_reblocked > 0 THEN
         INSERT INTO aiservice.finished_dependencies (job_id)
-        SELECT m.id FROM unnest(v_moved) m
-        WHERE aiservice.is_finished(m.status) AND NOT aiservice.is_finished(m.was)
-          AND (SELECT true FROM aiservice.job_dependencies d WHERE d.depends_on = m.id LIMIT 1)
-        -- A retried job blocked again on a dependency that already failed: resolve it (fail it) too.
-        UNION
         SELECT f.depends_on FROM unnest(v_moved) m
         CROSS JOIN LATERAL (
-            SELECT d.depends_on FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-            WHERE d.job_id = m.id AND aiservice.is_finished(x.status)
+            SELECT d.depends_on FROM aiservice.job_dependencies d
+            JOIN aiservice.job_history x ON x.id = d.depends_on
+            WHERE d.job_id = m.id
             OFFSET 0
         ) f
         WHERE m.blocked AND NOT m.was_blocked
@@ -1830,29 +2052,12 @@ BEGIN
         END IF;
     END IF;
 
-    -- 5. Limits: tokens of completed jobs count against the limits that match them; a job leaving
-    --    'running' under a max_running cap frees a place, so workers are woken for its kind.
+    -- 5. Limits: a job leaving 'running' under a max_running cap frees a place, so workers are
+    --    woken for its kind.
     IF v_left > 0 AND EXISTS (SELECT 1 FROM aiservice.limits) THEN
-        WITH left_running AS MATERIALIZED (
-            SELECT m.* FROM unnest(v_moved) m WHERE m.was = 'running' AND m.status <> 'running'
-        ),
-        usage AS (
-            INSERT INTO aiservice.limit_usage (scope, name, at, tokens)
-            SELECT l.scope, l.name, clock_timestamp(), sum(r.tokens)::bigint
-            FROM left_running r
-            JOIN aiservice.limits l
-              ON aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile, r.owner_service)
-            WHERE r.status = 'completed' AND r.tokens IS NOT NULL
-            GROUP BY l.scope, l.name
-        )
-        SELECT count(aiservice.notify_pending(k.task_type, k.model_profile, NULL))
-        INTO STRICT v_n
-        FROM (SELECT r.task_type, r.model_profile FROM left_running r
-              WHERE EXISTS (SELECT 1 FROM aiservice.limits l
-                            WHERE l.max_running IS NOT NULL
-                              AND aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile,
-                                                          r.owner_service))
-              GROUP BY r.task_type, r.model_profile) k;
+        PERFORM aiservice.notify_freed(ARRAY(
+            SELECT ROW(m.task_type, m.model_profile, m.owner_service)::aiservice.job_kind
+            FROM unnest(v_moved) m WHERE m.was = 'running' AND m.status <> 'running'));
     END IF;
     RETURN NULL;
 END;
@@ -2066,7 +2271,7 @@ BEGIN
             SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
                                                 'model_profile', j.model_profile, 'status', j.status)
                              ORDER BY d.position)
-            FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+            FROM aiservice.job_dependencies d JOIN aiservice.all_jobs j ON j.id = d.depends_on
             WHERE d.job_id = p_id), '[]'::jsonb),
         'dependents', coalesce((
             SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
@@ -2075,7 +2280,7 @@ BEGIN
             FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d
                   WHERE d.depends_on = p_id AND d.job_id > coalesce(p_after_id, 0)
                   ORDER BY d.job_id LIMIT p_limit) x
-            JOIN aiservice.jobs j ON j.id = x.job_id), '[]'::jsonb));
+            JOIN aiservice.all_jobs j ON j.id = x.job_id), '[]'::jsonb));
 END;
 $$;
 
@@ -2088,13 +2293,15 @@ CREATE FUNCTION aiservice.list_jobs(p_owner_service text DEFAULT NULL::text, p_o
     LANGUAGE plpgsql STABLE
     AS $_$
 DECLARE
-    v_sql text := 'SELECT * FROM aiservice.jobs WHERE true';
+    v_sql text := 'SELECT * FROM aiservice.all_jobs WHERE true';
 BEGIN
     IF p_limit < 0 THEN
         RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
     END IF;
     -- Only the filters given become predicates; values stay parameters ($1..$12). Each filter has
-    -- an index to walk newest first (error_category: jobs_error_idx, holding only jobs that have one).
+    -- an index to walk newest first in job_history (error_category: job_history_error_idx, holding
+    -- only jobs that have one); the live table is small, and walked by its owner or batch index or
+    -- read whole.
     IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
     IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
     IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
@@ -2134,6 +2341,31 @@ $$;
 
 
 --
+-- Name: lock_job(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.lock_job(p_id bigint) RETURNS aiservice.jobs
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.job_history WHERE id = p_id FOR UPDATE;
+    END IF;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;  -- moved back meanwhile
+    END IF;
+    IF NOT FOUND THEN
+        PERFORM aiservice.raise_not_found(p_id);
+    END IF;
+    RETURN v_job;
+END;
+$$;
+
+
+--
 -- Name: lock_matching(bigint[], text, text, text, text, aiservice.job_status[], timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -2141,17 +2373,20 @@ CREATE FUNCTION aiservice.lock_matching(p_ids bigint[], p_owner_service text, p_
     LANGUAGE plpgsql
     AS $$
 DECLARE
+    v_matching bigint[];
     v_locked bigint[];
 BEGIN
-    v_locked := ARRAY(
-        SELECT j.id FROM aiservice.jobs j
-        WHERE j.id IN (
-            SELECT m.id FROM aiservice.list_jobs(
-                p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-                p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
-                p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m)
-        ORDER BY j.id
-        FOR UPDATE OF j);
+    v_matching := ARRAY(
+        SELECT m.id FROM aiservice.list_jobs(
+            p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+            p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+            p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m);
+    -- Live jobs first, then finished ones (only when finished statuses are asked for), each in id order.
+    v_locked := ARRAY(SELECT j.id FROM aiservice.jobs j WHERE j.id = ANY (v_matching) ORDER BY j.id FOR UPDATE OF j);
+    IF p_statuses && '{completed,failed,cancelled}'::aiservice.job_status[] THEN
+        v_locked := v_locked || ARRAY(SELECT h.id FROM aiservice.job_history h WHERE h.id = ANY (v_matching)
+                                      ORDER BY h.id FOR UPDATE OF h);
+    END IF;
     -- A new statement, so a newer snapshot than any lock wait above: it reads the locked jobs as
     -- they are now, and nobody can change them any more before this transaction ends.
     RETURN ARRAY(
@@ -2176,7 +2411,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
+        v_job := aiservice.get_job(p_id);  -- finished (AS410 below), or AS404
     END IF;
     IF v_job.status <> 'running'
        OR v_job.worker_id IS DISTINCT FROM p_worker_id
@@ -2200,6 +2435,7 @@ DECLARE
     v_out jsonb := jsonb_build_object('ran', true);
     v_errors jsonb := '{}'::jsonb;
     v_n bigint;
+    v_lock_timeout text;
 BEGIN
     -- Any fixed number shared by every caller ("aimaint").
     IF NOT pg_try_advisory_xact_lock(107109701105110) THEN
@@ -2217,23 +2453,6 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors || jsonb_build_object('expire_leases', SQLERRM);
     END;
-    IF p_retention IS NOT NULL THEN
-        BEGIN
-            v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
-        END;
-        BEGIN
-            -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
-            DELETE FROM aiservice.webhook_deliveries
-            WHERE status <> 'pending' AND created_at < now() - p_retention;
-            DELETE FROM aiservice.batches WHERE finished_at < now() - p_retention;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            v_out := v_out || jsonb_build_object('forget_delivered', v_n);
-        EXCEPTION WHEN OTHERS THEN
-            v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
-        END;
-    END IF;
     BEGIN
         v_out := v_out || jsonb_build_object('resolve_dependencies', aiservice.resolve_dependencies(1000));
     EXCEPTION WHEN OTHERS THEN
@@ -2257,8 +2476,110 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         v_errors := v_errors || jsonb_build_object('compact_counts', SQLERRM);
     END;
+
+    -- Partition changes wait briefly for their locks, never queueing the jobs' own statements
+    -- behind a long wait.
+    v_lock_timeout := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '100ms', true);
+    BEGIN
+        v_out := v_out || jsonb_build_object('prepare_history', aiservice.prepare_history());
+    EXCEPTION WHEN OTHERS THEN
+        v_errors := v_errors || jsonb_build_object('prepare_history', SQLERRM);
+    END;
+    IF p_retention IS NOT NULL THEN
+        BEGIN
+            -- Sent or given-up webhook deliveries and finished batches go with the jobs they describe.
+            DELETE FROM aiservice.webhook_deliveries
+            WHERE status <> 'pending' AND created_at < now() - p_retention;
+            DELETE FROM aiservice.batches WHERE finished_at < now() - p_retention;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_out := v_out || jsonb_build_object('forget_delivered', v_n);
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors || jsonb_build_object('forget_delivered', SQLERRM);
+        END;
+        BEGIN
+            v_out := v_out || jsonb_build_object('purge_jobs', aiservice.purge_jobs(p_retention));
+        EXCEPTION WHEN OTHERS THEN
+            v_errors := v_errors || jsonb_build_object('purge_jobs', SQLERRM);
+        END;
+    END IF;
+    PERFORM set_config('lock_timeout', v_lock_timeout, true);
     RETURN v_out || jsonb_build_object('errors', v_errors);
 END;
+$$;
+
+
+--
+-- Name: make_history_partition(date); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.make_history_partition(p_day date) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    v_name text := 'job_history_p' || to_char(p_day, 'YYYYMMDD');
+    v_from timestamptz := p_day::timestamp AT TIME ZONE 'UTC';
+    v_to timestamptz := (p_day + 1)::timestamp AT TIME ZONE 'UTC';
+BEGIN
+    IF to_regclass('aiservice.' || v_name) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('CREATE TABLE aiservice.%I (LIKE aiservice.job_history INCLUDING CONSTRAINTS)',
+                   v_name);
+    EXECUTE format('WITH moved AS (DELETE FROM aiservice.job_history_default'
+                   '               WHERE finished_at >= $1 AND finished_at < $2 RETURNING *)'
+                   ' INSERT INTO aiservice.%I SELECT * FROM moved', v_name)
+        USING v_from, v_to;
+    EXECUTE format('ALTER TABLE aiservice.job_history ATTACH PARTITION aiservice.%I FOR VALUES FROM (%L) TO (%L)',
+                   v_name, v_from, v_to);
+    RETURN true;
+END;
+$_$;
+
+
+--
+-- Name: move_to_history(aiservice.jobs[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.move_to_history(p_jobs aiservice.jobs[]) RETURNS SETOF bigint
+    LANGUAGE sql
+    AS $$
+    WITH gone AS (
+        DELETE FROM aiservice.jobs j
+        WHERE j.id = ANY (ARRAY(SELECT f.id FROM unnest(p_jobs) f))
+        RETURNING j.id
+    )
+    INSERT INTO aiservice.job_history
+    SELECT f.* FROM unnest(p_jobs) f WHERE f.id IN (SELECT gone.id FROM gone)
+    RETURNING id;
+$$;
+
+
+--
+-- Name: moving_back(); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.moving_back() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT coalesce(current_setting('aiservice.moving_back', true), '') = 'on';
+$$;
+
+
+--
+-- Name: notify_freed(aiservice.job_kind[]); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.notify_freed(p_left aiservice.job_kind[]) RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT aiservice.notify_pending(k.task_type, k.model_profile, NULL)
+    FROM (SELECT r.task_type, r.model_profile FROM unnest(p_left) r
+          WHERE EXISTS (SELECT 1 FROM aiservice.limits l
+                        WHERE l.max_running IS NOT NULL
+                          AND aiservice.limit_applies(l.scope, l.name, r.task_type, r.model_profile,
+                                                      r.owner_service))
+          GROUP BY r.task_type, r.model_profile) k;
 $$;
 
 
@@ -2287,6 +2608,19 @@ CREATE FUNCTION aiservice.notify_pending(p_task_type text, p_model_profile text,
         'model_profile', p_model_profile,
         'run_at', CASE WHEN p_run_at > now() THEN p_run_at END
     )::text);
+$$;
+
+
+--
+-- Name: prepare_history(integer); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.prepare_history(p_days_ahead integer DEFAULT 2) RETURNS integer
+    LANGUAGE sql
+    AS $$
+    SELECT count(*) FILTER (WHERE aiservice.make_history_partition(d::date))::integer
+    FROM generate_series((now() AT TIME ZONE 'UTC')::date, (now() AT TIME ZONE 'UTC')::date + p_days_ahead,
+                         interval '1 day') d;
 $$;
 
 
@@ -2321,9 +2655,13 @@ $$;
 
 CREATE FUNCTION aiservice.purge_jobs(p_older_than interval, p_limit integer DEFAULT 10000) RETURNS bigint
     LANGUAGE plpgsql
-    AS $$
+    AS $_$
 DECLARE
-    v_deleted bigint;
+    v_cutoff timestamptz;
+    v_deleted bigint := 0;
+    v_n bigint;
+    v_part text;
+    v_rowwise regclass[];
 BEGIN
     IF p_older_than IS NULL OR p_older_than <= interval '0' OR NOT isfinite(p_older_than) THEN
         RAISE EXCEPTION 'older_than must be a positive, finite interval' USING ERRCODE = 'AS422';
@@ -2331,36 +2669,58 @@ BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 THEN
         RAISE EXCEPTION 'limit must be between 1 and 100000' USING ERRCODE = 'AS422';
     END IF;
+    v_cutoff := now() - p_older_than;
+
+    -- Row by row: the default partition, and job_history_before where an upgrade made it.
+    v_rowwise := ARRAY['aiservice.job_history_default'::regclass];
+    IF to_regclass('aiservice.job_history_before') IS NOT NULL THEN
+        v_rowwise := v_rowwise || 'aiservice.job_history_before'::regclass;
+    END IF;
     WITH oldest AS (
-        SELECT o.id FROM aiservice.jobs o
-        WHERE o.finished_at < now() - p_older_than
-          AND o.finished_at IS NOT NULL
-          AND o.status IN ('completed', 'failed', 'cancelled')
+        SELECT o.id FROM aiservice.job_history o
+        WHERE o.tableoid = ANY (v_rowwise)
+          AND o.finished_at < v_cutoff
           AND NOT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.job_id
-                          WHERE d.depends_on = o.id AND x.status IN ('pending', 'running'))
+                          WHERE d.depends_on = o.id)
         ORDER BY o.finished_at
         LIMIT p_limit
     ),
     doomed AS (
         -- Locked in ascending id order, like every multi-row writer; a job retried meanwhile is kept.
-        SELECT j.id FROM aiservice.jobs j
-        WHERE j.id IN (SELECT id FROM oldest)
-          AND j.finished_at < now() - p_older_than
-          AND j.status IN ('completed', 'failed', 'cancelled')
-        ORDER BY j.id
-        FOR UPDATE OF j SKIP LOCKED
-    )
-    , gone AS (
-        DELETE FROM aiservice.jobs j USING doomed d WHERE j.id = d.id
-        RETURNING j.id
+        SELECT h.id FROM aiservice.job_history h
+        WHERE h.id IN (SELECT id FROM oldest) AND h.finished_at < v_cutoff
+        ORDER BY h.id
+        FOR UPDATE OF h SKIP LOCKED
+    ),
+    gone AS (
+        DELETE FROM aiservice.job_history h USING doomed d
+        WHERE h.id = d.id AND h.tableoid = ANY (v_rowwise)
+        RETURNING h.id, h.owner_service, h.idempotency_key
+    ),
+    keys AS (
+        DELETE FROM aiservice.job_keys k USING gone g
+        WHERE k.owner_service = g.owner_service AND k.idempotency_key = g.idempotency_key AND k.job_id = g.id
     ),
     forgotten AS (
         DELETE FROM aiservice.job_dependencies d WHERE d.job_id IN (SELECT id FROM gone)
     )
     SELECT count(*) INTO v_deleted FROM gone;
+
+    -- Whole days last: dropping a partition locks job_history until the caller commits.
+    FOR v_part IN
+        SELECT c.relname
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'aiservice.job_history'::regclass
+          AND c.relname ~ '^job_history_p[0-9]{8}$'
+          AND (to_date(substr(c.relname, 14), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= v_cutoff
+        ORDER BY c.relname
+    LOOP
+        v_n := aiservice.drop_history_partition(v_part);
+        v_deleted := v_deleted + v_n;
+    END LOOP;
     RETURN v_deleted;
 END;
-$$;
+$_$;
 
 
 --
@@ -2517,7 +2877,7 @@ BEGIN
                    min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
             FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
             JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
-            JOIN aiservice.jobs j ON j.id = dep.depends_on
+            JOIN aiservice.all_jobs j ON j.id = dep.depends_on
             GROUP BY dep.job_id
         ) s
         WHERE s.ready OR s.broken IS NOT NULL
@@ -2550,19 +2910,22 @@ BEGIN
         (SELECT DISTINCT ON (id) id, false, broken, broken_status FROM bounded ORDER BY id, broken)
     ) r;
 
-    -- Locked in id order, like every multi-row writer.
+    -- Locked in id order, like every multi-row writer. Ready jobs are unblocked where they are;
+    -- the others fail, out of the live table.
     PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
     UPDATE aiservice.jobs j
-    SET blocked = false,
-        scheduled = CASE WHEN r.ready THEN j.run_at > now() ELSE false END,
-        status = CASE WHEN r.ready THEN j.status ELSE 'failed' END::aiservice.job_status,
-        error_category = CASE WHEN r.ready THEN j.error_category ELSE 'dependency_failed' END,
-        error_message = CASE WHEN r.ready THEN j.error_message
-                             ELSE format('dependency %s is %s', r.broken, r.broken_status) END,
-        finished_at = CASE WHEN r.ready THEN NULL ELSE now() END,
-        updated_at = now()
-    FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
-    WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+    SET blocked = false, scheduled = j.run_at > now(), updated_at = now()
+    FROM unnest(v_ids, v_ready) AS r(id, ready)
+    WHERE j.id = r.id AND r.ready AND j.status = 'pending' AND j.blocked;
+    PERFORM aiservice.move_to_history(ARRAY(
+        SELECT jsonb_populate_record(  -- and no longer blocked
+                   aiservice.finished(j, 'failed', NULL, 'dependency_failed',
+                                      format('dependency %s is %s', r.broken, r.broken_status)),
+                   '{"blocked": false, "scheduled": false}')
+        FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
+        JOIN aiservice.jobs j ON j.id = r.id
+        WHERE NOT r.ready AND j.status = 'pending' AND j.blocked
+        ORDER BY j.id));
 
     IF v_walked < v_bound THEN
         -- The whole cascade is done: the jobs failed here need no pass of their own.
@@ -2605,10 +2968,7 @@ CREATE FUNCTION aiservice.retry_job(p_id bigint) RETURNS aiservice.jobs
 DECLARE
     v_job aiservice.jobs;
 BEGIN
-    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
-    END IF;
+    v_job := aiservice.lock_job(p_id);
     IF v_job.status NOT IN ('failed', 'running') THEN
         RAISE EXCEPTION 'job % is %; only failed and running jobs can be retried', p_id, v_job.status
             USING ERRCODE = 'AS409';
@@ -2639,6 +2999,7 @@ BEGIN
     v_ids := aiservice.lock_matching(
         p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
         coalesce(p_statuses, '{failed,running}'), p_created_after, p_created_before);
+    -- Running jobs start over where they are.
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'pending',
@@ -2650,16 +3011,33 @@ BEGIN
         lease_token = NULL,
         lease_expires_at = NULL,
         started_at = NULL,
-        finished_at = NULL,
         run_at = now(),
         -- A job whose dependencies are not all completed waits for them again.
-        blocked = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-                          WHERE d.job_id = j.id AND x.status <> 'completed'),
-        scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-                            WHERE d.job_id = j.id AND x.status <> 'completed'),
+        blocked = aiservice.waits_for_dependencies(j.id),
+        scheduled = aiservice.waits_for_dependencies(j.id),
         updated_at = now()
-    WHERE j.id = ANY (v_ids) AND j.status IN ('failed', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status = 'running'
     RETURNING j.id;
+    -- Failed jobs come back from job_history, not as new jobs (moving_back, triggers.sql).
+    PERFORM set_config('aiservice.moving_back', 'on', true);
+    RETURN QUERY
+    WITH back AS (
+        DELETE FROM aiservice.job_history h WHERE h.id = ANY (v_ids) AND h.status = 'failed' RETURNING h.*
+    )
+    INSERT INTO aiservice.jobs
+        (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
+         attempts, max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at,
+         idempotency_key, created_at, started_at, finished_at, updated_at, scheduled, batch_id, blocked,
+         requested_run_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT b.id, b.owner_service, b.owner_ref, b.task_type, b.model_profile, b.input, NULL, 'pending', b.priority,
+           now(), 0, b.max_attempts, NULL, NULL, NULL, NULL, NULL, b.idempotency_key, b.created_at, NULL, NULL,
+           now(), aiservice.waits_for_dependencies(b.id), b.batch_id, aiservice.waits_for_dependencies(b.id),
+           b.requested_run_at
+    FROM back b
+    ORDER BY b.id
+    RETURNING id;
+    PERFORM set_config('aiservice.moving_back', '', true);
 END;
 $$;
 
@@ -2832,8 +3210,8 @@ CREATE FUNCTION aiservice.stats(p_window interval DEFAULT '01:00:00'::interval) 
     recent AS (
         -- Percentiles from the newest finished jobs in the window (at most 5,000).
         SELECT task_type, started_at - created_at AS wait, finished_at - started_at AS run
-        FROM aiservice.jobs
-        WHERE finished_at >= now() - p_window AND finished_at IS NOT NULL AND started_at IS NOT NULL
+        FROM aiservice.job_history
+        WHERE finished_at >= now() - p_window AND started_at IS NOT NULL
         ORDER BY finished_at DESC
         LIMIT 5000
     ),
@@ -2911,6 +3289,18 @@ $$;
 
 
 --
+-- Name: waits_for_dependencies(bigint); Type: FUNCTION; Schema: aiservice; Owner: -
+--
+
+CREATE FUNCTION aiservice.waits_for_dependencies(p_id bigint) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.all_jobs x ON x.id = d.depends_on
+                   WHERE d.job_id = p_id AND x.status <> 'completed');
+$$;
+
+
+--
 -- Name: webhook_url_problem(text); Type: FUNCTION; Schema: aiservice; Owner: -
 --
 
@@ -2960,6 +3350,118 @@ BEGIN
     RETURN NULL;
 END;
 $_$;
+
+
+--
+-- Name: job_history; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.job_history (
+    id bigint NOT NULL,
+    owner_service text NOT NULL,
+    owner_ref text NOT NULL,
+    task_type text NOT NULL,
+    model_profile text NOT NULL,
+    input jsonb NOT NULL,
+    result jsonb,
+    status aiservice.job_status NOT NULL,
+    priority integer NOT NULL,
+    run_at timestamp with time zone NOT NULL,
+    attempts integer NOT NULL,
+    max_attempts integer NOT NULL,
+    error_category text,
+    error_message text,
+    worker_id text,
+    lease_token uuid,
+    lease_expires_at timestamp with time zone,
+    idempotency_key text,
+    created_at timestamp with time zone NOT NULL,
+    started_at timestamp with time zone,
+    finished_at timestamp with time zone NOT NULL,
+    updated_at timestamp with time zone NOT NULL,
+    scheduled boolean NOT NULL,
+    batch_id bigint,
+    blocked boolean NOT NULL,
+    requested_run_at timestamp with time zone,
+    CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
+)
+PARTITION BY RANGE (finished_at);
+
+
+--
+-- Name: TABLE job_history; Type: COMMENT; Schema: aiservice; Owner: -
+--
+
+COMMENT ON TABLE aiservice.job_history IS 'Finished jobs, one partition per UTC day of finished_at. Written by the aiservice.* functions only.';
+
+
+--
+-- Name: all_jobs; Type: VIEW; Schema: aiservice; Owner: -
+--
+
+CREATE VIEW aiservice.all_jobs AS
+ SELECT jobs.id,
+    jobs.owner_service,
+    jobs.owner_ref,
+    jobs.task_type,
+    jobs.model_profile,
+    jobs.input,
+    jobs.result,
+    jobs.status,
+    jobs.priority,
+    jobs.run_at,
+    jobs.attempts,
+    jobs.max_attempts,
+    jobs.error_category,
+    jobs.error_message,
+    jobs.worker_id,
+    jobs.lease_token,
+    jobs.lease_expires_at,
+    jobs.idempotency_key,
+    jobs.created_at,
+    jobs.started_at,
+    jobs.finished_at,
+    jobs.updated_at,
+    jobs.scheduled,
+    jobs.batch_id,
+    jobs.blocked,
+    jobs.requested_run_at
+   FROM aiservice.jobs
+UNION ALL
+ SELECT job_history.id,
+    job_history.owner_service,
+    job_history.owner_ref,
+    job_history.task_type,
+    job_history.model_profile,
+    job_history.input,
+    job_history.result,
+    job_history.status,
+    job_history.priority,
+    job_history.run_at,
+    job_history.attempts,
+    job_history.max_attempts,
+    job_history.error_category,
+    job_history.error_message,
+    job_history.worker_id,
+    job_history.lease_token,
+    job_history.lease_expires_at,
+    job_history.idempotency_key,
+    job_history.created_at,
+    job_history.started_at,
+    job_history.finished_at,
+    job_history.updated_at,
+    job_history.scheduled,
+    job_history.batch_id,
+    job_history.blocked,
+    job_history.requested_run_at
+   FROM aiservice.job_history;
+
+
+--
+-- Name: VIEW all_jobs; Type: COMMENT; Schema: aiservice; Owner: -
+--
+
+COMMENT ON VIEW aiservice.all_jobs IS 'Every job kept: live (aiservice.jobs) and finished (aiservice.job_history).';
 
 
 --
@@ -3077,6 +3579,59 @@ CREATE TABLE aiservice.job_finishes (
 
 
 --
+-- Name: job_history_default; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.job_history_default (
+    id bigint CONSTRAINT job_history_id_not_null NOT NULL,
+    owner_service text CONSTRAINT job_history_owner_service_not_null NOT NULL,
+    owner_ref text CONSTRAINT job_history_owner_ref_not_null NOT NULL,
+    task_type text CONSTRAINT job_history_task_type_not_null NOT NULL,
+    model_profile text CONSTRAINT job_history_model_profile_not_null NOT NULL,
+    input jsonb CONSTRAINT job_history_input_not_null NOT NULL,
+    result jsonb,
+    status aiservice.job_status CONSTRAINT job_history_status_not_null NOT NULL,
+    priority integer CONSTRAINT job_history_priority_not_null NOT NULL,
+    run_at timestamp with time zone CONSTRAINT job_history_run_at_not_null NOT NULL,
+    attempts integer CONSTRAINT job_history_attempts_not_null NOT NULL,
+    max_attempts integer CONSTRAINT job_history_max_attempts_not_null NOT NULL,
+    error_category text,
+    error_message text,
+    worker_id text,
+    lease_token uuid,
+    lease_expires_at timestamp with time zone,
+    idempotency_key text,
+    created_at timestamp with time zone CONSTRAINT job_history_created_at_not_null NOT NULL,
+    started_at timestamp with time zone,
+    finished_at timestamp with time zone CONSTRAINT job_history_finished_at_not_null NOT NULL,
+    updated_at timestamp with time zone CONSTRAINT job_history_updated_at_not_null NOT NULL,
+    scheduled boolean CONSTRAINT job_history_scheduled_not_null NOT NULL,
+    batch_id bigint,
+    blocked boolean CONSTRAINT job_history_blocked_not_null NOT NULL,
+    requested_run_at timestamp with time zone,
+    CONSTRAINT job_history_status_check CHECK ((status = ANY (ARRAY['completed'::aiservice.job_status, 'failed'::aiservice.job_status, 'cancelled'::aiservice.job_status])))
+);
+
+
+--
+-- Name: job_keys; Type: TABLE; Schema: aiservice; Owner: -
+--
+
+CREATE TABLE aiservice.job_keys (
+    owner_service text NOT NULL,
+    idempotency_key text NOT NULL,
+    job_id bigint NOT NULL
+);
+
+
+--
+-- Name: TABLE job_keys; Type: COMMENT; Schema: aiservice; Owner: -
+--
+
+COMMENT ON TABLE aiservice.job_keys IS 'Idempotency keys of live and finished jobs; written by create_job and create_jobs, forgotten with the job.';
+
+
+--
 -- Name: jobs_id_seq; Type: SEQUENCE; Schema: aiservice; Owner: -
 --
 
@@ -3127,6 +3682,13 @@ ALTER TABLE aiservice.webhook_deliveries ALTER COLUMN id ADD GENERATED ALWAYS AS
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: job_history_default; Type: TABLE ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.job_history ATTACH PARTITION aiservice.job_history_default DEFAULT;
 
 
 --
@@ -3186,11 +3748,21 @@ ALTER TABLE ONLY aiservice.job_finishes
 
 
 --
+-- Name: job_keys job_keys_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
+--
+
+ALTER TABLE ONLY aiservice.job_keys
+    ADD CONSTRAINT job_keys_pkey PRIMARY KEY (owner_service, idempotency_key);
+
+
+--
 -- Name: jobs jobs_pkey; Type: CONSTRAINT; Schema: aiservice; Owner: -
 --
 
 ALTER TABLE ONLY aiservice.jobs
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
+
+ALTER TABLE aiservice.jobs CLUSTER ON jobs_pkey;
 
 
 --
@@ -3247,6 +3819,118 @@ CREATE INDEX job_dependencies_on_idx ON aiservice.job_dependencies USING btree (
 
 
 --
+-- Name: job_history_batch_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_batch_idx ON ONLY aiservice.job_history USING btree (batch_id, id) WHERE (batch_id IS NOT NULL);
+
+
+--
+-- Name: job_history_created_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_created_idx ON ONLY aiservice.job_history USING btree (created_at);
+
+
+--
+-- Name: job_history_default_batch_id_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_batch_id_id_idx ON aiservice.job_history_default USING btree (batch_id, id) WHERE (batch_id IS NOT NULL);
+
+
+--
+-- Name: job_history_default_created_at_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_created_at_idx ON aiservice.job_history_default USING btree (created_at);
+
+
+--
+-- Name: job_history_error_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_error_idx ON ONLY aiservice.job_history USING btree (error_category, id) WHERE (error_category IS NOT NULL);
+
+
+--
+-- Name: job_history_default_error_category_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_error_category_id_idx ON aiservice.job_history_default USING btree (error_category, id) WHERE (error_category IS NOT NULL);
+
+
+--
+-- Name: job_history_finished_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_finished_idx ON ONLY aiservice.job_history USING btree (finished_at);
+
+
+--
+-- Name: job_history_default_finished_at_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_finished_at_idx ON aiservice.job_history_default USING btree (finished_at);
+
+
+--
+-- Name: job_history_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_id_idx ON ONLY aiservice.job_history USING btree (id);
+
+
+--
+-- Name: job_history_default_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_id_idx ON aiservice.job_history_default USING btree (id);
+
+
+--
+-- Name: job_history_owner_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_owner_idx ON ONLY aiservice.job_history USING btree (owner_service, owner_ref, id);
+
+
+--
+-- Name: job_history_default_owner_service_owner_ref_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_owner_service_owner_ref_id_idx ON aiservice.job_history_default USING btree (owner_service, owner_ref, id);
+
+
+--
+-- Name: job_history_unhappy_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_unhappy_idx ON ONLY aiservice.job_history USING btree (status, id) WHERE (status = ANY (ARRAY['failed'::aiservice.job_status, 'cancelled'::aiservice.job_status]));
+
+
+--
+-- Name: job_history_default_status_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_status_id_idx ON aiservice.job_history_default USING btree (status, id) WHERE (status = ANY (ARRAY['failed'::aiservice.job_status, 'cancelled'::aiservice.job_status]));
+
+
+--
+-- Name: job_history_task_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_task_idx ON ONLY aiservice.job_history USING btree (task_type, model_profile, id);
+
+
+--
+-- Name: job_history_default_task_type_model_profile_id_idx; Type: INDEX; Schema: aiservice; Owner: -
+--
+
+CREATE INDEX job_history_default_task_type_model_profile_id_idx ON aiservice.job_history_default USING btree (task_type, model_profile, id);
+
+
+--
 -- Name: jobs_batch_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
@@ -3261,31 +3945,10 @@ CREATE INDEX jobs_claim_idx ON aiservice.jobs USING btree (model_profile, priori
 
 
 --
--- Name: jobs_created_idx; Type: INDEX; Schema: aiservice; Owner: -
---
-
-CREATE INDEX jobs_created_idx ON aiservice.jobs USING btree (created_at);
-
-
---
 -- Name: jobs_error_idx; Type: INDEX; Schema: aiservice; Owner: -
 --
 
 CREATE INDEX jobs_error_idx ON aiservice.jobs USING btree (error_category, id) WHERE (error_category IS NOT NULL);
-
-
---
--- Name: jobs_finished_idx; Type: INDEX; Schema: aiservice; Owner: -
---
-
-CREATE INDEX jobs_finished_idx ON aiservice.jobs USING btree (finished_at) WHERE (finished_at IS NOT NULL);
-
-
---
--- Name: jobs_idempotency_idx; Type: INDEX; Schema: aiservice; Owner: -
---
-
-CREATE UNIQUE INDEX jobs_idempotency_idx ON aiservice.jobs USING btree (owner_service, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 
 
 --
@@ -3307,20 +3970,6 @@ CREATE INDEX jobs_owner_idx ON aiservice.jobs USING btree (owner_service, owner_
 --
 
 CREATE INDEX jobs_scheduled_idx ON aiservice.jobs USING btree (run_at) WHERE ((status = 'pending'::aiservice.job_status) AND scheduled AND (NOT blocked));
-
-
---
--- Name: jobs_task_idx; Type: INDEX; Schema: aiservice; Owner: -
---
-
-CREATE INDEX jobs_task_idx ON aiservice.jobs USING btree (task_type, model_profile, id);
-
-
---
--- Name: jobs_unhappy_idx; Type: INDEX; Schema: aiservice; Owner: -
---
-
-CREATE INDEX jobs_unhappy_idx ON aiservice.jobs USING btree (status, id) WHERE (status = ANY (ARRAY['failed'::aiservice.job_status, 'cancelled'::aiservice.job_status]));
 
 
 --
@@ -3352,6 +4001,62 @@ CREATE INDEX webhook_deliveries_owner_idx ON aiservice.webhook_deliveries USING 
 
 
 --
+-- Name: job_history_default_batch_id_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_batch_idx ATTACH PARTITION aiservice.job_history_default_batch_id_id_idx;
+
+
+--
+-- Name: job_history_default_created_at_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_created_idx ATTACH PARTITION aiservice.job_history_default_created_at_idx;
+
+
+--
+-- Name: job_history_default_error_category_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_error_idx ATTACH PARTITION aiservice.job_history_default_error_category_id_idx;
+
+
+--
+-- Name: job_history_default_finished_at_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_finished_idx ATTACH PARTITION aiservice.job_history_default_finished_at_idx;
+
+
+--
+-- Name: job_history_default_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_id_idx ATTACH PARTITION aiservice.job_history_default_id_idx;
+
+
+--
+-- Name: job_history_default_owner_service_owner_ref_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_owner_idx ATTACH PARTITION aiservice.job_history_default_owner_service_owner_ref_id_idx;
+
+
+--
+-- Name: job_history_default_status_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_unhappy_idx ATTACH PARTITION aiservice.job_history_default_status_id_idx;
+
+
+--
+-- Name: job_history_default_task_type_model_profile_id_idx; Type: INDEX ATTACH; Schema: aiservice; Owner: -
+--
+
+ALTER INDEX aiservice.job_history_task_idx ATTACH PARTITION aiservice.job_history_default_task_type_model_profile_id_idx;
+
+
+--
 -- Name: batch_count_deltas batch_count_deltas_fold; Type: TRIGGER; Schema: aiservice; Owner: -
 --
 
@@ -3359,10 +4064,24 @@ CREATE CONSTRAINT TRIGGER batch_count_deltas_fold AFTER INSERT ON aiservice.batc
 
 
 --
--- Name: jobs jobs_count_delete; Type: TRIGGER; Schema: aiservice; Owner: -
+-- Name: job_history job_history_delete_effects; Type: TRIGGER; Schema: aiservice; Owner: -
 --
 
-CREATE TRIGGER jobs_count_delete AFTER DELETE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.count_deleted();
+CREATE TRIGGER job_history_delete_effects AFTER DELETE ON aiservice.job_history REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.job_history_delete_effects();
+
+
+--
+-- Name: job_history job_history_insert_effects; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER job_history_insert_effects AFTER INSERT ON aiservice.job_history REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.job_history_insert_effects();
+
+
+--
+-- Name: jobs jobs_delete_effects; Type: TRIGGER; Schema: aiservice; Owner: -
+--
+
+CREATE TRIGGER jobs_delete_effects AFTER DELETE ON aiservice.jobs REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION aiservice.jobs_delete_effects();
 
 
 --

@@ -518,7 +518,7 @@ async def drain_pgqueuer(db: Databases, n: int) -> float:
 
 
 async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     n = sz.drain_jobs
     out: list[Result] = []
@@ -594,10 +594,11 @@ class NoopKind:
 
 
 async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.listener import CHANNEL, Listener
+    from aiservice.db.store import JobStore
     from aiservice.jobs import JobCreate
-    from worker.listener import Listener
-    from worker.runner import Runner
+    from aiservice.worker.notifications import dispatch_to
+    from aiservice.worker.runner import Runner
 
     out: list[Result] = []
     spec = JobCreate(owner_service="bench", owner_ref="r", task_type="noop", model_profile="m")
@@ -616,7 +617,11 @@ async def scenario_pickup(db: Databases, sz: Sizes) -> list[Result]:
             # On the NOTIFY path polling is only a safety net (the default 2 s); polling alone at 100 ms.
             poll_interval=timedelta(seconds=2) if mode == "notify" else timedelta(milliseconds=100),
         )
-        listener = Listener(dsn, runner.on_event, runner.wake, min_backoff=0.1) if mode == "notify" else None
+        listener = (
+            Listener(dsn, CHANNEL, dispatch_to(runner.on_event), on_connected=runner.wake, min_backoff=0.1)
+            if mode == "notify"
+            else None
+        )
         listener_task = asyncio.create_task(listener.run()) if listener is not None else None
         runner.start()
         try:
@@ -662,7 +667,7 @@ async def http_json(session: Any, method: str, url: str, body: Any = None) -> An
 async def scenario_enqueue(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
     from aiservice.jobs import JobCreate
 
     out: list[Result] = []
@@ -759,7 +764,7 @@ async def http_lifecycle(session: Any, base: str, *, limit: int = 50, in_flight:
 async def scenario_http(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     dsn = await db.fresh("ai")
     pool = await _pool(dsn)
@@ -823,7 +828,7 @@ CROSS JOIN LATERAL (SELECT $3::timestamptz + (g % $4::int) * interval '1 second'
 async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     out: list[Result] = []
     dsn = await db.fresh("ai")
@@ -891,9 +896,9 @@ async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
 async def scenario_llm(db: Databases, sz: Sizes) -> list[Result]:
     import openai
 
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
     from aiservice.settings import Settings
-    from worker.app import Worker
+    from aiservice.worker.app import Worker
 
     concurrency = 32
     dsn = await db.fresh("ai")
@@ -1083,7 +1088,7 @@ async def scheduler_claims(db: Databases, sz: Sizes) -> list[Result]:
 async def scheduler_fairness(db: Databases, jobs_a: int = 5_000, jobs_b: int = 10) -> list[Result]:
     """Owner A enqueues a backlog, then owner B a few jobs (same profile, priority and weight);
     one worker claims 10 at a time and completes them with complete_jobs."""
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     dsn = await db.fresh("ai")
     pool = await _pool(dsn)
@@ -1116,7 +1121,7 @@ async def scheduler_fairness(db: Databases, jobs_a: int = 5_000, jobs_b: int = 1
 
 async def scheduler_drain(db: Databases, sz: Sizes) -> list[Result]:
     """The drain scenario with limits and fair share in play, against pgqueuer in the same run."""
-    from aiservice.db.jobs import JobStore
+    from aiservice.db.store import JobStore
 
     n = sz.drain_jobs
     owners: list[str] = []
@@ -1187,8 +1192,8 @@ async def scheduler_drain(db: Databases, sz: Sizes) -> list[Result]:
 
 async def scheduler_cap(db: Databases, sz: Sizes, claimers: int = 8, cap: int = 3) -> list[Result]:
     """Concurrent claimers (one connection each) under max_running; a sampler counts running jobs."""
-    from aiservice.db.jobs import JobStore
     from aiservice.db.pool import connect
+    from aiservice.db.store import JobStore
 
     n = sz.cap_jobs
     dsn = await db.fresh("ai")

@@ -359,8 +359,8 @@ async def measure(db: Any, sz: Any, percentile: Callable[[list[float], float], f
     """The scenario: ``db`` is bench.py's Databases, ``sz`` its Sizes."""
     import aiohttp
 
-    from aiservice.db.jobs import JobStore
     from aiservice.db.pool import create_pool
+    from aiservice.db.store import JobStore
 
     raise_open_files()
     rows: list[Row] = []

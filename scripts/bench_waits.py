@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import aiohttp  # noqa: E402
 from bench_delivery import aiservice_serve  # noqa: E402
 
-from aiservice.db.jobs import JobStore  # noqa: E402
 from aiservice.db.migrate import migrate  # noqa: E402
 from aiservice.db.pool import connect, create_pool  # noqa: E402
+from aiservice.db.store import JobStore  # noqa: E402
 from aiservice.jobs import JobCreate  # noqa: E402
 
 API = "/api/v1"

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpg
 
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import connect, create_pool
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
 DATABASE = "aiservice_soak"

@@ -49,9 +49,9 @@ async def main(dsn: str, mib: int) -> None:
     import asyncpg
     from aiohttp import web
 
-    from aiservice.db.jobs import JobStore
     from aiservice.db.migrate import migrate
     from aiservice.db.pool import create_pool
+    from aiservice.db.store import JobStore
     from aiservice.jobs import JobCreate
 
     body_bytes = mib * 1024 * 1024

@@ -26,9 +26,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from aiservice import embedded, metrics
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import connect, create_pool
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobCreate
 from aiservice.settings import _ENV_NAMES, Settings
 

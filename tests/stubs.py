@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from aiohttp import BodyPartReader, web
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
 from aiservice.settings import Settings
-from worker.app import Worker
-from worker.kinds import Kind
+from aiservice.worker.app import Worker
+from aiservice.worker.kinds import Kind
 
 Reply = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 

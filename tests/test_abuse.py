@@ -18,7 +18,7 @@ from conftest import ClientFactory, JobFactory
 from stubs import OpenAIStub, WorkerFactory, drop_connection, error, hang, wait_for, wait_for_outcome
 
 from aiservice import logs
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobFilter
 
 openai_stub = stubs.openai_stub
@@ -34,7 +34,7 @@ SQLISH = [
     "%",
     "_",
     "\\",
-    "telephony' UNION SELECT * FROM aiservice.jobs --",
+    "telephony' UNION SELECT * FROM aiservice.all_jobs --",
 ]
 FILTERS = ["owner_service", "owner_ref", "task_type", "model_profile"]
 

@@ -17,7 +17,7 @@ from test_limits import jobs, set_limit
 from test_sql_api import call, claim, one
 
 from aiservice import rules
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings, SettingsError
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -100,7 +100,7 @@ async def test_a_claim_in_a_long_transaction_does_not_open_a_second_minute(conn:
             assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 10)")) == 5
         await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '56 seconds'")
         assert await claim(conn, limit=10) == []
-        started = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
+        started = await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'")
         assert started == 5
     finally:
         await other.close()
@@ -142,7 +142,7 @@ async def test_a_pause_waits_for_claims_in_flight(
         await asyncio.wait_for(pause, 5)
         assert blocked, "the pause committed while a claim that started a job of its scope was in flight"
         assert await claim(conn, limit=10) == []
-        assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'") == 1
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'") == 1
     finally:
         await claimer.close()
         await pauser.close()

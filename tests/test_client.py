@@ -31,7 +31,7 @@ from aiservice.client import (
     Unavailable,
     error_from,
 )
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobStatus
 
 openai_stub = stubs.openai_stub
@@ -447,7 +447,8 @@ def test_the_client_imports_nothing_of_the_server() -> None:
     """Other services import the client: no database driver, repository or worker comes with it."""
     code = (
         "import sys, aiservice.client; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('asyncpg', 'worker', 'openai') or m.startswith(('aiservice.db', 'aiservice.api.handlers'))))"
+        "('asyncpg', 'worker', 'openai') or "
+        "m.startswith(('aiservice.db', 'aiservice.api.handlers', 'aiservice.worker'))))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobCreate, JobStatus
 from aiservice.webhooks import new_secret
 

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from stubs import wait_for
 
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect, create_pool
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -99,7 +99,7 @@ async def test_a_deadlock_that_persists_is_503_with_its_reason(
     assert body["error"]["code"] == "contention"
     assert "deadlock" in body["error"]["message"]
     # Rolled back: the job still runs, and no cool-down began.
-    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "running"
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "running"
     assert await conn.fetchval("SELECT cooldown_until FROM aiservice.limits WHERE name = 'contended'") is None
 
 

@@ -19,7 +19,7 @@ from conftest import JSON_HEADERS, ClientFactory, JobFactory, job_spec
 from standardwebhooks.webhooks import Webhook as Verifier
 from stubs import StubServer, wait_for
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

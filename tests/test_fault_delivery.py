@@ -37,8 +37,8 @@ from test_fault_postgres import OwnPostgres, own_postgres
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import WAITERS
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import create_pool
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 from aiservice.settings import Settings
 
@@ -63,8 +63,9 @@ async def test_waiters_survive_a_postgres_restart(own_postgres: OwnPostgres) -> 
     """A GET ?wait= and a POST /jobs/wait held across a restart answer once their jobs finish.
 
     Job a finishes right after the restart, typically before the waiters' listener is back: the
-    re-check when it reconnects finds it. The periodic re-check is then turned off (60 s), so job
-    b, finished later, can only be answered in time through the re-opened LISTEN connection."""
+    re-check, which goes on every second while the listener is down, finds it. The periodic
+    re-check is then turned off (60 s), so job b, finished later, can only be answered in time
+    through the re-opened LISTEN connection."""
     dsn = own_postgres.dsn
     settings = Settings(database_url=dsn, migrate_on_start=False, db_pool_max_size=4)
     api = await in_process_api(settings)
@@ -114,7 +115,7 @@ async def test_waiters_survive_a_postgres_restart(own_postgres: OwnPostgres) -> 
                 "completed",
                 {"text": "after the restart"},
             )
-            assert a_waited < 7, a_waited  # the reconnect backoff, at most ~1.25 x 5 s, then the re-check
+            assert a_waited < 7, a_waited  # a re-check (every second) once the pool reaches PostgreSQL again
             assert not by_post.done()
 
             await wait_for(listening, within=10, what="the listener to reconnect")

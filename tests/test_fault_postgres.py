@@ -179,12 +179,12 @@ async def test_postgres_restart_under_load_loses_no_job(
 
         async def all_done() -> bool:
             left: int = await conn.fetchval(
-                "SELECT count(*) FROM aiservice.jobs WHERE owner_service = 'restart' AND status <> 'completed'"
+                "SELECT count(*) FROM aiservice.all_jobs WHERE owner_service = 'restart' AND status <> 'completed'"
             )
             return left == 0
 
         await poll(all_done, within=60, what="every job to complete after the restart", every=0.2)
-        rows = await conn.fetch("SELECT * FROM aiservice.jobs WHERE owner_service = 'restart'")
+        rows = await conn.fetch("SELECT * FROM aiservice.all_jobs WHERE owner_service = 'restart'")
     finally:
         await conn.close()
 

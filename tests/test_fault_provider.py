@@ -13,7 +13,7 @@ from aiohttp import web
 from conftest import JobFactory
 from stubs import OpenAIStub, WorkerFactory, hang, slow, wait_for_outcome, wait_for_status
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub

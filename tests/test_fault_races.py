@@ -148,7 +148,7 @@ async def test_racing_lifecycle_calls_keep_every_invariant(database_url: str, se
         ids = [r["id"] for r in rows]
         ledger = Ledger()
         await asyncio.gather(*(actor(conn, i, seed, ids, ledger) for i, conn in enumerate(conns)))
-        final = {r["id"]: r for r in await conns[0].fetch("SELECT * FROM aiservice.jobs")}
+        final = {r["id"]: r for r in await conns[0].fetch("SELECT * FROM aiservice.all_jobs")}
     finally:
         for conn in conns:
             await conn.close()

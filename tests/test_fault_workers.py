@@ -24,11 +24,13 @@ import pytest
 from aiohttp import web
 from stubs import start_worker_process
 
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate, JobStatus
 
-# A row trigger that records every change of a job (test databases only).
+# Row triggers that record every change of a job (test databases only): an update of a live job,
+# and a move between jobs and job_history (finishing, retry), which is a delete from one table and
+# an insert into the other in one statement: the delete leaves the old row for the insert to pair.
 AUDIT_SQL = """
 CREATE TABLE public.job_audit (
     seq          bigserial PRIMARY KEY,
@@ -53,6 +55,37 @@ BEGIN
 END;
 $$;
 CREATE TRIGGER job_audit AFTER UPDATE ON aiservice.jobs FOR EACH ROW EXECUTE FUNCTION public.job_audit();
+CREATE TABLE public.job_audit_moving (
+    id bigint NOT NULL, xact bigint NOT NULL, status text NOT NULL, lease_token uuid, worker_id text
+);
+CREATE FUNCTION public.job_audit_leaving() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.job_audit_moving VALUES (OLD.id, txid_current(), OLD.status, OLD.lease_token, OLD.worker_id);
+    RETURN NULL;
+END;
+$$;
+CREATE FUNCTION public.job_audit_arriving() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    m public.job_audit_moving;
+BEGIN
+    DELETE FROM public.job_audit_moving WHERE id = NEW.id AND xact = txid_current() RETURNING * INTO m;
+    IF FOUND THEN
+        INSERT INTO public.job_audit
+            (id, old_status, new_status, old_token, new_token, old_worker, new_worker, attempts, max_attempts, result)
+        VALUES (NEW.id, m.status, NEW.status, m.lease_token, NEW.lease_token, m.worker_id, NEW.worker_id,
+                NEW.attempts, NEW.max_attempts, NEW.result);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER job_audit_leaving AFTER DELETE ON aiservice.jobs
+    FOR EACH ROW EXECUTE FUNCTION public.job_audit_leaving();
+CREATE TRIGGER job_audit_arriving AFTER INSERT ON aiservice.job_history
+    FOR EACH ROW EXECUTE FUNCTION public.job_audit_arriving();
+CREATE TRIGGER job_audit_leaving AFTER DELETE ON aiservice.job_history
+    FOR EACH ROW EXECUTE FUNCTION public.job_audit_leaving();
+CREATE TRIGGER job_audit_arriving AFTER INSERT ON aiservice.jobs
+    FOR EACH ROW EXECUTE FUNCTION public.job_audit_arriving();
 """
 
 
@@ -224,12 +257,12 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
 
         async def running_by(worker_id: str) -> list[int]:
             rows = await conn.fetch(
-                "SELECT id FROM aiservice.jobs WHERE status = 'running' AND worker_id = $1", worker_id
+                "SELECT id FROM aiservice.all_jobs WHERE status = 'running' AND worker_id = $1", worker_id
             )
             return [r["id"] for r in rows]
 
         async def completed() -> int:
-            n: int = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'completed'")
+            n: int = await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'completed'")
             return n
 
         # Let the fleet get going, then kill two workers while each holds jobs.
@@ -265,7 +298,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
         assert frozen_jobs, "the frozen worker held no job: the test proves nothing"
 
         async def taken_over() -> bool:
-            rows = await conn.fetch("SELECT status FROM aiservice.jobs WHERE id = ANY($1::bigint[])", frozen_jobs)
+            rows = await conn.fetch("SELECT status FROM aiservice.all_jobs WHERE id = ANY($1::bigint[])", frozen_jobs)
             return all(r["status"] == "completed" for r in rows)
 
         await poll(taken_over, within=20, what="the frozen worker's jobs to be completed by others")
@@ -273,7 +306,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
 
         await poll(lambda: _at_least(completed, JOBS), within=90, what=f"all {JOBS} jobs to complete")
         await asyncio.sleep(1.0)  # the thawed worker has had its say
-        final = {r["id"]: r for r in await conn.fetch("SELECT * FROM aiservice.jobs ORDER BY id")}
+        final = {r["id"]: r for r in await conn.fetch("SELECT * FROM aiservice.all_jobs ORDER BY id")}
     finally:
         await conn.close()
 

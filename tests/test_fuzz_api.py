@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from aiservice.api.openapi import openapi_document
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobFilter
 
 TOKEN = "fuzz-token-7f3a9c1e5b"

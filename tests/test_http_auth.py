@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from conftest import JSON_HEADERS
 
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobCreate
 from aiservice.settings import Settings
 from aiservice.webhooks import new_secret

@@ -17,7 +17,7 @@ from conftest import JSON_HEADERS
 from stubs import wait_for
 
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import MAX_JSON_DEPTH, Job, JobFilter
 from aiservice.settings import Settings
 

@@ -11,7 +11,7 @@ from typing import Any
 from conftest import JSON_HEADERS, ClientFactory, JobFactory
 
 from aiservice.api.handlers import ROUTES
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 API = "/api/v1"
 SIMPLE = [  # what a form or a no-cors fetch on another origin can send without a preflight

@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import JSON_HEADERS, job_spec
 
 from aiservice.api.app import create_app
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import create_pool
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Client = TestClient[Any, Any]

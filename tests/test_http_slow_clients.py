@@ -21,7 +21,7 @@ from processes import ROOT
 
 from aiservice.api.app import create_app
 from aiservice.api.server import CONNECTIONS, serve
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 SHORT = timedelta(milliseconds=300)

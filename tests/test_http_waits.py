@@ -19,8 +19,8 @@ from stubs import wait_for
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import WAITERS
-from aiservice.db.jobs import JobStore
 from aiservice.db.pool import create_pool
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 API = "/api/v1"

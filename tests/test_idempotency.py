@@ -80,7 +80,7 @@ async def refused(conn: Conn, call: Any) -> asyncpg.PostgresError:
 
 async def counts(conn: Conn) -> tuple[int, int, int]:
     row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM aiservice.jobs) AS jobs, (SELECT count(*) FROM aiservice.batches) AS batches,"
+        "SELECT (SELECT count(*) FROM aiservice.all_jobs) AS jobs, (SELECT count(*) FROM aiservice.batches) AS batches,"
         " (SELECT count(*) FROM aiservice.job_dependencies) AS deps"
     )
     assert row is not None
@@ -135,7 +135,7 @@ async def test_run_at_compares_as_requested_not_as_the_job_moved(conn: Conn) -> 
     (claimed,) = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w1')")
     backoff = "SELECT FROM aiservice.fail_job($1, 'w1', 'timeout', 'slow', p_retry_after => '1 hour')"
     await conn.execute(backoff, job["id"])
-    moved = await conn.fetchval("SELECT run_at FROM aiservice.jobs WHERE id = $1", job["id"])
+    moved = await conn.fetchval("SELECT run_at FROM aiservice.all_jobs WHERE id = $1", job["id"])
     assert claimed["id"] == job["id"] and moved > datetime.now(UTC)
     # The job's run_at moved with its backoff; the request is still the same.
     assert (await create(conn, run_at=asked, idempotency_key="scheduled"))["created"] is False
@@ -170,7 +170,7 @@ async def test_the_readme_pipeline_after_the_walkthrough_job_creates_nothing(con
     assert f'jobs[1]: idempotency_key "beeline/42/analysis" already names job {walkthrough["id"]}' in str(error)
     assert "input, depends_on" in str(error)
     assert await counts(conn) == before
-    transcriptions = "SELECT count(*) FROM aiservice.jobs WHERE task_type = 'transcribe'"
+    transcriptions = "SELECT count(*) FROM aiservice.all_jobs WHERE task_type = 'transcribe'"
     assert await conn.fetchval(transcriptions) == 0
 
 

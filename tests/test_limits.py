@@ -16,7 +16,7 @@ import pytest
 from conftest import JSON_HEADERS, ClientFactory
 from test_sql_api import call, claim, create, create_jobs, one
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import LimitScope
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -126,7 +126,7 @@ async def test_pause_holds_jobs_and_resume_wakes_listeners(conn: Conn, database_
     ids = await jobs(conn, 3, task_type="transcribe", model_profile="whisperx")
     await set_limit(conn, "task_type", "transcribe", paused=True)
     assert await claim(conn, limit=10) == []
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'pending'") == 3
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'pending'") == 3
 
     listener = await asyncpg.connect(database_url)
     heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -153,7 +153,7 @@ async def test_max_running_is_never_exceeded_by_concurrent_claimers(conn: Conn, 
             while not done.is_set():
                 got = await c.fetch("SELECT id FROM aiservice.claim_jobs($1, 2)", f"w{n}")
                 if not got:
-                    if not await c.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status <> 'completed'"):
+                    if not await c.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status <> 'completed'"):
                         return finished
                     await asyncio.sleep(0.002)
                 for row in got:
@@ -169,7 +169,7 @@ async def test_max_running_is_never_exceeded_by_concurrent_claimers(conn: Conn, 
         c = await asyncpg.connect(database_url)
         try:
             while not done.is_set():
-                peak = max(peak, await c.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'"))
+                peak = max(peak, await c.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'"))
         finally:
             await c.close()
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from conftest import JobFactory
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.maintenance import run_pass
 from aiservice.settings import Settings
 
@@ -29,7 +29,7 @@ async def test_a_pass_runs_every_step_and_answers_what_it_did(conn: Conn, job_fa
     done = await conn.fetchval("SELECT aiservice.maintain(interval '30 days')")
     assert done["ran"] is True and done["errors"] == {}
     assert done["expire_leases"] == 1 and done["purge_jobs"] == 0 and done["compact_counts"] > 0
-    assert await conn.fetchval("SELECT status FROM aiservice.jobs WHERE id = $1", job_id) == "pending"
+    assert await conn.fetchval("SELECT status FROM aiservice.all_jobs WHERE id = $1", job_id) == "pending"
     assert "purge_jobs" not in await conn.fetchval("SELECT aiservice.maintain()")  # no retention, no purge
 
 
@@ -61,12 +61,12 @@ async def test_a_failing_step_is_logged_under_its_name_and_the_others_still_run(
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
         f"maintenance step compact_counts failed: {done['errors']['compact_counts']}"  # type: ignore[index]
     ]
-    assert await conn.fetchval("SELECT status FROM aiservice.jobs WHERE id = $1", job_id) == "pending"
+    assert await conn.fetchval("SELECT status FROM aiservice.all_jobs WHERE id = $1", job_id) == "pending"
 
 
 async def test_retention_from_settings_reaches_the_pass(conn: Conn, store: JobStore, job_factory: JobFactory) -> None:
     job = await job_factory()
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", job.id)
-    await conn.execute("UPDATE aiservice.jobs SET finished_at = now() - interval '40 days' WHERE id = $1", job.id)
+    await conn.execute("UPDATE aiservice.job_history SET finished_at = now() - interval '40 d' WHERE id = $1", job.id)
     done = await run_pass(store, Settings(database_url="x", job_retention=timedelta(days=30)))
     assert done["purge_jobs"] == 1

@@ -7,7 +7,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from aiservice import metrics
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 TOKEN = "metrics-test-token"
 
@@ -82,6 +82,7 @@ async def test_jobs_created_through_sql_are_counted_too(api: Any, store: JobStor
     # Counters folded, then every job deleted (retention): the total stays.
     await store.compact_counts()
     await conn.execute("DELETE FROM aiservice.jobs")
+    await conn.execute("DELETE FROM aiservice.job_history")
     metrics.refresh_queue(await store.stats())
     after = samples(await (await api.get("/metrics")).text())
     assert value(after, name, **labels) - value(before, name, **labels) == 4

@@ -19,10 +19,10 @@ from stubs import OpenAIStub, WorkerFactory, wait_for_status
 from test_limits import rows_read
 from test_sql_api import claim, create, create_jobs
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker.failure import JobFailure
-from worker.placeholders import fill_messages
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
@@ -59,7 +59,7 @@ async def fail(conn: Conn, job_id: int) -> None:
 
 async def status(conn: Conn, job_id: int) -> tuple[str, bool, str | None, str | None]:
     row = await conn.fetchrow(
-        "SELECT status::text, blocked, error_category, error_message FROM aiservice.jobs WHERE id = $1", job_id
+        "SELECT status::text, blocked, error_category, error_message FROM aiservice.all_jobs WHERE id = $1", job_id
     )
     assert row is not None
     return row["status"], row["blocked"], row["error_category"], row["error_message"]
@@ -119,7 +119,7 @@ async def test_one_resolve_pass_fails_a_whole_chain_and_unblocks_only_direct_dep
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", chain[0]["id"])
     assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") == 1  # one pass
     rows = await conn.fetch(
-        "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs"
+        "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.all_jobs"
         " WHERE id = ANY ($1) ORDER BY id",
         [j["id"] for j in chain[1:]],
     )
@@ -147,7 +147,7 @@ async def test_a_dependent_cancelled_before_the_pass_is_not_failed_again(conn: C
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", a["id"])
     assert await conn.fetchval("SELECT aiservice.resolve_dependencies()") == 2
     assert (await status(conn, x["id"]))[0] == "cancelled"
-    message = await conn.fetchval("SELECT error_message FROM aiservice.jobs WHERE id = $1", y["id"])
+    message = await conn.fetchval("SELECT error_message FROM aiservice.all_jobs WHERE id = $1", y["id"])
     assert message == f"dependency {x['id']} is cancelled"
 
 
@@ -184,7 +184,7 @@ async def test_bad_dependencies_are_refused(conn: Conn, jobs: list[dict[str, Any
     with pytest.raises(asyncpg.PostgresError) as refused:
         await sql_jobs(conn, jobs)
     assert refused.value.sqlstate == "AS422" and reason in str(refused.value)
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 0
 
 
 async def test_bad_dependencies_over_http(api_factory: ClientFactory) -> None:
@@ -231,9 +231,9 @@ async def test_completing_a_job_with_a_thousand_dependents_reads_a_handful_of_ro
     after = await rows_read(conn, "aiservice.jobs") + await rows_read(conn, "aiservice.job_dependencies")
     assert after - before < 20, after - before
     # The dependents are resolved later, in a claim or maintain(), in steps.
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE blocked") == 1000
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE blocked") == 1000
     await conn.execute("SELECT aiservice.maintain()")
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE blocked") == 0
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE blocked") == 0
 
 
 async def test_transcribe_then_analyse_in_one_batch_request(
@@ -300,7 +300,7 @@ async def test_a_job_listed_twice_in_depends_on_is_refused(conn: Conn, api_facto
         with pytest.raises(asyncpg.PostgresError) as refused:
             await sql_jobs(conn, jobs)
         assert refused.value.sqlstate == "AS422" and "more than once" in str(refused.value), jobs
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 1
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 1
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_dependencies") == 0
 
     api = await api_factory()
@@ -395,7 +395,7 @@ async def test_a_deleted_dependency_keeps_its_position_in_the_claim(conn: Conn) 
     a, b = await finished_with(conn, [{"text": "notes of job A"}, {"text": "SECRET notes of job B"}])
     dependent = await create(conn, depends_on=[a, b])
     await conn.execute("SELECT aiservice.maintain()")
-    await conn.execute("DELETE FROM aiservice.jobs WHERE id = $1", a)  # by hand, or by an older retention
+    await conn.execute("DELETE FROM aiservice.job_history WHERE id = $1", a)  # by hand, or by an older retention
     (row,) = await conn.fetch("SELECT (r.job).id, r.dependencies FROM aiservice.claim_jobs_v2('w2', 10) r")
     assert row["id"] == dependent["id"]
     first, second = row["dependencies"]
@@ -415,7 +415,7 @@ async def test_a_placeholder_for_a_deleted_dependency_fails_the_job_naming_it(
         depends_on=[a, b],
     )
     await conn.execute("SELECT aiservice.maintain()")
-    await conn.execute("DELETE FROM aiservice.jobs WHERE id = $1", a)
+    await conn.execute("DELETE FROM aiservice.job_history WHERE id = $1", a)
     await worker_factory()
     failed = await wait_for_status(store, job["id"], "failed", "completed", within=20)
     assert failed.result is None, failed.result  # never another job's result

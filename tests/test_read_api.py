@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from conftest import ClientFactory, JobFactory
 
 from aiservice.client import AsyncClient, Invalid, NotFound
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 from aiservice.webhooks import new_secret
 

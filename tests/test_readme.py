@@ -294,8 +294,8 @@ async def test_every_example_runs_as_written_in_order_on_one_dev(spawn: Spawn, t
 
     conn = await asyncpg.connect(dsn)
     try:
-        hooked = await conn.fetchval("SELECT id FROM aiservice.jobs WHERE owner_ref = 'call/12'")
-        assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'") == 0
+        hooked = await conn.fetchval("SELECT id FROM aiservice.all_jobs WHERE owner_ref = 'call/12'")
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'") == 0
     finally:
         await conn.close()
     receiver, telephony = logs["web.run_app("], logs["async def enqueue_call("]
@@ -339,7 +339,7 @@ async def statuses(dsn: str) -> dict[str, list[str]]:
     try:
         rows = await conn.fetch(
             "SELECT owner_service, array_agg(status::text ORDER BY status::text) AS statuses"
-            " FROM aiservice.jobs GROUP BY owner_service"
+            " FROM aiservice.all_jobs GROUP BY owner_service"
         )
     finally:
         await conn.close()
@@ -408,7 +408,7 @@ async def test_idempotency_keys_last_as_long_as_retention(conn: Conn) -> None:
     assert await conn.fetchval(done, first, claimed["lease_token"]) == "completed"
     assert await create() == (first, False)
     # Past retention the job is purged, and the same key makes a new job.
-    await conn.execute("UPDATE aiservice.jobs SET finished_at = now() - interval '31 days' WHERE id = $1", first)
+    await conn.execute("UPDATE aiservice.job_history SET finished_at = now() - interval '31 days' WHERE id = $1", first)
     assert await conn.fetchval("SELECT aiservice.purge_jobs($1)", retention) == 1
     second, created = await create()
     assert created and second != first

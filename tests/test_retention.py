@@ -12,9 +12,9 @@ from conftest import ClientFactory, JobFactory
 from stubs import wait_for
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import load_migrations, migrate
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
 from aiservice.settings import Settings
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -22,7 +22,7 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 async def finished_days_ago(conn: Conn, job_id: int, days: int) -> None:
     await conn.execute(
-        "UPDATE aiservice.jobs SET finished_at = now() - make_interval(days => $2) WHERE id = $1", job_id, days
+        "UPDATE aiservice.job_history SET finished_at = now() - make_interval(days => $2) WHERE id = $1", job_id, days
     )
 
 
@@ -50,10 +50,10 @@ async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory
     assert await store.purge_jobs(timedelta(days=30), limit=2) == 2  # oldest first, bounded per call
     assert await store.purge_jobs(timedelta(days=30)) == 1
     assert await store.purge_jobs(timedelta(days=30)) == 0
-    left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.jobs")}
+    left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.all_jobs")}
     assert left == {"recent", "pending", "running"}
     for name in ("done", "failed", "cancelled"):
-        with pytest.raises(errors.JobNotFound):
+        with pytest.raises(errors.NotFound):
             await store.get_job(ids[name])
     stats = await store.stats()
     assert {(s.status.value, s.count) for s in stats.by_status} == {("completed", 1), ("pending", 1), ("running", 1)}
@@ -80,7 +80,7 @@ async def test_the_api_maintenance_loop_applies_retention(
     await api_factory(maintenance_interval=timedelta(milliseconds=50), job_retention=timedelta(days=30))
 
     async def purged() -> bool:
-        return bool(await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 3)
+        return bool(await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 3)
 
     await wait_for(purged, what="the maintenance loop to delete the old jobs")
     assert (await store.get_job(ids["recent"])).status == "completed"
@@ -92,7 +92,7 @@ async def test_retention_off_keeps_everything(
     await fleet(store, job_factory, conn)
     await api_factory(maintenance_interval=timedelta(milliseconds=50), job_retention=None)
     await asyncio.sleep(0.5)  # ten maintenance rounds
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == 6
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 6
 
 
 # --- retention and pipelines ---------------------------------------------------------
@@ -124,7 +124,7 @@ async def test_purge_keeps_a_dependency_until_its_dependents_finish(
     assert await store.purge_jobs(timedelta(days=30)) == 0  # running: still kept
     await store.complete_job(dependent, "w", {"ok": True})
     assert await store.purge_jobs(timedelta(days=30)) == 1  # now nothing waits for it
-    with pytest.raises(errors.JobNotFound):
+    with pytest.raises(errors.NotFound):
         await store.get_job(done)
 
 
@@ -133,12 +133,14 @@ async def test_a_cancelled_dependency_is_kept_until_its_dependents_failed(store:
     blocked = await sql_create(conn, "analysis", [cancelled])
     await store.cancel_job(cancelled)
     await finished_days_ago(conn, cancelled, 40)
-    # One maintenance pass purges before it resolves dependencies: the dependency must still be there.
-    await conn.execute("SELECT aiservice.maintain(interval '30 days')")
+    # Retention before the dependency is resolved: it must stay.
+    assert await store.purge_jobs(timedelta(days=30)) == 0
+    # A maintenance pass resolves (the dependent fails), then purges: the dependency goes.
+    done = await conn.fetchval("SELECT aiservice.maintain(interval '30 days')")
     failed = await store.get_job(blocked)
     assert (failed.status, failed.error_category) == ("failed", "dependency_failed")
     assert failed.error_message == f"dependency {cancelled} is cancelled"
-    assert await store.purge_jobs(timedelta(days=30)) == 1  # the dependent finished: the dependency goes
+    assert done["purge_jobs"] == 1
 
 
 async def test_a_purged_job_takes_its_dependency_rows_along(store: JobStore, conn: Conn) -> None:
@@ -171,7 +173,7 @@ async def test_the_upgrade_fails_jobs_left_blocked_on_a_deleted_dependency(empty
         )
         await migrate(conn)
         rows = await conn.fetch(
-            "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.jobs ORDER BY id"
+            "SELECT id, status::text, blocked, error_category, error_message FROM aiservice.all_jobs ORDER BY id"
         )
         assert [tuple(r) for r in rows] == [
             (1, "failed", False, "dependency_failed", "dependency 99 no longer exists"),

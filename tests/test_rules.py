@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from aiservice import rules
 from aiservice.api.openapi import openapi_document
-from aiservice.db.jobs import CALLER_WORDS
+from aiservice.db.store import CALLER_WORDS
 from aiservice.jobs import WebhookEvent
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

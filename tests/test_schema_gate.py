@@ -19,13 +19,13 @@ from stubs import AsrStub, OpenAIStub, wait_for, wait_for_status, worker_setting
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import STORE
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import load_functions, load_migrations, migrate
 from aiservice.db.pool import connect, create_pool
 from aiservice.db.schema import compare, read_ledger
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 from aiservice.settings import Settings
-from worker.app import Worker
+from aiservice.worker.app import Worker
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub

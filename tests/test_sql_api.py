@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -81,7 +81,7 @@ async def refused(sqlstate: str, awaitable: Awaitable[Any]) -> str:
 
 
 async def count(conn: Conn, where: str = "true") -> int:
-    n: int = await conn.fetchval(f"SELECT count(*) FROM aiservice.jobs WHERE {where}")
+    n: int = await conn.fetchval(f"SELECT count(*) FROM aiservice.all_jobs WHERE {where}")
     return n
 
 
@@ -921,7 +921,7 @@ async def test_retry_jobs_narrowed_by_status_and_ids(conn: Conn) -> None:
 
 async def test_retry_jobs_created_window(conn: Conn) -> None:
     ids = await _fleet(conn)
-    await conn.execute("UPDATE aiservice.jobs SET created_at = '2024-01-01' WHERE id = $1", ids["tg_chat"])
+    await conn.execute("UPDATE aiservice.job_history SET created_at = '2024-01-01' WHERE id = $1", ids["tg_chat"])
     got = await call(conn, "retry_jobs", created_before=datetime(2024, 1, 2, tzinfo=UTC))
     assert [r[0] for r in got] == [ids["tg_chat"]]
     got = await call(conn, "retry_jobs", created_after=datetime(2024, 1, 2, tzinfo=UTC))

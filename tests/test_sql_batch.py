@@ -12,7 +12,7 @@ import pytest
 from conftest import JobFactory
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

@@ -81,7 +81,7 @@ async def test_eight_claimers_never_receive_the_same_job_twice(conn: Conn, conne
     for i, got in enumerate(results):
         assert all(worker == f"w{i}" and attempts == 1 for _, worker, attempts in got)
     assert sum(1 for got in results if got) > 1, "the claimers did not overlap at all"
-    rows = await conn.fetch("SELECT id, worker_id, attempts, status FROM aiservice.jobs")
+    rows = await conn.fetch("SELECT id, worker_id, attempts, status FROM aiservice.all_jobs")
     owner = {job_id: f"w{i}" for i, got in enumerate(results) for job_id, _, _ in got}
     assert all(r["status"] == "running" and r["attempts"] == 1 and r["worker_id"] == owner[r["id"]] for r in rows)
 
@@ -106,7 +106,7 @@ async def test_concurrent_claimers_and_completers_finish_every_job_once(conn: Co
 
     done = await together([lambda c=c, i=i: work(c, f"w{i}") for i, c in enumerate(workers)])
     assert sum(done) == 400
-    rows = await conn.fetch("SELECT status, worker_id, result, attempts FROM aiservice.jobs")
+    rows = await conn.fetch("SELECT status, worker_id, result, attempts FROM aiservice.all_jobs")
     assert all(r["status"] == "completed" and r["result"] == {"by": r["worker_id"]} for r in rows)
     assert all(r["attempts"] == 1 for r in rows)
 
@@ -121,7 +121,7 @@ async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Co
         )
         assert len({r["id"] for r in rows}) == 1
         assert sorted(r["created"] for r in rows) == [False] * 7 + [True]
-        assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE idempotency_key = $1", key) == 1
+        assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE idempotency_key = $1", key) == 1
 
     # Different requests under one key at once: one is created, the others are refused (AS412).
     values = [[JOB["owner_service"], f"ref/{i}", JOB["task_type"], JOB["model_profile"], "mixed"] for i in range(8)]
@@ -134,7 +134,7 @@ async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Co
     created = [o[0] for o in outcomes if not isinstance(o[0], BaseException)]
     refused = [o[0] for o in outcomes if isinstance(o[0], asyncpg.PostgresError) and o[0].sqlstate == "AS412"]
     assert (len(created), len(refused)) == (1, 7), outcomes
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE idempotency_key = 'mixed'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE idempotency_key = 'mixed'") == 1
 
 
 async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(
@@ -160,8 +160,8 @@ async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(
             created += row["created"]
     assert all(len(ids) == 1 for ids in ids_by_key.values())
     assert created == len(keys)
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == len(keys)
-    stored = dict(await conn.fetch("SELECT idempotency_key, id FROM aiservice.jobs"))
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(keys)
+    stored = dict(await conn.fetch("SELECT idempotency_key, id FROM aiservice.all_jobs"))
     assert {k: ids.pop() for k, ids in ids_by_key.items()} == stored
 
 
@@ -210,7 +210,7 @@ async def test_stale_worker_racing_a_reclaim_never_overwrites_the_new_result(
         else:
             assert old_outcome == "ok"
             winners["old"] += 1
-        row = await conn.fetchrow("SELECT status, result FROM aiservice.jobs WHERE id = $1", job_id)
+        row = await conn.fetchrow("SELECT status, result FROM aiservice.all_jobs WHERE id = $1", job_id)
         assert row["status"] == "completed"
         assert row["result"] == {"by": "new" if claimed else "old"}
     assert sum(winners.values()) == 30
@@ -270,7 +270,7 @@ async def test_cancel_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Co
     await waiting_for_a_lock(conn, canceller.get_server_pid())
     await claim.commit()
     assert await cancel == []
-    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "running"
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "running"
 
 
 async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Conn, connections: Connections) -> None:
@@ -287,7 +287,7 @@ async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Con
     await waiting_for_a_lock(conn, retrier.get_server_pid())
     await fail.commit()
     assert await retry == []
-    assert await conn.fetchval("SELECT status::text FROM aiservice.jobs WHERE id = $1", job_id) == "failed"
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "failed"
 
 
 async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
@@ -340,7 +340,7 @@ async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connecti
     async def sampler() -> None:
         nonlocal most_running
         while churning():
-            running = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE status = 'running'")
+            running = await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'")
             most_running = max(most_running, running)
             await asyncio.sleep(0.01)
 
@@ -358,7 +358,7 @@ async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connecti
                      count(*) FILTER (WHERE status = 'completed') AS completed,
                      count(*) FILTER (WHERE status = 'failed') AS failed,
                      count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-              FROM aiservice.jobs GROUP BY batch_id) c ON c.batch_id = b.id
+              FROM aiservice.all_jobs GROUP BY batch_id) c ON c.batch_id = b.id
         WHERE (b.total, b.pending, b.running, b.completed, b.failed, b.cancelled)
               <> (c.total, c.pending, c.running, c.completed, c.failed, c.cancelled)
         """

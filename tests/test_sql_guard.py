@@ -28,7 +28,7 @@ async def conn(database_url: str) -> Any:
 
 
 async def snapshot(conn: Conn) -> list[dict[str, Any]]:
-    return [dict(r) for r in await conn.fetch("SELECT * FROM aiservice.jobs ORDER BY id")]
+    return [dict(r) for r in await conn.fetch("SELECT * FROM aiservice.all_jobs ORDER BY id")]
 
 
 async def running_job(conn: Conn) -> asyncpg.Record:
@@ -160,7 +160,7 @@ async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_no
         await refused(conn, sqlstate, sql, *args)
     assert await snapshot(conn) == before
     # What is refused inside a batch leaves no row behind.
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.jobs") == len(before)
+    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(before)
 
 
 async def test_infinite_leases_are_refused(conn: Conn) -> None:

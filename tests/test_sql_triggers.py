@@ -78,13 +78,17 @@ TRIGGERS_SQL = Path(__file__).resolve().parents[1] / "schema" / "functions" / "t
 EVENTS = {4: "INSERT", 8: "DELETE", 16: "UPDATE"}  # pg_trigger.tgtype bits
 
 
-async def jobs_triggers(conn: Conn) -> list[tuple[str, str, str, bool]]:
-    """(name, event, function, statement level and AFTER) of every trigger on aiservice.jobs."""
+TABLES = ("jobs", "job_history")
+
+
+async def jobs_triggers(conn: Conn, table: str = "jobs") -> list[tuple[str, str, str, bool]]:
+    """(name, event, function, statement level and AFTER) of every trigger on aiservice.<table>."""
     rows = await conn.fetch(
         """
         SELECT t.tgname, t.tgtype, p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-        WHERE t.tgrelid = 'aiservice.jobs'::regclass AND NOT t.tgisinternal ORDER BY t.tgname
-        """
+        WHERE t.tgrelid = ('aiservice.' || $1)::regclass AND NOT t.tgisinternal ORDER BY t.tgname
+        """,
+        table,
     )
     out = []
     for r in rows:
@@ -103,14 +107,22 @@ async def test_one_after_statement_trigger_per_event_on_jobs(conn: Conn) -> None
         assert on_event[0][3], f"{on_event[0][0]} is not an AFTER ... FOR EACH STATEMENT trigger"
 
 
+async def test_job_history_has_one_after_statement_trigger_per_write_it_sees(conn: Conn) -> None:
+    """Finished jobs are inserted (finishing) and deleted (retry, retention); never updated."""
+    triggers = await jobs_triggers(conn, "job_history")
+    assert sorted(t[1] for t in triggers) == ["DELETE", "INSERT"]
+    assert all(t[3] for t in triggers), triggers
+
+
 async def test_an_update_statement_calls_one_trigger_function(conn: Conn) -> None:
-    """Counted by the server (track_functions): a claim, a batched completion and a plain update
-    of jobs each call the jobs trigger functions once in all."""
+    """Counted by the server (track_functions): a claim and a plain update of jobs each call the
+    trigger functions once in all; a batched completion twice (it moves the jobs: one delete from
+    jobs, one insert into job_history)."""
     if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
         pytest.skip("SET track_functions needs a superuser")
     await conn.execute("SET track_functions = 'pl'")
     await conn.fetch("SELECT 1 FROM aiservice.create_jobs($1, $2)", [{"owner_ref": f"r/{i}"} for i in range(5)], JOB)
-    functions = sorted({t[2] for t in await jobs_triggers(conn)})
+    functions = sorted({t[2] for table in TABLES for t in await jobs_triggers(conn, table)})
     calls = "SELECT sum(pg_stat_get_xact_function_calls(('aiservice.' || f)::regproc)) FROM unnest($1::text[]) f"
     async with conn.transaction():
         before = await conn.fetchval(calls, functions) or 0
@@ -126,17 +138,23 @@ async def test_an_update_statement_calls_one_trigger_function(conn: Conn) -> Non
         )
         after_complete = await conn.fetchval(calls, functions)
     assert [r["outcome"] for r in done] == ["completed"] * 5
-    assert (after_claim - before, after_update - after_claim, after_complete - after_update) == (1, 1, 1)
+    assert (after_claim - before, after_update - after_claim, after_complete - after_update) == (1, 1, 2)
 
 
 async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> None:
-    """The header of schema/functions/triggers.sql lists every trigger on jobs: name, event, function."""
+    """The header of schema/functions/triggers.sql lists every trigger on jobs and job_history:
+    name, event, table, function."""
     documented = set()
     for line in TRIGGERS_SQL.read_text(encoding="utf-8").splitlines():
         if not line.startswith("--"):
             break
-        match = re.match(r"--\s+(\w+)\s+AFTER (INSERT|UPDATE|DELETE)\s+(\w+)\(\)", line)
+        match = re.match(r"--\s+(\w+)\s+AFTER (INSERT|UPDATE|DELETE) ON (\w+)\s+(\w+)\(\)", line)
         if match:
             documented.add(match.groups())
-    actual = {(name, event, function) for name, event, function, _ in await jobs_triggers(conn)}
+    actual = {
+        (name, event, table, function)
+        for table in TABLES
+        for name, event, function, _ in await jobs_triggers(conn, table)
+    }
+    assert len(actual) == 5
     assert documented == actual

@@ -7,14 +7,14 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate, JobStatus
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 RECOUNT = """
 SELECT status::text, task_type, model_profile, count(*)
-FROM aiservice.jobs GROUP BY 1, 2, 3
+FROM aiservice.all_jobs GROUP BY 1, 2, 3
 """
 
 
@@ -49,7 +49,7 @@ async def test_counters_equal_a_recount_before_and_after_compaction(store: JobSt
     assert await store.compact_counts() > 0
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_count_deltas") == 0
     assert as_counts(await store.stats()) == recount
-    await conn.execute("DELETE FROM aiservice.jobs WHERE status = 'completed'")
+    await conn.execute("DELETE FROM aiservice.job_history WHERE status = 'completed'")
     recount = {(r[0], r[1], r[2]): r[3] for r in await conn.fetch(RECOUNT)}
     assert as_counts(await store.stats()) == recount
 

@@ -13,17 +13,20 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 MILLION = 1_000_000
 
 FILL = """
-INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, status, attempts,
-                            worker_id, result, created_at, started_at, finished_at, run_at)
-SELECT 'bulk', 'r' || i, 'llm_chat', 'qwen', 'completed', 1, 'w', '{}',
+INSERT INTO aiservice.job_history (id, owner_service, owner_ref, task_type, model_profile, status, attempts,
+                                   worker_id, result, created_at, started_at, finished_at, run_at)
+SELECT nextval('aiservice.jobs_id_seq'), 'bulk', 'r' || i, 'llm_chat', 'qwen', 'completed', 1, 'w', '{}',
        now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours' + i * interval '1 ms',
        now() - interval '3 hours'
 FROM generate_series(1, $1) i
 """
 
+# Live and finished jobs: aiservice.jobs and every partition of aiservice.job_history.
 READS = """
-SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS rows_read
-FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass
+SELECT sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)) AS rows_read
+FROM pg_stat_user_tables
+WHERE relid = 'aiservice.jobs'::regclass
+   OR relid IN (SELECT relid FROM pg_partition_tree('aiservice.job_history') WHERE isleaf)
 """
 
 
@@ -31,11 +34,12 @@ async def rows_read(conn: Conn) -> int:
     # Flush this backend's counters, then read them afresh.
     await conn.execute("SELECT pg_stat_force_next_flush()")
     await conn.execute("SELECT pg_stat_clear_snapshot()")
-    value: int = await conn.fetchval(READS)
+    value = int(await conn.fetchval(READS))
     return value
 
 
 async def test_stats_and_filtered_lists_read_little_of_a_million_jobs(conn: Conn) -> None:
+    await conn.execute("SELECT aiservice.prepare_history(0)")  # today's partition: the million go there
     await conn.execute(FILL, MILLION)
     await conn.fetch(
         "SELECT (r.job).id AS id FROM aiservice.create_jobs($1, $2) r",
@@ -45,7 +49,7 @@ async def test_stats_and_filtered_lists_read_little_of_a_million_jobs(conn: Conn
     claimed = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w2', 2)")
     await conn.fetch("SELECT status FROM aiservice.fail_job($1, 'w2', 'invalid_input', 'bad')", claimed[0]["id"])
     await conn.execute("SELECT aiservice.compact_counts()")
-    await conn.execute("ANALYZE aiservice.jobs")
+    await conn.execute("ANALYZE aiservice.jobs, aiservice.job_history")
 
     start = await rows_read(conn)
     stats = await conn.fetchval("SELECT aiservice.stats()")

@@ -21,7 +21,7 @@ from stubs import wait_for
 from test_delivery import Receiver, register
 from yarl import URL
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
 API = "/api/v1"

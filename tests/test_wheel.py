@@ -28,10 +28,12 @@ async def test_the_wheel_ships_the_sql_and_migrates_from_it(tmp_path: Path, empt
 
     sql = {f"aiservice/schema/{p.relative_to(ROOT / 'schema')}" for p in (ROOT / "schema").rglob("*.sql")}
     assert sql <= names, sorted(sql - names)
-    packages = {
-        str(p.parent.relative_to(ROOT)) for top in ("aiservice", "worker") for p in (ROOT / top).rglob("__init__.py")
-    }
+    # The top-level worker/ folder ships as aiservice.worker (package-dir): nothing named worker in site-packages.
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "aiservice").rglob("__init__.py")}
+    packages |= {f"aiservice/{p.parent.relative_to(ROOT)}" for p in (ROOT / "worker").rglob("__init__.py")}
     assert {f"{p}/__init__.py" for p in packages} <= names, "add the missing package to pyproject.toml"
+    assert "aiservice/worker/app.py" in names
+    assert {name.split("/")[0] for name in names if not name.startswith("aiservice-")} == {"aiservice"}
     assert "aiservice/py.typed" in names, "the client's types reach users only with py.typed (PEP 561)"
     static = [p for p in (ROOT / "aiservice" / "console").iterdir() if p.suffix in (".html", ".css", ".js")]
     console = {f"aiservice/console/{p.name}" for p in static}

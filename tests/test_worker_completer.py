@@ -14,9 +14,9 @@ from conftest import JobFactory
 from stubs import wait_for, wait_for_status
 
 from aiservice import metrics
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker.runner import Runner
+from aiservice.worker.runner import Runner
 
 
 class Gate:

@@ -15,7 +15,7 @@ from aiohttp import web
 from conftest import JobFactory
 from stubs import AsrStub, OpenAIStub, WorkerFactory, slow, transcribe
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobFilter, JobStatus
 from aiservice.settings import Settings, SettingsError
 

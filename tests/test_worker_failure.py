@@ -11,10 +11,10 @@ import pytest
 from conftest import JobFactory
 from stubs import wait_for
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker import failure
-from worker.runner import Runner
+from aiservice.worker import failure
+from aiservice.worker.runner import Runner
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -12,9 +12,9 @@ import stubs
 from conftest import JobFactory
 from stubs import WorkerFactory, wait_for, wait_for_outcome, wait_for_status, wait_until_listening
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker.failure import JobFailure
+from aiservice.worker.failure import JobFailure
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub

@@ -21,7 +21,7 @@ from stubs import (
     wait_for_status,
 )
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 METADATA = {"call_id": "beeline/42", "operator": "Ann", "phone": "+70000000000"}
 

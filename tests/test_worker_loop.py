@@ -25,10 +25,10 @@ from stubs import (
     wait_until_listening,
 )
 
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobFilter, JobStatus
-from worker.kinds.llm import LLMKind
-from worker.runner import Runner
+from aiservice.worker.kinds.llm import LLMKind
+from aiservice.worker.runner import Runner
 
 # Fixtures shared by the worker tests.
 openai_stub = stubs.openai_stub

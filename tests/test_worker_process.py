@@ -28,7 +28,7 @@ from stubs import (
 )
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 
 # Fixtures shared by the worker tests.
 openai_stub = stubs.openai_stub

@@ -18,8 +18,8 @@ from stubs import (
     wait_for_status,
 )
 
-from aiservice.db.jobs import JobStore
-from worker.kinds.whisperx import WhisperXKind
+from aiservice.db.store import JobStore
+from aiservice.worker.kinds.whisperx import WhisperXKind
 
 AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt fake audio"
 

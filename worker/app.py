@@ -14,18 +14,19 @@ from typing import Any
 from aiohttp import web
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.listener import CHANNEL, Listener
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import Pool, create_pool
 from aiservice.db.schema import SchemaGate
+from aiservice.db.store import JobStore
 from aiservice.maintenance import maintain_forever
 from aiservice.settings import Settings, SettingsError
-from worker import http, status
-from worker.kinds import Kind, describe
-from worker.kinds.llm import LLMKind
-from worker.kinds.whisperx import WhisperXKind
-from worker.listener import Listener
-from worker.runner import Runner
+from aiservice.worker import http, status
+from aiservice.worker.kinds import Kind, describe
+from aiservice.worker.kinds.llm import LLMKind
+from aiservice.worker.kinds.whisperx import WhisperXKind
+from aiservice.worker.notifications import dispatch_to
+from aiservice.worker.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ class Worker:
             )
             self._listener = Listener(
                 self.listen_dsn,
-                self._runner.on_event,
-                self._runner.wake,
+                CHANNEL,
+                dispatch_to(self._runner.on_event),
+                on_connected=self._runner.wake,
                 application_name=_app_name("aiservice-listener", settings),
                 min_backoff=self._listener_backoff,
                 check_interval=self._listener_check_interval,

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import Job
-from worker.flight import Flights
-from worker.kinds import Kind, serves
-from worker.listener import Pending
-from worker.wakeup import Wakeup
+from aiservice.worker.flight import Flights
+from aiservice.worker.kinds import Kind, matches
+from aiservice.worker.notifications import Pending
+from aiservice.worker.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Claimer:
         self._task = asyncio.create_task(self._loop(), name="aiservice-claim-loop")
 
     def on_pending(self, event: Pending) -> None:
-        if not any(serves(k, event.task_type, event.model_profile) for k in self.kinds):
+        if not any(matches(k, event.task_type, event.model_profile) for k in self.kinds):
             return
         if event.run_at is None:
             self.wakeup.now()

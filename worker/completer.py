@@ -19,10 +19,10 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from aiservice import errors, rules
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
-from worker.failure import JobFailure
-from worker.flight import Counts, InFlight
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.flight import Counts, InFlight
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Completer:
                     lease_token=job.lease_token,
                 )
             )
-        except (errors.LeaseLost, errors.JobNotFound):
+        except (errors.LeaseLost, errors.NotFound):
             self._discarded(flight)
             return
         status = "retried" if updated.status == JobStatus.PENDING else "failed"
@@ -143,7 +143,7 @@ class Completer:
         job = flight.job
         try:
             await self.store.release_job(job.id, self.worker_id, lease_token=job.lease_token)
-        except (errors.LeaseLost, errors.JobNotFound):
+        except (errors.LeaseLost, errors.NotFound):
             return
         except errors.DatabaseUnavailable:
             log.warning("job %d not released: PostgreSQL unavailable; it returns when its lease expires", job.id)

@@ -7,15 +7,9 @@ import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
-
-from pydantic import BaseModel, ValidationError
 
 from aiservice import rules, settings
-from aiservice.jobs import Job
-from aiservice.providers import AUTH_ERROR_CODES
-
-M = TypeVar("M", bound=BaseModel)
+from aiservice.provider_errors import AUTH_ERROR_CODES
 
 # Enough of a provider's message to diagnose; fail_job would keep up to rules.ERROR_MESSAGE_LENGTH.
 MESSAGE_LIMIT = 1000
@@ -44,16 +38,6 @@ class JobFailure(Exception):
 
 def invalid_input(message: str) -> JobFailure:
     return JobFailure("invalid_input", message)
-
-
-def parse_input(model: type[M], job: Job) -> M:
-    """The job's input as ``model``; input the worker cannot use fails with invalid_input (not retried)."""
-    try:
-        return model.model_validate(job.input)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        raise invalid_input(f"{where}: {first['msg']}") from exc
 
 
 def timeout(message: str) -> JobFailure:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiservice import metrics
 from aiservice.jobs import Job
-from worker.kinds import Kind
+from aiservice.worker.kinds import Kind
 
 
 @dataclass

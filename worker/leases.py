@@ -8,8 +8,8 @@ import logging
 from datetime import timedelta
 
 from aiservice import errors
-from aiservice.db.jobs import JobStore
-from worker.flight import InFlight
+from aiservice.db.store import JobStore
+from aiservice.worker.flight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LeaseKeeper:
             await self.store.heartbeat_job(
                 job.id, self.worker_id, lease_timeout=self.lease_timeout, lease_token=job.lease_token
             )
-        except (errors.LeaseLost, errors.JobNotFound):
+        except (errors.LeaseLost, errors.NotFound):
             log.warning("job %d: lease lost (cancelled, reset or expired elsewhere); stopping it", job.id)
             flight.stop("lease_lost")
             return False

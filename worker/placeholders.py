@@ -19,7 +19,7 @@ from typing import Any
 
 from aiservice import errors
 from aiservice.jobs import Job
-from worker.failure import JobFailure
+from aiservice.worker.failure import JobFailure
 
 _TOKEN = re.compile(r"\\\{\{|\{\{\s*([^{}]*?)\s*\}\}")
 # Paths that read a dependency's result: into it, the whole dependency, or the whole list.
@@ -88,7 +88,7 @@ async def read_omitted(
         dependency = complete[index]
         try:
             job = await read(int(dependency["id"]))
-        except errors.JobNotFound:
+        except errors.NotFound:
             complete[index] = dependency | {"deleted": True}
             continue
         complete[index] = dependency | {"result": job.result, "result_omitted": False}

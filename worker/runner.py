@@ -18,16 +18,16 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from aiservice.db.jobs import JobStore
-from worker import status
-from worker.claimer import Claimer
-from worker.completer import Completer
-from worker.flight import Counts, Flights
-from worker.kinds import Kind
-from worker.leases import LeaseKeeper
-from worker.listener import Abort, Event, Pending
-from worker.shutdown import shut_down
-from worker.supervisor import Supervisor
+from aiservice.db.store import JobStore
+from aiservice.worker import status
+from aiservice.worker.claimer import Claimer
+from aiservice.worker.completer import Completer
+from aiservice.worker.flight import Counts, Flights
+from aiservice.worker.kinds import Kind
+from aiservice.worker.leases import LeaseKeeper
+from aiservice.worker.notifications import Abort, Event, Pending
+from aiservice.worker.shutdown import shut_down
+from aiservice.worker.supervisor import Supervisor
 
 
 class Runner:

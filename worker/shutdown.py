@@ -9,9 +9,9 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from worker.claimer import Claimer
-from worker.leases import LeaseKeeper
-from worker.supervisor import Supervisor
+from aiservice.worker.claimer import Claimer
+from aiservice.worker.leases import LeaseKeeper
+from aiservice.worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

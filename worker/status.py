@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from worker.claimer import Claimer
-from worker.flight import Flights
-from worker.kinds import Kind
+from aiservice.worker.claimer import Claimer
+from aiservice.worker.flight import Flights
+from aiservice.worker.kinds import Kind
 
 
 def serves(kinds: Sequence[Kind]) -> list[dict[str, Any]]:

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 from aiservice import metrics
 from aiservice.jobs import Job
-from worker.completer import Completer
-from worker.failure import JobFailure
-from worker.flight import Flights, InFlight
-from worker.kinds import Kind
-from worker.leases import LeaseKeeper
+from aiservice.worker.completer import Completer
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.flight import Flights, InFlight
+from aiservice.worker.kinds import Kind
+from aiservice.worker.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
 

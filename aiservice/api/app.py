@@ -18,10 +18,10 @@ from aiservice.api.openapi import openapi_document
 from aiservice.api.schemas import ErrorBody
 from aiservice.api.server import CONNECTIONS, Connections, guard_middleware
 from aiservice.auth import bearer_middleware
-from aiservice.db.jobs import JobStore
 from aiservice.db.migrate import migrate
 from aiservice.db.pool import create_pool
 from aiservice.db.schema import SchemaGate
+from aiservice.db.store import JobStore
 from aiservice.infra import InfraStatus
 from aiservice.maintenance import maintain_forever
 from aiservice.providers import ProviderStatus

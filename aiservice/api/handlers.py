@@ -48,7 +48,7 @@ from aiservice.api.schemas import (
     Webhooks,
     WebhookSet,
 )
-from aiservice.db.jobs import JobStore
+from aiservice.db.store import JobStore
 from aiservice.infra import InfraStatus
 from aiservice.jobs import FINISHED, Batch, Delivery, Job, JobCreate, Limit, Stats, Webhook
 from aiservice.providers import ProviderStatus

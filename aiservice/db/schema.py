@@ -21,8 +21,8 @@ from typing import Any
 import asyncpg
 
 from aiservice import errors
-from aiservice.db.jobs import translate_errors
 from aiservice.db.migrate import Migration, load_functions, load_migrations
+from aiservice.db.store import translate_errors
 
 log = logging.getLogger("aiservice.schema")
 

@@ -20,17 +20,20 @@ RETURNS bigint[]
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_matching bigint[];
     v_locked bigint[];
 BEGIN
-    v_locked := ARRAY(
-        SELECT j.id FROM aiservice.jobs j
-        WHERE j.id IN (
-            SELECT m.id FROM aiservice.list_jobs(
-                p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
-                p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
-                p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m)
-        ORDER BY j.id
-        FOR UPDATE OF j);
+    v_matching := ARRAY(
+        SELECT m.id FROM aiservice.list_jobs(
+            p_owner_service => p_owner_service, p_owner_ref => p_owner_ref, p_task_type => p_task_type,
+            p_model_profile => p_model_profile, p_statuses => p_statuses, p_created_after => p_created_after,
+            p_created_before => p_created_before, p_ids => p_ids, p_limit => NULL) m);
+    -- Live jobs first, then finished ones (only when finished statuses are asked for), each in id order.
+    v_locked := ARRAY(SELECT j.id FROM aiservice.jobs j WHERE j.id = ANY (v_matching) ORDER BY j.id FOR UPDATE OF j);
+    IF p_statuses && '{completed,failed,cancelled}'::aiservice.job_status[] THEN
+        v_locked := v_locked || ARRAY(SELECT h.id FROM aiservice.job_history h WHERE h.id = ANY (v_matching)
+                                      ORDER BY h.id FOR UPDATE OF h);
+    END IF;
     -- A new statement, so a newer snapshot than any lock wait above: it reads the locked jobs as
     -- they are now, and nobody can change them any more before this transaction ends.
     RETURN ARRAY(
@@ -40,6 +43,36 @@ BEGIN
             p_created_before => p_created_before, p_ids => v_locked, p_limit => NULL) m
         ORDER BY m.id);
 END;
+$$;
+
+-- Lock one job where it is, live or finished (AS404 when it is in neither). A job moving between
+-- the two while this waits is found where it went.
+CREATE OR REPLACE FUNCTION aiservice.lock_job(p_id bigint) RETURNS aiservice.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_job aiservice.jobs;
+BEGIN
+    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.job_history WHERE id = p_id FOR UPDATE;
+    END IF;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;  -- moved back meanwhile
+    END IF;
+    IF NOT FOUND THEN
+        PERFORM aiservice.raise_not_found(p_id);
+    END IF;
+    RETURN v_job;
+END;
+$$;
+
+-- Whether a job has a dependency that is not completed (retry_jobs blocks it again on it).
+CREATE OR REPLACE FUNCTION aiservice.waits_for_dependencies(p_id bigint) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.all_jobs x ON x.id = d.depends_on
+                   WHERE d.job_id = p_id AND x.status <> 'completed');
 $$;
 
 -- Reset failed and running jobs that match the filters to pending, with their
@@ -72,6 +105,7 @@ BEGIN
     v_ids := aiservice.lock_matching(
         p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
         coalesce(p_statuses, '{failed,running}'), p_created_after, p_created_before);
+    -- Running jobs start over where they are.
     RETURN QUERY
     UPDATE aiservice.jobs j
     SET status = 'pending',
@@ -83,16 +117,33 @@ BEGIN
         lease_token = NULL,
         lease_expires_at = NULL,
         started_at = NULL,
-        finished_at = NULL,
         run_at = now(),
         -- A job whose dependencies are not all completed waits for them again.
-        blocked = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-                          WHERE d.job_id = j.id AND x.status <> 'completed'),
-        scheduled = EXISTS (SELECT 1 FROM aiservice.job_dependencies d JOIN aiservice.jobs x ON x.id = d.depends_on
-                            WHERE d.job_id = j.id AND x.status <> 'completed'),
+        blocked = aiservice.waits_for_dependencies(j.id),
+        scheduled = aiservice.waits_for_dependencies(j.id),
         updated_at = now()
-    WHERE j.id = ANY (v_ids) AND j.status IN ('failed', 'running')
+    WHERE j.id = ANY (v_ids) AND j.status = 'running'
     RETURNING j.id;
+    -- Failed jobs come back from job_history, not as new jobs (moving_back, triggers.sql).
+    PERFORM set_config('aiservice.moving_back', 'on', true);
+    RETURN QUERY
+    WITH back AS (
+        DELETE FROM aiservice.job_history h WHERE h.id = ANY (v_ids) AND h.status = 'failed' RETURNING h.*
+    )
+    INSERT INTO aiservice.jobs
+        (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
+         attempts, max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at,
+         idempotency_key, created_at, started_at, finished_at, updated_at, scheduled, batch_id, blocked,
+         requested_run_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT b.id, b.owner_service, b.owner_ref, b.task_type, b.model_profile, b.input, NULL, 'pending', b.priority,
+           now(), 0, b.max_attempts, NULL, NULL, NULL, NULL, NULL, b.idempotency_key, b.created_at, NULL, NULL,
+           now(), aiservice.waits_for_dependencies(b.id), b.batch_id, aiservice.waits_for_dependencies(b.id),
+           b.requested_run_at
+    FROM back b
+    ORDER BY b.id
+    RETURNING id;
+    PERFORM set_config('aiservice.moving_back', '', true);
 END;
 $$;
 
@@ -102,10 +153,7 @@ AS $$
 DECLARE
     v_job aiservice.jobs;
 BEGIN
-    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
-    END IF;
+    v_job := aiservice.lock_job(p_id);
     IF v_job.status NOT IN ('failed', 'running') THEN
         RAISE EXCEPTION 'job % is %; only failed and running jobs can be retried', p_id, v_job.status
             USING ERRCODE = 'AS409';
@@ -145,14 +193,10 @@ BEGIN
         p_ids, p_owner_service, p_owner_ref, p_task_type, p_model_profile,
         coalesce(p_statuses, '{pending,running}'), p_created_after, p_created_before);
     RETURN QUERY
-    UPDATE aiservice.jobs j
-    SET status = 'cancelled',
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        finished_at = now(),
-        updated_at = now()
-    WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
-    RETURNING j.id;
+    SELECT aiservice.move_to_history(ARRAY(
+        SELECT aiservice.finished(j, 'cancelled') FROM aiservice.jobs j
+        WHERE j.id = ANY (v_ids) AND j.status IN ('pending', 'running')
+        ORDER BY j.id));
 END;
 $$;
 
@@ -162,10 +206,7 @@ AS $$
 DECLARE
     v_job aiservice.jobs;
 BEGIN
-    SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
-    END IF;
+    v_job := aiservice.lock_job(p_id);
     IF v_job.status NOT IN ('pending', 'running') THEN
         RAISE EXCEPTION 'job % is %; only pending and running jobs can be cancelled', p_id, v_job.status
             USING ERRCODE = 'AS409';

@@ -76,6 +76,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_blocked boolean := coalesce(cardinality(p_depends_on), 0) > 0;
+    v_id bigint := nextval('aiservice.jobs_id_seq');
     v_differs text;
     v_twice text;
 BEGIN
@@ -91,24 +92,33 @@ BEGIN
     IF v_twice IS NOT NULL THEN
         RAISE EXCEPTION '%', v_twice USING ERRCODE = 'AS422';
     END IF;
-    INSERT INTO aiservice.jobs AS j
-        (owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
-         scheduled, blocked, requested_run_at)
-    VALUES
-        (p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
-         coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
-         coalesce(p_run_at > now(), false) OR v_blocked, v_blocked, p_run_at)
-    ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING j.* INTO job;
-    created := FOUND;
+    -- The key first: a concurrent create with the same key waits here for ours to commit.
+    created := true;
+    IF p_idempotency_key IS NOT NULL AND p_owner_service IS NOT NULL THEN
+        INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
+        VALUES (p_owner_service, p_idempotency_key, v_id)
+        ON CONFLICT DO NOTHING;
+        created := FOUND;
+    END IF;
+    IF created THEN
+        INSERT INTO aiservice.jobs AS j
+            (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts,
+             idempotency_key, scheduled, blocked, requested_run_at)
+        OVERRIDING SYSTEM VALUE
+        VALUES
+            (v_id, p_owner_service, p_owner_ref, p_task_type, p_model_profile, p_input,
+             coalesce(p_priority, 0), coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), p_idempotency_key,
+             coalesce(p_run_at > now(), false) OR v_blocked, v_blocked, p_run_at)
+        RETURNING j.* INTO job;
+    END IF;
     IF created AND v_blocked THEN
         PERFORM aiservice.add_dependencies(
             array_fill(job.id, ARRAY[cardinality(p_depends_on)]),
             ARRAY(SELECT generate_series(0, cardinality(p_depends_on) - 1)), p_depends_on);
     END IF;
     IF NOT created THEN
-        SELECT j.* INTO job FROM aiservice.jobs j
-        WHERE j.owner_service = p_owner_service AND j.idempotency_key = p_idempotency_key;
+        job := aiservice.get_job((SELECT k.job_id FROM aiservice.job_keys k
+                                  WHERE k.owner_service = p_owner_service AND k.idempotency_key = p_idempotency_key));
         v_differs := aiservice.idempotency_differences(job, p_owner_ref, p_task_type, p_model_profile, p_input,
                                                        p_priority, p_run_at, p_max_attempts, p_depends_on);
         IF v_differs <> '' THEN
@@ -234,6 +244,16 @@ BEGIN
         CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
         ORDER BY e.ord
     ),
+    -- Keys first, in one order for every caller: overlapping concurrent batches wait, never
+    -- deadlock. A key already taken (or taken earlier in this batch) makes its item a repeat.
+    keyed AS (
+        INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id)
+        SELECT owner_service, idempotency_key, new_id FROM spec
+        WHERE idempotency_key IS NOT NULL AND owner_service IS NOT NULL
+        ORDER BY owner_service, idempotency_key, ord
+        ON CONFLICT DO NOTHING
+        RETURNING job_id
+    ),
     ins AS (
         INSERT INTO aiservice.jobs AS j
             (id, owner_service, owner_ref, task_type, model_profile, input, priority, run_at, max_attempts, idempotency_key,
@@ -244,9 +264,8 @@ BEGIN
                coalesce(run_at > now(), false) OR coalesce(ord = ANY (v_dep_ord), false), v_batch,
                coalesce(ord = ANY (v_dep_ord), false), run_at
         FROM spec
-        -- Keys in one order for every caller: overlapping concurrent batches wait, never deadlock.
-        ORDER BY owner_service, idempotency_key, ord
-        ON CONFLICT (owner_service, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        WHERE idempotency_key IS NULL OR owner_service IS NULL OR new_id IN (SELECT keyed.job_id FROM keyed)
+        ORDER BY ord
         RETURNING j.id
     )
     SELECT array_agg(s.new_id ORDER BY s.ord), array_agg(ins.id IS NOT NULL ORDER BY s.ord),
@@ -259,9 +278,10 @@ BEGIN
 
     -- The id each ordinal ended up with (an idempotent repeat keeps its existing job).
     v_final := ARRAY(
-        SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, b.id)
+        SELECT coalesce(CASE WHEN u.is_new THEN u.new_id END, k.job_id)
         FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
-        LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+        LEFT JOIN aiservice.job_keys k
+               ON NOT u.is_new AND k.owner_service = u.owner_service AND k.idempotency_key = u.idem_key
         ORDER BY u.ord);
 
     IF v_dep_ord IS NOT NULL THEN
@@ -292,14 +312,14 @@ BEGIN
         )
         SELECT r.ord - 1, r.id, r.differs INTO v_index, v_existing_id, v_bad
         FROM (
-            SELECT u.ord, b.id,
+            SELECT u.ord, (b.job).id,
                    aiservice.idempotency_differences(
-                       b, coalesce(s.owner_ref, d.owner_ref), coalesce(s.task_type, d.task_type),
+                       b.job, coalesce(s.owner_ref, d.owner_ref), coalesce(s.task_type, d.task_type),
                        coalesce(s.model_profile, d.model_profile), coalesce(s.input, d.input),
                        coalesce(s.priority, d.priority), coalesce(s.run_at, d.run_at),
                        coalesce(s.max_attempts, d.max_attempts), deps.ids) AS differs
             FROM unnest(v_new, v_final) WITH ORDINALITY AS u(is_new, final_id, ord)
-            JOIN aiservice.jobs b ON b.id = u.final_id
+            CROSS JOIN LATERAL (SELECT aiservice.get_job(u.final_id) AS job) b
             CROSS JOIN LATERAL jsonb_populate_record(NULL::aiservice.job_fields, p_jobs -> (u.ord::integer - 1)) AS s
             CROSS JOIN jsonb_populate_record(NULL::aiservice.job_fields, p_defaults) AS d
             LEFT JOIN deps ON deps.ord = u.ord
@@ -309,16 +329,15 @@ BEGIN
         ORDER BY r.ord
         LIMIT 1;
         IF v_bad IS NOT NULL THEN
-            SELECT j.* INTO v_existing FROM aiservice.jobs j WHERE j.id = v_existing_id;
+            v_existing := aiservice.get_job(v_existing_id);
             PERFORM aiservice.raise_idempotency_conflict(v_existing, v_bad, v_index);
         END IF;
     END IF;
 
     RETURN QUERY
-    SELECT coalesce(a, b), u.is_new
-    FROM unnest(v_ids, v_new, v_owners, v_keys) WITH ORDINALITY AS u(new_id, is_new, owner_service, idem_key, ord)
-    LEFT JOIN aiservice.jobs a ON u.is_new AND a.id = u.new_id
-    LEFT JOIN aiservice.jobs b ON NOT u.is_new AND b.owner_service = u.owner_service AND b.idempotency_key = u.idem_key
+    SELECT coalesce(a, aiservice.get_job(u.final_id)), u.is_new
+    FROM unnest(v_final, v_new) WITH ORDINALITY AS u(final_id, is_new, ord)
+    LEFT JOIN aiservice.jobs a ON a.id = u.final_id
     ORDER BY u.ord;
 END;
 $$;

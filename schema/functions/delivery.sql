@@ -87,19 +87,15 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     PERFORM aiservice.get_batch(p_id);
-    UPDATE aiservice.jobs j
-    SET status = 'cancelled', lease_token = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-    FROM (SELECT id FROM aiservice.jobs
-          WHERE batch_id = p_id AND status IN ('pending', 'running')
-          ORDER BY id FOR UPDATE) mine
-    WHERE j.id = mine.id AND j.status IN ('pending', 'running');
+    PERFORM aiservice.cancel_jobs(p_ids => ARRAY(
+        SELECT j.id FROM aiservice.jobs j WHERE j.batch_id = p_id AND j.status IN ('pending', 'running')));
     RETURN aiservice.get_batch(p_id);
 END;
 $$;
 
 -- Jobs created into batches are counted, and finished jobs announced on 'aiservice_finished', queued
--- for their owner's webhook and their batch moves appended to batch_count_deltas, by
--- jobs_insert_effects and jobs_update_effects (triggers.sql).
+-- for their owner's webhook and their batch moves appended to batch_count_deltas, by the triggers
+-- on jobs and job_history (triggers.sql).
 
 -- Fold this transaction's batch moves into batches: run (deferred) when it commits, so the
 -- batches rows are the last locks it takes, taken in id order; a batch whose last job finished
@@ -346,7 +342,7 @@ BEGIN
            (SELECT aiservice.batch_json(b) FROM aiservice.batches b WHERE b.id = t.batch_id)
     FROM taken t
     JOIN aiservice.webhooks w ON w.owner_service = t.owner_service
-    LEFT JOIN aiservice.jobs j ON j.id = t.job_id AND t.event = 'job.finished'
+    LEFT JOIN aiservice.all_jobs j ON j.id = t.job_id AND t.event = 'job.finished'
     ORDER BY t.id;
 END;
 $$;

@@ -1,5 +1,57 @@
--- schema/functions/finish.sql: A worker's outcome for a job it runs: complete, fail (maybe retry later) or release.
+-- schema/functions/finish.sql: A worker's outcome for a job it runs: complete, fail (maybe retry later) or release;
+-- and how any job finishes: it leaves aiservice.jobs for aiservice.job_history.
 -- Current definitions, re-applied by the migrator whenever this file changes.
+
+-- A job as it is kept once finished with p_status: 'completed' with p_result (errors cleared),
+-- 'failed' with p_error_category and p_error_message (at most 4,000 characters kept), 'cancelled'
+-- as it was; no lease; finished now.
+CREATE OR REPLACE FUNCTION aiservice.finished(
+    p_job aiservice.jobs,
+    p_status aiservice.job_status,
+    p_result jsonb DEFAULT NULL,
+    p_error_category text DEFAULT NULL,
+    p_error_message text DEFAULT NULL
+)
+RETURNS aiservice.jobs
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF NOT aiservice.is_finished(p_status) THEN
+        RAISE EXCEPTION 'status % is not a finished status', p_status USING ERRCODE = 'AS422';
+    END IF;
+    p_job.status := p_status;
+    IF p_status = 'completed' THEN
+        p_job.result := p_result;
+        p_job.error_category := NULL;
+        p_job.error_message := NULL;
+    ELSIF p_status = 'failed' THEN
+        p_job.error_category := p_error_category;
+        p_job.error_message := left(p_error_message, 4000);
+    END IF;
+    p_job.lease_token := NULL;
+    p_job.lease_expires_at := NULL;
+    p_job.finished_at := now();
+    p_job.updated_at := now();
+    RETURN p_job;
+END;
+$$;
+
+-- Move finished jobs out of the live table: each element of p_jobs (a job as finished() makes it)
+-- replaces the live row with its id, in one statement; jobs_delete_effects and
+-- job_history_insert_effects (triggers.sql) count, notify and deliver. The caller has locked and
+-- checked those rows. Returns the ids moved.
+CREATE OR REPLACE FUNCTION aiservice.move_to_history(p_jobs aiservice.jobs[]) RETURNS SETOF bigint
+LANGUAGE sql
+AS $$
+    WITH gone AS (
+        DELETE FROM aiservice.jobs j
+        WHERE j.id = ANY (ARRAY(SELECT f.id FROM unnest(p_jobs) f))
+        RETURNING j.id
+    )
+    INSERT INTO aiservice.job_history
+    SELECT f.* FROM unnest(p_jobs) f WHERE f.id IN (SELECT gone.id FROM gone)
+    RETURNING id;
+$$;
 
 CREATE OR REPLACE FUNCTION aiservice.complete_job(
     p_id bigint,
@@ -16,18 +68,8 @@ BEGIN
     IF p_result IS NULL OR jsonb_typeof(p_result) <> 'object' THEN
         RAISE EXCEPTION 'result must be a JSON object' USING ERRCODE = 'AS422';
     END IF;
-    PERFORM aiservice.lock_running(p_id, p_worker_id, p_lease_token);
-    UPDATE aiservice.jobs
-    SET status = 'completed',
-        result = p_result,
-        error_category = NULL,
-        error_message = NULL,
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        finished_at = now(),
-        updated_at = now()
-    WHERE id = p_id
-    RETURNING * INTO v_job;
+    v_job := aiservice.finished(aiservice.lock_running(p_id, p_worker_id, p_lease_token), 'completed', p_result);
+    PERFORM aiservice.move_to_history(ARRAY[v_job]);
     RETURN v_job;
 END;
 $$;
@@ -38,7 +80,7 @@ $$;
 --   'completed'   the job is now completed with its result,
 --   'not_found'   no such job,
 --   'lease_lost'  the job is not running for p_worker_id with that lease (AS410 for complete_job).
--- Two statements: the checks on the arrays, then lock, update and outcomes in one.
+-- Two statements: the checks on the arrays, then lock, move to job_history and outcomes in one.
 CREATE OR REPLACE FUNCTION aiservice.complete_jobs(
     p_worker_id text,
     p_ids bigint[],
@@ -86,26 +128,34 @@ BEGIN
     locked AS MATERIALIZED (
         SELECT j.id FROM aiservice.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id FOR UPDATE
     ),
-    done AS (
-        UPDATE aiservice.jobs j
-        SET status = 'completed',
-            result = i.result,
-            error_category = NULL,
-            error_message = NULL,
-            lease_token = NULL,
-            lease_expires_at = NULL,
-            finished_at = now(),
-            updated_at = now()
-        FROM input i JOIN locked l ON l.id = i.id
+    -- The job leaves the live table for job_history in this statement (finished() spelled out:
+    -- no per-row call on the hot path).
+    gone AS (
+        DELETE FROM aiservice.jobs j
+        USING input i JOIN locked l ON l.id = i.id
         WHERE j.id = i.id
           AND j.status = i.was
           AND j.worker_id = p_worker_id
           AND (i.lease_token IS NULL OR j.lease_token = i.lease_token)
-        RETURNING j.id
+        RETURNING j.*, i.result AS new_result
+    ),
+    done AS (
+        INSERT INTO aiservice.job_history AS h
+            (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
+             attempts, max_attempts, error_category, error_message, worker_id, lease_token, lease_expires_at,
+             idempotency_key, created_at, started_at, finished_at, updated_at, scheduled, batch_id, blocked,
+             requested_run_at)
+        SELECT g.id, g.owner_service, g.owner_ref, g.task_type, g.model_profile, g.input, g.new_result, 'completed',
+               g.priority, g.run_at, g.attempts, g.max_attempts, NULL, NULL, g.worker_id, NULL, NULL,
+               g.idempotency_key, g.created_at, g.started_at, now(), now(), g.scheduled, g.batch_id, g.blocked,
+               g.requested_run_at
+        FROM gone g
+        RETURNING h.id
     )
     SELECT i.id,
            CASE WHEN d.id IS NOT NULL THEN 'completed'
                 WHEN EXISTS (SELECT 1 FROM locked l WHERE l.id = i.id) THEN 'lease_lost'
+                WHEN EXISTS (SELECT 1 FROM aiservice.job_history h WHERE h.id = i.id) THEN 'lease_lost'
                 ELSE 'not_found' END
     FROM input i LEFT JOIN done d ON d.id = i.id
     ORDER BY i.ord;
@@ -146,19 +196,23 @@ BEGIN
     v_job := aiservice.lock_running(p_id, p_worker_id, p_lease_token);
     v_retry := coalesce(p_retryable, aiservice.is_retryable(p_error_category))
                AND v_job.attempts < v_job.max_attempts;
-    UPDATE aiservice.jobs
-    SET status = CASE WHEN v_retry THEN 'pending' ELSE 'failed' END::aiservice.job_status,
-        error_category = p_error_category,
-        error_message = left(p_error_message, 4000),
-        worker_id = CASE WHEN v_retry THEN NULL ELSE worker_id END,
-        lease_token = NULL,
-        lease_expires_at = NULL,
-        run_at = CASE WHEN v_retry THEN now() + coalesce(p_retry_after, aiservice.backoff(attempts)) ELSE run_at END,
-        scheduled = v_retry AND (p_retry_after IS NULL OR p_retry_after > interval '0'),
-        finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
-        updated_at = now()
-    WHERE id = p_id
-    RETURNING * INTO v_job;
+    IF v_retry THEN
+        UPDATE aiservice.jobs
+        SET status = 'pending',
+            error_category = p_error_category,
+            error_message = left(p_error_message, 4000),
+            worker_id = NULL,
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            run_at = now() + coalesce(p_retry_after, aiservice.backoff(attempts)),
+            scheduled = p_retry_after IS NULL OR p_retry_after > interval '0',
+            updated_at = now()
+        WHERE id = p_id
+        RETURNING * INTO v_job;
+    ELSE
+        v_job := aiservice.finished(v_job, 'failed', NULL, p_error_category, p_error_message);
+        PERFORM aiservice.move_to_history(ARRAY[v_job]);
+    END IF;
     IF p_error_category = 'rate_limited' AND p_retry_after > interval '0' AND p_cooldown_max > interval '0' THEN
         -- The provider behind the profile is saturated: hold the whole profile, not only this job.
         PERFORM aiservice.cool_down(v_job.model_profile, p_retry_after, p_cooldown_max);

@@ -13,7 +13,7 @@ DECLARE
 BEGIN
     SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM aiservice.raise_not_found(p_id);
+        v_job := aiservice.get_job(p_id);  -- finished (AS410 below), or AS404
     END IF;
     IF v_job.status <> 'running'
        OR v_job.worker_id IS DISTINCT FROM p_worker_id
@@ -53,26 +53,41 @@ $$;
 -- Return running jobs whose lease has passed to the queue, or fail them with
 -- category lease_expired once they have used all their attempts.
 CREATE OR REPLACE FUNCTION aiservice.expire_leases() RETURNS SETOF aiservice.jobs
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
-    WITH expired AS (
-        SELECT id FROM aiservice.jobs
-        WHERE status = 'running' AND lease_expires_at < now()
-        ORDER BY id  -- the lock order of every multi-row writer
-        FOR UPDATE SKIP LOCKED
-    )
+DECLARE
+    v_expired aiservice.jobs[];
+BEGIN
+    v_expired := ARRAY(
+        SELECT j FROM aiservice.jobs j
+        WHERE j.status = 'running' AND j.lease_expires_at < now()
+        ORDER BY j.id  -- the lock order of every multi-row writer
+        FOR UPDATE SKIP LOCKED);
+    IF cardinality(v_expired) = 0 THEN
+        RETURN;
+    END IF;
+    -- Attempts left: back to the queue.
+    RETURN QUERY
     UPDATE aiservice.jobs j
-    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END::aiservice.job_status,
+    SET status = 'pending',
         error_category = 'lease_expired',
         error_message = format('lease of worker %s expired at %s', j.worker_id, j.lease_expires_at),
-        worker_id = CASE WHEN j.attempts >= j.max_attempts THEN j.worker_id END,
+        worker_id = NULL,
         lease_token = NULL,
         lease_expires_at = NULL,
-        run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at ELSE now() END,
+        run_at = now(),
         scheduled = false,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
         updated_at = now()
-    FROM expired e
-    WHERE j.id = e.id
+    FROM unnest(v_expired) e
+    WHERE j.id = e.id AND e.attempts < e.max_attempts
     RETURNING j.*;
+    -- None left: failed, out of the live table.
+    v_expired := ARRAY(
+        SELECT aiservice.finished(e, 'failed', NULL, 'lease_expired',
+                                  format('lease of worker %s expired at %s', e.worker_id, e.lease_expires_at))
+        FROM unnest(v_expired) e
+        WHERE e.attempts >= e.max_attempts);
+    PERFORM aiservice.move_to_history(v_expired);
+    RETURN QUERY SELECT * FROM unnest(v_expired);
+END;
 $$;

@@ -244,4 +244,5 @@ BEGIN
 END;
 $$;
 
--- Tokens of completed jobs and places freed under max_running caps: jobs_update_effects (triggers.sql).
+-- Tokens of completed jobs and places freed under max_running caps: the triggers on jobs and
+-- job_history (triggers.sql).

@@ -16,4 +16,4 @@ AS $$
     )::text);
 $$;
 
--- The triggers that send them, jobs_insert_effects and jobs_update_effects, are in triggers.sql.
+-- The triggers that send them, on jobs and job_history, are in triggers.sql.

@@ -13,8 +13,9 @@
 -- index probe), and claims and maintain() resolve the queue in small steps (SKIP LOCKED).
 
 -- Refuse dependency lists that hold nulls or name jobs that do not exist. The jobs named are
--- locked FOR KEY SHARE until the caller commits, so retention (purge_jobs skips locked rows)
--- cannot delete a dependency while the job that depends on it is being created.
+-- locked FOR KEY SHARE until the caller commits, so retention cannot delete a dependency while the
+-- job that depends on it is being created: purge_jobs skips locked rows, and a lock on a row of a
+-- job_history partition holds off the drop of that partition.
 CREATE OR REPLACE FUNCTION aiservice.check_dependencies(p_depends_on bigint[]) RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -28,8 +29,9 @@ BEGIN
         RAISE EXCEPTION 'depends_on must not contain null' USING ERRCODE = 'AS422';
     END IF;
     PERFORM FROM aiservice.jobs j WHERE j.id = ANY (p_depends_on) ORDER BY j.id FOR KEY SHARE;
+    PERFORM FROM aiservice.job_history h WHERE h.id = ANY (p_depends_on) ORDER BY h.id FOR KEY SHARE;
     v_unknown := ARRAY(SELECT DISTINCT d FROM unnest(p_depends_on) d
-                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
+                       WHERE NOT EXISTS (SELECT 1 FROM aiservice.all_jobs j WHERE j.id = d) ORDER BY d LIMIT 20);
     IF cardinality(v_unknown) > 0 THEN
         RAISE EXCEPTION 'depends_on names jobs that do not exist: %', v_unknown USING ERRCODE = 'AS422';
     END IF;
@@ -48,8 +50,8 @@ BEGIN
     INSERT INTO aiservice.job_dependencies (job_id, position, depends_on)
     SELECT * FROM unnest(p_job_ids, p_positions, p_depends_on);
     INSERT INTO aiservice.finished_dependencies (job_id)
-    SELECT DISTINCT j.id FROM aiservice.jobs j
-    WHERE j.id = ANY (p_depends_on) AND aiservice.is_finished(j.status)
+    SELECT DISTINCT h.id FROM aiservice.job_history h
+    WHERE h.id = ANY (p_depends_on)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
         -- No kind named: every worker wakes, and its claim resolves the queue.
@@ -98,7 +100,7 @@ BEGIN
                    min(j.status::text) FILTER (WHERE j.status IN ('failed', 'cancelled')) AS broken_status
             FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d WHERE d.depends_on = ANY (v_done)) x
             JOIN aiservice.job_dependencies dep ON dep.job_id = x.job_id
-            JOIN aiservice.jobs j ON j.id = dep.depends_on
+            JOIN aiservice.all_jobs j ON j.id = dep.depends_on
             GROUP BY dep.job_id
         ) s
         WHERE s.ready OR s.broken IS NOT NULL
@@ -131,19 +133,22 @@ BEGIN
         (SELECT DISTINCT ON (id) id, false, broken, broken_status FROM bounded ORDER BY id, broken)
     ) r;
 
-    -- Locked in id order, like every multi-row writer.
+    -- Locked in id order, like every multi-row writer. Ready jobs are unblocked where they are;
+    -- the others fail, out of the live table.
     PERFORM 1 FROM aiservice.jobs j WHERE j.id = ANY (v_ids) ORDER BY j.id FOR UPDATE;
     UPDATE aiservice.jobs j
-    SET blocked = false,
-        scheduled = CASE WHEN r.ready THEN j.run_at > now() ELSE false END,
-        status = CASE WHEN r.ready THEN j.status ELSE 'failed' END::aiservice.job_status,
-        error_category = CASE WHEN r.ready THEN j.error_category ELSE 'dependency_failed' END,
-        error_message = CASE WHEN r.ready THEN j.error_message
-                             ELSE format('dependency %s is %s', r.broken, r.broken_status) END,
-        finished_at = CASE WHEN r.ready THEN NULL ELSE now() END,
-        updated_at = now()
-    FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
-    WHERE j.id = r.id AND j.status = 'pending' AND j.blocked;
+    SET blocked = false, scheduled = j.run_at > now(), updated_at = now()
+    FROM unnest(v_ids, v_ready) AS r(id, ready)
+    WHERE j.id = r.id AND r.ready AND j.status = 'pending' AND j.blocked;
+    PERFORM aiservice.move_to_history(ARRAY(
+        SELECT jsonb_populate_record(  -- and no longer blocked
+                   aiservice.finished(j, 'failed', NULL, 'dependency_failed',
+                                      format('dependency %s is %s', r.broken, r.broken_status)),
+                   '{"blocked": false, "scheduled": false}')
+        FROM unnest(v_ids, v_ready, v_broken, v_status) AS r(id, ready, broken, broken_status)
+        JOIN aiservice.jobs j ON j.id = r.id
+        WHERE NOT r.ready AND j.status = 'pending' AND j.blocked
+        ORDER BY j.id));
 
     IF v_walked < v_bound THEN
         -- The whole cascade is done: the jobs failed here need no pass of their own.
@@ -153,7 +158,7 @@ BEGIN
 END;
 $$;
 
--- A finished job with dependents is queued for resolution by jobs_update_effects (triggers.sql).
+-- A finished job with dependents is queued for resolution by job_history_insert_effects (triggers.sql).
 
 -- The dependencies of a job as a claim returns them: element N is the dependency at position N
 -- (the order they were listed in), so {{dependencies.N...}} always names the same job. A job that
@@ -175,7 +180,8 @@ AS $$
                  jsonb_build_object('id', j.id, 'task_type', j.task_type, 'model_profile', j.model_profile,
                                     'status', j.status, 'result', j.result)
         END ORDER BY d.position)
-    FROM aiservice.job_dependencies d LEFT JOIN aiservice.jobs j ON j.id = d.depends_on
+    -- A claimable job's dependencies are all completed, so in job_history (or deleted).
+    FROM aiservice.job_dependencies d LEFT JOIN aiservice.job_history j ON j.id = d.depends_on
     WHERE d.job_id = p_id;
 $$;
 
@@ -201,7 +207,7 @@ BEGIN
         SELECT c.n, d.position, d.depends_on, pg_column_size(x.result) AS stored
         FROM unnest(p_ids) WITH ORDINALITY AS c(id, n)
         JOIN aiservice.job_dependencies d ON d.job_id = c.id
-        JOIN aiservice.jobs x ON x.id = d.depends_on
+        JOIN aiservice.job_history x ON x.id = d.depends_on  -- results are finished jobs'
         WHERE x.result IS NOT NULL
         ORDER BY c.n, d.position
     LOOP
@@ -210,7 +216,7 @@ BEGIN
         IF r.stored > v_left THEN
             v_size := r.stored;
         ELSE
-            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.jobs x WHERE x.id = r.depends_on;
+            SELECT octet_length(x.result::text) INTO v_size FROM aiservice.job_history x WHERE x.id = r.depends_on;
         END IF;
         IF v_size > v_left THEN
             cut_at := r.n;

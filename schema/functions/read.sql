@@ -8,7 +8,11 @@ AS $$
 DECLARE
     v_job aiservice.jobs;
 BEGIN
+    -- STABLE: both reads see one snapshot, so a job moving between the tables is seen once.
     SELECT * INTO v_job FROM aiservice.jobs WHERE id = p_id;
+    IF NOT FOUND THEN
+        SELECT * INTO v_job FROM aiservice.job_history WHERE id = p_id;
+    END IF;
     IF NOT FOUND THEN
         PERFORM aiservice.raise_not_found(p_id);
     END IF;
@@ -34,13 +38,15 @@ RETURNS SETOF aiservice.jobs
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-    v_sql text := 'SELECT * FROM aiservice.jobs WHERE true';
+    v_sql text := 'SELECT * FROM aiservice.all_jobs WHERE true';
 BEGIN
     IF p_limit < 0 THEN
         RAISE EXCEPTION 'limit must not be negative' USING ERRCODE = 'AS422';
     END IF;
     -- Only the filters given become predicates; values stay parameters ($1..$12). Each filter has
-    -- an index to walk newest first (error_category: jobs_error_idx, holding only jobs that have one).
+    -- an index to walk newest first in job_history (error_category: job_history_error_idx, holding
+    -- only jobs that have one); the live table is small, and walked by its owner or batch index or
+    -- read whole.
     IF p_owner_service IS NOT NULL THEN v_sql := v_sql || ' AND owner_service = $1'; END IF;
     IF p_owner_ref IS NOT NULL THEN v_sql := v_sql || ' AND owner_ref = $2'; END IF;
     IF p_task_type IS NOT NULL THEN v_sql := v_sql || ' AND task_type = $3'; END IF;
@@ -82,7 +88,7 @@ BEGIN
             SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
                                                 'model_profile', j.model_profile, 'status', j.status)
                              ORDER BY d.position)
-            FROM aiservice.job_dependencies d JOIN aiservice.jobs j ON j.id = d.depends_on
+            FROM aiservice.job_dependencies d JOIN aiservice.all_jobs j ON j.id = d.depends_on
             WHERE d.job_id = p_id), '[]'::jsonb),
         'dependents', coalesce((
             SELECT jsonb_agg(jsonb_build_object('id', j.id, 'task_type', j.task_type,
@@ -91,6 +97,6 @@ BEGIN
             FROM (SELECT DISTINCT d.job_id FROM aiservice.job_dependencies d
                   WHERE d.depends_on = p_id AND d.job_id > coalesce(p_after_id, 0)
                   ORDER BY d.job_id LIMIT p_limit) x
-            JOIN aiservice.jobs j ON j.id = x.job_id), '[]'::jsonb));
+            JOIN aiservice.all_jobs j ON j.id = x.job_id), '[]'::jsonb));
 END;
 $$;

@@ -5,17 +5,8 @@
 -- newest finishes.
 -- Current definitions, re-applied by the migrator whenever this file changes.
 
--- The moves of inserts and updates are appended by jobs_insert_effects and jobs_update_effects
--- (triggers.sql); those of deletes by count_deleted, through jobs_count_delete (also there).
-CREATE OR REPLACE FUNCTION aiservice.count_deleted() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    INSERT INTO aiservice.job_count_deltas (task_type, model_profile, status, n)
-    SELECT task_type, model_profile, status, -count(*) FROM old_jobs GROUP BY 1, 2, 3;
-    RETURN NULL;
-END;
-$$;
+-- The count deltas are appended by the triggers on jobs and job_history (triggers.sql), and by
+-- purge_jobs for the job_history partitions it drops (maintain.sql).
 
 -- Fold the deltas into job_counts, job_finishes and job_creations, and forget per-minute
 -- history older than 8 days. Returns the number of delta rows folded.
@@ -70,8 +61,8 @@ AS $$
     recent AS (
         -- Percentiles from the newest finished jobs in the window (at most 5,000).
         SELECT task_type, started_at - created_at AS wait, finished_at - started_at AS run
-        FROM aiservice.jobs
-        WHERE finished_at >= now() - p_window AND finished_at IS NOT NULL AND started_at IS NOT NULL
+        FROM aiservice.job_history
+        WHERE finished_at >= now() - p_window AND started_at IS NOT NULL
         ORDER BY finished_at DESC
         LIMIT 5000
     ),

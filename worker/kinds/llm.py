@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from aiservice import metrics
 from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
-from worker import failure
-from worker.failure import JobFailure
-from worker.placeholders import ReadJob, fill_messages
+from aiservice.worker import failure, kinds
+from aiservice.worker.failure import JobFailure
+from aiservice.worker.placeholders import ReadJob, fill_messages
 
 TASK_TYPES = ("llm_chat", "chat_completion", "call_analysis")
 # Models often fence JSON in Markdown even when asked for JSON; one surrounding fence is tolerated.
@@ -71,7 +71,7 @@ class ChatInput(BaseModel):
 
 
 def parse_input(job: Job) -> ChatInput:
-    return failure.parse_input(ChatInput, job)
+    return kinds.parse_input(ChatInput, job)
 
 
 def parse_json(content: str) -> Any:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from aiservice import metrics
 from aiservice.jobs import Job
 from aiservice.settings import mask_url, url_secrets
-from worker import failure
+from aiservice.worker import failure, kinds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,7 +137,7 @@ def _flag(value: bool) -> str:
 
 
 def parse_input(job: Job) -> TranscribeInput:
-    return failure.parse_input(TranscribeInput, job)
+    return kinds.parse_input(TranscribeInput, job)
 
 
 def transcript(body: Any, spec: TranscribeInput, engine: str | None) -> dict[str, Any]:

@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The NOTIFY channel of the SQL API (payloads are described in README.md).
-CHANNEL = "aiservice_jobs"
-# Jobs (and batches) that finished: for callers waiting on results, apart from the workers' channel.
-FINISHED_CHANNEL = "aiservice_finished"
-
 # Whole-row columns of aiservice.jobs, for functions that return (job, created).
 _JOB_AND_CREATED = "(r.job).*, r.created"
 
@@ -121,7 +116,9 @@ def _jobs(records: list[asyncpg.Record]) -> list[Job]:
 
 def _ids_only(depends_on: list[int | str] | None) -> list[int] | None:
     if depends_on and any(isinstance(ref, str) for ref in depends_on):
-        raise errors.InvalidArgument('depends_on: "$N" references name jobs of the same batch (POST /jobs/batch)')
+        raise errors.InvalidArgument(
+            'depends_on: "$N" references name jobs of the same batch: create them together (create_jobs)'
+        )
     return [int(ref) for ref in depends_on] if depends_on else None
 
 
@@ -484,64 +481,4 @@ class JobStore:
             await self.pool.fetchval("SELECT 1", timeout=2.0)
 
 
-class JobEvents:
-    """A dedicated connection LISTENing on the job channel; each payload is handed on as parsed JSON.
-
-    A pooled connection cannot listen: the pool would hand it to other callers and reset it."""
-
-    def __init__(self, conn: asyncpg.Connection[Any]) -> None:
-        self._conn = conn
-
-    @classmethod
-    async def open(
-        cls,
-        dsn: str,
-        on_event: Callable[[dict[str, Any]], None],
-        on_lost: Callable[[], None],
-        *,
-        application_name: str = "aiservice-listener",
-        connect_timeout: float = 10.0,
-        channel: str = CHANNEL,
-    ) -> JobEvents:
-        malformed = 0
-
-        def notified(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-            nonlocal malformed
-            try:
-                event = json.loads(str(payload))
-            except (ValueError, RecursionError):
-                event = None
-            if isinstance(event, dict):
-                on_event(event)
-                return
-            # Any role allowed to NOTIFY can send anything: told once, then only at debug level.
-            malformed += 1
-            level = logging.WARNING if malformed == 1 else logging.DEBUG
-            log.log(level, "ignoring a notification on %s that is not a JSON object: %.200s", channel, payload)
-
-        async with translate_errors():
-            conn: asyncpg.Connection[Any] = await asyncpg.connect(
-                dsn, timeout=connect_timeout, server_settings={"application_name": application_name}
-            )
-        try:
-            conn.add_termination_listener(lambda _conn: on_lost())
-            async with translate_errors():
-                await conn.add_listener(channel, notified)
-        except BaseException:
-            conn.terminate()
-            raise
-        return cls(conn)
-
-    async def check(self, within: float) -> None:
-        """Round-trip to the server, to find a connection that died without telling us."""
-        async with translate_errors():
-            await self._conn.fetchval("SELECT 1", timeout=within)
-
-    async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self._conn.close(), timeout=2.0)
-        except Exception:
-            self._conn.terminate()
-
-
-__all__ = ["CHANNEL", "FINISHED_CHANNEL", "JobEvents", "JobStatus", "JobStore", "translate_errors"]
+__all__ = ["JobStatus", "JobStore", "translate_errors"]
