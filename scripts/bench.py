@@ -1800,7 +1800,9 @@ async def scenario_kept(db: Databases, sz: Sizes) -> list[Result]:
                 claim[k].append(q.claim_us_per_job)
                 both[k].append(q.us_per_job)
         size = await conns["kept"].fetchval(
-            "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree($1::regclass)", finished_table(layout)
+            "SELECT coalesce((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree($1::regclass)),"
+            " pg_total_relation_size($1::regclass))",
+            finished_table(layout),
         )
     finally:
         for conn in conns.values():
@@ -1957,6 +1959,7 @@ async def scenario_flow(db: Databases, sz: Sizes) -> list[Result]:
         took = await flow_through(conn, large - small)
         at_large = await conn.fetchval(LIVE_SIZE)
         await asyncio.sleep(0.6)  # the statistics of the last transactions reach the collector
+        autovacuum = await conn.fetchval("SHOW autovacuum")
         vacuums, dead = await conn.fetchrow(
             "SELECT autovacuum_count, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
         )
@@ -1973,8 +1976,8 @@ async def scenario_flow(db: Databases, sz: Sizes) -> list[Result]:
             at_large / at_small,
             "x",
             note=f"pg_total_relation_size('aiservice.jobs') after {large:,} jobs{smaller}: "
-            f"{at_large / 2**20:,.1f} MiB; after {small:,}: {at_small / 2**20:,.1f} MiB; {vacuums} autovacuums of "
-            f"jobs meanwhile, {dead:,} dead rows in it at the end",
+            f"{at_large / 2**20:,.1f} MiB; after {small:,}: {at_small / 2**20:,.1f} MiB; autovacuum {autovacuum} "
+            f"on this server, {vacuums} autovacuums of jobs meanwhile, {dead:,} dead rows in it at the end",
         ),
         Result(
             "flow",
