@@ -13,8 +13,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 from conftest import ClientFactory
-from test_limits import jobs, set_limit
-from test_sql_api import call, claim, one
+from sqlapi import call, claim, jobs, one, set_limit
 
 from aiservice import rules
 from aiservice.db.store import JobStore

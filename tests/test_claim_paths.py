@@ -12,8 +12,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
-from test_limits import jobs
-from test_sql_api import claim, create_jobs
+from sqlapi import claim, create_jobs, jobs
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 

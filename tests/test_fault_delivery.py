@@ -30,10 +30,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import job_spec
+from processes import OwnPostgres, own_postgres
 from standardwebhooks.webhooks import Webhook as Verifier
-from stubs import wait_for
-from test_delivery import Receiver, finish, register
-from test_fault_postgres import OwnPostgres, own_postgres
+from stubs import Receiver, finish, register, wait_for
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import WAITERS

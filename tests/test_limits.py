@@ -9,31 +9,20 @@ import asyncio
 import json
 from collections import Counter
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
 from conftest import JSON_HEADERS, ClientFactory
-from test_sql_api import call, claim, create, create_jobs, one
+from sqlapi import Conn, call, claim, create, jobs, one, rows_read, set_limit
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import LimitScope
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
 
 
-async def set_limit(conn: Conn, scope: str, name: str, **fields: Any) -> asyncpg.Record:
-    return await one(conn, "set_limit", scope=scope, name=name, fields=fields)
-
-
-BASE = {"owner_service": "tel", "task_type": "llm_chat", "model_profile": "qwen"}
 RATE_LIMITED = "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')"
-
-
-async def jobs(conn: Conn, n: int, **defaults: Any) -> list[int]:
-    rows = await create_jobs(conn, [{"owner_ref": f"r{i}"} for i in range(n)], BASE | defaults)
-    return [r["id"] for r in rows]
 
 
 async def complete(conn: Conn, job_id: int, worker: str = "w1", result: dict[str, Any] | None = None) -> None:
@@ -303,19 +292,6 @@ async def test_a_paused_owner_and_a_capped_task_type_bound_a_claim(conn: Conn) -
     await set_limit(conn, "task_type", "transcribe", max_running=2)
     got = Counter((r["owner_service"], r["task_type"]) for r in await claim(conn, limit=20))
     assert got == {("tel", "transcribe"): 2, ("tel", "llm_chat"): 5}
-
-
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
-
-
-async def rows_read(conn: Conn, table: str = "aiservice.jobs") -> int:
-    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS, table))
 
 
 FILL = """

@@ -35,8 +35,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from conftest import SERVICE_VARIABLES, admin, with_database
+from processes import WorkerProcess
 from stubs import OpenAIStub, slow, start_cli_process, start_worker_process
-from test_worker_process import WorkerProcess
 
 from aiservice.db.migrate import load_functions, load_migrations, migrate
 from aiservice.db.pool import connect

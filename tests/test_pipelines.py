@@ -15,9 +15,8 @@ import asyncpg
 import pytest
 import stubs
 from conftest import ClientFactory
+from sqlapi import claim, create, create_jobs, rows_read
 from stubs import OpenAIStub, WorkerFactory, wait_for_status
-from test_limits import rows_read
-from test_sql_api import claim, create, create_jobs
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import Job

@@ -7,87 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
-import pytest
+from sqlapi import (
+    JOB,
+    RETRYABLE,
+    Conn,
+    call,
+    claim,
+    count,
+    create,
+    create_jobs,
+    expire_lease,
+    get,
+    one,
+    refused,
+    running,
+    select,
+)
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
-
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
-LEASE = timedelta(minutes=15)
-RETRYABLE = ["timeout", "rate_limited", "provider_unavailable"]
-
-
-async def select(conn: Conn, function: str, args: dict[str, Any], columns: str = "*") -> list[asyncpg.Record]:
-    """SELECT from aiservice.<function> with named arguments (p_ prefixed)."""
-    params = ", ".join(f"p_{name} => ${i}" for i, name in enumerate(args, 1))
-    return await conn.fetch(f"SELECT {columns} FROM aiservice.{function}({params}) r", *args.values())
-
-
-async def call(conn: Conn, function: str, **args: Any) -> list[asyncpg.Record]:
-    return await select(conn, function, args)
-
-
-async def one(conn: Conn, function: str, **args: Any) -> asyncpg.Record:
-    (row,) = await select(conn, function, args)
-    return row
-
-
-async def create(conn: Conn, **args: Any) -> asyncpg.Record:
-    """aiservice.create_job; the row holds the job's columns and `created`."""
-    (row,) = await select(conn, "create_job", JOB | args, "(r.job).*, r.created")
-    return row
-
-
-async def create_jobs(conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Any]:
-    args: dict[str, Any] = {"jobs": jobs}
-    if defaults is not None:
-        args["defaults"] = defaults
-    return await select(conn, "create_jobs", args, "(r.job).*, r.created")
-
-
-async def claim(conn: Conn, worker: str = "w1", limit: int = 1, **args: Any) -> list[asyncpg.Record]:
-    return await call(conn, "claim_jobs", worker_id=worker, limit=limit, **args)
-
-
-async def running(conn: Conn, worker: str = "w1", lease: timedelta = LEASE, **args: Any) -> asyncpg.Record:
-    """A new job claimed by `worker` (created at top priority so that it is the one claimed)."""
-    job = await create(conn, **({"priority": 1000} | args))
-    (claimed,) = await claim(conn, worker, lease_timeout=lease)
-    assert claimed["id"] == job["id"]
-    return claimed
-
-
-async def get(conn: Conn, job_id: int) -> asyncpg.Record:
-    return await one(conn, "get_job", id=job_id)
-
-
-async def refused(sqlstate: str, awaitable: Awaitable[Any]) -> str:
-    with pytest.raises(asyncpg.PostgresError) as info:
-        await awaitable
-    assert info.value.sqlstate == sqlstate, f"{info.value.sqlstate}: {info.value}"
-    return str(info.value)
-
-
-async def count(conn: Conn, where: str = "true") -> int:
-    n: int = await conn.fetchval(f"SELECT count(*) FROM aiservice.all_jobs WHERE {where}")
-    return n
-
-
-async def expire_lease(conn: Conn, job_id: int) -> None:
-    await conn.execute("UPDATE aiservice.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id)
-
 
 # --- the enum ---------------------------------------------------------------------------------------
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,6 +14,7 @@ import pytest
 import stubs
 from aiohttp import web
 from conftest import JobFactory
+from processes import WorkerProcess
 from stubs import (
     OpenAIStub,
     WorkerFactory,
@@ -34,23 +33,6 @@ from aiservice.db.store import JobStore
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub
 worker_factory = stubs.worker_factory
-
-
-class WorkerProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait(self, within: float) -> int:
-        deadline = asyncio.get_running_loop().time() + within
-        while self.proc.poll() is None:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"worker still running after {within}s:\n{self.output()}")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
 
 
 Spawn = Callable[..., WorkerProcess]
