@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from stubs import start_worker_process
 
 from aiservice import embedded
 from aiservice.db.migrate import migrate
@@ -67,7 +66,8 @@ def require_proc_net() -> None:
 
 
 class Command:
-    """``python -m aiservice.cli ARGS`` with stdout and stderr in one log file."""
+    """``python -m aiservice.cli ARGS`` (serve, worker, dev…) with stdout and stderr in one log file:
+    the one way tests start an aiservice process."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], log: Path) -> None:
         self.args = list(args)
@@ -171,36 +171,16 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 # Worker processes for the fault tests, and a PostgreSQL of their own to stop and start.
 
 
-class WorkerProcess:
-    """A started `aiservice worker` (or `serve`) process and its log."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, worker_id: str = "") -> None:
-        self.worker_id = worker_id
-        self.proc = proc
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait(self, within: float) -> int:
-        deadline = asyncio.get_running_loop().time() + within
-        while self.proc.poll() is None:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"worker still running after {within}s:\n{self.output()}")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-
-WorkerSpawn = Callable[..., WorkerProcess]
+WorkerSpawn = Callable[..., Command]
 
 
 @pytest.fixture
-def spawn_workers() -> Iterator[Callable[..., WorkerProcess]]:
+def spawn_workers() -> Iterator[WorkerSpawn]:
     """Start `python -m aiservice.cli worker` processes; every one is killed and reaped afterwards."""
-    started: list[WorkerProcess] = []
+    started: list[Command] = []
     with tempfile.TemporaryDirectory(prefix="aiservice-fault-") as logs:
 
-        def spawn(worker_id: str, database_url: str, llm_base_url: str, **env: str) -> WorkerProcess:
+        def spawn(worker_id: str, database_url: str, llm_base_url: str, **env: str) -> Command:
             log = Path(logs) / f"{worker_id}.log"
             environment = {
                 **os.environ,
@@ -220,8 +200,7 @@ def spawn_workers() -> Iterator[Callable[..., WorkerProcess]]:
                 "LOG_LEVEL": "INFO",
                 **env,
             }
-            proc = start_worker_process(environment, log)
-            worker = WorkerProcess(proc, log, worker_id)
+            worker = Command(["worker"], environment, log)
             started.append(worker)
             return worker
 

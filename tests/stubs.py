@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -274,24 +271,6 @@ class AsrStub(StubServer):
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
 API_KEY = "sk-test-secret-key-0123456789"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_worker_process(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m aiservice.cli worker` as a real process, its output going to ``log``."""
-    return start_cli_process("worker", environment, log)
-
-
-def start_cli_process(command: str, environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m aiservice.cli COMMAND` (worker, serve) as a real process, its output going to ``log``."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "aiservice.cli", command],
-            cwd=ROOT,
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 @pytest.fixture

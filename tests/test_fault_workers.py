@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from audit import audit_rows, install_audit
-from processes import WorkerProcess, WorkerSpawn, spawn_workers
+from processes import Command, WorkerSpawn, spawn_workers
 from stubs import SigningStub, poll, signing_stub
 
 from aiservice.db.pool import connect
@@ -46,7 +46,7 @@ async def test_killed_and_frozen_workers_lose_no_job_and_write_no_stale_result(
     ids = [job.id for job, _ in created]
     prompt_of = {job.id: f"job {n}" for n, (job, _) in enumerate(created)}
 
-    def spawn(worker_id: str) -> WorkerProcess:
+    def spawn(worker_id: str) -> Command:
         return spawn_workers(worker_id, database_url, signing_stub.base_url(worker_id))
 
     workers = {wid: spawn(wid) for wid in ("doomed-1", "doomed-2", "frozen", "steady")}

@@ -14,14 +14,13 @@ import pytest
 import stubs
 from aiohttp import web
 from conftest import JobFactory
-from processes import WorkerProcess
+from processes import Command
 from stubs import (
     OpenAIStub,
     WorkerFactory,
     echo,
     hang,
     slow,
-    start_worker_process,
     wait_for,
     wait_for_status,
 )
@@ -35,16 +34,16 @@ asr_stub = stubs.asr_stub
 worker_factory = stubs.worker_factory
 
 
-Spawn = Callable[..., WorkerProcess]
+Spawn = Callable[..., Command]
 
 
 @pytest.fixture
 def spawn_worker(database_url: str, openai_stub: OpenAIStub) -> Iterator[Spawn]:
     """Start `python -m aiservice.cli worker` against the test database; always killed afterwards."""
-    started: list[WorkerProcess] = []
+    started: list[Command] = []
     with tempfile.TemporaryDirectory(prefix="aiservice-worker-log-") as logs:
 
-        def spawn(**env: str) -> WorkerProcess:
+        def spawn(**env: str) -> Command:
             log = Path(logs) / f"worker-{len(started)}.log"
             environment = {
                 **os.environ,
@@ -57,8 +56,7 @@ def spawn_worker(database_url: str, openai_stub: OpenAIStub) -> Iterator[Spawn]:
                 "WORKER_POLL_INTERVAL": "200ms",
                 **env,
             }
-            proc = start_worker_process(environment, log)
-            worker = WorkerProcess(proc, log)
+            worker = Command(["worker"], environment, log)
             started.append(worker)
             return worker
 
@@ -85,7 +83,7 @@ async def test_sigterm_with_jobs_in_flight_loses_none(
     await wait_for_status(store, endless.id, "running", within=5)
     worker.proc.send_signal(signal.SIGTERM)
 
-    assert await worker.wait(within=15) == 0, worker.output()
+    assert await worker.exit_code(within=15) == 0, worker.output()
     done = await store.get_job(finishing.id)
     assert (done.status, (done.result or {}).get("content")) == ("completed", "echo: finishes in grace")
     # Handed back without using up an attempt; its provider call was closed.
@@ -129,7 +127,7 @@ async def test_sigkill_mid_job_completes_elsewhere_and_the_late_result_is_refuse
 
     await wait_for(provider_called, what="the doomed worker to call the provider")
     doomed.proc.kill()
-    assert await doomed.wait(within=5) == -signal.SIGKILL
+    assert await doomed.exit_code(within=5) == -signal.SIGKILL
 
     await worker_factory(worker_id="survivor", worker_lease_timeout=timedelta(seconds=1))
     done = await wait_for_status(store, job.id, "completed", within=10)
