@@ -5,7 +5,6 @@ Real PostgreSQL; two connections where the ordering between a claim and a limit 
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from typing import Any, TypeAlias
 from urllib.parse import quote
@@ -26,125 +25,10 @@ API = "/api/v1"
 # -- Owners a claim cannot serve do not use up its fair-share passes ----------------------------
 
 
-async def hold_back(conn: Conn, held_by: str) -> list[str] | None:
-    """Make every transcribe job unclaimable for the claims that follow; returns their task_types."""
-    if held_by == "not_served":
-        return ["llm_chat"]
-    await set_limit(
-        conn, "task_type", "transcribe", **({"paused": True} if held_by == "paused" else {"max_running": 0})
-    )
-    return None
-
-
-@pytest.mark.parametrize("batch", [1, 2, 4])
-@pytest.mark.parametrize(("held_by", "owners"), [("not_served", 4), ("not_served", 16), ("paused", 16), ("capped", 4)])
-async def test_owners_a_claim_cannot_serve_do_not_starve_the_others(
-    conn: Conn, held_by: str, owners: int, batch: int
-) -> None:
-    for i in range(owners):  # older jobs than the victim's, at the same priority: first in line
-        await jobs(conn, 3, owner_service=f"held{i:02}", task_type="transcribe", priority=5)
-    await jobs(conn, 50, owner_service="victim", task_type="llm_chat", priority=5)
-    await jobs(conn, 20, owner_service="low", task_type="llm_chat", priority=0)
-    task_types = await hold_back(conn, held_by)
-    taken: list[str] = []
-    for _ in range(100):
-        taken += [r["owner_service"] for r in await claim(conn, limit=batch, task_types=task_types)]
-    assert taken.count("victim") == 50, f"{taken.count('victim')} of the victim's 50 jobs claimed"
-    # Priority first: every priority-5 job the claims could take went before any priority-0 one.
-    assert taken[:50] == ["victim"] * 50
-    assert taken.count("low") == 20 and not any(o.startswith("held") for o in taken)
-
-
-async def test_an_owner_left_without_claimable_jobs_mid_claim_leaves_the_rest_to_the_others(conn: Conn) -> None:
-    """A task-type cap filled during the claim leaves later owners of that type nothing: they drop out."""
-    for i in range(8):
-        await jobs(conn, 2, owner_service=f"t{i}", task_type="transcribe")
-    await jobs(conn, 10, owner_service="victim", task_type="llm_chat")
-    await set_limit(conn, "task_type", "transcribe", max_running=1)
-    got = [r["owner_service"] for r in await claim(conn, limit=10)]
-    assert len(got) == 10 and got.count("victim") == 9
-
-
 # -- max_per_minute counts starts at the time they happen ----------------------------------------
 
 
-async def test_starts_are_stamped_when_the_claim_takes_them_not_when_its_transaction_began(
-    conn: Conn, database_url: str
-) -> None:
-    await jobs(conn, 3, task_type="summarize")
-    await set_limit(conn, "task_type", "summarize", max_per_minute=10)
-    other = await asyncpg.connect(database_url)
-    try:
-        async with other.transaction():
-            await other.execute("SELECT pg_sleep(0.05)")  # the transaction began earlier than the claim
-            before = await other.fetchval("SELECT clock_timestamp()")
-            assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 2)")) == 2
-        stamps = await conn.fetch("SELECT at, starts FROM aiservice.limit_usage WHERE starts > 0")
-        assert [r["starts"] for r in stamps] == [2]
-        assert stamps[0]["at"] >= before
-    finally:
-        await other.close()
-
-
-async def test_a_claim_in_a_long_transaction_does_not_open_a_second_minute(conn: Conn, database_url: str) -> None:
-    """Five starts under a cap of five, made by a claim whose transaction began 5 s earlier. When those
-    starts are 56 s old, no more may start; stamped with the transaction's start they would look
-    61 s old and five more would go. (4 s of margin for a loaded machine between the two claims.)"""
-    await jobs(conn, 20, task_type="summarize")
-    await set_limit(conn, "task_type", "summarize", max_per_minute=5)
-    other = await asyncpg.connect(database_url)
-    try:
-        async with other.transaction():
-            await other.execute("SELECT pg_sleep(5)")
-            assert len(await other.fetch("SELECT id FROM aiservice.claim_jobs('w2', 10)")) == 5
-        await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '56 seconds'")
-        assert await claim(conn, limit=10) == []
-        started = await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'")
-        assert started == 5
-    finally:
-        await other.close()
-
-
 # -- A pause is fenced like a cap -----------------------------------------------------------------
-
-
-async def blocked_by(conn: Conn, waiter: int, holder: int, task: asyncio.Task[Any]) -> bool:
-    """Whether ``waiter`` ends up waiting for ``holder`` before ``task`` finishes (5 s at most)."""
-    for _ in range(500):
-        if task.done():
-            return False
-        if holder in await conn.fetchval("SELECT pg_blocking_pids($1)", waiter):
-            return True
-        await asyncio.sleep(0.01)
-    return False
-
-
-@pytest.mark.parametrize("existing", [None, {"max_tokens_per_minute": 1000}, {"paused": False}])
-async def test_a_pause_waits_for_claims_in_flight(
-    conn: Conn, database_url: str, existing: dict[str, Any] | None
-) -> None:
-    await jobs(conn, 5, task_type="transcribe")
-    if existing is not None:
-        await set_limit(conn, "task_type", "transcribe", **existing)
-    claimer = await asyncpg.connect(database_url)
-    pauser = await asyncpg.connect(database_url)
-    try:
-        tx = claimer.transaction()
-        await tx.start()
-        assert len(await claimer.fetch("SELECT id FROM aiservice.claim_jobs('w1', 1)")) == 1
-        pause = asyncio.create_task(
-            pauser.fetch("SELECT * FROM aiservice.set_limit('task_type', 'transcribe', '{\"paused\": true}')")
-        )
-        # The claim has not committed: the pause must not commit before it (nor answer its caller).
-        blocked = await blocked_by(conn, pauser.get_server_pid(), claimer.get_server_pid(), pause)
-        await tx.commit()
-        await asyncio.wait_for(pause, 5)
-        assert blocked, "the pause committed while a claim that started a job of its scope was in flight"
-        assert await claim(conn, limit=10) == []
-        assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'") == 1
-    finally:
-        await claimer.close()
-        await pauser.close()
 
 
 # -- A rate-limited failure cools a profile down for COOLDOWN_MAX at most -------------------------

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from conftest import JSON_HEADERS, ClientFactory
-from sqlapi import Conn, call, claim, create, jobs, one, rows_read, set_limit
+from sqlapi import Conn, call, claim, jobs, set_limit
 
-from aiservice.db.store import JobStore
 from aiservice.jobs import LimitScope
 
 API = "/api/v1"
@@ -221,79 +219,6 @@ async def test_cool_down_can_be_turned_off_per_profile(conn: Conn) -> None:
     assert len(await claim(conn)) == 1
 
 
-async def drain_order(conn: Conn, batch: int = 1) -> list[str]:
-    owners = []
-    while got := await claim(conn, limit=batch):
-        for row in got:
-            owners.append(row["owner_service"])
-            await complete(conn, row["id"])
-    return owners
-
-
-async def test_a_late_caller_is_not_stuck_behind_a_flood(conn: Conn) -> None:
-    await jobs(conn, 300, owner_service="flood")
-    await jobs(conn, 10, owner_service="late")
-    order = await drain_order(conn, batch=10)
-    last_late = max(i for i, owner in enumerate(order) if owner == "late")
-    assert last_late < 25, order[:40]
-
-
-async def test_weights_share_claims_between_three_owners(conn: Conn) -> None:
-    for owner, weight in (("a", 1), ("b", 2), ("c", 3)):
-        await jobs(conn, 100, owner_service=owner)
-        await set_limit(conn, "owner_service", owner, weight=weight)
-    order = await drain_order(conn)
-    first = Counter(order[:60])
-    assert (first["a"], first["b"], first["c"]) == (10, 20, 30)
-
-
-async def test_owners_that_run_out_leave_their_share_to_the_others(conn: Conn) -> None:
-    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
-        await jobs(conn, n, owner_service=owner)
-    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
-    assert sum(got.values()) == 40 and (got["b"], got["c"], got["d"]) == (1, 5, 12)
-
-
-async def test_an_owner_cap_is_filled_not_undercut(conn: Conn) -> None:
-    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
-        await jobs(conn, n, owner_service=owner)
-    await set_limit(conn, "owner_service", "a", max_running=20)
-    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
-    assert got == {"a": 20, "b": 1, "c": 5, "d": 12}
-
-
-async def test_fair_share_spanning_priorities_and_profiles_in_one_claim(conn: Conn) -> None:
-    for profile in ("p1", "p2"):
-        for priority in (0, 5):
-            for owner in ("a", "b"):
-                await jobs(conn, 3, owner_service=owner, model_profile=profile, priority=priority)
-    assert len(await claim(conn, limit=24)) == 24
-    served = await conn.fetch("SELECT model_profile, owner_service, served FROM aiservice.fair_share ORDER BY 1, 2")
-    assert [(r["model_profile"], r["owner_service"], r["served"]) for r in served] == [
-        ("p1", "a", 6.0),
-        ("p1", "b", 6.0),
-        ("p2", "a", 6.0),
-        ("p2", "b", 6.0),
-    ]
-
-
-async def test_priority_comes_before_fair_share(conn: Conn) -> None:
-    await jobs(conn, 5, owner_service="a")
-    urgent = await create(conn, owner_service="b", priority=10)
-    (first,) = await claim(conn)
-    assert first["id"] == urgent["id"]
-
-
-async def test_a_paused_owner_and_a_capped_task_type_bound_a_claim(conn: Conn) -> None:
-    await jobs(conn, 3, owner_service="quiet")
-    await jobs(conn, 5, owner_service="tel", task_type="transcribe")
-    await jobs(conn, 5, owner_service="tel", task_type="llm_chat")
-    await set_limit(conn, "owner_service", "quiet", paused=True)
-    await set_limit(conn, "task_type", "transcribe", max_running=2)
-    got = Counter((r["owner_service"], r["task_type"]) for r in await claim(conn, limit=20))
-    assert got == {("tel", "transcribe"): 2, ("tel", "llm_chat"): 5}
-
-
 FILL = """
 INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, run_at, scheduled)
 SELECT 'bulk', 'r' || i, 'llm_chat', $2, now() + $3::interval, $3::interval > interval '0'
@@ -302,47 +227,3 @@ FROM generate_series(1, $1) i
 
 
 HOUR = timedelta(hours=1)
-
-
-@pytest.mark.parametrize(("profile", "due_in"), [("A", HOUR), ("A", timedelta(0)), ("B", HOUR)])
-async def test_a_claim_does_not_read_a_backlog_it_cannot_take(conn: Conn, profile: str, due_in: timedelta) -> None:
-    """50,000 jobs not yet due, or due but of another profile: a claim for profile B reads a handful of rows."""
-    await conn.execute(FILL, 50_000, profile, due_in)
-    await jobs(conn, 3, model_profile="B", owner_service="live")
-    await conn.execute("ANALYZE aiservice.jobs")
-    before = await rows_read(conn)
-    got = await claim(conn, limit=10, model_profiles=["B"])
-    read = await rows_read(conn) - before
-    assert len(got) == (3 if profile == "A" or due_in else 10)
-    assert read < 100, read
-
-
-async def test_claims_from_a_fresh_one_owner_backlog_read_a_handful_of_rows(conn: Conn) -> None:
-    """20,000 jobs of one owner, never analyzed: each claim of 10 probes the claim index, it does not
-    read the backlog (it once read every claimable row to find the owners). Eight claims on one
-    connection, so the plans PL/pgSQL keeps after the fifth are covered too."""
-    await conn.execute("ALTER TABLE aiservice.jobs SET (autovacuum_enabled = false)")  # no ANALYZE meanwhile
-    await conn.execute(FILL, 20_000, "A", timedelta(0))
-    reads = []
-    for _ in range(8):
-        before = await rows_read(conn)
-        got = await claim(conn, limit=10)
-        reads.append(await rows_read(conn) - before)
-        assert len(got) == 10
-    analyzed = await conn.fetchval(
-        "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
-    )
-    assert analyzed == 0
-    assert max(reads) < 100, reads
-
-
-async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobStore) -> None:
-    job = await create(conn, run_at=await conn.fetchval("SELECT now() + interval '1 hour'"))
-    assert job["scheduled"] is True and job["status"] == "pending"
-    assert await claim(conn) == []
-    await conn.execute("UPDATE aiservice.jobs SET run_at = now() - interval '1 second' WHERE id = $1", job["id"])
-    (got,) = await claim(conn)
-    assert got["id"] == job["id"]
-    retried = await one(conn, "fail_job", id=job["id"], worker_id="w1", error_category="timeout")
-    assert retried["scheduled"] is True  # a backoff puts it out of the claim index again
-    assert (await store.get_job(job["id"])).status == "pending"
