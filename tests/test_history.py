@@ -4,7 +4,6 @@ read answers as if there were one table."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
@@ -121,46 +120,6 @@ async def test_a_finished_job_answers_as_finished_to_its_worker_and_to_cancel(co
     with pytest.raises(asyncpg.PostgresError) as missing:
         await conn.execute("SELECT 1 FROM aiservice.cancel_job($1)", job_id + 1000)
     assert missing.value.sqlstate == "AS404"
-
-
-async def test_an_idempotency_key_names_its_job_live_or_finished(conn: Conn) -> None:
-    create = (
-        "SELECT (r.job).id, r.created FROM aiservice.create_job('telephony', 'call/1', 'llm_chat', 'qwen',"
-        " p_idempotency_key => 'k1') r"
-    )
-    first, created = await conn.fetchrow(create)
-    assert created
-    assert tuple(await conn.fetchrow(create)) == (first, False)
-    (claimed,) = await claim(conn)
-    await complete(conn, [claimed])
-    assert tuple(await conn.fetchrow(create)) == (first, False)  # finished, in job_history
-    rows = await conn.fetch(
-        "SELECT (j.job).id, j.created FROM aiservice.create_jobs($1, $2) j",
-        [{"owner_ref": "call/1", "idempotency_key": "k1"}, {"owner_ref": "call/2", "idempotency_key": "k2"}],
-        {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"},
-    )
-    assert tuple(rows[0]) == (first, False) and rows[1]["created"]
-    with pytest.raises(asyncpg.PostgresError) as conflict:
-        await conn.fetch(
-            "SELECT (r.job).id FROM aiservice.create_job('telephony', 'call/9', 'llm_chat', 'qwen',"
-            " p_idempotency_key => 'k1') r"
-        )
-    assert conflict.value.sqlstate == "AS412"
-
-
-async def test_concurrent_creates_with_one_key_make_one_job(conn: Conn, database_url: str) -> None:
-    others = [await asyncpg.connect(database_url) for _ in range(6)]
-    try:
-        sql = (
-            "SELECT (r.job).id FROM aiservice.create_job('telephony', 'call/1', 'llm_chat', 'qwen',"
-            " p_idempotency_key => 'same') r"
-        )
-        ids = await asyncio.gather(*(c.fetchval(sql) for c in others))
-    finally:
-        for c in others:
-            await c.close()
-    assert len(set(ids)) == 1
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 1
 
 
 async def test_maintain_makes_day_partitions_ahead_and_finished_jobs_land_in_today(conn: Conn) -> None:

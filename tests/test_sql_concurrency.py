@@ -60,60 +60,6 @@ async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
         return await asyncio.gather(*tasks)
 
 
-async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Conn, connections: Connections) -> None:
-    callers = await connections(8)
-    for round_ in range(5):
-        key = f"call-{round_}"
-        values = [[JOB["owner_service"], "ref", JOB["task_type"], JOB["model_profile"], key] for i in range(8)]
-        rows = await together(
-            [lambda c=c, v=v: c.fetchrow(CREATE_JOB, *v) for c, v in zip(callers, values, strict=True)]
-        )
-        assert len({r["id"] for r in rows}) == 1
-        assert sorted(r["created"] for r in rows) == [False] * 7 + [True]
-        assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE idempotency_key = $1", key) == 1
-
-    # Different requests under one key at once: one is created, the others are refused (AS412).
-    values = [[JOB["owner_service"], f"ref/{i}", JOB["task_type"], JOB["model_profile"], "mixed"] for i in range(8)]
-    outcomes = await together(
-        [
-            lambda c=c, v=v: asyncio.gather(c.fetchrow(CREATE_JOB, *v), return_exceptions=True)
-            for c, v in zip(callers, values, strict=True)
-        ]
-    )
-    created = [o[0] for o in outcomes if not isinstance(o[0], BaseException)]
-    refused = [o[0] for o in outcomes if isinstance(o[0], asyncpg.PostgresError) and o[0].sqlstate == "AS412"]
-    assert (len(created), len(refused)) == (1, 7), outcomes
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE idempotency_key = 'mixed'") == 1
-
-
-async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(
-    conn: Conn, connections: Connections
-) -> None:
-    # Retried batches overlap, in whatever order the caller rebuilt them.
-    callers = await connections(8)
-    keys = [f"k{i}" for i in range(300)]
-    batches = []
-    for i in range(8):
-        order = keys if i % 2 == 0 else keys[::-1]
-        batches.append([{"owner_ref": k, "idempotency_key": k} for k in order[i * 10 :]])
-    results = await together(
-        [lambda c=c, b=b: c.fetch(CREATE_JOBS, b, JOB) for c, b in zip(callers, batches, strict=True)]
-    )
-
-    ids_by_key: dict[str, set[int]] = {}
-    created = 0
-    for batch, rows in zip(batches, results, strict=True):
-        assert len(rows) == len(batch)
-        for job, row in zip(batch, rows, strict=True):
-            ids_by_key.setdefault(job["idempotency_key"], set()).add(row["id"])
-            created += row["created"]
-    assert all(len(ids) == 1 for ids in ids_by_key.values())
-    assert created == len(keys)
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(keys)
-    stored = dict(await conn.fetch("SELECT idempotency_key, id FROM aiservice.all_jobs"))
-    assert {k: ids.pop() for k, ids in ids_by_key.items()} == stored
-
-
 async def test_concurrent_lease_expiry_returns_each_job_once(conn: Conn, connections: Connections) -> None:
     await conn.fetch(CREATE_JOBS, [{"owner_ref": str(i)} for i in range(500)], JOB)
     await conn.fetch("SELECT * FROM aiservice.claim_jobs('dead', 500)")

@@ -181,35 +181,6 @@ async def test_infinite_leases_are_refused(conn: Conn) -> None:
     assert await snapshot(conn) == before
 
 
-async def test_fields_that_are_not_arguments_cannot_be_smuggled_in(conn: Conn) -> None:
-    """create_jobs reads only its documented fields: status, attempts, leases and results are the lifecycle's."""
-    doc = {
-        "owner_service": "s",
-        "owner_ref": "r",
-        "task_type": "t",
-        "model_profile": "m",
-        "status": "completed",
-        "attempts": 99,
-        "worker_id": "intruder",
-        "lease_token": str(uuid4()),
-        "lease_expires_at": "2999-01-01T00:00:00Z",
-        "result": {"forged": True},
-        "id": 1,
-        "created_at": "2000-01-01T00:00:00Z",
-    }
-    (row,) = await conn.fetch("SELECT (r.job).* FROM aiservice.create_jobs($1::jsonb) r", [doc])
-    assert (row["status"], row["attempts"], row["worker_id"], row["lease_token"], row["result"]) == (
-        "pending",
-        0,
-        None,
-        None,
-        None,
-    )
-    assert row["created_at"].year > 2000
-    # And the stats still work with every job there is.
-    assert await conn.fetchval("SELECT aiservice.stats() IS NOT NULL")
-
-
 async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
     """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
     await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
