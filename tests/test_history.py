@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
-import pytest
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -47,42 +46,6 @@ async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
     return [r["outcome"] for r in rows]
 
 
-async def test_every_way_of_finishing_moves_the_job_and_a_retry_brings_it_back(conn: Conn) -> None:
-    done, failed, cancelled, expired, waiting = await new_jobs(conn, 5, max_attempts=1)
-    claimed = {r["id"]: r for r in await claim(conn)}
-    assert set(claimed) == {done, failed, cancelled, expired, waiting}
-    await conn.execute("SELECT 1 FROM aiservice.release_job($1, 'w')", waiting)
-    assert await complete(conn, [claimed[done]]) == ["completed"]
-    await conn.execute(
-        "SELECT 1 FROM aiservice.fail_job($1, 'w', 'invalid_input', 'bad', p_retryable => false)", failed
-    )
-    await conn.execute("SELECT 1 FROM aiservice.cancel_job($1)", cancelled)
-    await conn.execute(
-        "UPDATE aiservice.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", expired
-    )
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.expire_leases()") == 1
-
-    assert [await where(conn, i) for i in (done, failed, cancelled, expired)] == ["job_history"] * 4
-    assert await where(conn, waiting) == "jobs"
-    statuses = {r["id"]: (r["status"], r["error_category"]) for r in await conn.fetch(
-        "SELECT id, status::text, error_category FROM aiservice.all_jobs")}  # fmt: skip
-    assert statuses == {
-        done: ("completed", None),
-        failed: ("failed", "invalid_input"),
-        cancelled: ("cancelled", None),
-        expired: ("failed", "lease_expired"),
-        waiting: ("pending", "worker_shutdown"),
-    }
-    got = await conn.fetchrow("SELECT * FROM aiservice.get_job($1)", done)
-    assert got["result"] == {"text": f"result {done}", "usage": {"total_tokens": 7}}
-    assert got["finished_at"] is not None and got["lease_token"] is None
-
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.retry_jobs(p_ids => $1)", [failed, expired]) == 2
-    assert [await where(conn, i) for i in (failed, expired)] == ["jobs", "jobs"]
-    back = await conn.fetchrow("SELECT * FROM aiservice.get_job($1)", failed)
-    assert (back["status"], back["attempts"], back["finished_at"], back["error_category"]) == ("pending", 0, None, None)
-
-
 async def test_counts_and_batch_counts_follow_the_moves(conn: Conn) -> None:
     ids = await new_jobs(conn, 4, max_attempts=1)
     batch = await conn.fetchval("SELECT batch_id FROM aiservice.jobs WHERE id = $1", ids[0])
@@ -98,28 +61,6 @@ async def test_counts_and_batch_counts_follow_the_moves(conn: Conn) -> None:
     assert stats["created"] == [
         {"task_type": "llm_chat", "model_profile": "qwen", "count": 4}
     ]  # a retry is no creation
-
-
-async def test_the_live_table_refuses_a_finished_row(conn: Conn) -> None:
-    (job_id,) = await new_jobs(conn, 1)
-    with pytest.raises(asyncpg.CheckViolationError, match="jobs_live_check"):
-        await conn.execute("UPDATE aiservice.jobs SET status = 'cancelled', finished_at = now() WHERE id = $1", job_id)
-
-
-async def test_a_finished_job_answers_as_finished_to_its_worker_and_to_cancel(conn: Conn) -> None:
-    (job_id,) = await new_jobs(conn, 1)
-    (claimed,) = await claim(conn)
-    assert await complete(conn, [claimed]) == ["completed"]
-    assert await complete(conn, [claimed]) == ["lease_lost"]  # not "not_found": it exists, finished
-    with pytest.raises(asyncpg.PostgresError) as lost:
-        await conn.execute("SELECT 1 FROM aiservice.heartbeat_job($1, 'w')", job_id)
-    assert lost.value.sqlstate == "AS410"
-    with pytest.raises(asyncpg.PostgresError) as refused:
-        await conn.execute("SELECT 1 FROM aiservice.cancel_job($1)", job_id)
-    assert refused.value.sqlstate == "AS409"
-    with pytest.raises(asyncpg.PostgresError) as missing:
-        await conn.execute("SELECT 1 FROM aiservice.cancel_job($1)", job_id + 1000)
-    assert missing.value.sqlstate == "AS404"
 
 
 async def test_maintain_makes_day_partitions_ahead_and_finished_jobs_land_in_today(conn: Conn) -> None:
@@ -189,13 +130,3 @@ async def test_retention_keeps_a_day_that_has_not_ended_before_the_cutoff(conn: 
     await complete(conn, await claim(conn))
     assert await conn.fetchval("SELECT aiservice.purge_jobs(interval '1 hour')") == 0
     assert await where(conn, job_id) == "job_history"
-
-
-async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Conn) -> None:
-    ids = await new_jobs(conn, 6)
-    claimed = await claim(conn, 3)
-    await complete(conn, claimed)
-    page = "SELECT id FROM aiservice.list_jobs(p_owner_service => 'telephony', p_before_id => $1, p_limit => 4)"
-    first = [r["id"] for r in await conn.fetch(page, None)]
-    second = [r["id"] for r in await conn.fetch(page, first[-1])]
-    assert first + second == sorted(ids, reverse=True)

@@ -143,20 +143,6 @@ async def test_list_jobs_by_error_category(conn: Conn, api: Client, store: JobSt
         assert [j.id for j in (await client.list_jobs(error_category="timeout")).jobs] == timeouts[::-1]
 
 
-async def test_a_rare_error_category_reads_a_page_of_rows(conn: Conn) -> None:
-    fill = """
-    INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, error_category)
-    SELECT 'bulk', 'r' || i, 'llm_chat', 'm', $2 FROM generate_series(1, $1) i
-    """
-    await conn.execute(fill, 3000, None)
-    await conn.execute(fill, 2, "rare")
-    await conn.execute(fill, 3000, "timeout")
-    await conn.execute("ANALYZE aiservice.jobs")
-    start = await rows_read(conn, "aiservice.jobs")
-    assert len(await conn.fetch("SELECT * FROM aiservice.list_jobs(p_error_category => 'rare', p_limit => 50)")) == 2
-    assert await rows_read(conn, "aiservice.jobs") - start <= 10
-
-
 # Dependencies and dependents
 
 

@@ -163,24 +163,6 @@ async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_no
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(before)
 
 
-async def test_infinite_leases_are_refused(conn: Conn) -> None:
-    """PostgreSQL 17+ has infinite intervals: a lease that never expires would hold a job forever."""
-    if await conn.fetchval("SHOW server_version_num") < "170000":
-        # Older servers reject 'infinity' as an interval before any function runs.
-        await refused(conn, "22007", "SELECT interval 'infinity'")
-        return
-    job = await running_job(conn)
-    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'next', 'guard_t', 'm')"))
-    before = await snapshot(conn)
-    await refused(conn, "AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
-    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
-    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
-    await refused(
-        conn, "AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, 'infinity')", job["id"]
-    )
-    assert await snapshot(conn) == before
-
-
 async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
     """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
     await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
