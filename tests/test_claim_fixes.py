@@ -12,7 +12,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 from conftest import ClientFactory
-from sqlapi import call, claim, jobs, one, set_limit
+from sqlapi import call, claim, jobs, set_limit
 
 from aiservice import rules
 from aiservice.db.store import JobStore
@@ -44,52 +44,6 @@ async def cooldown_left(conn: Conn, profile: str) -> timedelta:
     )
     left: timedelta = row["left"]
     return left
-
-
-@pytest.mark.parametrize(
-    ("cooldown_max", "bound"), [(None, timedelta(minutes=5)), (timedelta(seconds=90), timedelta(seconds=90))]
-)
-async def test_a_week_long_retry_after_cools_a_profile_down_for_the_bound_only(
-    conn: Conn, cooldown_max: timedelta | None, bound: timedelta
-) -> None:
-    (job_id,) = await jobs(conn, 1, model_profile="gpt")
-    await claim(conn)
-    extra = {} if cooldown_max is None else {"cooldown_max": cooldown_max}
-    failed = await one(
-        conn, "fail_job", id=job_id, worker_id="w1", error_category="rate_limited", retry_after=WEEK, **extra
-    )
-    assert failed["run_at"] - failed["updated_at"] == WEEK  # the job itself waits as the provider asked
-    assert bound - timedelta(seconds=1) < await cooldown_left(conn, "gpt") <= bound
-
-
-async def test_a_rate_limited_failure_without_retry_after_cools_nothing_down(conn: Conn) -> None:
-    (job_id,) = await jobs(conn, 1, model_profile="gpt")
-    await claim(conn)
-    await one(conn, "fail_job", id=job_id, worker_id="w1", error_category="rate_limited")
-    assert await call(conn, "list_limits") == []
-
-
-async def test_cool_down_called_directly_is_bounded_too(conn: Conn) -> None:
-    await conn.execute("SELECT aiservice.cool_down('gpt', interval '7 days')")
-    assert await cooldown_left(conn, "gpt") <= timedelta(minutes=5)
-    await conn.execute("SELECT aiservice.cool_down('gpt', interval '7 days', interval '1 hour')")
-    assert timedelta(minutes=59) < await cooldown_left(conn, "gpt") <= timedelta(hours=1)
-    await conn.execute("SELECT aiservice.cool_down('gpt', interval '10 seconds')")  # never shortened
-    assert await cooldown_left(conn, "gpt") > timedelta(minutes=59)
-
-
-@pytest.mark.parametrize("bound", [timedelta(seconds=-1), timedelta(days=8)])
-async def test_a_bad_cooldown_bound_is_refused(conn: Conn, bound: timedelta) -> None:
-    (job_id,) = await jobs(conn, 1)
-    await claim(conn)
-    with pytest.raises(asyncpg.PostgresError) as refused:
-        await conn.execute(
-            "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', p_retry_after => '1 hour',"
-            " p_cooldown_max => $2::interval)",
-            job_id,
-            bound,
-        )
-    assert refused.value.sqlstate == "AS422" and "cooldown_max" in str(refused.value)
 
 
 async def test_the_api_and_the_worker_store_bound_cool_downs_by_the_setting(
@@ -131,12 +85,6 @@ SCOPE_FIELDS = {
     "owner_service": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute", "weight"},
 }
 USAGE = {"scope", "name", "running", "started_last_minute", "tokens_last_minute"}
-
-
-async def test_the_fields_of_each_scope_are_equal_in_sql_and_python(conn: Conn) -> None:
-    for scope, names in SCOPE_FIELDS.items():
-        assert set(await conn.fetchval("SELECT aiservice.limit_fields($1)", scope)) == names
-        assert set(rules.LIMIT_FIELDS[scope]) == names
 
 
 @pytest.mark.parametrize(

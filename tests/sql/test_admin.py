@@ -1,12 +1,17 @@
-"""The SQL API called directly, as other services call it: every public function in schema/.
-
-Custom SQLSTATEs: AS404 not found, AS409 wrong state, AS410 lease lost (fencing), AS422 invalid argument.
-"""
+"""retry_job(s) and cancel_job(s) (schema/functions/admin.sql): by id and by filter, and writers of many
+jobs on separate connections."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
+import asyncpg
+import pytest
 from sqlapi import (
     Conn,
     call,
@@ -18,27 +23,12 @@ from sqlapi import (
     refused,
     running,
 )
+from stubs import wait_for
 
-from aiservice.db.store import JobStore
-from aiservice.jobs import JobStatus
+from aiservice.db.pool import connect
 
-# --- the enum ---------------------------------------------------------------------------------------
-
-
-async def test_python_status_enum_equals_the_sql_enum(store: JobStore) -> None:
-    assert await store.statuses() == [s.value for s in JobStatus]
-
-
-# --- create_job -------------------------------------------------------------------------------------
-
-
-# --- create_jobs ------------------------------------------------------------------------------------
-
-
-# --- get_job ----------------------------------------------------------------------------------------
-
-
-# --- list_jobs --------------------------------------------------------------------------------------
+# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
+# schema/.
 
 
 async def _fleet(conn: Conn) -> dict[str, int]:
@@ -67,42 +57,6 @@ async def _fleet(conn: Conn) -> dict[str, int]:
     (r,) = await call(conn, "claim_jobs", worker_id="w", task_types=["transcribe"])
     assert r["id"] == ids["tel_whisper"]
     return ids
-
-
-# --- claim_jobs -------------------------------------------------------------------------------------
-
-
-# --- heartbeat_job ----------------------------------------------------------------------------------
-
-
-# --- complete_job -----------------------------------------------------------------------------------
-
-
-# --- fail_job ---------------------------------------------------------------------------------------
-
-
-async def test_backoff_function_bounds_and_jitter(conn: Conn) -> None:
-    for attempts, base in [(0, 10), (1, 10), (2, 20), (4, 80), (12, 3600), (100, 3600), (10_000, 3600)]:
-        seconds = [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT extract(epoch FROM aiservice.backoff($1))::float8 FROM generate_series(1, 200)", attempts
-            )
-        ]
-        assert base * 0.75 <= min(seconds) <= max(seconds) <= base * 1.25, attempts
-        assert max(seconds) - min(seconds) > base * 0.1, "no jitter"
-
-
-# --- release_job ------------------------------------------------------------------------------------
-
-
-# --- fencing ----------------------------------------------------------------------------------------
-
-
-# --- expire_leases ----------------------------------------------------------------------------------
-
-
-# --- retry_job / retry_jobs -------------------------------------------------------------------------
 
 
 async def test_retry_job_resets_a_failed_job(conn: Conn) -> None:
@@ -187,9 +141,6 @@ async def test_retry_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> None
     assert got == sorted([ids["tg_chat"], ids["tel_whisper"]])
 
 
-# --- cancel_job / cancel_jobs -----------------------------------------------------------------------
-
-
 async def test_cancel_job_pending_and_running(conn: Conn) -> None:
     pending = await create(conn)
     cancelled = await one(conn, "cancel_job", id=pending["id"])
@@ -242,50 +193,130 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
     assert await count(conn, "status IN ('pending', 'running')") == 0
 
 
-# --- stats ------------------------------------------------------------------------------------------
+# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# idempotency, fencing).
 
 
-async def test_stats(conn: Conn) -> None:
-    assert await conn.fetchval("SELECT aiservice.stats()") == {
-        "window_seconds": 3600,
-        "totals": {"pending": 0, "running": 0, "completed": 0, "failed": 0, "cancelled": 0},
-        "by_status": [],
-        "created": [],
-        "errors": [],
-        "errors_last_hour": [],
-        "oldest_pending_age_seconds": None,
-        "oldest_pending": [],
-        "completed_per_minute": {"last_5m": 0, "last_60m": 0},
-        "latency": [],
-        "running_by_worker": [],
-        "limits": [],
-        "per_minute": [],
-    }
-    await _fleet(conn)
-    await create(conn, owner_ref="old", run_at=datetime.now(UTC) - timedelta(hours=1))
-    await create(conn, owner_ref="future", run_at=datetime.now(UTC) + timedelta(hours=2))
-    job = await running(conn, task_type="transcribe", model_profile="whisperx")
-    await call(conn, "fail_job", id=job["id"], worker_id="w1", error_category="bad_input")
-    job = await running(conn, task_type="transcribe", model_profile="whisperx")
-    await call(conn, "fail_job", id=job["id"], worker_id="w1", error_category="bad_input")
-    job = await running(conn, max_attempts=1)
-    await call(conn, "fail_job", id=job["id"], worker_id="w1", error_category="timeout")
-    job = await running(conn)
-    await call(conn, "fail_job", id=job["id"], worker_id="w1", error_category="rate_limited")  # pending again
+Connections = Callable[[int], Awaitable[list[Conn]]]
 
-    stats = await conn.fetchval("SELECT aiservice.stats()")
-    counts = {(s["status"], s["task_type"], s["model_profile"]): s["count"] for s in stats["by_status"]}
-    assert counts == {
-        ("completed", "llm_chat", "qwen2.5-14b"): 1,
-        ("failed", "llm_chat", "qwen2.5-14b"): 2,
-        ("failed", "transcribe", "whisperx"): 2,
-        ("cancelled", "llm_chat", "vision"): 1,
-        ("running", "transcribe", "whisperx"): 1,
-        ("pending", "llm_chat", "qwen2.5-14b"): 4,
-    }
-    assert stats["errors"] == [
-        {"error_category": "bad_input", "count": 3},
-        {"error_category": "timeout", "count": 1},
+
+JOB: dict[str, Any] = {
+    "owner_service": "telephony",
+    "owner_ref": "beeline/1",
+    "task_type": "llm_chat",
+    "model_profile": "qwen2.5-14b",
+}
+
+
+CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
+
+
+@pytest.fixture
+async def connections(database_url: str) -> AsyncIterator[Connections]:
+    """Open n more connections to the test database; all are closed after the test."""
+    opened: list[Conn] = []
+
+    async def open_n(n: int) -> list[Conn]:
+        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
+        opened.extend(conns)
+        return list(conns)
+
+    yield open_n
+    await asyncio.gather(*(c.close() for c in opened))
+
+
+async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run the calls concurrently, released at once so that they really overlap."""
+    start = asyncio.Event()
+
+    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+        await start.wait()
+        return await fn()
+
+    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
+    await asyncio.sleep(0)
+    start.set()
+    async with asyncio.timeout(30):
+        return await asyncio.gather(*tasks)
+
+
+async def complete(c: Conn, job_id: int, worker: str, token: Any = None) -> str:
+    try:
+        await c.execute("SELECT id FROM aiservice.complete_job($1, $2, $3, $4)", job_id, worker, {"by": worker}, token)
+    except asyncpg.PostgresError as exc:
+        return str(exc.sqlstate)
+    return "ok"
+
+
+async def waiting_for_a_lock(conn: Conn, pid: int) -> None:
+    """Until the backend ``pid`` waits for a lock another transaction holds."""
+
+    async def waits() -> bool:
+        return bool(await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
+
+    await wait_for(waits, what=f"backend {pid} to wait for a lock")
+
+
+async def test_writers_of_many_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
+    """complete_jobs, cancel_jobs and retry_jobs on overlapping jobs, given in different orders: all
+    lock in ascending id order, so they wait for each other but never in a cycle."""
+    completer, canceller, retrier = await connections(3)
+    outcomes: Counter[str] = Counter()
+    for round_ in range(30):
+        task_type = f"overlap_{round_}"
+        await conn.fetch(CREATE_JOBS, [{"owner_ref": str(i)} for i in range(40)], JOB | {"task_type": task_type})
+        claimed = await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w1', 40, ARRAY[$1])", task_type)
+        ids = sorted(r["id"] for r in claimed)
+        assert len(ids) == 40
+
+        async def run(c: Conn, sql: str, *args: Any) -> str:
+            try:
+                await c.fetch(sql, *args)
+            except asyncpg.PostgresError as exc:
+                return str(exc.sqlstate)
+            return "ok"
+
+        complete = "SELECT * FROM aiservice.complete_jobs('w1', $1, $2)"
+        calls = [
+            partial(run, completer, complete, ids[5:], [{"round": round_}] * 35),
+            partial(run, canceller, "SELECT * FROM aiservice.cancel_jobs(p_ids => $1)", ids[::-1][:30]),
+            partial(run, retrier, "SELECT * FROM aiservice.retry_jobs(p_ids => $1)", ids[10:][::-1]),
+        ]
+        outcomes.update(await together(calls))
+    assert outcomes == Counter({"ok": 90}), outcomes
+
+
+async def test_cancel_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Conn, connections: Connections) -> None:
+    """A claim makes the job running while cancel_jobs(statuses => pending) waits for its lock: the
+    running job is left alone."""
+    claimer, canceller = await connections(2)
+    job_id = await conn.fetchval("SELECT (r.job).id FROM aiservice.create_job('s', 'r', 'recheck', 'm') r")
+    claim = claimer.transaction()
+    await claim.start()
+    assert [r["id"] for r in await claimer.fetch("SELECT id FROM aiservice.claim_jobs('w1', 1, ARRAY['recheck'])")] == [
+        job_id
     ]
-    age = stats["oldest_pending_age_seconds"]
-    assert 3600 <= age < 3600 + 600
+    cancel = asyncio.ensure_future(
+        canceller.fetch("SELECT * FROM aiservice.cancel_jobs(p_ids => $1, p_statuses => '{pending}')", [job_id])
+    )
+    await waiting_for_a_lock(conn, canceller.get_server_pid())
+    await claim.commit()
+    assert await cancel == []
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "running"
+
+
+async def test_retry_jobs_checks_its_filter_again_on_the_job_it_locked(conn: Conn, connections: Connections) -> None:
+    """The job fails while retry_jobs(statuses => running) waits for its lock: the failed job stays failed."""
+    failer, retrier = await connections(2)
+    job_id = await conn.fetchval("SELECT (r.job).id FROM aiservice.create_job('s', 'r', 'recheck', 'm') r")
+    await conn.execute("SELECT 1 FROM aiservice.claim_jobs('w1', 1, ARRAY['recheck'])")
+    fail = failer.transaction()
+    await fail.start()
+    await failer.execute("SELECT 1 FROM aiservice.fail_job($1, 'w1', 'invalid_input', 'bad')", job_id)
+    retry = asyncio.ensure_future(
+        retrier.fetch("SELECT * FROM aiservice.retry_jobs(p_ids => $1, p_statuses => '{running}')", [job_id])
+    )
+    await waiting_for_a_lock(conn, retrier.get_server_pid())
+    await fail.commit()
+    assert await retry == []
+    assert await conn.fetchval("SELECT status::text FROM aiservice.all_jobs WHERE id = $1", job_id) == "failed"

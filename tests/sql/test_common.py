@@ -1,30 +1,52 @@
-"""A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
-
-Each function is called with what a careless or hostile caller might pass: NULLs, negative or
-infinite values, bad categories, wrong or missing lease tokens, fields that are not arguments.
-Every call is refused with a documented SQLSTATE (AS404/AS409/AS410/AS422, or a check violation,
-which the API answers 422 as well), and afterwards every job is exactly as it was."""
+"""What every function shares (schema/functions/common.sql): the status enum, backoff, and the guard: bad
+arguments refused with documented SQLSTATEs, changing nothing."""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any
 from uuid import uuid4
 
 import asyncpg
 import pytest
+from sqlapi import (
+    Conn,
+)
 
-from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
+from aiservice.jobs import JobStatus
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
+# schema/.
+
+
+async def test_python_status_enum_equals_the_sql_enum(store: JobStore) -> None:
+    assert await store.statuses() == [s.value for s in JobStatus]
+
+
+async def test_backoff_function_bounds_and_jitter(conn: Conn) -> None:
+    for attempts, base in [(0, 10), (1, 10), (2, 20), (4, 80), (12, 3600), (100, 3600), (10_000, 3600)]:
+        seconds = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT extract(epoch FROM aiservice.backoff($1))::float8 FROM generate_series(1, 200)", attempts
+            )
+        ]
+        assert base * 0.75 <= min(seconds) <= max(seconds) <= base * 1.25, attempts
+        assert max(seconds) - min(seconds) > base * 0.1, "no jitter"
+
+
+# --- from test_sql_guard.py: A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+#
+# Each function is called with what a careless or hostile caller might pass: NULLs, negative or infinite values,
+# bad categories, wrong or missing lease tokens, fields that are not arguments. Every call is refused with a
+# documented SQLSTATE (AS404/AS409/AS410/AS422, or a check violation, which the API answers 422 as well), and
+# afterwards every job is exactly as it was.
+
+
 CHECK = "23514"
+
+
 NOT_NULL = "23502"
-
-
-@pytest.fixture
-async def conn(database_url: str) -> Any:
-    c = await connect(database_url)
-    yield c
-    await c.close()
 
 
 async def snapshot(conn: Conn) -> list[dict[str, Any]]:
@@ -161,13 +183,3 @@ async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_no
     assert await snapshot(conn) == before
     # What is refused inside a batch leaves no row behind.
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(before)
-
-
-async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
-    """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
-    await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
-    await conn.fetch(q("SELECT * FROM aiservice.create_job('s', 'r', 't', 'm')"))
-    with pytest.raises(asyncpg.CheckViolationError):
-        await conn.execute("UPDATE aiservice.jobs SET run_at = '-infinity'")  # even a direct UPDATE
-    stats = await conn.fetchval("SELECT aiservice.stats()")
-    assert stats["oldest_pending_age_seconds"] is not None
