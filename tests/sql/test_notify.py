@@ -1,8 +1,4 @@
-"""NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker listens.
-
-Notifications are delivered in commit order, so after each action the test sends a marker on the
-same channel and collects everything that arrived before it: counts are exact, with no sleeps.
-"""
+"""NOTIFY on channel aiservice_jobs (schema/functions/notify.sql and the triggers that call it)."""
 
 from __future__ import annotations
 
@@ -17,9 +13,19 @@ import pytest
 
 from aiservice.db.pool import connect
 
+# --- from test_sql_notify.py: NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker
+# listens.
+#
+# Notifications are delivered in commit order, so after each action the test sends a marker on the same channel
+# and collects everything that arrived before it: counts are exact, with no sleeps.
+
+
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 
+
 CHANNEL = "aiservice_jobs"
+
+
 JOB: dict[str, Any] = {
     "owner_service": "telephony",
     "owner_ref": "beeline/1",

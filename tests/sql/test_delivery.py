@@ -1,4 +1,4 @@
-"""The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing)."""
+"""Batches and deliveries (schema/functions/delivery.sql): list_batches, and a batch announced once."""
 
 from __future__ import annotations
 
@@ -14,9 +14,18 @@ import pytest
 from stubs import wait_for
 
 from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
+from aiservice.jobs import JobCreate
+
+# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# idempotency, fencing).
+
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
+
+
 Connections = Callable[[int], Awaitable[list[Conn]]]
+
 
 JOB: dict[str, Any] = {
     "owner_service": "telephony",
@@ -24,10 +33,8 @@ JOB: dict[str, Any] = {
     "task_type": "llm_chat",
     "model_profile": "qwen2.5-14b",
 }
-CREATE_JOB = """
-    SELECT (r.job).id, r.created
-    FROM aiservice.create_job($1, $2, $3, $4, p_idempotency_key => $5) r
-"""
+
+
 CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
 
 
@@ -103,3 +110,62 @@ async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
         assert sorted(announced.values()) == [1] * 40
     finally:
         await listener.close()
+
+
+# --- from test_read_api.py: The read routes the operator console uses: batches listed newest first, jobs by error
+# category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
+
+
+READS = """
+SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
+     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
+"""
+
+
+async def rows_read(conn: Conn, table: str) -> int:
+    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(await conn.fetchval(READS, table))
+
+
+async def batch(store: JobStore, owner: str, n: int = 1) -> int:
+    spec = {"owner_service": owner, "task_type": "llm_chat", "model_profile": "m"}
+    created = await store.create_jobs([JobCreate.model_validate(spec | {"owner_ref": f"r/{i}"}) for i in range(n)])
+    batch_id = created[0][0].batch_id
+    assert batch_id is not None
+    return batch_id
+
+
+async def test_list_batches_pages_newest_first_and_filters_by_owner(conn: Conn, store: JobStore) -> None:
+    ids = [await batch(store, owner, n) for owner, n in [("a", 1), ("b", 2), ("a", 3), ("b", 1), ("a", 2)]]
+    rows = [r[0] for r in await conn.fetch("SELECT * FROM aiservice.list_batches()")]
+    assert [r["id"] for r in rows] == ids[::-1]
+    assert rows[0] == await conn.fetchval("SELECT aiservice.get_batch($1)", ids[-1])  # the same shape
+
+    owned = "SELECT r->>'id' FROM aiservice.list_batches(p_owner_service => $1, p_before_id => $2, p_limit => $3) r"
+    assert [int(r[0]) for r in await conn.fetch(owned, "a", None, 2)] == [ids[4], ids[2]]
+    assert [int(r[0]) for r in await conn.fetch(owned, "a", ids[2], 2)] == [ids[0]]
+    assert [int(r[0]) for r in await conn.fetch(owned, "nobody", None, 2)] == []
+    with pytest.raises(asyncpg.PostgresError) as exc:
+        await conn.fetch("SELECT * FROM aiservice.list_batches(p_limit => -1)")
+    assert exc.value.sqlstate == "AS422"
+
+    page = await store.list_batches("b", before_id=None, limit=10)
+    assert [(b.id, b.owner_service, b.counts.total) for b in page] == [(ids[3], "b", 1), (ids[1], "b", 2)]
+
+
+async def test_a_page_of_batches_reads_a_page_of_rows(conn: Conn, store: JobStore) -> None:
+    await conn.execute(
+        "INSERT INTO aiservice.batches (owner_service, total) SELECT 'bulk', 0 FROM generate_series(1, 2000)"
+    )
+    rare = [await batch(store, "rare") for _ in range(3)]
+    await conn.execute(
+        "INSERT INTO aiservice.batches (owner_service, total) SELECT 'bulk', 0 FROM generate_series(1, 2000)"
+    )
+    await conn.execute("ANALYZE aiservice.batches")
+    page = "SELECT * FROM aiservice.list_batches(p_owner_service => $1, p_before_id => $2, p_limit => 2)"
+    for owner, before in [("rare", None), (None, None), ("rare", rare[2]), ("bulk", rare[0])]:
+        start = await rows_read(conn, "aiservice.batches")  # read on this connection: its counters are flushed
+        assert len(await conn.fetch(page, owner, before)) == 2
+        assert await rows_read(conn, "aiservice.batches") - start <= 6, (owner, before)
