@@ -1,8 +1,8 @@
 """Idempotency keys: a repeat must be the same request, or it is refused and nothing is created.
 
-Over SQL (create_job, create_jobs: SQLSTATE AS412) and HTTP (409 idempotency_conflict), single and
-batch, including the README's scenario: the walk-through's analysis job under the key
-beeline/42/analysis, then the telephony pipeline for call 42 under the same key."""
+Over HTTP (409 idempotency_conflict) and the client, single and batch, including the README's
+scenario: the walk-through's analysis job under the key beeline/42/analysis, then the telephony
+pipeline for call 42 under the same key. Over SQL (SQLSTATE AS412): tests/sql/test_create.py."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ from aiservice.client import AsyncClient, Conflict
 from aiservice.db.migrate import load_migrations, migrate
 from aiservice.db.pool import connect
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client: TypeAlias = "TestClient[Any, Any]"
 API = "/api/v1"
 
-JOB = {"owner_service": "telephony", "owner_ref": "beeline/7", "task_type": "llm_chat", "model_profile": "qwen2.5-14b"}
 # The README's HTTP walk-through creates this job, then cancels it.
 WALKTHROUGH_ANALYSIS = {
     "owner_service": "telephony",

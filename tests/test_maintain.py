@@ -1,4 +1,5 @@
-"""aiservice.maintain(): one pass of lease expiry, retention and counter folding that any process may run."""
+"""The maintenance loop in Python around aiservice.maintain(): a failing step logged under its name,
+retention from the settings. maintain() itself: tests/sql/test_maintain.py."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Pipelines: jobs that wait for other jobs and use their results.
 
-Real PostgreSQL; the built-in workers against the stub WhisperX and OpenAI-compatible servers,
+Over HTTP and through the built-in workers (the SQL functions: tests/sql/test_pipelines.py). Real
+PostgreSQL; the built-in workers against the stub WhisperX and OpenAI-compatible servers,
 speaking real HTTP."""
 
 from __future__ import annotations
 
 import base64
 import json
-from datetime import timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -24,7 +24,6 @@ from aiservice.worker.placeholders import fill_messages
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
-LEASE = timedelta(minutes=5)
 
 openai_stub = stubs.openai_stub
 asr_stub = stubs.asr_stub

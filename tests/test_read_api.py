@@ -1,5 +1,6 @@
 """The read routes the operator console uses: batches listed newest first, jobs by error category,
-a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike."""
+a job's dependencies and dependents, webhook deliveries that keep retrying, over HTTP. What list_jobs and
+list_batches read: tests/sql/test_read.py and tests/sql/test_delivery.py."""
 
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ from aiservice.webhooks import new_secret
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client = TestClient[Any, Any]
 LEASE = timedelta(minutes=5)
-
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
 
 
 def base_url(api: Client) -> str:

@@ -1,4 +1,5 @@
-"""Retention: finished jobs past JOB_RETENTION are deleted, nothing else is."""
+"""Retention: finished jobs past JOB_RETENTION are deleted, nothing else is: the setting, the store and
+the API's maintenance loop. purge_jobs itself: tests/sql/test_maintain.py."""
 
 from __future__ import annotations
 

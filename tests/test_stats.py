@@ -1,4 +1,4 @@
-"""Statistics kept by counters: equal to a full recount, before and after compaction."""
+"""Statistics over HTTP. The counters themselves (equal to a full recount): tests/sql/test_stats.py."""
 
 from __future__ import annotations
 

@@ -698,14 +698,6 @@ async def test_concurrent_claimers_and_completers_finish_every_job_once(conn: Co
     assert all(r["attempts"] == 1 for r in rows)
 
 
-async def complete_sql_concurrency(c: Conn, job_id: int, worker: str, token: Any = None) -> str:
-    try:
-        await c.execute("SELECT id FROM aiservice.complete_job($1, $2, $3, $4)", job_id, worker, {"by": worker}, token)
-    except asyncpg.PostgresError as exc:
-        return str(exc.sqlstate)
-    return "ok"
-
-
 async def test_capped_claimers_of_batch_jobs_never_deadlock(conn: Conn, connections: Connections) -> None:
     """Eight claimers under one max_running cap, on jobs that belong to batches, while jobs complete,
     fail and have their leases expire: a claim's housekeeping and its claim move batch counts, and
