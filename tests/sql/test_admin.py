@@ -27,9 +27,6 @@ from stubs import wait_for
 
 from aiservice.db.pool import connect
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def _fleet(conn: Conn) -> dict[str, int]:
     """Jobs of two owners, three kinds and every status; returns ids by name."""
@@ -193,7 +190,7 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
     assert await count(conn, "status IN ('pending', 'running')") == 0
 
 
-# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
 # idempotency, fencing).
 
 

@@ -37,9 +37,6 @@ from sqlapi import (
 from aiservice.db.pool import connect
 from aiservice.db.store import JobStore
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def _fleet(conn: Conn) -> dict[str, int]:
     """Jobs of two owners, three kinds and every status; returns ids by name."""
@@ -176,7 +173,7 @@ async def test_claim_returns_expired_jobs_to_the_queue_first(conn: Conn) -> None
     assert again["lease_token"] != first["lease_token"]
 
 
-# --- from test_limits.py: The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
+# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
 # claim cost.
 
 
@@ -311,7 +308,7 @@ async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobSt
     assert (await store.get_job(job["id"])).status == "pending"
 
 
-# --- from test_claim_fixes.py: Claims under limits, where they used to go wrong: owners a claim cannot serve,
+# --- Claims under limits, where they used to go wrong: owners a claim cannot serve,
 # starts counted per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
 
 
@@ -430,7 +427,7 @@ async def test_a_pause_waits_for_claims_in_flight(
         await pauser.close()
 
 
-# --- from test_claim_paths.py: The claim's short cut (one owner at a priority level that no owner or task type
+# --- The claim's short cut (one owner at a priority level that no owner or task type
 # limit restricts) gives the scheduler's answers.
 
 
@@ -520,7 +517,7 @@ async def test_a_one_owner_claim_without_limits_leaves_fair_share_alone(conn: Co
         await tx.rollback()
 
 
-# --- from test_fair_quota.py: The weighted-fair quota (aiservice.fair_quota), called with plain SELECTs: how many
+# --- The weighted-fair quota (aiservice.fair_quota), called with plain SELECTs: how many
 # of a claim's jobs each owner at a priority level gets, from its service so far, its weight and the lag floor.
 
 
@@ -608,7 +605,7 @@ async def test_fair_quota_hands_out_jobs_one_at_a_time_to_the_least_served(conn:
         assert sum(quota) == (take if any(s is not None for s in served) else 0)
 
 
-# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
 # idempotency, fencing).
 
 

@@ -15,9 +15,6 @@ from sqlapi import (
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def test_python_status_enum_equals_the_sql_enum(store: JobStore) -> None:
     assert await store.statuses() == [s.value for s in JobStatus]
@@ -35,7 +32,7 @@ async def test_backoff_function_bounds_and_jitter(conn: Conn) -> None:
         assert max(seconds) - min(seconds) > base * 0.1, "no jitter"
 
 
-# --- from test_sql_guard.py: A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+# --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
 #
 # Each function is called with what a careless or hostile caller might pass: NULLs, negative or infinite values,
 # bad categories, wrong or missing lease tokens, fields that are not arguments. Every call is refused with a

@@ -27,9 +27,6 @@ from sqlapi import (
 
 from aiservice.db.pool import connect
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def test_create_job_with_defaults(conn: Conn) -> None:
     job = await create(conn)
@@ -217,7 +214,7 @@ async def test_create_jobs_is_all_or_nothing(conn: Conn) -> None:
     assert await count(conn) == 0
 
 
-# --- from test_idempotency.py: Idempotency keys: a repeat must be the same request, or it is refused and nothing is
+# --- Idempotency keys: a repeat must be the same request, or it is refused and nothing is
 # created.
 
 
@@ -433,7 +430,7 @@ async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
     assert await counts(conn) == before
 
 
-# --- from test_history.py: Live jobs apart from history: a finished job leaves aiservice.jobs for
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
 
@@ -492,7 +489,7 @@ async def test_concurrent_creates_with_one_key_make_one_job(conn: Conn, database
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 1
 
 
-# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
 # idempotency, fencing).
 
 
@@ -591,7 +588,7 @@ async def test_concurrent_batches_with_overlapping_keys_make_one_job_per_key(
     assert {k: ids.pop() for k, ids in ids_by_key.items()} == stored
 
 
-# --- from test_sql_guard.py: A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+# --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
 
 
 async def test_fields_that_are_not_arguments_cannot_be_smuggled_in(conn: Conn) -> None:

@@ -17,7 +17,7 @@ from aiservice.db.pool import connect
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
-# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
 # idempotency, fencing).
 
 
@@ -112,7 +112,7 @@ async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
         await listener.close()
 
 
-# --- from test_read_api.py: The read routes the operator console uses: batches listed newest first, jobs by error
+# --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
 
 

@@ -27,9 +27,6 @@ from aiservice import errors
 from aiservice.db.store import JobStore
 from aiservice.jobs import Job, JobStatus
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def test_complete_job(conn: Conn) -> None:
     job = await running(conn)
@@ -217,7 +214,7 @@ async def test_release_job_refusals(conn: Conn) -> None:
     await refused("AS410", call(conn, "release_job", id=job["id"], worker_id="w1"))
 
 
-# --- from test_sql_batch.py: aiservice.complete_jobs (0003): many completions in one call, fenced per job like
+# --- aiservice.complete_jobs (0003): many completions in one call, fenced per job like
 # complete_job.
 
 
@@ -361,7 +358,7 @@ async def test_concurrent_batches_over_the_same_jobs_complete_each_once(
         assert (await store.get_job(j.id)).result == {"by": winner}
 
 
-# --- from test_history.py: Live jobs apart from history: a finished job leaves aiservice.jobs for
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
 

@@ -26,9 +26,6 @@ from sqlapi import (
 
 from aiservice.db.pool import connect
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def test_heartbeat_extends_the_lease(conn: Conn) -> None:
     job = await running(conn, lease=timedelta(seconds=30))
@@ -163,7 +160,7 @@ async def test_no_job_stays_running_after_its_worker_died(conn: Conn) -> None:
     assert (await get(conn, job["id"]))["status"] == "failed"
 
 
-# --- from test_sql_concurrency.py: The SQL API under concurrent callers on separate connections (SKIP LOCKED,
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
 # idempotency, fencing).
 
 
@@ -261,7 +258,7 @@ async def test_stale_worker_racing_a_reclaim_never_overwrites_the_new_result(
     assert sum(winners.values()) == 30
 
 
-# --- from test_sql_guard.py: A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+# --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
 
 
 async def snapshot(conn: Conn) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from sqlapi import Conn, call, claim, jobs, one, set_limit
 from aiservice import rules
 from aiservice.jobs import LimitScope
 
-# --- from test_limits.py: The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
+# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
 # claim cost.
 
 
@@ -173,7 +173,7 @@ async def test_cool_down_can_be_turned_off_per_profile(conn: Conn) -> None:
     assert len(await claim(conn)) == 1
 
 
-# --- from test_claim_fixes.py: Claims under limits, where they used to go wrong: owners a claim cannot serve,
+# --- Claims under limits, where they used to go wrong: owners a claim cannot serve,
 # starts counted per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
 
 

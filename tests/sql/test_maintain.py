@@ -14,7 +14,7 @@ from conftest import JobFactory
 from aiservice import errors
 from aiservice.db.store import JobStore
 
-# --- from test_maintain.py: aiservice.maintain(): one pass of lease expiry, retention and counter folding that any
+# --- aiservice.maintain(): one pass of lease expiry, retention and counter folding that any
 # process may run.
 
 
@@ -54,7 +54,7 @@ async def test_a_pass_in_progress_elsewhere_is_not_waited_for(conn: Conn, databa
         await other.close()
 
 
-# --- from test_history.py: Live jobs apart from history: a finished job leaves aiservice.jobs for
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
 
@@ -162,7 +162,7 @@ async def test_retention_keeps_a_day_that_has_not_ended_before_the_cutoff(conn: 
     assert await where(conn, job_id) == "job_history"
 
 
-# --- from test_retention.py: Retention: finished jobs past JOB_RETENTION are deleted, nothing else is.
+# --- Retention: finished jobs past JOB_RETENTION are deleted, nothing else is.
 
 
 async def finished_days_ago(conn: Conn, job_id: int, days: int) -> None:

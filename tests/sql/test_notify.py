@@ -13,7 +13,7 @@ import pytest
 
 from aiservice.db.pool import connect
 
-# --- from test_sql_notify.py: NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker
+# --- NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker
 # listens.
 #
 # Notifications are delivered in commit order, so after each action the test sends a marker on the same channel

@@ -14,7 +14,7 @@ from sqlapi import claim, create, create_jobs, rows_read
 
 from aiservice.db.store import JobStore
 
-# --- from test_pipelines.py: Pipelines: jobs that wait for other jobs and use their results.
+# --- Pipelines: jobs that wait for other jobs and use their results.
 
 
 Conn: TypeAlias = "asyncpg.Connection[Any]"

@@ -18,9 +18,6 @@ from sqlapi import (
     refused,
 )
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def test_get_job(conn: Conn) -> None:
     job = await create(conn, input={"x": 1})
@@ -125,7 +122,7 @@ async def test_list_jobs_limit(conn: Conn) -> None:
     assert len(await listed(conn, limit=None)) == 60
 
 
-# --- from test_history.py: Live jobs apart from history: a finished job leaves aiservice.jobs for
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
 
@@ -166,7 +163,7 @@ async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Con
     assert first + second == sorted(ids, reverse=True)
 
 
-# --- from test_read_api.py: The read routes the operator console uses: batches listed newest first, jobs by error
+# --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
 
 

@@ -18,9 +18,6 @@ from sqlapi import (
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
-# --- from test_sql_api.py: The SQL API called directly, as other services call it: every public function in
-# schema/.
-
 
 async def _fleet(conn: Conn) -> dict[str, int]:
     """Jobs of two owners, three kinds and every status; returns ids by name."""
@@ -96,7 +93,7 @@ async def test_stats(conn: Conn) -> None:
     assert 3600 <= age < 3600 + 600
 
 
-# --- from test_stats.py: Statistics kept by counters: equal to a full recount, before and after compaction.
+# --- Statistics kept by counters: equal to a full recount, before and after compaction.
 
 
 RECOUNT = """
@@ -172,7 +169,7 @@ async def test_old_finishes_leave_the_windows(store: JobStore, conn: Conn) -> No
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_finishes") == 0
 
 
-# --- from test_sql_guard.py: A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+# --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
 
 CHECK = "23514"
 

@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 
-# --- from test_sql_triggers.py: The row triggers on aiservice.jobs: work linear in the rows a statement changes,
+# --- The row triggers on aiservice.jobs: work linear in the rows a statement changes,
 # whatever the session did before.
 #
 # PL/pgSQL keeps a statement's plan for the session; a plan made for a one-row transition table joins a large one
@@ -165,7 +165,7 @@ async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> Non
     assert documented == actual
 
 
-# --- from test_history.py: Live jobs apart from history: a finished job leaves aiservice.jobs for
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
 
