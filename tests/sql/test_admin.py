@@ -12,17 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import (
-    Conn,
-    call,
-    claim,
-    count,
-    create,
-    get,
-    one,
-    refused,
-    running,
-)
+from sqlapi import Conn, call, claim, count, create, get, one, refused, running
 from stubs import wait_for
 
 from aiservice.db.pool import connect

@@ -8,9 +8,7 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
-from sqlapi import (
-    Conn,
-)
+from sqlapi import Conn
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus

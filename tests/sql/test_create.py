@@ -12,18 +12,7 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
-from sqlapi import (
-    JOB,
-    Conn,
-    call,
-    claim,
-    count,
-    create,
-    create_jobs,
-    get,
-    refused,
-    select,
-)
+from sqlapi import JOB, Conn, call, claim, count, create, create_jobs, get, refused, select
 
 from aiservice.db.pool import connect
 
@@ -218,7 +207,7 @@ async def test_create_jobs_is_all_or_nothing(conn: Conn) -> None:
 # created.
 
 
-JOB_idempotency = {
+KEYED_JOB = {
     "owner_service": "telephony",
     "owner_ref": "beeline/7",
     "task_type": "llm_chat",
@@ -259,23 +248,23 @@ def telephony_pipeline(call_id: str = "42") -> dict[str, Any]:
     }
 
 
-async def create_idempotency(conn: Conn, **args: Any) -> asyncpg.Record:
-    names = list(JOB_idempotency | args)
+async def create_keyed(conn: Conn, **args: Any) -> asyncpg.Record:
+    names = list(KEYED_JOB | args)
     params = ", ".join(f"p_{name} => ${i}" for i, name in enumerate(names, 1))
     row = await conn.fetchrow(
-        f"SELECT (r.job).*, r.created FROM aiservice.create_job({params}) r", *(JOB_idempotency | args).values()
+        f"SELECT (r.job).*, r.created FROM aiservice.create_job({params}) r", *(KEYED_JOB | args).values()
     )
     assert row is not None
     return row
 
 
-async def create_jobs_idempotency(
+async def create_jobs_keyed(
     conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None
 ) -> list[Any]:
     return await conn.fetch("SELECT (r.job).*, r.created FROM aiservice.create_jobs($1, $2) r", jobs, defaults or {})
 
 
-async def refused_idempotency(conn: Conn, call: Any) -> asyncpg.PostgresError:
+async def idempotency_conflict(conn: Conn, call: Any) -> asyncpg.PostgresError:
     with pytest.raises(asyncpg.PostgresError) as caught:
         await call
     assert caught.value.sqlstate == "AS412", caught.value
@@ -292,8 +281,8 @@ async def counts(conn: Conn) -> tuple[int, int, int]:
 
 
 async def test_the_same_request_answers_the_existing_job(conn: Conn) -> None:
-    first = await create_idempotency(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
-    again = await create_idempotency(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
+    first = await create_keyed(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
+    again = await create_keyed(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
     assert (first["created"], again["created"], again["id"]) == (True, False, first["id"])
     assert (await counts(conn))[0] == 1
 
@@ -313,8 +302,8 @@ async def test_the_same_request_answers_the_existing_job(conn: Conn) -> None:
 )
 async def test_a_different_request_under_the_key_is_refused(conn: Conn, change: dict[str, Any], field: str) -> None:
     request = {"input": {"n": 1}, "priority": 5, "max_attempts": 2, "idempotency_key": "beeline/7/summary"}
-    first = await create_idempotency(conn, **request)
-    error = await refused_idempotency(conn, create_idempotency(conn, **(request | change)))
+    first = await create_keyed(conn, **request)
+    error = await idempotency_conflict(conn, create_keyed(conn, **(request | change)))
     assert 'idempotency_key "beeline/7/summary" already names job' in str(error)
     assert str(first["id"]) in str(error) and field in str(error)
     detail = json.loads(error.detail or "")  # type: ignore[attr-defined]
@@ -323,40 +312,38 @@ async def test_a_different_request_under_the_key_is_refused(conn: Conn, change: 
 
 
 async def test_a_field_left_out_is_its_default(conn: Conn) -> None:
-    await create_idempotency(conn, input={}, priority=0, max_attempts=3, idempotency_key="defaults")
-    assert (await create_idempotency(conn, idempotency_key="defaults"))["created"] is False
-    await create_idempotency(conn, priority=5, idempotency_key="priority")
-    error = await refused_idempotency(conn, create_idempotency(conn, idempotency_key="priority"))
+    await create_keyed(conn, input={}, priority=0, max_attempts=3, idempotency_key="defaults")
+    assert (await create_keyed(conn, idempotency_key="defaults"))["created"] is False
+    await create_keyed(conn, priority=5, idempotency_key="priority")
+    error = await idempotency_conflict(conn, create_keyed(conn, idempotency_key="priority"))
     assert "different priority" in str(error)
 
 
 async def test_run_at_compares_as_requested_not_as_the_job_moved(conn: Conn) -> None:
     asked = datetime.now(UTC) - timedelta(minutes=5)  # due: claimable now
-    job = await create_idempotency(conn, run_at=asked, idempotency_key="scheduled")
+    job = await create_keyed(conn, run_at=asked, idempotency_key="scheduled")
     (claimed,) = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w1')")
     backoff = "SELECT FROM aiservice.fail_job($1, 'w1', 'timeout', 'slow', p_retry_after => '1 hour')"
     await conn.execute(backoff, job["id"])
     moved = await conn.fetchval("SELECT run_at FROM aiservice.all_jobs WHERE id = $1", job["id"])
     assert claimed["id"] == job["id"] and moved > datetime.now(UTC)
     # The job's run_at moved with its backoff; the request is still the same.
-    assert (await create_idempotency(conn, run_at=asked, idempotency_key="scheduled"))["created"] is False
+    assert (await create_keyed(conn, run_at=asked, idempotency_key="scheduled"))["created"] is False
     # Left out where the first gave one, given where the first left it out: different requests.
+    assert "different run_at" in str(await idempotency_conflict(conn, create_keyed(conn, idempotency_key="scheduled")))
+    await create_keyed(conn, idempotency_key="asap")
     assert "different run_at" in str(
-        await refused_idempotency(conn, create_idempotency(conn, idempotency_key="scheduled"))
-    )
-    await create_idempotency(conn, idempotency_key="asap")
-    assert "different run_at" in str(
-        await refused_idempotency(conn, create_idempotency(conn, run_at=asked, idempotency_key="asap"))
+        await idempotency_conflict(conn, create_keyed(conn, run_at=asked, idempotency_key="asap"))
     )
 
 
 async def test_dependencies_are_part_of_the_request(conn: Conn) -> None:
-    a = await create_idempotency(conn, owner_ref="a")
-    b = await create_idempotency(conn, owner_ref="b")
-    await create_idempotency(conn, depends_on=[a["id"], b["id"]], idempotency_key="after")
-    assert (await create_idempotency(conn, depends_on=[a["id"], b["id"]], idempotency_key="after"))["created"] is False
+    a = await create_keyed(conn, owner_ref="a")
+    b = await create_keyed(conn, owner_ref="b")
+    await create_keyed(conn, depends_on=[a["id"], b["id"]], idempotency_key="after")
+    assert (await create_keyed(conn, depends_on=[a["id"], b["id"]], idempotency_key="after"))["created"] is False
     for other in ([b["id"], a["id"]], [a["id"]], None):
-        error = await refused_idempotency(conn, create_idempotency(conn, depends_on=other, idempotency_key="after"))
+        error = await idempotency_conflict(conn, create_keyed(conn, depends_on=other, idempotency_key="after"))
         assert "different depends_on" in str(error)
     assert (await counts(conn))[0] == 3
 
@@ -364,11 +351,11 @@ async def test_dependencies_are_part_of_the_request(conn: Conn) -> None:
 async def test_the_readme_pipeline_after_the_walkthrough_job_creates_nothing(conn: Conn) -> None:
     """The walk-through made beeline/42/analysis and cancelled it; the telephony pipeline for call 42
     uses the same key for another request: refused, and its transcription is not created either."""
-    walkthrough = await create_idempotency(conn, **WALKTHROUGH_ANALYSIS)
+    walkthrough = await create_keyed(conn, **WALKTHROUGH_ANALYSIS)
     await conn.execute("SELECT FROM aiservice.cancel_job($1)", walkthrough["id"])
     before = await counts(conn)
     body = telephony_pipeline()
-    error = await refused_idempotency(conn, create_jobs_idempotency(conn, body["jobs"], body["defaults"]))
+    error = await idempotency_conflict(conn, create_jobs_keyed(conn, body["jobs"], body["defaults"]))
     assert f'jobs[1]: idempotency_key "beeline/42/analysis" already names job {walkthrough["id"]}' in str(error)
     assert "input, depends_on" in str(error)
     assert await counts(conn) == before
@@ -378,27 +365,27 @@ async def test_the_readme_pipeline_after_the_walkthrough_job_creates_nothing(con
 
 async def test_a_repeated_pipeline_answers_the_same_jobs(conn: Conn) -> None:
     body = telephony_pipeline("43")
-    first = await create_jobs_idempotency(conn, body["jobs"], body["defaults"])
-    again = await create_jobs_idempotency(conn, body["jobs"], body["defaults"])
+    first = await create_jobs_keyed(conn, body["jobs"], body["defaults"])
+    again = await create_jobs_keyed(conn, body["jobs"], body["defaults"])
     assert [r["created"] for r in first] == [True, True]
     assert [r["created"] for r in again] == [False, False]
     assert [r["id"] for r in again] == [r["id"] for r in first]
     # "$0" resolves to the job item 0 answers: naming that job by its id is the same request.
     by_id = [body["jobs"][0], body["jobs"][1] | {"depends_on": [first[0]["id"]]}]
-    assert [r["id"] for r in await create_jobs_idempotency(conn, by_id, body["defaults"])] == [r["id"] for r in first]
+    assert [r["id"] for r in await create_jobs_keyed(conn, by_id, body["defaults"])] == [r["id"] for r in first]
     # Alone, the analysis names its transcription by id: also the same request.
-    alone = await create_jobs_idempotency(conn, [by_id[1]], body["defaults"])
+    alone = await create_jobs_keyed(conn, [by_id[1]], body["defaults"])
     assert (alone[0]["id"], alone[0]["created"]) == (first[1]["id"], False)
     assert await counts(conn) == (2, 1, 1)
 
 
 async def test_a_repeat_whose_dependency_is_new_is_refused(conn: Conn) -> None:
     body = telephony_pipeline("44")
-    first = await create_jobs_idempotency(conn, body["jobs"], body["defaults"])
+    first = await create_jobs_keyed(conn, body["jobs"], body["defaults"])
     before = await counts(conn)
     # A new transcription (another key): "$0" is a new job, which the existing analysis does not depend on.
     jobs = [body["jobs"][0] | {"idempotency_key": "beeline/44/transcribe-again"}, body["jobs"][1]]
-    error = await refused_idempotency(conn, create_jobs_idempotency(conn, jobs, body["defaults"]))
+    error = await idempotency_conflict(conn, create_jobs_keyed(conn, jobs, body["defaults"]))
     assert "jobs[1]: " in str(error) and f"job {first[1]['id']}" in str(error) and "depends_on" in str(error)
     assert await counts(conn) == before
 
@@ -406,27 +393,27 @@ async def test_a_repeat_whose_dependency_is_new_is_refused(conn: Conn) -> None:
 async def test_defaults_are_part_of_the_request(conn: Conn) -> None:
     jobs = [{"owner_ref": "r", "idempotency_key": "d1"}]
     defaults = {"owner_service": "s", "task_type": "t", "model_profile": "m", "priority": 5}
-    await create_jobs_idempotency(conn, jobs, defaults)
-    assert [r["created"] for r in await create_jobs_idempotency(conn, jobs, defaults)] == [False]
+    await create_jobs_keyed(conn, jobs, defaults)
+    assert [r["created"] for r in await create_jobs_keyed(conn, jobs, defaults)] == [False]
     # The same job written out without defaults is the same request too.
     spelled = [{"owner_ref": "r", "idempotency_key": "d1", "owner_service": "s", "task_type": "t",
                 "model_profile": "m", "priority": 5}]  # fmt: skip
-    assert [r["created"] for r in await create_jobs_idempotency(conn, spelled)] == [False]
-    error = await refused_idempotency(conn, create_jobs_idempotency(conn, jobs, defaults | {"priority": 0}))
+    assert [r["created"] for r in await create_jobs_keyed(conn, spelled)] == [False]
+    error = await idempotency_conflict(conn, create_jobs_keyed(conn, jobs, defaults | {"priority": 0}))
     assert "jobs[0]: " in str(error) and "different priority" in str(error)
 
 
 async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
     defaults = {"owner_service": "s", "task_type": "t", "model_profile": "m"}
-    await create_jobs_idempotency(conn, [{"owner_ref": "r", "idempotency_key": "k"}], defaults)
+    await create_jobs_keyed(conn, [{"owner_ref": "r", "idempotency_key": "k"}], defaults)
     before = await counts(conn)
     jobs = [{"owner_ref": "new-1"}, {"owner_ref": "other", "idempotency_key": "k"}, {"owner_ref": "new-2"}]
-    error = await refused_idempotency(conn, create_jobs_idempotency(conn, jobs, defaults))
+    error = await idempotency_conflict(conn, create_jobs_keyed(conn, jobs, defaults))
     assert json.loads(error.detail or "")["index"] == 1  # type: ignore[attr-defined]
     assert await counts(conn) == before
     # Twice in one batch: the second is a repeat of the first, so it must be the same request too.
     twice = [{"owner_ref": "x", "idempotency_key": "t"}, {"owner_ref": "y", "idempotency_key": "t"}]
-    assert "jobs[1]: " in str(await refused_idempotency(conn, create_jobs_idempotency(conn, twice, defaults)))
+    assert "jobs[1]: " in str(await idempotency_conflict(conn, create_jobs_keyed(conn, twice, defaults)))
     assert await counts(conn) == before
 
 
@@ -435,7 +422,7 @@ async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
 # every read answers as if there were one table.
 
 
-async def claim_history(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
+async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
 
 
@@ -457,7 +444,7 @@ async def test_an_idempotency_key_names_its_job_live_or_finished(conn: Conn) -> 
     first, created = await conn.fetchrow(create)
     assert created
     assert tuple(await conn.fetchrow(create)) == (first, False)
-    (claimed,) = await claim_history(conn)
+    (claimed,) = await claim_tokens(conn)
     await complete(conn, [claimed])
     assert tuple(await conn.fetchrow(create)) == (first, False)  # finished, in job_history
     rows = await conn.fetch(

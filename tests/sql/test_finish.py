@@ -11,17 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import JobFactory
-from sqlapi import (
-    RETRYABLE,
-    Conn,
-    call,
-    claim,
-    create,
-    get,
-    one,
-    refused,
-    running,
-)
+from sqlapi import RETRYABLE, Conn, call, claim, create, get, one, refused, running
 
 from aiservice import errors
 from aiservice.db.store import JobStore
@@ -375,7 +365,7 @@ async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def claim_history(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
+async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
 
 
@@ -399,7 +389,7 @@ async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
 
 async def test_every_way_of_finishing_moves_the_job_and_a_retry_brings_it_back(conn: Conn) -> None:
     done, failed, cancelled, expired, waiting = await new_jobs(conn, 5, max_attempts=1)
-    claimed = {r["id"]: r for r in await claim_history(conn)}
+    claimed = {r["id"]: r for r in await claim_tokens(conn)}
     assert set(claimed) == {done, failed, cancelled, expired, waiting}
     await conn.execute("SELECT 1 FROM aiservice.release_job($1, 'w')", waiting)
     assert await complete(conn, [claimed[done]]) == ["completed"]
@@ -441,7 +431,7 @@ async def test_the_live_table_refuses_a_finished_row(conn: Conn) -> None:
 
 async def test_a_finished_job_answers_as_finished_to_its_worker_and_to_cancel(conn: Conn) -> None:
     (job_id,) = await new_jobs(conn, 1)
-    (claimed,) = await claim_history(conn)
+    (claimed,) = await claim_tokens(conn)
     assert await complete(conn, [claimed]) == ["completed"]
     assert await complete(conn, [claimed]) == ["lease_lost"]  # not "not_found": it exists, finished
     with pytest.raises(asyncpg.PostgresError) as lost:

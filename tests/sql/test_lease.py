@@ -11,18 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import (
-    Conn,
-    call,
-    claim,
-    count,
-    create,
-    expire_lease,
-    get,
-    one,
-    refused,
-    running,
-)
+from sqlapi import Conn, call, claim, count, create, expire_lease, get, one, refused, running
 
 from aiservice.db.pool import connect
 
@@ -279,7 +268,7 @@ def q(sql: str) -> str:
     return sql
 
 
-async def refused_sql_guard(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
+async def refused_statement(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
     with pytest.raises(asyncpg.PostgresError) as caught:
         await conn.fetch(q(sql), *args)
     assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
@@ -289,15 +278,15 @@ async def test_infinite_leases_are_refused(conn: Conn) -> None:
     """PostgreSQL 17+ has infinite intervals: a lease that never expires would hold a job forever."""
     if await conn.fetchval("SHOW server_version_num") < "170000":
         # Older servers reject 'infinity' as an interval before any function runs.
-        await refused_sql_guard(conn, "22007", "SELECT interval 'infinity'")
+        await refused_statement(conn, "22007", "SELECT interval 'infinity'")
         return
     job = await running_job(conn)
     await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'next', 'guard_t', 'm')"))
     before = await snapshot(conn)
-    await refused_sql_guard(conn, "AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
-    await refused_sql_guard(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
-    await refused_sql_guard(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
-    await refused_sql_guard(
+    await refused_statement(conn, "AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
+    await refused_statement(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
+    await refused_statement(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
+    await refused_statement(
         conn, "AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, 'infinity')", job["id"]
     )
     assert await snapshot(conn) == before

@@ -7,16 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlapi import (
-    JOB,
-    Conn,
-    call,
-    claim,
-    create,
-    create_jobs,
-    get,
-    refused,
-)
+from sqlapi import JOB, Conn, call, claim, create, create_jobs, get, refused
 
 
 async def test_get_job(conn: Conn) -> None:
@@ -127,19 +118,19 @@ async def test_list_jobs_limit(conn: Conn) -> None:
 # every read answers as if there were one table.
 
 
-JOB_history = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
+JOB_SPEC = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
 
 
 async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     rows = await conn.fetch(
         "SELECT (j.job).id FROM aiservice.create_jobs($1, $2) j",
         [{"owner_ref": f"call/{i}"} | fields for i in range(n)],
-        JOB_history,
+        JOB_SPEC,
     )
     return [r["id"] for r in rows]
 
 
-async def claim_history(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
+async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
 
 
@@ -155,7 +146,7 @@ async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
 
 async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Conn) -> None:
     ids = await new_jobs(conn, 6)
-    claimed = await claim_history(conn, 3)
+    claimed = await claim_tokens(conn, 3)
     await complete(conn, claimed)
     page = "SELECT id FROM aiservice.list_jobs(p_owner_service => 'telephony', p_before_id => $1, p_limit => 4)"
     first = [r["id"] for r in await conn.fetch(page, None)]

@@ -7,13 +7,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import (
-    Conn,
-    call,
-    claim,
-    create,
-    running,
-)
+from sqlapi import Conn, call, claim, create, running
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate

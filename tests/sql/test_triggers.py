@@ -170,14 +170,14 @@ async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> Non
 # every read answers as if there were one table.
 
 
-JOB_history = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
+JOB_SPEC = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
 
 
 async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     rows = await conn.fetch(
         "SELECT (j.job).id FROM aiservice.create_jobs($1, $2) j",
         [{"owner_ref": f"call/{i}"} | fields for i in range(n)],
-        JOB_history,
+        JOB_SPEC,
     )
     return [r["id"] for r in rows]
 
