@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import Conn, call, claim, count, create, get, one, refused, running
+from sqlapi import JOB, Conn, call, claim, count, create, get, one, refused, running
 from stubs import wait_for
 
 from aiservice.db.pool import connect
@@ -185,14 +185,6 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
 
 
 CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"

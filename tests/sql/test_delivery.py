@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
+from sqlapi import JOB, READS
 from stubs import wait_for
 
 from aiservice.db.pool import connect
@@ -25,14 +26,6 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
 
 
 CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
@@ -114,12 +107,6 @@ async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
 
 # --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
-
-
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
 
 
 async def rows_read(conn: Conn, table: str) -> int:

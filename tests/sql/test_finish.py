@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import JobFactory
-from sqlapi import RETRYABLE, Conn, call, claim, create, get, one, refused, running
+from sqlapi import LEASE, RETRYABLE, Conn, call, claim, create, get, one, refused, running
 
 from aiservice import errors
 from aiservice.db.store import JobStore
@@ -206,9 +206,6 @@ async def test_release_job_refusals(conn: Conn) -> None:
 
 # --- aiservice.complete_jobs (0003): many completions in one call, fenced per job like
 # complete_job.
-
-
-LEASE = timedelta(minutes=15)
 
 
 async def claimed(store: JobStore, job_factory: JobFactory, n: int, worker: str = "w1") -> list[Job]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import Conn, call, claim, count, create, expire_lease, get, one, refused, running
+from sqlapi import JOB, Conn, call, claim, count, create, expire_lease, get, one, refused, running
 
 from aiservice.db.pool import connect
 
@@ -154,14 +154,6 @@ async def test_no_job_stays_running_after_its_worker_died(conn: Conn) -> None:
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
 
 
 CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
+from sqlapi import JOB, call, select
 
 from aiservice.db.pool import connect
 
@@ -24,14 +25,6 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 
 CHANNEL = "aiservice_jobs"
-
-
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
 
 
 class Listener:
@@ -71,15 +64,6 @@ async def listener(database_url: str) -> AsyncIterator[Listener]:
     await conn.add_listener(CHANNEL, heard.on_notify)
     yield heard
     await conn.close()
-
-
-async def select(conn: Conn, function: str, args: dict[str, Any], columns: str = "*") -> list[asyncpg.Record]:
-    params = ", ".join(f"p_{name} => ${i}" for i, name in enumerate(args, 1))
-    return await conn.fetch(f"SELECT {columns} FROM aiservice.{function}({params}) r", *args.values())
-
-
-async def call(conn: Conn, function: str, **args: Any) -> list[asyncpg.Record]:
-    return await select(conn, function, args)
 
 
 async def create(conn: Conn, **args: Any) -> asyncpg.Record:

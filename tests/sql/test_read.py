@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlapi import JOB, Conn, call, claim, create, create_jobs, get, refused
+from sqlapi import JOB, READS, Conn, call, claim, create, create_jobs, get, refused
 
 
 async def test_get_job(conn: Conn) -> None:
@@ -156,12 +156,6 @@ async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Con
 
 # --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
-
-
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
 
 
 async def rows_read(conn: Conn, table: str) -> int:
