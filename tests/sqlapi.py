@@ -114,3 +114,24 @@ async def rows_read(conn: Conn, table: str = "aiservice.jobs") -> int:
     await conn.execute("SELECT pg_stat_force_next_flush()")
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     return int(await conn.fetchval(READS, table))
+
+
+async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
+    """Up to ``limit`` jobs claimed by worker 'w': their ids and lease tokens."""
+    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
+
+
+# Statements as a careless or hostile caller types them (the guard tests).
+
+
+def q(sql: str) -> str:
+    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
+    if sql.startswith("SELECT * FROM aiservice.create_job"):
+        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
+    return sql
+
+
+async def refused_statement(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await conn.fetch(q(sql), *args)
+    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))

@@ -7,8 +7,7 @@ from typing import Any
 from uuid import uuid4
 
 import asyncpg
-import pytest
-from sqlapi import Conn
+from sqlapi import Conn, q, refused_statement
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobStatus
@@ -53,19 +52,6 @@ async def running_job(conn: Conn) -> asyncpg.Record:
     rows = await conn.fetch("SELECT * FROM aiservice.claim_jobs('w1', 1, ARRAY['guard_t'])")
     job: asyncpg.Record = rows[0]
     return job
-
-
-def q(sql: str) -> str:
-    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
-    if sql.startswith("SELECT * FROM aiservice.create_job"):
-        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
-    return sql
-
-
-async def refused(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await conn.fetch(q(sql), *args)
-    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
 
 
 async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_nothing(conn: Conn) -> None:
@@ -174,7 +160,7 @@ async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_no
         ("22P02", "SELECT * FROM aiservice.cancel_jobs(p_statuses => '{bogus}')", ()),
     ]
     for sqlstate, sql, args in cases:
-        await refused(conn, sqlstate, sql, *args)
+        await refused_statement(conn, sqlstate, sql, *args)
     assert await snapshot(conn) == before
     # What is refused inside a batch leaves no row behind.
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(before)

@@ -12,7 +12,7 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
-from sqlapi import JOB, Conn, call, claim, count, create, create_jobs, get, refused, select
+from sqlapi import JOB, Conn, call, claim, claim_tokens, count, create, create_jobs, get, refused, select
 
 from aiservice.db.pool import connect
 
@@ -420,10 +420,6 @@ async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
 # --- Live jobs apart from history: a finished job leaves aiservice.jobs for
 # aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
 # every read answers as if there were one table.
-
-
-async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
 
 
 async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:

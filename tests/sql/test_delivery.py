@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
-from sqlapi import JOB, READS
+from sqlapi import JOB, rows_read
 from stubs import wait_for
 
 from aiservice.db.pool import connect
@@ -107,13 +107,6 @@ async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
 
 # --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
-
-
-async def rows_read(conn: Conn, table: str) -> int:
-    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS, table))
 
 
 async def batch(store: JobStore, owner: str, n: int = 1) -> int:

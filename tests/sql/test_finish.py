@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import JobFactory
-from sqlapi import LEASE, RETRYABLE, Conn, call, claim, create, get, one, refused, running
+from sqlapi import LEASE, RETRYABLE, Conn, call, claim, claim_tokens, create, get, one, refused, running
 
 from aiservice import errors
 from aiservice.db.store import JobStore
@@ -360,10 +360,6 @@ async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
         JOB,
     )
     return [r["id"] for r in rows]
-
-
-async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
 
 
 async def where(conn: Conn, job_id: int) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import JOB, Conn, call, claim, count, create, expire_lease, get, one, refused, running
+from sqlapi import JOB, Conn, call, claim, count, create, expire_lease, get, one, q, refused, refused_statement, running
 
 from aiservice.db.pool import connect
 
@@ -251,19 +251,6 @@ async def running_job(conn: Conn) -> asyncpg.Record:
     rows = await conn.fetch("SELECT * FROM aiservice.claim_jobs('w1', 1, ARRAY['guard_t'])")
     job: asyncpg.Record = rows[0]
     return job
-
-
-def q(sql: str) -> str:
-    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
-    if sql.startswith("SELECT * FROM aiservice.create_job"):
-        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
-    return sql
-
-
-async def refused_statement(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await conn.fetch(q(sql), *args)
-    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
 
 
 async def test_infinite_leases_are_refused(conn: Conn) -> None:

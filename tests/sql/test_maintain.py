@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 from conftest import JobFactory
+from sqlapi import claim_tokens
 
 from aiservice import errors
 from aiservice.db.store import JobStore
@@ -71,10 +72,6 @@ async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def claim(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
-
-
 async def where(conn: Conn, job_id: int) -> str:
     """The table a job's row is in: 'jobs', 'job_history', or '' (none)."""
     live = await conn.fetchval("SELECT count(*) FROM aiservice.jobs WHERE id = $1", job_id)
@@ -103,14 +100,14 @@ async def test_maintain_makes_day_partitions_ahead_and_finished_jobs_land_in_tod
     assert names == {"job_history_default"} | {f"job_history_p{(today + timedelta(days=d)):%Y%m%d}" for d in range(3)}
     assert (await conn.fetchval("SELECT aiservice.maintain()"))["prepare_history"] == 0
     (job_id,) = await new_jobs(conn, 1)
-    await complete(conn, await claim(conn))
+    await complete(conn, await claim_tokens(conn))
     part = await conn.fetchval("SELECT tableoid::regclass::text FROM aiservice.job_history WHERE id = $1", job_id)
     assert part == f"aiservice.job_history_p{today:%Y%m%d}"
 
 
 async def test_a_partition_made_late_takes_its_day_out_of_the_default_partition(conn: Conn) -> None:
     ids = await new_jobs(conn, 3)
-    await complete(conn, await claim(conn))  # no partition yet: all three in the default partition
+    await complete(conn, await claim_tokens(conn))  # no partition yet: all three in the default partition
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_history_default") == 3
     assert await conn.fetchval("SELECT aiservice.prepare_history(0)") == 1
     assert await conn.fetchval("SELECT count(*) FROM aiservice.job_history_default") == 0
@@ -128,7 +125,7 @@ async def test_retention_drops_whole_days_and_keeps_what_live_jobs_depend_on(con
         "INSERT INTO aiservice.job_keys (owner_service, idempotency_key, job_id) VALUES ('telephony', 'old', $1)", keyed
     )
     await conn.execute("UPDATE aiservice.jobs SET idempotency_key = 'old' WHERE id = $1", keyed)
-    await complete(conn, await claim(conn))
+    await complete(conn, await claim_tokens(conn))
     waiting = (await conn.fetchrow(
         "SELECT (r.job).id FROM aiservice.create_job('telephony', 'next', 'llm_chat', 'qwen', p_depends_on => $1, "
         "p_run_at => now() + interval '1 day') r", [needed]))["id"]  # fmt: skip
@@ -157,7 +154,7 @@ async def test_retention_drops_whole_days_and_keeps_what_live_jobs_depend_on(con
 async def test_retention_keeps_a_day_that_has_not_ended_before_the_cutoff(conn: Conn) -> None:
     await conn.execute("SELECT aiservice.prepare_history(0)")
     (job_id,) = await new_jobs(conn, 1)
-    await complete(conn, await claim(conn))
+    await complete(conn, await claim_tokens(conn))
     assert await conn.fetchval("SELECT aiservice.purge_jobs(interval '1 hour')") == 0
     assert await where(conn, job_id) == "job_history"
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlapi import JOB, READS, Conn, call, claim, create, create_jobs, get, refused
+from sqlapi import JOB, Conn, call, claim, claim_tokens, create, create_jobs, get, refused, rows_read
 
 
 async def test_get_job(conn: Conn) -> None:
@@ -130,10 +130,6 @@ async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def claim_tokens(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
-
-
 async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
     rows = await conn.fetch(
         "SELECT outcome FROM aiservice.complete_jobs('w', $1, $2, $3)",
@@ -156,13 +152,6 @@ async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Con
 
 # --- The read routes the operator console uses: batches listed newest first, jobs by error
 # category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
-
-
-async def rows_read(conn: Conn, table: str) -> int:
-    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS, table))
 
 
 async def test_a_rare_error_category_reads_a_page_of_rows(conn: Conn) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import Conn, call, claim, create, running
+from sqlapi import Conn, call, claim, create, q, refused_statement, running
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
@@ -168,22 +168,9 @@ async def test_old_finishes_leave_the_windows(store: JobStore, conn: Conn) -> No
 CHECK = "23514"
 
 
-def q(sql: str) -> str:
-    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
-    if sql.startswith("SELECT * FROM aiservice.create_job"):
-        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
-    return sql
-
-
-async def refused(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await conn.fetch(q(sql), *args)
-    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
-
-
 async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
     """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
-    await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
+    await refused_statement(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
     await conn.fetch(q("SELECT * FROM aiservice.create_job('s', 'r', 't', 'm')"))
     with pytest.raises(asyncpg.CheckViolationError):
         await conn.execute("UPDATE aiservice.jobs SET run_at = '-infinity'")  # even a direct UPDATE

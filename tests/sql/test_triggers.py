@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
+from sqlapi import claim_tokens
 
 # --- The row triggers on aiservice.jobs: work linear in the rows a statement changes,
 # whatever the session did before.
@@ -182,10 +183,6 @@ async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def claim(conn: Conn, limit: int = 10) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT id, lease_token FROM aiservice.claim_jobs('w', $1)", limit)
-
-
 async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
     rows = await conn.fetch(
         "SELECT outcome FROM aiservice.complete_jobs('w', $1, $2, $3)",
@@ -199,7 +196,7 @@ async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
 async def test_counts_and_batch_counts_follow_the_moves(conn: Conn) -> None:
     ids = await new_jobs(conn, 4, max_attempts=1)
     batch = await conn.fetchval("SELECT batch_id FROM aiservice.jobs WHERE id = $1", ids[0])
-    claimed = await claim(conn)
+    claimed = await claim_tokens(conn)
     await complete(conn, claimed[:2])
     await conn.execute("SELECT 1 FROM aiservice.fail_job($1, 'w', 'invalid_input', p_retryable => false)", ids[2])
     await conn.execute("SELECT 1 FROM aiservice.retry_job($1)", ids[2])
