@@ -180,8 +180,7 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
     assert await count(conn, "status IN ('pending', 'running')") == 0
 
 
-# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
-# idempotency, fencing).
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]

@@ -173,8 +173,7 @@ async def test_claim_returns_expired_jobs_to_the_queue_first(conn: Conn) -> None
     assert again["lease_token"] != first["lease_token"]
 
 
-# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
-# claim cost.
+# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share, claim cost.
 
 
 async def complete(conn: Conn, job_id: int, worker: str = "w1", result: dict[str, Any] | None = None) -> None:
@@ -308,8 +307,8 @@ async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobSt
     assert (await store.get_job(job["id"])).status == "pending"
 
 
-# --- Claims under limits, where they used to go wrong: owners a claim cannot serve,
-# starts counted per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
+# --- Claims under limits, where they used to go wrong: owners a claim cannot serve, starts counted per minute, a
+# pause racing claims in flight, a provider's long retry_after, fields per scope.
 
 
 async def hold_back(conn: Conn, held_by: str) -> list[str] | None:
@@ -427,8 +426,8 @@ async def test_a_pause_waits_for_claims_in_flight(
         await pauser.close()
 
 
-# --- The claim's short cut (one owner at a priority level that no owner or task type
-# limit restricts) gives the scheduler's answers.
+# --- The claim's short cut (one owner at a priority level that no owner or task type limit restricts) gives the
+# scheduler's answers.
 
 
 PROFILES = ["A", "B", "C"]
@@ -517,8 +516,8 @@ async def test_a_one_owner_claim_without_limits_leaves_fair_share_alone(conn: Co
         await tx.rollback()
 
 
-# --- The weighted-fair quota (aiservice.fair_quota), called with plain SELECTs: how many
-# of a claim's jobs each owner at a priority level gets, from its service so far, its weight and the lag floor.
+# --- The weighted-fair quota (aiservice.fair_quota), called with plain SELECTs: how many of a claim's jobs each
+# owner at a priority level gets, from its service so far, its weight and the lag floor.
 
 
 # (served, got, weights, floor, take) -> quotas, as SQL literals so that each case is the SELECT
@@ -605,8 +604,7 @@ async def test_fair_quota_hands_out_jobs_one_at_a_time_to_the_least_served(conn:
         assert sum(quota) == (take if any(s is not None for s in served) else 0)
 
 
-# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
-# idempotency, fencing).
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]

@@ -31,10 +31,10 @@ async def test_backoff_function_bounds_and_jitter(conn: Conn) -> None:
 
 # --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
 #
-# Each function is called with what a careless or hostile caller might pass: NULLs, negative or infinite values,
-# bad categories, wrong or missing lease tokens, fields that are not arguments. Every call is refused with a
-# documented SQLSTATE (AS404/AS409/AS410/AS422, or a check violation, which the API answers 422 as well), and
-# afterwards every job is exactly as it was.
+# Each function is called with what a careless or hostile caller might pass: NULLs, negative or infinite values, bad
+# categories, wrong or missing lease tokens, fields that are not arguments. Every call is refused with a documented
+# SQLSTATE (AS404/AS409/AS410/AS422, or a check violation, which the API answers 422 as well), and afterwards every
+# job is exactly as it was.
 
 
 CHECK = "23514"

@@ -203,8 +203,7 @@ async def test_create_jobs_is_all_or_nothing(conn: Conn) -> None:
     assert await count(conn) == 0
 
 
-# --- Idempotency keys: a repeat must be the same request, or it is refused and nothing is
-# created.
+# --- Idempotency keys: a repeat must be the same request, or it is refused and nothing is created.
 
 
 KEYED_JOB = {
@@ -417,9 +416,9 @@ async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
     assert await counts(conn) == before
 
 
-# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
-# aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
-# every read answers as if there were one table.
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
 
 
 async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
@@ -472,8 +471,7 @@ async def test_concurrent_creates_with_one_key_make_one_job(conn: Conn, database
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == 1
 
 
-# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
-# idempotency, fencing).
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]

@@ -7,22 +7,18 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import JOB, rows_read
+from sqlapi import JOB, Conn, rows_read
 from stubs import wait_for
 
 from aiservice.db.pool import connect
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
-# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
-# idempotency, fencing).
-
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]
@@ -105,8 +101,8 @@ async def test_a_batch_finished_by_concurrent_completers_is_announced_once(
         await listener.close()
 
 
-# --- The read routes the operator console uses: batches listed newest first, jobs by error
-# category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
+# --- The read routes the operator console uses: batches listed newest first, jobs by error category, a job's
+# dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
 
 
 async def batch(store: JobStore, owner: str, n: int = 1) -> int:

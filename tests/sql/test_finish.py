@@ -204,8 +204,7 @@ async def test_release_job_refusals(conn: Conn) -> None:
     await refused("AS410", call(conn, "release_job", id=job["id"], worker_id="w1"))
 
 
-# --- aiservice.complete_jobs (0003): many completions in one call, fenced per job like
-# complete_job.
+# --- aiservice.complete_jobs (0003): many completions in one call, fenced per job like complete_job.
 
 
 async def claimed(store: JobStore, job_factory: JobFactory, n: int, worker: str = "w1") -> list[Job]:
@@ -345,9 +344,9 @@ async def test_concurrent_batches_over_the_same_jobs_complete_each_once(
         assert (await store.get_job(j.id)).result == {"by": winner}
 
 
-# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
-# aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
-# every read answers as if there were one table.
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
 
 
 JOB = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}

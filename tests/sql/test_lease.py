@@ -149,8 +149,7 @@ async def test_no_job_stays_running_after_its_worker_died(conn: Conn) -> None:
     assert (await get(conn, job["id"]))["status"] == "failed"
 
 
-# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED,
-# idempotency, fencing).
+# --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
 Connections = Callable[[int], Awaitable[list[Conn]]]

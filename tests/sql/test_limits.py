@@ -15,8 +15,7 @@ from sqlapi import Conn, call, claim, jobs, one, set_limit
 from aiservice import rules
 from aiservice.jobs import LimitScope
 
-# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share,
-# claim cost.
+# --- The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share, claim cost.
 
 
 async def complete(conn: Conn, job_id: int, worker: str = "w1", result: dict[str, Any] | None = None) -> None:
@@ -173,8 +172,8 @@ async def test_cool_down_can_be_turned_off_per_profile(conn: Conn) -> None:
     assert len(await claim(conn)) == 1
 
 
-# --- Claims under limits, where they used to go wrong: owners a claim cannot serve,
-# starts counted per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
+# --- Claims under limits, where they used to go wrong: owners a claim cannot serve, starts counted per minute, a
+# pause racing claims in flight, a provider's long retry_after, fields per scope.
 
 
 WEEK = timedelta(days=7)

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
 from conftest import JobFactory
-from sqlapi import claim_tokens
+from sqlapi import Conn, claim_tokens
 
 from aiservice import errors
 from aiservice.db.store import JobStore
 
-# --- aiservice.maintain(): one pass of lease expiry, retention and counter folding that any
-# process may run.
-
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# --- aiservice.maintain(): one pass of lease expiry, retention and counter folding that any process may run.
 
 
 async def expired_lease(conn: Conn, job_factory: JobFactory) -> int:
@@ -55,9 +51,9 @@ async def test_a_pass_in_progress_elsewhere_is_not_waited_for(conn: Conn, databa
         await other.close()
 
 
-# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
-# aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
-# every read answers as if there were one table.
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
 
 
 JOB = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}

@@ -6,22 +6,18 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import JOB, call, select
+from sqlapi import JOB, Conn, call, select
 
 from aiservice.db.pool import connect
 
-# --- NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker
-# listens.
+# --- NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker listens.
 #
-# Notifications are delivered in commit order, so after each action the test sends a marker on the same channel
-# and collects everything that arrived before it: counts are exact, with no sleeps.
-
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# Notifications are delivered in commit order, so after each action the test sends a marker on the same channel and
+# collects everything that arrived before it: counts are exact, with no sleeps.
 
 
 CHANNEL = "aiservice_jobs"

@@ -6,18 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import claim, create, create_jobs, rows_read
+from sqlapi import Conn, claim, create, create_jobs, rows_read
 
 from aiservice.db.store import JobStore
 
 # --- Pipelines: jobs that wait for other jobs and use their results.
-
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 
 LEASE = timedelta(minutes=5)

@@ -113,9 +113,9 @@ async def test_list_jobs_limit(conn: Conn) -> None:
     assert len(await listed(conn, limit=None)) == 60
 
 
-# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
-# aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
-# every read answers as if there were one table.
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
 
 
 JOB_SPEC = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
@@ -150,8 +150,8 @@ async def test_a_list_pages_through_live_and_finished_jobs_in_id_order(conn: Con
     assert first + second == sorted(ids, reverse=True)
 
 
-# --- The read routes the operator console uses: batches listed newest first, jobs by error
-# category, a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
+# --- The read routes the operator console uses: batches listed newest first, jobs by error category, a job's
+# dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike.
 
 
 async def test_a_rare_error_category_reads_a_page_of_rows(conn: Conn) -> None:

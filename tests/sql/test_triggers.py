@@ -5,21 +5,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import claim_tokens
+from sqlapi import Conn, claim_tokens
 
-# --- The row triggers on aiservice.jobs: work linear in the rows a statement changes,
-# whatever the session did before.
+# --- The row triggers on aiservice.jobs: work linear in the rows a statement changes, whatever the session did
+# before.
 #
-# PL/pgSQL keeps a statement's plan for the session; a plan made for a one-row transition table joins a large one
-# by nested loop. These tests count the rows every plan node produced, as the executor counted them (auto_explain
-# with log_analyze, sent to the client), and compare the sum with a bound linear in the rows changed.
-
-
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# PL/pgSQL keeps a statement's plan for the session; a plan made for a one-row transition table joins a large one by
+# nested loop. These tests count the rows every plan node produced, as the executor counted them (auto_explain with
+# log_analyze, sent to the client), and compare the sum with a bound linear in the rows changed.
 
 
 JOB = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen2.5-14b"}
@@ -166,9 +163,9 @@ async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> Non
     assert documented == actual
 
 
-# --- Live jobs apart from history: a finished job leaves aiservice.jobs for
-# aiservice.job_history (partitioned by day), a retry brings it back, retention drops whole day partitions, and
-# every read answers as if there were one table.
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
 
 
 JOB_SPEC = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
