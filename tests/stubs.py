@@ -373,31 +373,19 @@ async def wait_for_outcome(store: JobStore, job_id: int, *, within: float = 10.0
 # A provider that signs its answers with the worker that asked (the fault tests).
 
 
-class SigningStub:
+class SigningStub(StubServer):
     """An OpenAI-compatible chat server at /w/{worker}/v1: its answer names the worker that asked."""
 
     def __init__(self, *, seed: int = 7, delay: tuple[float, float] = (0.02, 0.15)) -> None:
+        super().__init__()
         self.asked: Counter[tuple[str, str]] = Counter()  # (worker, prompt) -> requests
         self.answered: Counter[tuple[str, str]] = Counter()  # (worker, prompt) -> answers sent
         self._random = random.Random(seed)
         self._delay = delay
-        self.app = web.Application()
         self.app.router.add_post("/w/{worker}/v1/chat/completions", self._chat)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     def base_url(self, worker: str) -> str:
-        return f"http://127.0.0.1:{self.port}/w/{worker}/v1"
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return f"{self.url}/w/{worker}/v1"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         worker = request.match_info["worker"]
