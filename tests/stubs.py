@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
+import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import BodyPartReader, web
+from standardwebhooks.webhooks import Webhook as Verifier
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import Job
@@ -283,24 +283,6 @@ class AsrStub(StubServer):
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
 API_KEY = "sk-test-secret-key-0123456789"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_worker_process(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m aiservice.cli worker` as a real process, its output going to ``log``."""
-    return start_cli_process("worker", environment, log)
-
-
-def start_cli_process(command: str, environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m aiservice.cli COMMAND` (worker, serve) as a real process, its output going to ``log``."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "aiservice.cli", command],
-            cwd=ROOT,
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 @pytest.fixture
@@ -398,3 +380,110 @@ async def wait_for_outcome(store: JobStore, job_id: int, *, within: float = 10.0
 
     await wait_for(ended, within=within, what=f"job {job_id} to end an attempt (is {job.status})")
     return job
+
+
+# A provider that signs its answers with the worker that asked (the fault tests).
+
+
+class SigningStub(StubServer):
+    """An OpenAI-compatible chat server at /w/{worker}/v1: its answer names the worker that asked."""
+
+    def __init__(self, *, seed: int = 7, delay: tuple[float, float] = (0.02, 0.15)) -> None:
+        super().__init__()
+        self.asked: Counter[tuple[str, str]] = Counter()  # (worker, prompt) -> requests
+        self.answered: Counter[tuple[str, str]] = Counter()  # (worker, prompt) -> answers sent
+        self._random = random.Random(seed)
+        self._delay = delay
+        self.app.router.add_post("/w/{worker}/v1/chat/completions", self._chat)
+
+    def base_url(self, worker: str) -> str:
+        return f"{self.url}/w/{worker}/v1"
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        worker = request.match_info["worker"]
+        body = await request.json()
+        prompt = str(body["messages"][-1]["content"])
+        self.asked[worker, prompt] += 1
+        await asyncio.sleep(self._random.uniform(*self._delay))
+        self.answered[worker, prompt] += 1
+        content = f"{worker}|{prompt}"
+        return web.json_response(
+            {
+                "id": "chatcmpl-fault",
+                "object": "chat.completion",
+                "created": 0,
+                "model": str(body.get("model")),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+
+@pytest.fixture
+async def signing_stub() -> AsyncIterator[SigningStub]:
+    stub = SigningStub()
+    await stub.start()
+    yield stub
+    await stub.close()
+
+
+async def poll(check: Callable[[], Any], *, within: float, what: str, every: float = 0.05) -> Any:
+    """Await ``check()`` until it returns something truthy; return that."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+# A webhook receiver (the delivery and webhook tests).
+
+
+async def finish(store: JobStore, job_id: int, result: dict[str, Any] | None = None) -> None:
+    kind = await store.get_job(job_id)
+    (job,) = await store.claim_jobs("w", 1, lease_timeout=timedelta(minutes=5), task_types=[kind.task_type])
+    assert job.id == job_id
+    await store.complete_job(job_id, "w", result or {"ok": True})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Receiver(StubServer):
+    """A webhook receiver verifying every request with the standardwebhooks package."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secret = ""
+        self.verified: list[dict[str, Any]] = []
+        self.ids: list[str] = []
+        self.answers: list[int] = []  # statuses to answer first, then 204
+        self.app.router.add_post("/hook", self._hook)
+
+    async def _hook(self, request: web.Request) -> web.StreamResponse:
+        body = await request.text()
+        headers = {k: v for k, v in request.headers.items()}
+        self.verified.append(Verifier(self.secret).verify(body, headers))
+        self.ids.append(request.headers["webhook-id"])
+        return web.Response(status=self.answers.pop(0) if self.answers else 204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def register(api: Any, receiver: Receiver, owner: str = "telephony", **extra: Any) -> dict[str, Any]:
+    response = await api.put(f"/api/v1/webhooks/{owner}", json={"url": f"{receiver.url}/hook"} | extra)
+    assert response.status == 200, await response.text()
+    hook: dict[str, Any] = await response.json()
+    receiver.secret = hook["secret"] or receiver.secret  # shown only when created or rotated
+    return hook

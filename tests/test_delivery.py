@@ -8,30 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
-from aiohttp import web
 from conftest import JSON_HEADERS, ClientFactory, JobFactory, job_spec
-from standardwebhooks.webhooks import Webhook as Verifier
-from stubs import StubServer, wait_for
+from stubs import Receiver, finish, receiver, register, wait_for
 
 from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
+__all__ = ["receiver"]
+
 Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
 LEASE = timedelta(minutes=5)
-
-
-async def finish(store: JobStore, job_id: int, result: dict[str, Any] | None = None) -> None:
-    kind = await store.get_job(job_id)
-    (job,) = await store.claim_jobs("w", 1, lease_timeout=LEASE, task_types=[kind.task_type])
-    assert job.id == job_id
-    await store.complete_job(job_id, "w", result or {"ok": True})
 
 
 class Listener:
@@ -209,44 +202,6 @@ async def test_a_lost_notification_costs_at_most_the_recheck(
     started = time.monotonic()
     got = await (await waiting).json()
     assert got["status"] == "cancelled" and time.monotonic() - started < 2.5
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Receiver(StubServer):
-    """A webhook receiver verifying every request with the standardwebhooks package."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secret = ""
-        self.verified: list[dict[str, Any]] = []
-        self.ids: list[str] = []
-        self.answers: list[int] = []  # statuses to answer first, then 204
-        self.app.router.add_post("/hook", self._hook)
-
-    async def _hook(self, request: web.Request) -> web.StreamResponse:
-        body = await request.text()
-        headers = {k: v for k, v in request.headers.items()}
-        self.verified.append(Verifier(self.secret).verify(body, headers))
-        self.ids.append(request.headers["webhook-id"])
-        return web.Response(status=self.answers.pop(0) if self.answers else 204)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.close()
-
-
-async def register(api: Any, receiver: Receiver, owner: str = "telephony", **extra: Any) -> dict[str, Any]:
-    response = await api.put(f"{API}/webhooks/{owner}", json={"url": f"{receiver.url}/hook"} | extra)
-    assert response.status == 200, await response.text()
-    hook: dict[str, Any] = await response.json()
-    receiver.secret = hook["secret"] or receiver.secret  # shown only when created or rotated
-    return hook
 
 
 async def test_job_and_batch_events_are_delivered_signed(

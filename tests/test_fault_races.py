@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
-from test_fault_workers import audit_rows, install_audit
+from audit import audit_rows, install_audit
 
 from aiservice.db.pool import connect
 

@@ -1,13 +1,12 @@
 """Idempotency keys: a repeat must be the same request, or it is refused and nothing is created.
 
-Over SQL (create_job, create_jobs: SQLSTATE AS412) and HTTP (409 idempotency_conflict), single and
-batch, including the README's scenario: the walk-through's analysis job under the key
-beeline/42/analysis, then the telephony pipeline for call 42 under the same key."""
+Over HTTP (409 idempotency_conflict) and the client, single and batch, including the README's
+scenario: the walk-through's analysis job under the key beeline/42/analysis, then the telephony
+pipeline for call 42 under the same key. Over SQL (SQLSTATE AS412): tests/sql/test_create.py."""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -19,11 +18,9 @@ from aiservice.client import AsyncClient, Conflict
 from aiservice.db.migrate import load_migrations, migrate
 from aiservice.db.pool import connect
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client: TypeAlias = "TestClient[Any, Any]"
 API = "/api/v1"
 
-JOB = {"owner_service": "telephony", "owner_ref": "beeline/7", "task_type": "llm_chat", "model_profile": "qwen2.5-14b"}
 # The README's HTTP walk-through creates this job, then cancels it.
 WALKTHROUGH_ANALYSIS = {
     "owner_service": "telephony",
@@ -57,175 +54,10 @@ def telephony_pipeline(call_id: str = "42") -> dict[str, Any]:
     }
 
 
-async def create(conn: Conn, **args: Any) -> asyncpg.Record:
-    names = list(JOB | args)
-    params = ", ".join(f"p_{name} => ${i}" for i, name in enumerate(names, 1))
-    row = await conn.fetchrow(
-        f"SELECT (r.job).*, r.created FROM aiservice.create_job({params}) r", *(JOB | args).values()
-    )
-    assert row is not None
-    return row
-
-
-async def create_jobs(conn: Conn, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Any]:
-    return await conn.fetch("SELECT (r.job).*, r.created FROM aiservice.create_jobs($1, $2) r", jobs, defaults or {})
-
-
-async def refused(conn: Conn, call: Any) -> asyncpg.PostgresError:
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await call
-    assert caught.value.sqlstate == "AS412", caught.value
-    return caught.value
-
-
-async def counts(conn: Conn) -> tuple[int, int, int]:
-    row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM aiservice.all_jobs) AS jobs, (SELECT count(*) FROM aiservice.batches) AS batches,"
-        " (SELECT count(*) FROM aiservice.job_dependencies) AS deps"
-    )
-    assert row is not None
-    return row["jobs"], row["batches"], row["deps"]
-
-
 # --- SQL: create_job ---------------------------------------------------------------
 
 
-async def test_the_same_request_answers_the_existing_job(conn: Conn) -> None:
-    first = await create(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
-    again = await create(conn, input={"n": 1}, priority=5, max_attempts=2, idempotency_key="k")
-    assert (first["created"], again["created"], again["id"]) == (True, False, first["id"])
-    assert (await counts(conn))[0] == 1
-
-
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"owner_ref": "beeline/8"}, "owner_ref"),
-        ({"task_type": "call_analysis"}, "task_type"),
-        ({"model_profile": "other"}, "model_profile"),
-        ({"input": {"n": 2}}, "input"),
-        ({"input": {}}, "input"),
-        ({"priority": 6}, "priority"),
-        ({"max_attempts": 3}, "max_attempts"),
-        ({"run_at": datetime(2031, 1, 1, tzinfo=UTC)}, "run_at"),
-    ],
-)
-async def test_a_different_request_under_the_key_is_refused(conn: Conn, change: dict[str, Any], field: str) -> None:
-    request = {"input": {"n": 1}, "priority": 5, "max_attempts": 2, "idempotency_key": "beeline/7/summary"}
-    first = await create(conn, **request)
-    error = await refused(conn, create(conn, **(request | change)))
-    assert 'idempotency_key "beeline/7/summary" already names job' in str(error)
-    assert str(first["id"]) in str(error) and field in str(error)
-    detail = json.loads(error.detail or "")  # type: ignore[attr-defined]
-    assert detail == {"idempotency_key": "beeline/7/summary", "job_id": first["id"], "fields": [field], "index": None}
-    assert (await counts(conn))[0] == 1
-
-
-async def test_a_field_left_out_is_its_default(conn: Conn) -> None:
-    await create(conn, input={}, priority=0, max_attempts=3, idempotency_key="defaults")
-    assert (await create(conn, idempotency_key="defaults"))["created"] is False
-    await create(conn, priority=5, idempotency_key="priority")
-    error = await refused(conn, create(conn, idempotency_key="priority"))
-    assert "different priority" in str(error)
-
-
-async def test_run_at_compares_as_requested_not_as_the_job_moved(conn: Conn) -> None:
-    asked = datetime.now(UTC) - timedelta(minutes=5)  # due: claimable now
-    job = await create(conn, run_at=asked, idempotency_key="scheduled")
-    (claimed,) = await conn.fetch("SELECT id FROM aiservice.claim_jobs('w1')")
-    backoff = "SELECT FROM aiservice.fail_job($1, 'w1', 'timeout', 'slow', p_retry_after => '1 hour')"
-    await conn.execute(backoff, job["id"])
-    moved = await conn.fetchval("SELECT run_at FROM aiservice.all_jobs WHERE id = $1", job["id"])
-    assert claimed["id"] == job["id"] and moved > datetime.now(UTC)
-    # The job's run_at moved with its backoff; the request is still the same.
-    assert (await create(conn, run_at=asked, idempotency_key="scheduled"))["created"] is False
-    # Left out where the first gave one, given where the first left it out: different requests.
-    assert "different run_at" in str(await refused(conn, create(conn, idempotency_key="scheduled")))
-    await create(conn, idempotency_key="asap")
-    assert "different run_at" in str(await refused(conn, create(conn, run_at=asked, idempotency_key="asap")))
-
-
-async def test_dependencies_are_part_of_the_request(conn: Conn) -> None:
-    a = await create(conn, owner_ref="a")
-    b = await create(conn, owner_ref="b")
-    await create(conn, depends_on=[a["id"], b["id"]], idempotency_key="after")
-    assert (await create(conn, depends_on=[a["id"], b["id"]], idempotency_key="after"))["created"] is False
-    for other in ([b["id"], a["id"]], [a["id"]], None):
-        error = await refused(conn, create(conn, depends_on=other, idempotency_key="after"))
-        assert "different depends_on" in str(error)
-    assert (await counts(conn))[0] == 3
-
-
 # --- SQL: create_jobs --------------------------------------------------------------
-
-
-async def test_the_readme_pipeline_after_the_walkthrough_job_creates_nothing(conn: Conn) -> None:
-    """The walk-through made beeline/42/analysis and cancelled it; the telephony pipeline for call 42
-    uses the same key for another request: refused, and its transcription is not created either."""
-    walkthrough = await create(conn, **WALKTHROUGH_ANALYSIS)
-    await conn.execute("SELECT FROM aiservice.cancel_job($1)", walkthrough["id"])
-    before = await counts(conn)
-    body = telephony_pipeline()
-    error = await refused(conn, create_jobs(conn, body["jobs"], body["defaults"]))
-    assert f'jobs[1]: idempotency_key "beeline/42/analysis" already names job {walkthrough["id"]}' in str(error)
-    assert "input, depends_on" in str(error)
-    assert await counts(conn) == before
-    transcriptions = "SELECT count(*) FROM aiservice.all_jobs WHERE task_type = 'transcribe'"
-    assert await conn.fetchval(transcriptions) == 0
-
-
-async def test_a_repeated_pipeline_answers_the_same_jobs(conn: Conn) -> None:
-    body = telephony_pipeline("43")
-    first = await create_jobs(conn, body["jobs"], body["defaults"])
-    again = await create_jobs(conn, body["jobs"], body["defaults"])
-    assert [r["created"] for r in first] == [True, True]
-    assert [r["created"] for r in again] == [False, False]
-    assert [r["id"] for r in again] == [r["id"] for r in first]
-    # "$0" resolves to the job item 0 answers: naming that job by its id is the same request.
-    by_id = [body["jobs"][0], body["jobs"][1] | {"depends_on": [first[0]["id"]]}]
-    assert [r["id"] for r in await create_jobs(conn, by_id, body["defaults"])] == [r["id"] for r in first]
-    # Alone, the analysis names its transcription by id: also the same request.
-    alone = await create_jobs(conn, [by_id[1]], body["defaults"])
-    assert (alone[0]["id"], alone[0]["created"]) == (first[1]["id"], False)
-    assert await counts(conn) == (2, 1, 1)
-
-
-async def test_a_repeat_whose_dependency_is_new_is_refused(conn: Conn) -> None:
-    body = telephony_pipeline("44")
-    first = await create_jobs(conn, body["jobs"], body["defaults"])
-    before = await counts(conn)
-    # A new transcription (another key): "$0" is a new job, which the existing analysis does not depend on.
-    jobs = [body["jobs"][0] | {"idempotency_key": "beeline/44/transcribe-again"}, body["jobs"][1]]
-    error = await refused(conn, create_jobs(conn, jobs, body["defaults"]))
-    assert "jobs[1]: " in str(error) and f"job {first[1]['id']}" in str(error) and "depends_on" in str(error)
-    assert await counts(conn) == before
-
-
-async def test_defaults_are_part_of_the_request(conn: Conn) -> None:
-    jobs = [{"owner_ref": "r", "idempotency_key": "d1"}]
-    defaults = {"owner_service": "s", "task_type": "t", "model_profile": "m", "priority": 5}
-    await create_jobs(conn, jobs, defaults)
-    assert [r["created"] for r in await create_jobs(conn, jobs, defaults)] == [False]
-    # The same job written out without defaults is the same request too.
-    spelled = [{"owner_ref": "r", "idempotency_key": "d1", "owner_service": "s", "task_type": "t",
-                "model_profile": "m", "priority": 5}]  # fmt: skip
-    assert [r["created"] for r in await create_jobs(conn, spelled)] == [False]
-    error = await refused(conn, create_jobs(conn, jobs, defaults | {"priority": 0}))
-    assert "jobs[0]: " in str(error) and "different priority" in str(error)
-
-
-async def test_one_conflict_refuses_the_whole_batch(conn: Conn) -> None:
-    defaults = {"owner_service": "s", "task_type": "t", "model_profile": "m"}
-    await create_jobs(conn, [{"owner_ref": "r", "idempotency_key": "k"}], defaults)
-    before = await counts(conn)
-    jobs = [{"owner_ref": "new-1"}, {"owner_ref": "other", "idempotency_key": "k"}, {"owner_ref": "new-2"}]
-    error = await refused(conn, create_jobs(conn, jobs, defaults))
-    assert json.loads(error.detail or "")["index"] == 1  # type: ignore[attr-defined]
-    assert await counts(conn) == before
-    # Twice in one batch: the second is a repeat of the first, so it must be the same request too.
-    twice = [{"owner_ref": "x", "idempotency_key": "t"}, {"owner_ref": "y", "idempotency_key": "t"}]
-    assert "jobs[1]: " in str(await refused(conn, create_jobs(conn, twice, defaults)))
-    assert await counts(conn) == before
 
 
 # --- HTTP --------------------------------------------------------------------------

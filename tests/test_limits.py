@@ -1,83 +1,25 @@
-"""The scheduler: limits (pause, caps, per-minute starts and tokens, cool-down), fair share, claim cost.
+"""Limits and cool-downs over HTTP and in the settings: the routes, their 422 answers, the fields each
+scope shows, and the cool-down bound as the API and the worker's store apply it.
 
-Real PostgreSQL; several connections where concurrency is the point; rows read are counted with
-PostgreSQL's statistics, never timed."""
+The SQL functions themselves: tests/sql/test_limits.py (limits.sql) and tests/sql/test_claim.py
+(limits as a claim meets them)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections import Counter
 from datetime import timedelta
 from typing import Any, TypeAlias
+from urllib.parse import quote
 
 import asyncpg
 import pytest
 from conftest import JSON_HEADERS, ClientFactory
-from test_sql_api import call, claim, create, create_jobs, one
+from sqlapi import call, claim, jobs, set_limit
 
+from aiservice import rules
 from aiservice.db.store import JobStore
-from aiservice.jobs import LimitScope
+from aiservice.settings import Settings, SettingsError
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
 API = "/api/v1"
-
-
-async def set_limit(conn: Conn, scope: str, name: str, **fields: Any) -> asyncpg.Record:
-    return await one(conn, "set_limit", scope=scope, name=name, fields=fields)
-
-
-BASE = {"owner_service": "tel", "task_type": "llm_chat", "model_profile": "qwen"}
-RATE_LIMITED = "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')"
-
-
-async def jobs(conn: Conn, n: int, **defaults: Any) -> list[int]:
-    rows = await create_jobs(conn, [{"owner_ref": f"r{i}"} for i in range(n)], BASE | defaults)
-    return [r["id"] for r in rows]
-
-
-async def complete(conn: Conn, job_id: int, worker: str = "w1", result: dict[str, Any] | None = None) -> None:
-    await conn.execute("SELECT FROM aiservice.complete_job($1, $2, $3)", job_id, worker, result or {"ok": True})
-
-
-async def test_python_scope_enum_equals_the_sql_enum(conn: Conn) -> None:
-    labels = await conn.fetchval("SELECT enum_range(NULL::aiservice.limit_scope)::text[]")
-    assert labels == [s.value for s in LimitScope]
-
-
-async def test_set_list_and_delete_over_sql(conn: Conn) -> None:
-    first = await set_limit(conn, "model_profile", "qwen", max_running=4, paused=True)
-    assert (first["max_running"], first["paused"], first["cooldown"], first["running"]) == (4, True, True, 0)
-    assert first["weight"] is None  # owner_service limits only
-    kept = await set_limit(conn, "model_profile", "qwen", max_per_minute=60)  # fields not given keep their value
-    assert (kept["max_running"], kept["max_per_minute"], kept["paused"]) == (4, 60, True)
-    cleared = await set_limit(conn, "model_profile", "qwen", max_running=None, paused=None)
-    assert (cleared["max_running"], cleared["paused"], cleared["max_per_minute"]) == (None, False, 60)
-    assert [(r["scope"], r["name"]) for r in await call(conn, "list_limits")] == [("model_profile", "qwen")]
-    await conn.execute("SELECT aiservice.delete_limit('model_profile', 'qwen')")
-    with pytest.raises(asyncpg.PostgresError) as gone:
-        await conn.execute("SELECT aiservice.delete_limit('model_profile', 'qwen')")
-    assert gone.value.sqlstate == "AS404"
-
-
-@pytest.mark.parametrize(
-    ("scope", "fields", "reason"),
-    [
-        ("queue", {"paused": True}, "unknown scope"),
-        ("task_type", {"max_running": -1}, "max_running must be an integer"),
-        ("task_type", {"max_running": 2.5}, "max_running must be an integer"),
-        ("task_type", {"max_per_minute": 10**12}, "max_per_minute must be an integer"),
-        ("owner_service", {"weight": 0}, "weight must be an integer from 1"),
-        ("task_type", {"paused": "yes"}, "paused must be true, false or null"),
-        ("task_type", {"cooldown_until": "2030-01-01T00:00:00Z"}, "cooldown_until is set by rate-limited failures"),
-        ("task_type", {"speed": 1}, "unknown field speed"),
-    ],
-)
-async def test_bad_limits_are_refused_over_sql(conn: Conn, scope: str, fields: dict[str, Any], reason: str) -> None:
-    with pytest.raises(asyncpg.PostgresError) as refused:
-        await conn.fetch("SELECT * FROM aiservice.set_limit($1, 'x', $2)", scope, fields)
-    assert refused.value.sqlstate == "AS422"
-    assert reason in str(refused.value)
 
 
 async def test_limits_over_http(api_factory: ClientFactory) -> None:
@@ -122,251 +64,118 @@ async def test_bad_limits_are_answered_422_over_http(api_factory: ClientFactory,
     assert (await response.json())["error"]["code"] == "invalid_argument"
 
 
-async def test_pause_holds_jobs_and_resume_wakes_listeners(conn: Conn, database_url: str) -> None:
-    ids = await jobs(conn, 3, task_type="transcribe", model_profile="whisperx")
-    await set_limit(conn, "task_type", "transcribe", paused=True)
-    assert await claim(conn, limit=10) == []
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'pending'") == 3
-
-    listener = await asyncpg.connect(database_url)
-    heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await listener.add_listener("aiservice_jobs", lambda *a: heard.put_nowait(json.loads(a[3])))
-    try:
-        await set_limit(conn, "task_type", "transcribe", paused=False)
-        event = await asyncio.wait_for(heard.get(), 5)
-        assert event == {"event": "pending", "task_type": "transcribe", "model_profile": None, "run_at": None}
-    finally:
-        await listener.close()
-    assert sorted(r["id"] for r in await claim(conn, limit=10)) == ids
+# --- from test_claim_fixes.py: Claims under limits, where they used to go wrong: owners a claim cannot serve,
+# starts counted per minute, a pause racing claims in flight, a provider's long retry_after, fields per scope.
+#
+# Real PostgreSQL; two connections where the ordering between a claim and a limit change is the point.
 
 
-async def test_max_running_is_never_exceeded_by_concurrent_claimers(conn: Conn, database_url: str) -> None:
-    await jobs(conn, 120, model_profile="gpu")
-    await set_limit(conn, "model_profile", "gpu", max_running=3)
-    peak = 0
-    done = asyncio.Event()
-
-    async def claimer(n: int) -> int:
-        c = await asyncpg.connect(database_url)
-        finished = 0
-        try:
-            while not done.is_set():
-                got = await c.fetch("SELECT id FROM aiservice.claim_jobs($1, 2)", f"w{n}")
-                if not got:
-                    if not await c.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status <> 'completed'"):
-                        return finished
-                    await asyncio.sleep(0.002)
-                for row in got:
-                    await asyncio.sleep(0.003)
-                    await c.execute("SELECT FROM aiservice.complete_job($1, $2, '{}')", row["id"], f"w{n}")
-                    finished += 1
-            return finished
-        finally:
-            await c.close()
-
-    async def sampler() -> None:
-        nonlocal peak
-        c = await asyncpg.connect(database_url)
-        try:
-            while not done.is_set():
-                peak = max(peak, await c.fetchval("SELECT count(*) FROM aiservice.all_jobs WHERE status = 'running'"))
-        finally:
-            await c.close()
-
-    sampling = asyncio.create_task(sampler())
-    finished = await asyncio.wait_for(asyncio.gather(*(claimer(n) for n in range(8))), 60)
-    done.set()
-    await sampling
-    assert sum(finished) == 120
-    assert peak == 3
+Conn: TypeAlias = "asyncpg.Connection[Any]"
 
 
-async def test_max_per_minute_counts_starts_in_the_trailing_minute(conn: Conn) -> None:
-    await jobs(conn, 10, task_type="summarize")
-    await set_limit(conn, "task_type", "summarize", max_per_minute=4)
-    assert len(await claim(conn, limit=10)) == 4
-    assert await claim(conn, limit=10) == []
-    (usage,) = await call(conn, "list_limits")
-    assert (usage["started_last_minute"], usage["running"]) == (4, 4)
-    await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '61 seconds'")  # a minute passes
-    assert len(await claim(conn, limit=10)) == 4
+WEEK = timedelta(days=7)
 
 
-async def test_max_tokens_per_minute_stops_starts_while_over(conn: Conn) -> None:
-    await jobs(conn, 5, model_profile="gpt")
-    await set_limit(conn, "model_profile", "gpt", max_tokens_per_minute=100)
-    (first,) = await claim(conn)
-    await complete(conn, first["id"], result={"content": "hi", "usage": {"total_tokens": 150}})
-    (usage,) = await call(conn, "list_limits")
-    assert usage["tokens_last_minute"] == 150
-    assert await claim(conn) == []
-    await conn.execute("UPDATE aiservice.limit_usage SET at = at - interval '61 seconds'")
-    assert len(await claim(conn)) == 1
-
-
-async def test_a_rate_limited_failure_cools_down_only_its_profile(conn: Conn) -> None:
-    a = await jobs(conn, 3, model_profile="provider-a")
-    b = await jobs(conn, 2, model_profile="provider-b")
-    (job,) = await claim(conn, model_profiles=["provider-a"])
-    await conn.execute(
-        "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')",
-        job["id"],
+async def cooldown_left(conn: Conn, profile: str) -> timedelta:
+    (row,) = await conn.fetch(
+        "SELECT cooldown_until - now() AS left FROM aiservice.limits WHERE scope = 'model_profile' AND name = $1",
+        profile,
     )
-    (limit,) = await call(conn, "list_limits")
-    assert (limit["scope"], limit["name"]) == ("model_profile", "provider-a")
+    left: timedelta = row["left"]
+    return left
+
+
+async def test_the_api_and_the_worker_store_bound_cool_downs_by_the_setting(
+    api_factory: ClientFactory, conn: Conn, pool: asyncpg.Pool
+) -> None:
+    api = await api_factory(cooldown_max=timedelta(seconds=30))
+    (first, second) = await jobs(conn, 2, model_profile="gpt")
+    assert len(await claim(conn, worker="w1", limit=2)) == 2
+    reply = await api.post(
+        f"{API}/jobs/{first}/fail",
+        json={"worker_id": "w1", "error_category": "rate_limited", "retry_after": WEEK.total_seconds()},
+    )
+    assert reply.status == 200, await reply.text()
+    assert timedelta(seconds=29) < await cooldown_left(conn, "gpt") <= timedelta(seconds=30)
+    (limit,) = (await (await api.get(f"{API}/limits")).json())["limits"]
     assert limit["cooldown_until"] is not None
-    assert await claim(conn, limit=10, model_profiles=["provider-a"]) == []
-    assert sorted(r["id"] for r in await claim(conn, limit=10)) == b  # the other profile runs on
-    await set_limit(conn, "model_profile", "provider-a", cooldown_until=None)  # an operator ends it early
-    assert {r["id"] for r in await claim(conn, limit=10)} == set(a) - {job["id"]}
+
+    await conn.execute("UPDATE aiservice.limits SET cooldown_until = NULL")
+    worker_store = JobStore(pool, cooldown_max=timedelta(minutes=2))
+    await worker_store.fail_job(second, "w1", "rate_limited", "slow down", retry_after=WEEK)
+    assert timedelta(seconds=119) < await cooldown_left(conn, "gpt") <= timedelta(minutes=2)
 
 
-async def test_cool_down_can_be_turned_off_per_profile(conn: Conn) -> None:
-    await set_limit(conn, "model_profile", "provider-a", cooldown=False)
-    await jobs(conn, 2, model_profile="provider-a")
-    (job,) = await claim(conn)
-    await conn.execute(
-        "SELECT FROM aiservice.fail_job($1, 'w1', 'rate_limited', 'slow down', p_retry_after => '30 seconds')",
-        job["id"],
-    )
-    assert len(await claim(conn)) == 1
+def test_cooldown_max_setting() -> None:
+    assert Settings().cooldown_max == timedelta(minutes=5)
+    assert Settings.from_env({"COOLDOWN_MAX": "90s"}).cooldown_max == timedelta(seconds=90)
+    assert Settings.from_env({"COOLDOWN_MAX": "168h"}).cooldown_max == rules.MAX_RETRY_AFTER
+    for bad in ("0", "169h", "soon"):
+        with pytest.raises(SettingsError, match=r"^COOLDOWN_MAX: "):
+            Settings.from_env({"COOLDOWN_MAX": bad})
 
 
-async def drain_order(conn: Conn, batch: int = 1) -> list[str]:
-    owners = []
-    while got := await claim(conn, limit=batch):
-        for row in got:
-            owners.append(row["owner_service"])
-            await complete(conn, row["id"])
-    return owners
+SCOPE_FIELDS = {
+    "task_type": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute"},
+    "model_profile": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute", "cooldown", "cooldown_until"},
+    "owner_service": {"paused", "max_running", "max_per_minute", "max_tokens_per_minute", "weight"},
+}
 
 
-async def test_a_late_caller_is_not_stuck_behind_a_flood(conn: Conn) -> None:
-    await jobs(conn, 300, owner_service="flood")
-    await jobs(conn, 10, owner_service="late")
-    order = await drain_order(conn, batch=10)
-    last_late = max(i for i, owner in enumerate(order) if owner == "late")
-    assert last_late < 25, order[:40]
+USAGE = {"scope", "name", "running", "started_last_minute", "tokens_last_minute"}
 
 
-async def test_weights_share_claims_between_three_owners(conn: Conn) -> None:
-    for owner, weight in (("a", 1), ("b", 2), ("c", 3)):
-        await jobs(conn, 100, owner_service=owner)
-        await set_limit(conn, "owner_service", owner, weight=weight)
-    order = await drain_order(conn)
-    first = Counter(order[:60])
-    assert (first["a"], first["b"], first["c"]) == (10, 20, 30)
+@pytest.mark.parametrize(
+    ("scope", "fields", "field"),
+    [
+        ("task_type", {"weight": 2}, "weight"),
+        ("task_type", {"cooldown": False}, "cooldown"),
+        ("task_type", {"cooldown_until": None}, "cooldown_until"),
+        ("owner_service", {"cooldown": None}, "cooldown"),
+        ("model_profile", {"weight": None}, "weight"),
+        ("model_profile", {"max_running": 2, "weight": 3}, "weight"),
+    ],
+)
+async def test_a_field_another_scope_uses_is_refused(
+    conn: Conn, api_factory: ClientFactory, scope: str, fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await set_limit(conn, scope, "x", **fields)
+    assert refused.value.sqlstate == "AS422"
+    assert f"{field} " in str(refused.value) and scope in str(refused.value)
+    api = await api_factory()
+    reply = await api.put(f"{API}/limits/{scope}/x", json=fields)
+    assert reply.status == 422, await reply.text()
+    error = (await reply.json())["error"]
+    assert error["code"] == "invalid_argument" and field in error["message"] and scope in error["message"]
+    assert await call(conn, "list_limits") == []
 
 
-async def test_owners_that_run_out_leave_their_share_to_the_others(conn: Conn) -> None:
-    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
-        await jobs(conn, n, owner_service=owner)
-    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
-    assert sum(got.values()) == 40 and (got["b"], got["c"], got["d"]) == (1, 5, 12)
-
-
-async def test_an_owner_cap_is_filled_not_undercut(conn: Conn) -> None:
-    for owner, n in (("a", 100), ("b", 1), ("c", 5), ("d", 12)):
-        await jobs(conn, n, owner_service=owner)
-    await set_limit(conn, "owner_service", "a", max_running=20)
-    got = Counter(r["owner_service"] for r in await claim(conn, limit=40))
-    assert got == {"a": 20, "b": 1, "c": 5, "d": 12}
-
-
-async def test_fair_share_spanning_priorities_and_profiles_in_one_claim(conn: Conn) -> None:
-    for profile in ("p1", "p2"):
-        for priority in (0, 5):
-            for owner in ("a", "b"):
-                await jobs(conn, 3, owner_service=owner, model_profile=profile, priority=priority)
-    assert len(await claim(conn, limit=24)) == 24
-    served = await conn.fetch("SELECT model_profile, owner_service, served FROM aiservice.fair_share ORDER BY 1, 2")
-    assert [(r["model_profile"], r["owner_service"], r["served"]) for r in served] == [
-        ("p1", "a", 6.0),
-        ("p1", "b", 6.0),
-        ("p2", "a", 6.0),
-        ("p2", "b", 6.0),
-    ]
-
-
-async def test_priority_comes_before_fair_share(conn: Conn) -> None:
-    await jobs(conn, 5, owner_service="a")
-    urgent = await create(conn, owner_service="b", priority=10)
-    (first,) = await claim(conn)
-    assert first["id"] == urgent["id"]
-
-
-async def test_a_paused_owner_and_a_capped_task_type_bound_a_claim(conn: Conn) -> None:
-    await jobs(conn, 3, owner_service="quiet")
-    await jobs(conn, 5, owner_service="tel", task_type="transcribe")
-    await jobs(conn, 5, owner_service="tel", task_type="llm_chat")
-    await set_limit(conn, "owner_service", "quiet", paused=True)
+async def test_limits_show_only_the_fields_of_their_scope(conn: Conn, api_factory: ClientFactory) -> None:
     await set_limit(conn, "task_type", "transcribe", max_running=2)
-    got = Counter((r["owner_service"], r["task_type"]) for r in await claim(conn, limit=20))
-    assert got == {("tel", "transcribe"): 2, ("tel", "llm_chat"): 5}
+    await set_limit(conn, "model_profile", "gpt", cooldown=False)
+    await set_limit(conn, "owner_service", "tel", weight=3)
+    rows = {r["scope"]: r for r in await call(conn, "list_limits")}
+    assert (rows["task_type"]["weight"], rows["task_type"]["cooldown"]) == (None, None)
+    assert (rows["owner_service"]["weight"], rows["owner_service"]["cooldown"]) == (3, None)
+    assert (rows["model_profile"]["weight"], rows["model_profile"]["cooldown"]) == (None, False)
+    api = await api_factory()
+    for listed in [
+        (await (await api.get(f"{API}/limits")).json())["limits"],
+        (await (await api.get(f"{API}/stats")).json())["limits"],
+    ]:
+        assert {x["scope"]: set(x) for x in listed} == {s: f | USAGE for s, f in SCOPE_FIELDS.items()}
+    put = await (await api.put(f"{API}/limits/task_type/transcribe", json={"paused": True})).json()
+    assert set(put) == SCOPE_FIELDS["task_type"] | USAGE
 
 
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
-
-
-async def rows_read(conn: Conn, table: str = "aiservice.jobs") -> int:
-    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS, table))
-
-
-FILL = """
-INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, run_at, scheduled)
-SELECT 'bulk', 'r' || i, 'llm_chat', $2, now() + $3::interval, $3::interval > interval '0'
-FROM generate_series(1, $1) i
-"""
-
-
-HOUR = timedelta(hours=1)
-
-
-@pytest.mark.parametrize(("profile", "due_in"), [("A", HOUR), ("A", timedelta(0)), ("B", HOUR)])
-async def test_a_claim_does_not_read_a_backlog_it_cannot_take(conn: Conn, profile: str, due_in: timedelta) -> None:
-    """50,000 jobs not yet due, or due but of another profile: a claim for profile B reads a handful of rows."""
-    await conn.execute(FILL, 50_000, profile, due_in)
-    await jobs(conn, 3, model_profile="B", owner_service="live")
-    await conn.execute("ANALYZE aiservice.jobs")
-    before = await rows_read(conn)
-    got = await claim(conn, limit=10, model_profiles=["B"])
-    read = await rows_read(conn) - before
-    assert len(got) == (3 if profile == "A" or due_in else 10)
-    assert read < 100, read
-
-
-async def test_claims_from_a_fresh_one_owner_backlog_read_a_handful_of_rows(conn: Conn) -> None:
-    """20,000 jobs of one owner, never analyzed: each claim of 10 probes the claim index, it does not
-    read the backlog (it once read every claimable row to find the owners). Eight claims on one
-    connection, so the plans PL/pgSQL keeps after the fifth are covered too."""
-    await conn.execute("ALTER TABLE aiservice.jobs SET (autovacuum_enabled = false)")  # no ANALYZE meanwhile
-    await conn.execute(FILL, 20_000, "A", timedelta(0))
-    reads = []
-    for _ in range(8):
-        before = await rows_read(conn)
-        got = await claim(conn, limit=10)
-        reads.append(await rows_read(conn) - before)
-        assert len(got) == 10
-    analyzed = await conn.fetchval(
-        "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables WHERE relid = 'aiservice.jobs'::regclass"
-    )
-    assert analyzed == 0
-    assert max(reads) < 100, reads
-
-
-async def test_scheduled_jobs_become_claimable_when_due(conn: Conn, store: JobStore) -> None:
-    job = await create(conn, run_at=await conn.fetchval("SELECT now() + interval '1 hour'"))
-    assert job["scheduled"] is True and job["status"] == "pending"
-    assert await claim(conn) == []
-    await conn.execute("UPDATE aiservice.jobs SET run_at = now() - interval '1 second' WHERE id = $1", job["id"])
-    (got,) = await claim(conn)
-    assert got["id"] == job["id"]
-    retried = await one(conn, "fail_job", id=job["id"], worker_id="w1", error_category="timeout")
-    assert retried["scheduled"] is True  # a backoff puts it out of the claim index again
-    assert (await store.get_job(job["id"])).status == "pending"
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "nul\x7f", "bell\x07", "c1\x85", " padded", "padded ", "   "])
+async def test_a_nonsense_limit_name_is_refused(conn: Conn, api_factory: ClientFactory, name: str) -> None:
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await set_limit(conn, "task_type", name, paused=True)
+    assert refused.value.sqlstate == "AS422"
+    api = await api_factory()
+    reply = await api.put(f"{API}/limits/task_type/{quote(name, safe='')}", json={"paused": True})
+    assert reply.status == 422, await reply.text()
+    assert (await reply.json())["error"]["code"] == "invalid_argument"
+    assert await call(conn, "list_limits") == []

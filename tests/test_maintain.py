@@ -1,4 +1,5 @@
-"""aiservice.maintain(): one pass of lease expiry, retention and counter folding that any process may run."""
+"""The maintenance loop in Python around aiservice.maintain(): a failing step logged under its name,
+retention from the settings. maintain() itself: tests/sql/test_maintain.py."""
 
 from __future__ import annotations
 
@@ -22,32 +23,6 @@ async def expired_lease(conn: Conn, job_factory: JobFactory) -> int:
     await conn.execute("SELECT * FROM aiservice.claim_jobs('w', 1)")
     await conn.execute("UPDATE aiservice.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job.id)
     return job.id
-
-
-async def test_a_pass_runs_every_step_and_answers_what_it_did(conn: Conn, job_factory: JobFactory) -> None:
-    job_id = await expired_lease(conn, job_factory)
-    done = await conn.fetchval("SELECT aiservice.maintain(interval '30 days')")
-    assert done["ran"] is True and done["errors"] == {}
-    assert done["expire_leases"] == 1 and done["purge_jobs"] == 0 and done["compact_counts"] > 0
-    assert await conn.fetchval("SELECT status FROM aiservice.all_jobs WHERE id = $1", job_id) == "pending"
-    assert "purge_jobs" not in await conn.fetchval("SELECT aiservice.maintain()")  # no retention, no purge
-
-
-async def test_replicas_share_one_pass_per_interval(conn: Conn, database_url: str) -> None:
-    assert (await conn.fetchval("SELECT aiservice.maintain(NULL, interval '1 hour')"))["ran"] is True
-    assert (await conn.fetchval("SELECT aiservice.maintain(NULL, interval '1 hour')"))["ran"] is False
-    assert (await conn.fetchval("SELECT aiservice.maintain(NULL, interval '0')"))["ran"] is True
-
-
-async def test_a_pass_in_progress_elsewhere_is_not_waited_for(conn: Conn, database_url: str) -> None:
-    other = await asyncpg.connect(database_url)
-    try:
-        async with other.transaction():
-            await other.execute("SELECT aiservice.maintain()")  # holds the pass until commit
-            done = await conn.fetchval("SELECT aiservice.maintain()", timeout=5)
-            assert done == {"ran": False}
-    finally:
-        await other.close()
 
 
 async def test_a_failing_step_is_logged_under_its_name_and_the_others_still_run(

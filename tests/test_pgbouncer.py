@@ -35,8 +35,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from conftest import SERVICE_VARIABLES, admin, with_database
-from stubs import OpenAIStub, slow, start_cli_process, start_worker_process
-from test_worker_process import WorkerProcess
+from processes import Command, free_port
+from stubs import OpenAIStub, slow
 
 from aiservice.db.migrate import load_functions, load_migrations, migrate
 from aiservice.db.pool import connect
@@ -58,12 +58,6 @@ def pgbouncer_binary() -> str:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -143,8 +137,8 @@ class Deployment:
     pgbouncer: Pgbouncer
     stub: OpenAIStub
     apis: list[str]  # base URLs of the two replicas
-    replicas: list[WorkerProcess]
-    workers: list[WorkerProcess]
+    replicas: list[Command]
+    workers: list[Command]
     worker_ids: list[str]
 
     def logs(self) -> str:
@@ -157,7 +151,7 @@ def environment(**values: str) -> dict[str, str]:
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, processes: list[WorkerProcess], within: float = 30.0
+    check: Callable[[], Awaitable[bool]], what: str, processes: list[Command], within: float = 30.0
 ) -> None:
     """Until ``await check()`` is true; fails at once, with its output, when a process died."""
     deadline = time.monotonic() + within
@@ -187,7 +181,7 @@ async def deployment(pg_server: str) -> AsyncIterator[Deployment]:
     tmp = Path(tempfile.mkdtemp(prefix="aiservice-pgbouncer-"))
     stub = OpenAIStub()
     bouncer: Pgbouncer | None = None
-    processes: list[WorkerProcess] = []
+    processes: list[Command] = []
     try:
         bouncer = start_pgbouncer(binary, pg_server, tmp)
         await admin(pg_server, f'CREATE DATABASE "{name}"')
@@ -204,7 +198,7 @@ async def deployment(pg_server: str) -> AsyncIterator[Deployment]:
                 HTTP_PORT=str(port),
             )
             log = tmp / f"serve-{n}.log"
-            processes.append(WorkerProcess(start_cli_process("serve", env, log), log))
+            processes.append(Command(["serve"], env, log))
         replicas = list(processes)
         apis = [f"http://127.0.0.1:{port}" for port in ports]
         for api in apis:
@@ -224,7 +218,7 @@ async def deployment(pg_server: str) -> AsyncIterator[Deployment]:
                 WORKER_POLL_INTERVAL=f"{POLL_INTERVAL:g}s",
             )
             log = tmp / f"{wid}.log"
-            processes.append(WorkerProcess(start_worker_process(env, log), log))
+            processes.append(Command(["worker"], env, log))
         workers = processes[2:]
 
         async def listening() -> bool:

@@ -1,5 +1,6 @@
 """The read routes the operator console uses: batches listed newest first, jobs by error category,
-a job's dependencies and dependents, webhook deliveries that keep retrying. SQL and HTTP alike."""
+a job's dependencies and dependents, webhook deliveries that keep retrying, over HTTP. What list_jobs and
+list_batches read: tests/sql/test_read.py and tests/sql/test_delivery.py."""
 
 from __future__ import annotations
 
@@ -20,18 +21,6 @@ Conn: TypeAlias = "asyncpg.Connection[Any]"
 Client = TestClient[Any, Any]
 LEASE = timedelta(minutes=5)
 
-READS = """
-SELECT (SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass)
-     + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relid = $1::regclass)
-"""
-
-
-async def rows_read(conn: Conn, table: str) -> int:
-    """Rows of ``table`` read so far: sequential scans plus index entries (PostgreSQL's own counters)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await conn.fetchval(READS, table))
-
 
 def base_url(api: Client) -> str:
     return str(api.server.make_url("")).rstrip("/")
@@ -46,40 +35,6 @@ async def batch(store: JobStore, owner: str, n: int = 1) -> int:
 
 
 # Batches
-
-
-async def test_list_batches_pages_newest_first_and_filters_by_owner(conn: Conn, store: JobStore) -> None:
-    ids = [await batch(store, owner, n) for owner, n in [("a", 1), ("b", 2), ("a", 3), ("b", 1), ("a", 2)]]
-    rows = [r[0] for r in await conn.fetch("SELECT * FROM aiservice.list_batches()")]
-    assert [r["id"] for r in rows] == ids[::-1]
-    assert rows[0] == await conn.fetchval("SELECT aiservice.get_batch($1)", ids[-1])  # the same shape
-
-    owned = "SELECT r->>'id' FROM aiservice.list_batches(p_owner_service => $1, p_before_id => $2, p_limit => $3) r"
-    assert [int(r[0]) for r in await conn.fetch(owned, "a", None, 2)] == [ids[4], ids[2]]
-    assert [int(r[0]) for r in await conn.fetch(owned, "a", ids[2], 2)] == [ids[0]]
-    assert [int(r[0]) for r in await conn.fetch(owned, "nobody", None, 2)] == []
-    with pytest.raises(asyncpg.PostgresError) as exc:
-        await conn.fetch("SELECT * FROM aiservice.list_batches(p_limit => -1)")
-    assert exc.value.sqlstate == "AS422"
-
-    page = await store.list_batches("b", before_id=None, limit=10)
-    assert [(b.id, b.owner_service, b.counts.total) for b in page] == [(ids[3], "b", 1), (ids[1], "b", 2)]
-
-
-async def test_a_page_of_batches_reads_a_page_of_rows(conn: Conn, store: JobStore) -> None:
-    await conn.execute(
-        "INSERT INTO aiservice.batches (owner_service, total) SELECT 'bulk', 0 FROM generate_series(1, 2000)"
-    )
-    rare = [await batch(store, "rare") for _ in range(3)]
-    await conn.execute(
-        "INSERT INTO aiservice.batches (owner_service, total) SELECT 'bulk', 0 FROM generate_series(1, 2000)"
-    )
-    await conn.execute("ANALYZE aiservice.batches")
-    page = "SELECT * FROM aiservice.list_batches(p_owner_service => $1, p_before_id => $2, p_limit => 2)"
-    for owner, before in [("rare", None), (None, None), ("rare", rare[2]), ("bulk", rare[0])]:
-        start = await rows_read(conn, "aiservice.batches")  # read on this connection: its counters are flushed
-        assert len(await conn.fetch(page, owner, before)) == 2
-        assert await rows_read(conn, "aiservice.batches") - start <= 6, (owner, before)
 
 
 async def test_batches_over_http_and_the_client(api_factory: ClientFactory, store: JobStore) -> None:
@@ -141,20 +96,6 @@ async def test_list_jobs_by_error_category(conn: Conn, api: Client, store: JobSt
 
     async with AsyncClient(base_url(api)) as client:
         assert [j.id for j in (await client.list_jobs(error_category="timeout")).jobs] == timeouts[::-1]
-
-
-async def test_a_rare_error_category_reads_a_page_of_rows(conn: Conn) -> None:
-    fill = """
-    INSERT INTO aiservice.jobs (owner_service, owner_ref, task_type, model_profile, error_category)
-    SELECT 'bulk', 'r' || i, 'llm_chat', 'm', $2 FROM generate_series(1, $1) i
-    """
-    await conn.execute(fill, 3000, None)
-    await conn.execute(fill, 2, "rare")
-    await conn.execute(fill, 3000, "timeout")
-    await conn.execute("ANALYZE aiservice.jobs")
-    start = await rows_read(conn, "aiservice.jobs")
-    assert len(await conn.fetch("SELECT * FROM aiservice.list_jobs(p_error_category => 'rare', p_limit => 50)")) == 2
-    assert await rows_read(conn, "aiservice.jobs") - start <= 10
 
 
 # Dependencies and dependents

@@ -1,4 +1,5 @@
-"""Retention: finished jobs past JOB_RETENTION are deleted, nothing else is."""
+"""Retention: finished jobs past JOB_RETENTION are deleted, nothing else is: the setting, the store and
+the API's maintenance loop. purge_jobs itself: tests/sql/test_maintain.py."""
 
 from __future__ import annotations
 
@@ -45,20 +46,6 @@ async def fleet(store: JobStore, job_factory: JobFactory, conn: Conn) -> dict[st
     return ids
 
 
-async def test_purge_deletes_only_old_finished_jobs(store: JobStore, job_factory: JobFactory, conn: Conn) -> None:
-    ids = await fleet(store, job_factory, conn)
-    assert await store.purge_jobs(timedelta(days=30), limit=2) == 2  # oldest first, bounded per call
-    assert await store.purge_jobs(timedelta(days=30)) == 1
-    assert await store.purge_jobs(timedelta(days=30)) == 0
-    left = {r["owner_ref"] for r in await conn.fetch("SELECT owner_ref FROM aiservice.all_jobs")}
-    assert left == {"recent", "pending", "running"}
-    for name in ("done", "failed", "cancelled"):
-        with pytest.raises(errors.NotFound):
-            await store.get_job(ids[name])
-    stats = await store.stats()
-    assert {(s.status.value, s.count) for s in stats.by_status} == {("completed", 1), ("pending", 1), ("running", 1)}
-
-
 @pytest.mark.parametrize(
     ("older_than", "limit"), [(timedelta(0), 10), (timedelta(days=-1), 10), (timedelta(days=1), 0)]
 )
@@ -96,62 +83,6 @@ async def test_retention_off_keeps_everything(
 
 
 # --- retention and pipelines ---------------------------------------------------------
-
-
-async def sql_create(conn: Conn, owner_ref: str, depends_on: list[int] | None = None) -> int:
-    job_id: int = await conn.fetchval(
-        "SELECT (r.job).id FROM aiservice.create_job('telephony', $1, 'llm_chat', 'qwen2.5-14b', p_depends_on => $2) r",
-        owner_ref,
-        depends_on,
-    )
-    return job_id
-
-
-async def test_purge_keeps_a_dependency_until_its_dependents_finish(
-    store: JobStore, job_factory: JobFactory, conn: Conn
-) -> None:
-    done = (await job_factory(owner_ref="transcript")).id
-    (claimed,) = await store.claim_jobs("w", 1, lease_timeout=timedelta(minutes=5))
-    await store.complete_job(claimed.id, "w", {"text": "transcript"})
-    await finished_days_ago(conn, done, 40)
-    dependent = await sql_create(conn, "analysis", [done])
-
-    assert await store.purge_jobs(timedelta(days=30)) == 0  # the analysis will read the transcript
-    assert (await store.get_job(done)).status == "completed"
-    (running,) = await store.claim_jobs("w", 1, lease_timeout=timedelta(minutes=5))
-    assert running.id == dependent and running.dependencies is not None
-    assert running.dependencies[0].result == {"text": "transcript"}
-    assert await store.purge_jobs(timedelta(days=30)) == 0  # running: still kept
-    await store.complete_job(dependent, "w", {"ok": True})
-    assert await store.purge_jobs(timedelta(days=30)) == 1  # now nothing waits for it
-    with pytest.raises(errors.NotFound):
-        await store.get_job(done)
-
-
-async def test_a_cancelled_dependency_is_kept_until_its_dependents_failed(store: JobStore, conn: Conn) -> None:
-    cancelled = await sql_create(conn, "transcribe")
-    blocked = await sql_create(conn, "analysis", [cancelled])
-    await store.cancel_job(cancelled)
-    await finished_days_ago(conn, cancelled, 40)
-    # Retention before the dependency is resolved: it must stay.
-    assert await store.purge_jobs(timedelta(days=30)) == 0
-    # A maintenance pass resolves (the dependent fails), then purges: the dependency goes.
-    done = await conn.fetchval("SELECT aiservice.maintain(interval '30 days')")
-    failed = await store.get_job(blocked)
-    assert (failed.status, failed.error_category) == ("failed", "dependency_failed")
-    assert failed.error_message == f"dependency {cancelled} is cancelled"
-    assert done["purge_jobs"] == 1
-
-
-async def test_a_purged_job_takes_its_dependency_rows_along(store: JobStore, conn: Conn) -> None:
-    first = await sql_create(conn, "first")
-    second = await sql_create(conn, "second", [first])
-    for job_id in (first, second):
-        await store.cancel_job(job_id)
-        await finished_days_ago(conn, job_id, 40)
-    await conn.execute("SELECT aiservice.maintain()")
-    assert await store.purge_jobs(timedelta(days=30)) == 2
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.job_dependencies") == 0
 
 
 async def test_the_upgrade_fails_jobs_left_blocked_on_a_deleted_dependency(empty_database_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Statistics kept by counters: equal to a full recount, before and after compaction."""
+"""Statistics over HTTP. The counters themselves (equal to a full recount): tests/sql/test_stats.py."""
 
 from __future__ import annotations
 
@@ -35,54 +35,6 @@ async def fleet(store: JobStore) -> None:
         await store.fail_job(job.id, "w1", "timeout", "slow")  # back to pending
     await store.cancel_job(claimed[20].id)
     await store.retry_job(claimed[10].id)
-
-
-def as_counts(stats: Any) -> dict[tuple[str, str, str], int]:
-    return {(s.status.value, s.task_type, s.model_profile): s.count for s in stats.by_status}
-
-
-async def test_counters_equal_a_recount_before_and_after_compaction(store: JobStore, conn: Conn) -> None:
-    await fleet(store)
-    recount = {(r[0], r[1], r[2]): r[3] for r in await conn.fetch(RECOUNT)}
-    assert as_counts(await store.stats()) == recount
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.job_count_deltas") > 0
-    assert await store.compact_counts() > 0
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.job_count_deltas") == 0
-    assert as_counts(await store.stats()) == recount
-    await conn.execute("DELETE FROM aiservice.job_history WHERE status = 'completed'")
-    recount = {(r[0], r[1], r[2]): r[3] for r in await conn.fetch(RECOUNT)}
-    assert as_counts(await store.stats()) == recount
-
-
-async def test_windowed_figures(store: JobStore, conn: Conn) -> None:
-    await fleet(store)
-    await store.compact_counts()
-    stats = await store.stats(timedelta(minutes=30))
-    assert stats.window_seconds == 1800
-    # 5 terminal failures happened; one job was retried since, and its failure still counts.
-    assert stats.completed_per_minute.last_5m == 10 / 5
-    assert stats.completed_per_minute.last_60m == 10 / 60
-    assert [(e.error_category, e.count) for e in stats.errors] == [("invalid_input", 5)]
-    assert [(e.error_category, e.count) for e in stats.errors_last_hour] == [("invalid_input", 5)]
-    assert [(w.worker_id, w.count) for w in stats.running_by_worker] == [("w1", 9)]
-    assert {p.task_type for p in stats.oldest_pending} == {"llm_chat", "transcribe"}
-    latency = {row.task_type: row for row in stats.latency}
-    assert sum(row.count for row in latency.values()) == 10 + 4 + 1  # completed, still failed, cancelled
-    for row in latency.values():
-        assert 0 <= row.wait_p50_ms <= row.wait_p95_ms
-        assert 0 <= row.run_p50_ms <= row.run_p95_ms
-
-
-async def test_old_finishes_leave_the_windows(store: JobStore, conn: Conn) -> None:
-    await fleet(store)
-    await store.compact_counts()
-    await conn.execute("UPDATE aiservice.job_finishes SET minute = minute - interval '2 hours'")
-    stats = await store.stats()
-    assert stats.completed_per_minute.last_60m == 0
-    assert stats.errors_last_hour == [] and stats.errors[0].count == 5
-    await conn.execute("UPDATE aiservice.job_finishes SET minute = minute - interval '9 days'")
-    await store.compact_counts()
-    assert await conn.fetchval("SELECT count(*) FROM aiservice.job_finishes") == 0
 
 
 async def test_stats_over_http(api: Any, store: JobStore) -> None:

@@ -17,8 +17,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from conftest import JSON_HEADERS, ClientFactory
-from stubs import wait_for
-from test_delivery import Receiver, register
+from stubs import Receiver, register, wait_for
 from yarl import URL
 
 from aiservice.db.store import JobStore

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,13 +14,13 @@ import pytest
 import stubs
 from aiohttp import web
 from conftest import JobFactory
+from processes import Command
 from stubs import (
     OpenAIStub,
     WorkerFactory,
     echo,
     hang,
     slow,
-    start_worker_process,
     wait_for,
     wait_for_status,
 )
@@ -36,33 +34,16 @@ asr_stub = stubs.asr_stub
 worker_factory = stubs.worker_factory
 
 
-class WorkerProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait(self, within: float) -> int:
-        deadline = asyncio.get_running_loop().time() + within
-        while self.proc.poll() is None:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"worker still running after {within}s:\n{self.output()}")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-
-Spawn = Callable[..., WorkerProcess]
+Spawn = Callable[..., Command]
 
 
 @pytest.fixture
 def spawn_worker(database_url: str, openai_stub: OpenAIStub) -> Iterator[Spawn]:
     """Start `python -m aiservice.cli worker` against the test database; always killed afterwards."""
-    started: list[WorkerProcess] = []
+    started: list[Command] = []
     with tempfile.TemporaryDirectory(prefix="aiservice-worker-log-") as logs:
 
-        def spawn(**env: str) -> WorkerProcess:
+        def spawn(**env: str) -> Command:
             log = Path(logs) / f"worker-{len(started)}.log"
             environment = {
                 **os.environ,
@@ -75,8 +56,7 @@ def spawn_worker(database_url: str, openai_stub: OpenAIStub) -> Iterator[Spawn]:
                 "WORKER_POLL_INTERVAL": "200ms",
                 **env,
             }
-            proc = start_worker_process(environment, log)
-            worker = WorkerProcess(proc, log)
+            worker = Command(["worker"], environment, log)
             started.append(worker)
             return worker
 
@@ -103,7 +83,7 @@ async def test_sigterm_with_jobs_in_flight_loses_none(
     await wait_for_status(store, endless.id, "running", within=5)
     worker.proc.send_signal(signal.SIGTERM)
 
-    assert await worker.wait(within=15) == 0, worker.output()
+    assert await worker.exit_code(within=15) == 0, worker.output()
     done = await store.get_job(finishing.id)
     assert (done.status, (done.result or {}).get("content")) == ("completed", "echo: finishes in grace")
     # Handed back without using up an attempt; its provider call was closed.
@@ -147,7 +127,7 @@ async def test_sigkill_mid_job_completes_elsewhere_and_the_late_result_is_refuse
 
     await wait_for(provider_called, what="the doomed worker to call the provider")
     doomed.proc.kill()
-    assert await doomed.wait(within=5) == -signal.SIGKILL
+    assert await doomed.exit_code(within=5) == -signal.SIGKILL
 
     await worker_factory(worker_id="survivor", worker_lease_timeout=timedelta(seconds=1))
     done = await wait_for_status(store, job.id, "completed", within=10)

@@ -1,30 +1,46 @@
-"""A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
-
-Each function is called with what a careless or hostile caller might pass: NULLs, negative or
-infinite values, bad categories, wrong or missing lease tokens, fields that are not arguments.
-Every call is refused with a documented SQLSTATE (AS404/AS409/AS410/AS422, or a check violation,
-which the API answers 422 as well), and afterwards every job is exactly as it was."""
+"""What every function shares (schema/functions/common.sql): the status enum, backoff, and the guard: bad
+arguments refused with documented SQLSTATEs, changing nothing."""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any
 from uuid import uuid4
 
 import asyncpg
-import pytest
+from sqlapi import Conn, q, refused_statement
 
-from aiservice.db.pool import connect
+from aiservice.db.store import JobStore
+from aiservice.jobs import JobStatus
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+
+async def test_python_status_enum_equals_the_sql_enum(store: JobStore) -> None:
+    assert await store.statuses() == [s.value for s in JobStatus]
+
+
+async def test_backoff_function_bounds_and_jitter(conn: Conn) -> None:
+    for attempts, base in [(0, 10), (1, 10), (2, 20), (4, 80), (12, 3600), (100, 3600), (10_000, 3600)]:
+        seconds = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT extract(epoch FROM aiservice.backoff($1))::float8 FROM generate_series(1, 200)", attempts
+            )
+        ]
+        assert base * 0.75 <= min(seconds) <= max(seconds) <= base * 1.25, attempts
+        assert max(seconds) - min(seconds) > base * 0.1, "no jitter"
+
+
+# --- A caller reaching PostgreSQL directly through the SQL API cannot corrupt state.
+#
+# Each function is called with what a careless or hostile caller might pass: NULLs, negative or infinite values, bad
+# categories, wrong or missing lease tokens, fields that are not arguments. Every call is refused with a documented
+# SQLSTATE (AS404/AS409/AS410/AS422, or a check violation, which the API answers 422 as well), and afterwards every
+# job is exactly as it was.
+
+
 CHECK = "23514"
+
+
 NOT_NULL = "23502"
-
-
-@pytest.fixture
-async def conn(database_url: str) -> Any:
-    c = await connect(database_url)
-    yield c
-    await c.close()
 
 
 async def snapshot(conn: Conn) -> list[dict[str, Any]]:
@@ -36,19 +52,6 @@ async def running_job(conn: Conn) -> asyncpg.Record:
     rows = await conn.fetch("SELECT * FROM aiservice.claim_jobs('w1', 1, ARRAY['guard_t'])")
     job: asyncpg.Record = rows[0]
     return job
-
-
-def q(sql: str) -> str:
-    """create_job(s) return (job, created): select the job's columns, which asyncpg can decode."""
-    if sql.startswith("SELECT * FROM aiservice.create_job"):
-        return "SELECT (r.job).* FROM" + sql.removeprefix("SELECT * FROM") + " r"
-    return sql
-
-
-async def refused(conn: Conn, sqlstate: str, sql: str, *args: Any) -> None:
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await conn.fetch(q(sql), *args)
-    assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
 
 
 async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_nothing(conn: Conn) -> None:
@@ -157,64 +160,7 @@ async def test_bad_arguments_are_refused_with_documented_sqlstates_and_change_no
         ("22P02", "SELECT * FROM aiservice.cancel_jobs(p_statuses => '{bogus}')", ()),
     ]
     for sqlstate, sql, args in cases:
-        await refused(conn, sqlstate, sql, *args)
+        await refused_statement(conn, sqlstate, sql, *args)
     assert await snapshot(conn) == before
     # What is refused inside a batch leaves no row behind.
     assert await conn.fetchval("SELECT count(*) FROM aiservice.all_jobs") == len(before)
-
-
-async def test_infinite_leases_are_refused(conn: Conn) -> None:
-    """PostgreSQL 17+ has infinite intervals: a lease that never expires would hold a job forever."""
-    if await conn.fetchval("SHOW server_version_num") < "170000":
-        # Older servers reject 'infinity' as an interval before any function runs.
-        await refused(conn, "22007", "SELECT interval 'infinity'")
-        return
-    job = await running_job(conn)
-    await conn.fetch(q("SELECT * FROM aiservice.create_job('guard', 'next', 'guard_t', 'm')"))
-    before = await snapshot(conn)
-    await refused(conn, "AS422", "SELECT * FROM aiservice.claim_jobs('w2', 1, NULL, NULL, 'infinity')")
-    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', 'infinity')", job["id"])
-    await refused(conn, "AS422", "SELECT aiservice.heartbeat_job($1, 'w1', '-infinity')", job["id"])
-    await refused(
-        conn, "AS422", "SELECT * FROM aiservice.fail_job($1, 'w1', 'timeout', NULL, NULL, 'infinity')", job["id"]
-    )
-    assert await snapshot(conn) == before
-
-
-async def test_fields_that_are_not_arguments_cannot_be_smuggled_in(conn: Conn) -> None:
-    """create_jobs reads only its documented fields: status, attempts, leases and results are the lifecycle's."""
-    doc = {
-        "owner_service": "s",
-        "owner_ref": "r",
-        "task_type": "t",
-        "model_profile": "m",
-        "status": "completed",
-        "attempts": 99,
-        "worker_id": "intruder",
-        "lease_token": str(uuid4()),
-        "lease_expires_at": "2999-01-01T00:00:00Z",
-        "result": {"forged": True},
-        "id": 1,
-        "created_at": "2000-01-01T00:00:00Z",
-    }
-    (row,) = await conn.fetch("SELECT (r.job).* FROM aiservice.create_jobs($1::jsonb) r", [doc])
-    assert (row["status"], row["attempts"], row["worker_id"], row["lease_token"], row["result"]) == (
-        "pending",
-        0,
-        None,
-        None,
-        None,
-    )
-    assert row["created_at"].year > 2000
-    # And the stats still work with every job there is.
-    assert await conn.fetchval("SELECT aiservice.stats() IS NOT NULL")
-
-
-async def test_a_bad_row_cannot_break_stats_for_everyone(conn: Conn) -> None:
-    """Before 0004, one job due at '-infinity' made aiservice.stats() fail for every caller."""
-    await refused(conn, CHECK, "SELECT * FROM aiservice.create_job('s', 'r', 't', 'm', '{}', 0, '-infinity')")
-    await conn.fetch(q("SELECT * FROM aiservice.create_job('s', 'r', 't', 'm')"))
-    with pytest.raises(asyncpg.CheckViolationError):
-        await conn.execute("UPDATE aiservice.jobs SET run_at = '-infinity'")  # even a direct UPDATE
-    stats = await conn.fetchval("SELECT aiservice.stats()")
-    assert stats["oldest_pending_age_seconds"] is not None

@@ -1,8 +1,4 @@
-"""NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker listens.
-
-Notifications are delivered in commit order, so after each action the test sends a marker on the
-same channel and collects everything that arrived before it: counts are exact, with no sleeps.
-"""
+"""NOTIFY on channel aiservice_jobs (schema/functions/notify.sql and the triggers that call it)."""
 
 from __future__ import annotations
 
@@ -10,22 +6,21 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
+from sqlapi import JOB, Conn, call, select
 
 from aiservice.db.pool import connect
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# --- NOTIFY on channel aiservice_jobs, seen by a second connection the way a worker listens.
+#
+# Notifications are delivered in commit order, so after each action the test sends a marker on the same channel and
+# collects everything that arrived before it: counts are exact, with no sleeps.
+
 
 CHANNEL = "aiservice_jobs"
-JOB: dict[str, Any] = {
-    "owner_service": "telephony",
-    "owner_ref": "beeline/1",
-    "task_type": "llm_chat",
-    "model_profile": "qwen2.5-14b",
-}
 
 
 class Listener:
@@ -65,15 +60,6 @@ async def listener(database_url: str) -> AsyncIterator[Listener]:
     await conn.add_listener(CHANNEL, heard.on_notify)
     yield heard
     await conn.close()
-
-
-async def select(conn: Conn, function: str, args: dict[str, Any], columns: str = "*") -> list[asyncpg.Record]:
-    params = ", ".join(f"p_{name} => ${i}" for i, name in enumerate(args, 1))
-    return await conn.fetch(f"SELECT {columns} FROM aiservice.{function}({params}) r", *args.values())
-
-
-async def call(conn: Conn, function: str, **args: Any) -> list[asyncpg.Record]:
-    return await select(conn, function, args)
 
 
 async def create(conn: Conn, **args: Any) -> asyncpg.Record:

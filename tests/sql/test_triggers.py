@@ -1,22 +1,23 @@
-"""The row triggers on aiservice.jobs: work linear in the rows a statement changes, whatever the
-session did before.
-
-PL/pgSQL keeps a statement's plan for the session; a plan made for a one-row transition table
-joins a large one by nested loop. These tests count the rows every plan node produced, as the
-executor counted them (auto_explain with log_analyze, sent to the client), and compare the sum
-with a bound linear in the rows changed."""
+"""The row triggers on aiservice.jobs and job_history (schema/functions/triggers.sql)."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
+from sqlapi import Conn, claim_tokens
 
-Conn: TypeAlias = "asyncpg.Connection[Any]"
+# --- The row triggers on aiservice.jobs: work linear in the rows a statement changes, whatever the session did
+# before.
+#
+# PL/pgSQL keeps a statement's plan for the session; a plan made for a one-row transition table joins a large one by
+# nested loop. These tests count the rows every plan node produced, as the executor counted them (auto_explain with
+# log_analyze, sent to the client), and compare the sum with a bound linear in the rows changed.
+
 
 JOB = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen2.5-14b"}
 
@@ -74,7 +75,9 @@ async def test_a_large_cancel_after_a_one_row_update_reads_rows_linearly(conn: C
     assert read < 100 * n, f"{read} rows produced for {n} jobs"
 
 
-TRIGGERS_SQL = Path(__file__).resolve().parents[1] / "schema" / "functions" / "triggers.sql"
+TRIGGERS_SQL = Path(__file__).resolve().parents[2] / "schema" / "functions" / "triggers.sql"
+
+
 EVENTS = {4: "INSERT", 8: "DELETE", 16: "UPDATE"}  # pg_trigger.tgtype bits
 
 
@@ -158,3 +161,47 @@ async def test_the_trigger_list_in_triggers_sql_is_pg_trigger(conn: Conn) -> Non
     }
     assert len(actual) == 5
     assert documented == actual
+
+
+# --- Live jobs apart from history: a finished job leaves aiservice.jobs for aiservice.job_history (partitioned by
+# day), a retry brings it back, retention drops whole day partitions, and every read answers as if there were one
+# table.
+
+
+JOB_SPEC = {"owner_service": "telephony", "task_type": "llm_chat", "model_profile": "qwen"}
+
+
+async def new_jobs(conn: Conn, n: int, **fields: Any) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT (j.job).id FROM aiservice.create_jobs($1, $2) j",
+        [{"owner_ref": f"call/{i}"} | fields for i in range(n)],
+        JOB_SPEC,
+    )
+    return [r["id"] for r in rows]
+
+
+async def complete(conn: Conn, claimed: list[asyncpg.Record]) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT outcome FROM aiservice.complete_jobs('w', $1, $2, $3)",
+        [r["id"] for r in claimed],
+        [{"text": f"result {r['id']}", "usage": {"total_tokens": 7}} for r in claimed],
+        [r["lease_token"] for r in claimed],
+    )
+    return [r["outcome"] for r in rows]
+
+
+async def test_counts_and_batch_counts_follow_the_moves(conn: Conn) -> None:
+    ids = await new_jobs(conn, 4, max_attempts=1)
+    batch = await conn.fetchval("SELECT batch_id FROM aiservice.jobs WHERE id = $1", ids[0])
+    claimed = await claim_tokens(conn)
+    await complete(conn, claimed[:2])
+    await conn.execute("SELECT 1 FROM aiservice.fail_job($1, 'w', 'invalid_input', p_retryable => false)", ids[2])
+    await conn.execute("SELECT 1 FROM aiservice.retry_job($1)", ids[2])
+    await conn.execute("SELECT 1 FROM aiservice.cancel_job($1)", ids[3])
+    counts = json.loads(await conn.fetchval("SELECT aiservice.get_batch($1)::text", batch))["counts"]
+    assert counts == {"total": 4, "pending": 1, "running": 0, "completed": 2, "failed": 0, "cancelled": 1}
+    stats = json.loads(await conn.fetchval("SELECT aiservice.stats()::text"))
+    assert {k: v for k, v in stats["totals"].items() if v} == {"pending": 1, "completed": 2, "cancelled": 1}
+    assert stats["created"] == [
+        {"task_type": "llm_chat", "model_profile": "qwen", "count": 4}
+    ]  # a retry is no creation
