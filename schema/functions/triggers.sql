@@ -30,7 +30,7 @@
 -- writes their count deltas itself. The batch counts are folded at commit by
 -- batch_count_deltas_fold, a deferred constraint trigger on aiservice.batch_count_deltas
 -- (fold_batch_counts, delivery.sql).
--- tests/test_sql_triggers.py checks this list against pg_trigger.
+-- tests/sql/test_triggers.py checks this list against pg_trigger.
 
 -- Whether the running statement moves retried jobs back from job_history (retry_jobs sets it for
 -- that statement): the inserts it makes are not new jobs.
