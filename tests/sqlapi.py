@@ -7,7 +7,8 @@ Custom SQLSTATEs: AS404 not found, AS409 wrong state, AS410 lease lost (fencing)
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeAlias
 
@@ -135,3 +136,24 @@ async def refused_statement(conn: Conn, sqlstate: str, sql: str, *args: Any) -> 
     with pytest.raises(asyncpg.PostgresError) as caught:
         await conn.fetch(q(sql), *args)
     assert caught.value.sqlstate == sqlstate, (sql, args, caught.value.sqlstate, str(caught.value))
+
+
+# Concurrent callers on separate connections (the `connections` fixture is in tests/sql/conftest.py).
+Connections = Callable[[int], Awaitable[list[Conn]]]
+
+CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
+
+
+async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run the calls concurrently, released at once so that they really overlap."""
+    start = asyncio.Event()
+
+    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+        await start.wait()
+        return await fn()
+
+    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
+    await asyncio.sleep(0)
+    start.set()
+    async with asyncio.timeout(30):
+        return await asyncio.gather(*tasks)

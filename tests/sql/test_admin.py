@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import asyncpg
-import pytest
-from sqlapi import JOB, Conn, call, claim, count, create, get, one, refused, running
+from sqlapi import CREATE_JOBS, JOB, Conn, Connections, call, claim, count, create, get, one, refused, running, together
 from stubs import wait_for
-
-from aiservice.db.pool import connect
 
 
 async def _fleet(conn: Conn) -> dict[str, int]:
@@ -181,41 +177,6 @@ async def test_cancel_jobs_refuses_an_empty_filter_unless_all(conn: Conn) -> Non
 
 
 # --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
-
-
-Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
-
-
-@pytest.fixture
-async def connections(database_url: str) -> AsyncIterator[Connections]:
-    """Open n more connections to the test database; all are closed after the test."""
-    opened: list[Conn] = []
-
-    async def open_n(n: int) -> list[Conn]:
-        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
-        opened.extend(conns)
-        return list(conns)
-
-    yield open_n
-    await asyncio.gather(*(c.close() for c in opened))
-
-
-async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently, released at once so that they really overlap."""
-    start = asyncio.Event()
-
-    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-        await start.wait()
-        return await fn()
-
-    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
-    await asyncio.sleep(0)
-    start.set()
-    async with asyncio.timeout(30):
-        return await asyncio.gather(*tasks)
 
 
 async def complete(c: Conn, job_id: int, worker: str, token: Any = None) -> str:

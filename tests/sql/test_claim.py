@@ -10,15 +10,16 @@ import asyncio
 import random
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from sqlapi import (
+    CREATE_JOBS,
     JOB,
     Conn,
+    Connections,
     call,
     claim,
     count,
@@ -32,9 +33,9 @@ from sqlapi import (
     rows_read,
     running,
     set_limit,
+    together,
 )
 
-from aiservice.db.pool import connect
 from aiservice.db.store import JobStore
 
 
@@ -605,41 +606,6 @@ async def test_fair_quota_hands_out_jobs_one_at_a_time_to_the_least_served(conn:
 
 
 # --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
-
-
-Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
-
-
-@pytest.fixture
-async def connections(database_url: str) -> AsyncIterator[Connections]:
-    """Open n more connections to the test database; all are closed after the test."""
-    opened: list[Conn] = []
-
-    async def open_n(n: int) -> list[Conn]:
-        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
-        opened.extend(conns)
-        return list(conns)
-
-    yield open_n
-    await asyncio.gather(*(c.close() for c in opened))
-
-
-async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently, released at once so that they really overlap."""
-    start = asyncio.Event()
-
-    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-        await start.wait()
-        return await fn()
-
-    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
-    await asyncio.sleep(0)
-    start.set()
-    async with asyncio.timeout(30):
-        return await asyncio.gather(*tasks)
 
 
 async def test_eight_claimers_never_receive_the_same_job_twice(conn: Conn, connections: Connections) -> None:

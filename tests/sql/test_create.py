@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
 import asyncpg
 import pytest
-from sqlapi import JOB, Conn, call, claim, claim_tokens, count, create, create_jobs, get, refused, select
-
-from aiservice.db.pool import connect
+from sqlapi import (
+    CREATE_JOBS,
+    JOB,
+    Conn,
+    Connections,
+    call,
+    claim,
+    claim_tokens,
+    count,
+    create,
+    create_jobs,
+    get,
+    refused,
+    select,
+    together,
+)
 
 
 async def test_create_job_with_defaults(conn: Conn) -> None:
@@ -474,45 +486,10 @@ async def test_concurrent_creates_with_one_key_make_one_job(conn: Conn, database
 # --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
 
 
-Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
 CREATE_JOB = """
     SELECT (r.job).id, r.created
     FROM aiservice.create_job($1, $2, $3, $4, p_idempotency_key => $5) r
 """
-
-
-CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
-
-
-@pytest.fixture
-async def connections(database_url: str) -> AsyncIterator[Connections]:
-    """Open n more connections to the test database; all are closed after the test."""
-    opened: list[Conn] = []
-
-    async def open_n(n: int) -> list[Conn]:
-        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
-        opened.extend(conns)
-        return list(conns)
-
-    yield open_n
-    await asyncio.gather(*(c.close() for c in opened))
-
-
-async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently, released at once so that they really overlap."""
-    start = asyncio.Event()
-
-    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-        await start.wait()
-        return await fn()
-
-    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
-    await asyncio.sleep(0)
-    start.set()
-    async with asyncio.timeout(30):
-        return await asyncio.gather(*tasks)
 
 
 async def test_concurrent_creates_with_one_idempotency_key_make_one_job(conn: Conn, connections: Connections) -> None:

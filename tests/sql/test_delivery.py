@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlapi import JOB, Conn, rows_read
+from sqlapi import CREATE_JOBS, JOB, Conn, Connections, rows_read, together
 from stubs import wait_for
 
 from aiservice.db.pool import connect
@@ -19,41 +17,6 @@ from aiservice.db.store import JobStore
 from aiservice.jobs import JobCreate
 
 # --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
-
-
-Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
-
-
-@pytest.fixture
-async def connections(database_url: str) -> AsyncIterator[Connections]:
-    """Open n more connections to the test database; all are closed after the test."""
-    opened: list[Conn] = []
-
-    async def open_n(n: int) -> list[Conn]:
-        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
-        opened.extend(conns)
-        return list(conns)
-
-    yield open_n
-    await asyncio.gather(*(c.close() for c in opened))
-
-
-async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently, released at once so that they really overlap."""
-    start = asyncio.Event()
-
-    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-        await start.wait()
-        return await fn()
-
-    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
-    await asyncio.sleep(0)
-    start.set()
-    async with asyncio.timeout(30):
-        return await asyncio.gather(*tasks)
 
 
 async def test_a_batch_finished_by_concurrent_completers_is_announced_once(

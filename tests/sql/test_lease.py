@@ -5,15 +5,28 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
-import pytest
-from sqlapi import JOB, Conn, call, claim, count, create, expire_lease, get, one, q, refused, refused_statement, running
-
-from aiservice.db.pool import connect
+from sqlapi import (
+    CREATE_JOBS,
+    JOB,
+    Conn,
+    Connections,
+    call,
+    claim,
+    count,
+    create,
+    expire_lease,
+    get,
+    one,
+    q,
+    refused,
+    refused_statement,
+    running,
+    together,
+)
 
 
 async def test_heartbeat_extends_the_lease(conn: Conn) -> None:
@@ -150,41 +163,6 @@ async def test_no_job_stays_running_after_its_worker_died(conn: Conn) -> None:
 
 
 # --- The SQL API under concurrent callers on separate connections (SKIP LOCKED, idempotency, fencing).
-
-
-Connections = Callable[[int], Awaitable[list[Conn]]]
-
-
-CREATE_JOBS = "SELECT (r.job).id, r.created FROM aiservice.create_jobs($1, $2) r"
-
-
-@pytest.fixture
-async def connections(database_url: str) -> AsyncIterator[Connections]:
-    """Open n more connections to the test database; all are closed after the test."""
-    opened: list[Conn] = []
-
-    async def open_n(n: int) -> list[Conn]:
-        conns = await asyncio.gather(*(connect(database_url) for _ in range(n)))
-        opened.extend(conns)
-        return list(conns)
-
-    yield open_n
-    await asyncio.gather(*(c.close() for c in opened))
-
-
-async def together(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently, released at once so that they really overlap."""
-    start = asyncio.Event()
-
-    async def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-        await start.wait()
-        return await fn()
-
-    tasks = [asyncio.ensure_future(run(fn)) for fn in calls]
-    await asyncio.sleep(0)
-    start.set()
-    async with asyncio.timeout(30):
-        return await asyncio.gather(*tasks)
 
 
 async def test_concurrent_lease_expiry_returns_each_job_once(conn: Conn, connections: Connections) -> None:
